@@ -1,0 +1,1 @@
+"""graphopt: a compiler-style graph optimizer for ONNX models."""

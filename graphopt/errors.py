@@ -1,0 +1,59 @@
+"""Errors raised by graphopt.
+
+Every error a user can cause (a bad file, a malformed model, a bad option) is a
+:class:`GraphoptError`; the CLI prints its message on one line and exits with code 2.
+Errors carry the offending node or field so that the message points at the problem.
+"""
+
+from __future__ import annotations
+
+
+class GraphoptError(Exception):
+    """Base class of every error graphopt raises for bad input or an impossible request."""
+
+    def __init__(self, message: str, *, node: str | None = None, field: str | None = None) -> None:
+        self.node = node
+        self.field = field
+        where = []
+        if node is not None:
+            where.append(f"node {node!r}")
+        if field is not None:
+            where.append(field)
+        prefix = (", ".join(where) + ": ") if where else ""
+        super().__init__(prefix + message)
+
+
+class ModelLoadError(GraphoptError):
+    """The file could not be read as an ONNX model (missing, a directory, empty, not protobuf)."""
+
+
+class ExternalDataError(ModelLoadError):
+    """External tensor data is missing, truncated or points outside the model's directory."""
+
+
+class InvalidModelError(GraphoptError):
+    """The model parsed but breaks ONNX rules (undefined value, duplicate name, cycle, ...)."""
+
+
+class UnsupportedModelError(GraphoptError):
+    """The model is valid ONNX but uses something graphopt cannot handle."""
+
+
+class VerificationError(InvalidModelError):
+    """An IR invariant does not hold (raised by :meth:`graphopt.ir.Graph.verify`)."""
+
+
+class PassError(GraphoptError):
+    """A pass was misconfigured, unknown, or broke the IR."""
+
+
+class NumericalMismatchError(GraphoptError):
+    """Outputs of a transformed model differ from the original beyond tolerance."""
+
+
+class InputSpecError(GraphoptError):
+    """User-provided inputs, shapes or calibration data do not match the model."""
+
+
+class RuntimeBackendError(GraphoptError):
+    """A runtime (ONNX Runtime, TVM) refused to load or run the model."""

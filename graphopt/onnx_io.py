@@ -1,0 +1,679 @@
+"""ONNX import and export.
+
+Import turns a ``ModelProto`` into graphopt's IR; export turns it back. Everything no pass
+touched survives the round trip: doc strings, metadata_props, value_info, local functions,
+custom domains, training info, IR version, and tensors (unmodified tensors are written back
+from their original protos, byte for byte). External data is read lazily, memory-mapped, and
+only from inside the model's directory; large tensors can be saved externally, and models over
+2 GB always are. Files are written atomically (temporary file + rename), so an interrupted save
+never leaves a half-written model, and the input is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import AttributeProto, TensorProto
+
+from graphopt.errors import InvalidModelError, ModelLoadError
+from graphopt.ir.core import Attr, Function, Graph, Model, NameScope, Node, Value
+from graphopt.ir.tensor import Tensor
+
+log = logging.getLogger(__name__)
+
+#: Protobuf cannot serialize messages over 2 GiB; stay clearly below.
+_PROTO_LIMIT = 2_000_000_000
+#: Tensors at least this large are written to external data when saving externally.
+DEFAULT_EXTERNAL_THRESHOLD = 1024
+
+
+# ---------------------------------------------------------------------------------------------
+# types
+# ---------------------------------------------------------------------------------------------
+def _read_type(v: Value, tp: onnx.TypeProto) -> None:
+    v.type_proto = tp
+    if tp.HasField("tensor_type"):
+        tt = tp.tensor_type
+        v.dtype = tt.elem_type or None
+        if tt.HasField("shape"):
+            dims: list[int | str | None] = []
+            for d in tt.shape.dim:
+                if d.HasField("dim_value"):
+                    dims.append(int(d.dim_value))
+                elif d.HasField("dim_param"):
+                    dims.append(d.dim_param)
+                else:
+                    dims.append(None)
+            v.shape = tuple(dims)
+        else:
+            v.shape = None
+    v._type_sig = (v.dtype, v.shape)
+
+
+def _write_type(v: Value) -> onnx.TypeProto | None:
+    if v.type_proto is not None and v._type_sig == (v.dtype, v.shape):
+        return v.type_proto
+    if v.dtype is None and v.shape is None:
+        if v.type_proto is not None and not v.type_proto.HasField("tensor_type"):
+            return v.type_proto  # sequence/map/optional types are carried as they were
+        return None
+    tp = onnx.TypeProto()
+    tt = tp.tensor_type
+    tt.elem_type = v.dtype or 0
+    if v.shape is not None:
+        shp = tt.shape
+        shp.SetInParent()
+        for d in v.shape:
+            dim = shp.dim.add()
+            if isinstance(d, int):
+                dim.dim_value = d
+            elif isinstance(d, str):
+                dim.dim_param = d
+    return tp
+
+
+def _value_info(v: Value) -> onnx.ValueInfoProto:
+    vi = onnx.ValueInfoProto()
+    vi.name = v.name
+    tp = _write_type(v)
+    if tp is not None:
+        vi.type.CopyFrom(tp)
+    if v.doc_string:
+        vi.doc_string = v.doc_string
+    mp = v.meta.get("metadata_props")
+    if mp:
+        for k, val in mp.items():
+            e = vi.metadata_props.add()
+            e.key, e.value = k, val
+    return vi
+
+
+def _props(entries: Iterable[onnx.StringStringEntryProto]) -> dict[str, str]:
+    return {e.key: e.value for e in entries}
+
+
+def _set_props(target: Any, props: dict[str, str]) -> None:
+    for k, val in props.items():
+        e = target.add()
+        e.key, e.value = k, val
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------------------------
+class _Importer:
+    def __init__(self, model_proto: onnx.ModelProto, base_dir: str | None) -> None:
+        self.mp = model_proto
+        self.base_dir = base_dir
+        self.names = NameScope()
+        self.domains: set[str] = {o.domain for o in model_proto.opset_import}
+        self.function_keys = {(f.domain, f.name) for f in model_proto.functions}
+
+    def _check_domain(self, np_: onnx.NodeProto, domains: set[str], where: str) -> None:
+        d = np_.domain
+        if d in ("", "ai.onnx"):
+            if "" not in domains and "ai.onnx" not in domains:
+                raise InvalidModelError(f"uses the default ONNX domain but {where} imports no opset for it",
+                                        node=np_.name or np_.op_type)
+            return
+        if d not in domains and (d, np_.op_type) not in self.function_keys:
+            raise InvalidModelError(
+                f"op {d}::{np_.op_type} is in domain {d!r} which {where} does not import (unknown domain)",
+                node=np_.name or np_.op_type,
+            )
+
+    def graph(self, gp: onnx.GraphProto, scopes: list[dict[str, Value]], domains: set[str],
+              where: str = "the model") -> Graph:
+        g = Graph(gp.name)
+        g._names = self.names
+        g.doc_string = gp.doc_string
+        g.metadata_props = _props(gp.metadata_props)
+        local: dict[str, Value] = {}
+        chain = scopes + [local]
+
+        def visible(name: str) -> Value | None:
+            for s in reversed(chain):
+                v = s.get(name)
+                if v is not None:
+                    return v
+            return None
+
+        def define(v: Value, what: str, node: str | None = None) -> None:
+            if not v.name:
+                return
+            if visible(v.name) is not None:
+                raise InvalidModelError(
+                    f"value name {v.name!r} ({what}) is defined more than once", node=node,
+                    field=None if node else f"graph {gp.name!r}",
+                )
+            local[v.name] = v
+            g._adopt_value(v)
+
+        input_ids: set[int] = set()
+        for vi in gp.input:
+            v = Value(vi.name)
+            input_ids.add(id(v))
+            _read_type(v, vi.type)
+            v.doc_string = vi.doc_string
+            if vi.metadata_props:
+                v.meta["metadata_props"] = _props(vi.metadata_props)
+            define(v, "graph input")
+            g.inputs.append(v)
+        for tp in gp.initializer:
+            t = Tensor(proto=tp, base_dir=self.base_dir)
+            t.validate(tp.name)
+            existing = local.get(tp.name)
+            if existing is not None and id(existing) in input_ids and existing.const is None:
+                existing.const = t  # old-style: initializer also listed as an input (a default)
+                if existing.dtype is None:
+                    existing.dtype = t.dtype
+                if existing.shape is None:
+                    existing.shape = t.shape
+                g.initializers[tp.name] = existing
+                continue
+            v = Value(tp.name, const=t)
+            v.doc_string = tp.doc_string
+            define(v, "initializer")
+            g.initializers[tp.name] = v
+        g.sparse_initializers = list(gp.sparse_initializer)
+        for sp in g.sparse_initializers:
+            v = Value(sp.values.name)
+            define(v, "sparse initializer")
+            v.meta["sparse"] = sp
+        g.quantization_annotation = list(gp.quantization_annotation)
+        vinfo = {vi.name: vi for vi in gp.value_info}
+
+        # pass 1: nodes and their outputs (forward references are allowed, sorted later)
+        pairs: list[tuple[onnx.NodeProto, Node]] = []
+        for np_ in gp.node:
+            self._check_domain(np_, domains, where)
+            node = Node(np_.op_type, domain=np_.domain, name=np_.name, outputs=0)
+            node.overload = np_.overload
+            node.doc_string = np_.doc_string
+            if np_.metadata_props:
+                node.metadata_props = _props(np_.metadata_props)
+            for oname in np_.output:
+                v = Value(oname)
+                node._add_output(v)
+                if oname:
+                    define(v, "node output", np_.name or np_.op_type)
+            pairs.append((np_, node))
+
+        # pass 2: inputs, attributes, subgraphs
+        for np_, node in pairs:
+            for i, iname in enumerate(np_.input):
+                if not iname:
+                    node.append_input(None)
+                    continue
+                v = visible(iname)
+                if v is None:
+                    raise InvalidModelError(
+                        f"input {i} reads {iname!r}, which no node, input or initializer defines",
+                        node=np_.name or np_.op_type,
+                    )
+                node.append_input(v)
+            for ap in np_.attribute:
+                if ap.type == AttributeProto.GRAPH:
+                    sub = self.graph(ap.g, chain, domains, where)
+                    a = Attr.from_proto(ap, self.base_dir, sub)
+                    a._proto = None
+                    sub.parent = node
+                elif ap.type == AttributeProto.GRAPHS:
+                    subs = [self.graph(x, chain, domains, where) for x in ap.graphs]
+                    a = Attr.from_proto(ap, self.base_dir, subs)
+                    a._proto = None
+                    for s in subs:
+                        s.parent = node
+                else:
+                    a = Attr.from_proto(ap, self.base_dir)
+                    if ap.type == AttributeProto.TENSOR:
+                        Tensor(proto=ap.t, base_dir=self.base_dir).validate(f"{np_.name or np_.op_type}.{ap.name}")
+                node.attrs[ap.name] = a
+            g.append(node)
+
+        for vi in gp.output:
+            v = visible(vi.name)
+            if v is None:
+                raise InvalidModelError(f"graph output {vi.name!r} is not produced by anything",
+                                        field=f"graph {gp.name!r}")
+            # outputs carry their own declared type; keep it on the value
+            if v.type_proto is None or v.producer is not None:
+                _read_type(v, vi.type)
+            if vi.doc_string:
+                v.doc_string = vi.doc_string
+            g.outputs.append(v)
+        for name, vi in vinfo.items():
+            v = local.get(name)
+            if v is None:
+                v = visible(name)
+                if v is None:
+                    log.debug("dropping value_info for unknown value %r", name)
+                    continue
+            if v.type_proto is None:
+                _read_type(v, vi.type)
+            if vi.doc_string and not v.doc_string:
+                v.doc_string = vi.doc_string
+            if vi.metadata_props:
+                v.meta["metadata_props"] = _props(vi.metadata_props)
+            g.value_info.append(v)
+        try:
+            g.toposort()
+        except InvalidModelError as e:
+            raise InvalidModelError(str(e)) from None
+        return g
+
+    def function(self, fp: onnx.FunctionProto) -> Function:
+        domains = {o.domain for o in fp.opset_import} or self.domains
+        g = Graph(fp.name)
+        g._names = NameScope()  # function bodies have their own namespace
+        saved = self.names
+        self.names = g._names
+        try:
+            gp = onnx.GraphProto()
+            gp.name = fp.name
+            for n in fp.input:
+                gp.input.add().name = n
+            for n in fp.output:
+                gp.output.add().name = n
+            gp.node.extend(fp.node)
+            gp.value_info.extend(fp.value_info)
+            body = self.graph(gp, [], domains, where=f"function {fp.domain}::{fp.name}")
+        finally:
+            self.names = saved
+        f = Function(fp.domain, fp.name, body, overload=fp.overload)
+        f.opset_imports = {o.domain: o.version for o in fp.opset_import}
+        f.attributes = list(fp.attribute)
+        f.attribute_protos = list(fp.attribute_proto)
+        f.doc_string = fp.doc_string
+        f.metadata_props = _props(fp.metadata_props)
+        return f
+
+    def model(self) -> Model:
+        mp = self.mp
+        graph = self.graph(mp.graph, [], self.domains)
+        m = Model(graph, ir_version=mp.ir_version, opset_imports={o.domain: o.version for o in mp.opset_import})
+        m.producer_name = mp.producer_name
+        m.producer_version = mp.producer_version
+        m.domain = mp.domain
+        m.model_version = mp.model_version
+        m.doc_string = mp.doc_string
+        m.metadata_props = _props(mp.metadata_props)
+        m.training_info = list(mp.training_info)
+        m.base_dir = self.base_dir
+        m._opset_protos = (dict(m.opset_imports), list(mp.opset_import))
+        m._present_fields = {f.name for f, _ in mp.ListFields()}
+        for fp in mp.functions:
+            f = self.function(fp)
+            m.functions[f.key] = f
+        return m
+
+
+def from_proto(model_proto: onnx.ModelProto, *, base_dir: str | os.PathLike[str] | None = None,
+               check: bool = True) -> Model:
+    """Import a ``ModelProto`` into graphopt's IR.
+
+    Args:
+        model_proto: the model; tensors may reference external data relative to ``base_dir``.
+        base_dir: directory external data is resolved against (and confined to).
+        check: also run ``onnx.checker`` (structure only) and raise on its complaints.
+
+    Raises:
+        InvalidModelError: undefined values, duplicate names, cycles, unknown domains, bad
+            tensors, or anything the ONNX checker refuses (the message names the node).
+    """
+    if not model_proto.HasField("graph") or not model_proto.opset_import:
+        raise ModelLoadError("not an ONNX model (no graph or no opset_import)")
+    if model_proto.ir_version <= 0:
+        raise ModelLoadError("not an ONNX model (no ir_version)")
+    bd = str(base_dir) if base_dir is not None else None
+    model = _Importer(model_proto, bd).model()
+    if check:
+        _run_checker(model_proto)
+    return model
+
+
+def _run_checker(mp: onnx.ModelProto) -> None:
+    try:
+        if mp.ByteSize() < _PROTO_LIMIT:
+            onnx.checker.check_model(mp)
+    except onnx.checker.ValidationError as e:
+        msg = str(e).strip().splitlines()
+        text = " ".join(x.strip() for x in msg if x.strip())
+        if "topologically sorted" in text:
+            return  # graphopt sorts graphs itself on import
+        raise InvalidModelError(f"ONNX checker: {text[:500]}") from None
+
+
+def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
+    """Read an ONNX file into graphopt's IR (external data is mapped lazily, never copied).
+
+    Raises:
+        ModelLoadError: the path is missing, a directory, empty, or not an ONNX protobuf.
+        ExternalDataError: external data missing, truncated, or outside the model directory.
+        InvalidModelError: the model breaks ONNX rules.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ModelLoadError(f"no such file: {str(p)!r}")
+    if p.is_dir():
+        raise ModelLoadError(f"{str(p)!r} is a directory, not an ONNX file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {str(p)!r}: {e.strerror}") from None
+    if not data:
+        raise ModelLoadError(f"{str(p)!r} is empty")
+    mp = onnx.ModelProto()
+    try:
+        mp.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as e:
+        raise ModelLoadError(f"{str(p)!r} is not a valid ONNX protobuf (truncated or another format): {e}") from None
+    if not mp.HasField("graph") or not mp.opset_import or mp.ir_version <= 0:
+        raise ModelLoadError(f"{str(p)!r} is not an ONNX model (no graph, opset_import or ir_version)")
+    return from_proto(mp, base_dir=p.resolve().parent, check=check)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+class _Exporter:
+    def __init__(self, keep_external: bool) -> None:
+        self.keep_external = keep_external
+
+    def tensor(self, t: Tensor, name: str) -> TensorProto:
+        return t.to_proto(name, inline=not self.keep_external)
+
+    def attr(self, a: Attr) -> AttributeProto:
+        if a.proto is not None and a.type not in (AttributeProto.GRAPH, AttributeProto.GRAPHS):
+            if not (a.type == AttributeProto.TENSOR and not self.keep_external
+                    and a.proto.t.data_location == TensorProto.EXTERNAL):
+                return a.proto
+        ap = AttributeProto()
+        ap.name = a.name
+        ap.type = a.type
+        if a.doc_string:
+            ap.doc_string = a.doc_string
+        if a.ref_attr_name:
+            ap.ref_attr_name = a.ref_attr_name
+            return ap
+        v = a.value
+        t = a.type
+        if t == AttributeProto.FLOAT:
+            ap.f = v
+        elif t == AttributeProto.INT:
+            ap.i = v
+        elif t == AttributeProto.STRING:
+            ap.s = v.encode("utf-8", errors="surrogateescape") if isinstance(v, str) else v
+        elif t == AttributeProto.FLOATS:
+            ap.floats.extend(v)
+        elif t == AttributeProto.INTS:
+            ap.ints.extend(v)
+        elif t == AttributeProto.STRINGS:
+            ap.strings.extend(x.encode("utf-8", errors="surrogateescape") if isinstance(x, str) else x for x in v)
+        elif t == AttributeProto.TENSOR:
+            ap.t.CopyFrom(self.tensor(v, v.proto.name if v.proto is not None else ""))
+        elif t == AttributeProto.TENSORS:
+            ap.tensors.extend(self.tensor(x, "") for x in v)
+        elif t == AttributeProto.GRAPH:
+            ap.g.CopyFrom(self.graph(v))
+        elif t == AttributeProto.GRAPHS:
+            ap.graphs.extend(self.graph(x) for x in v)
+        elif t == AttributeProto.TYPE_PROTO:
+            ap.tp.CopyFrom(v)
+        elif t == AttributeProto.TYPE_PROTOS:
+            ap.type_protos.extend(v)
+        elif t == AttributeProto.SPARSE_TENSOR:
+            ap.sparse_tensor.CopyFrom(v)
+        elif t == AttributeProto.SPARSE_TENSORS:
+            ap.sparse_tensors.extend(v)
+        return ap
+
+    def node(self, n: Node) -> onnx.NodeProto:
+        np_ = onnx.NodeProto()
+        np_.op_type = n.op_type
+        if n.domain:
+            np_.domain = n.domain
+        if n.name:
+            np_.name = n.name
+        if n.overload:
+            np_.overload = n.overload
+        if n.doc_string:
+            np_.doc_string = n.doc_string
+        ins = [("" if v is None else v.name) for v in n._inputs]
+        while ins and ins[-1] == "":
+            ins.pop()
+        np_.input.extend(ins)
+        np_.output.extend(v.name for v in n._outputs)
+        for a in n.attrs.values():
+            np_.attribute.append(self.attr(a))
+        _set_props(np_.metadata_props, n.metadata_props)
+        return np_
+
+    def graph(self, g: Graph) -> onnx.GraphProto:
+        gp = onnx.GraphProto()
+        gp.name = g.name
+        if g.doc_string:
+            gp.doc_string = g.doc_string
+        for v in g.inputs:
+            gp.input.append(_value_info(v))
+        for name, v in g.initializers.items():
+            assert v.const is not None
+            tp = self.tensor(v.const, v.name)
+            if v.doc_string and not tp.doc_string:
+                tp.doc_string = v.doc_string
+            gp.initializer.append(tp)
+        gp.sparse_initializer.extend(g.sparse_initializers)
+        for n in g.iter_nodes():
+            gp.node.append(self.node(n))
+        for v in g.outputs:
+            gp.output.append(_value_info(v))
+        seen: set[int] = set()
+        for v in g.value_info:
+            if id(v) in seen or v.graph is not g:
+                continue
+            if v.producer is not None and v.producer.graph is not g:
+                continue
+            if v.producer is None and not v.is_initializer() and not v.is_graph_input():
+                continue
+            seen.add(id(v))
+            gp.value_info.append(_value_info(v))
+        gp.quantization_annotation.extend(g.quantization_annotation)
+        _set_props(gp.metadata_props, g.metadata_props)
+        return gp
+
+    def function(self, f: Function) -> onnx.FunctionProto:
+        fp = onnx.FunctionProto()
+        fp.name = f.name
+        fp.domain = f.domain
+        if f.overload:
+            fp.overload = f.overload
+        fp.input.extend(v.name for v in f.graph.inputs)
+        fp.output.extend(v.name for v in f.graph.outputs)
+        fp.attribute.extend(f.attributes)
+        fp.attribute_proto.extend(f.attribute_protos)
+        for n in f.graph.iter_nodes():
+            fp.node.append(self.node(n))
+        for d, ver in f.opset_imports.items():
+            o = fp.opset_import.add()
+            o.domain, o.version = d, ver
+        if f.doc_string:
+            fp.doc_string = f.doc_string
+        vis = self.graph_value_info(f.graph)
+        fp.value_info.extend(vis)
+        _set_props(fp.metadata_props, f.metadata_props)
+        return fp
+
+    def graph_value_info(self, g: Graph) -> list[onnx.ValueInfoProto]:
+        out = []
+        seen: set[int] = set()
+        for v in g.value_info:
+            if id(v) in seen or v.graph is not g:
+                continue
+            seen.add(id(v))
+            out.append(_value_info(v))
+        return out
+
+    def model(self, m: Model) -> onnx.ModelProto:
+        mp = onnx.ModelProto()
+        mp.ir_version = m.ir_version
+        orig = getattr(m, "_opset_protos", None)
+        if orig is not None and orig[0] == m.opset_imports:
+            mp.opset_import.extend(orig[1])  # unchanged: keep the entries exactly as read
+        else:
+            for d, ver in m.opset_imports.items():
+                o = mp.opset_import.add()
+                if d:
+                    o.domain = d
+                o.version = ver
+        present = getattr(m, "_present_fields", set())
+        for fld in ("producer_name", "producer_version", "domain", "model_version", "doc_string"):
+            val = getattr(m, fld)
+            if val or fld in present:  # proto2 presence: write explicit empty fields back too
+                setattr(mp, fld, val)
+        mp.graph.CopyFrom(self.graph(m.graph))
+        _set_props(mp.metadata_props, m.metadata_props)
+        for f in m.functions.values():
+            mp.functions.append(self.function(f))
+        mp.training_info.extend(m.training_info)
+        return mp
+
+
+def to_proto(model: Model, *, keep_external: bool = False) -> onnx.ModelProto:
+    """Export the IR to a ``ModelProto``.
+
+    With ``keep_external=False`` (default) external data is read and embedded, so the proto is
+    self-contained; with ``True`` unmodified external tensors keep their references (relative to
+    ``model.base_dir``), which is what :func:`save` and :meth:`Model.copy` use.
+    """
+    return _Exporter(keep_external).model(model)
+
+
+def _iter_tensor_protos(mp: onnx.ModelProto) -> Iterable[TensorProto]:
+    def graph(gp: onnx.GraphProto) -> Iterable[TensorProto]:
+        yield from gp.initializer
+        for n in gp.node:
+            for a in n.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    yield a.t
+                elif a.type == AttributeProto.GRAPH:
+                    yield from graph(a.g)
+                elif a.type == AttributeProto.GRAPHS:
+                    for sg in a.graphs:
+                        yield from graph(sg)
+
+    yield from graph(mp.graph)
+    for f in mp.functions:
+        for n in f.node:
+            for a in n.attribute:
+                if a.type == AttributeProto.TENSOR:
+                    yield a.t
+
+
+def _tensor_bytes(tp: TensorProto, base_dir: str | None) -> bytes:
+    """Raw little-endian bytes of a tensor proto (reading external data if needed)."""
+    return Tensor(proto=tp, base_dir=base_dir).raw_bytes()
+
+
+def save(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    external_data: bool | None = None,
+    external_threshold: int = DEFAULT_EXTERNAL_THRESHOLD,
+    location: str | None = None,
+) -> Path:
+    """Write ``model`` to ``path`` atomically.
+
+    Args:
+        external_data: save tensors of at least ``external_threshold`` bytes to a side file
+            (``location``, default ``<file name>.data``). None (default) does this only when
+            the model would not fit in one 2 GB protobuf.
+        external_threshold: size in bytes from which a tensor goes to the side file.
+        location: side file name, relative to the model's directory.
+
+    The model file and its data file are written to temporary names in the target directory
+    and renamed into place, so readers never see a partial file and a failure leaves no trace.
+    """
+    out = Path(path)
+    if out.is_dir():
+        raise ModelLoadError(f"output path {str(out)!r} is a directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mp = to_proto(model, keep_external=True)
+    base = model.base_dir
+    tensors = list(_iter_tensor_protos(mp))
+    ext_present = any(t.data_location == TensorProto.EXTERNAL for t in tensors)
+    if external_data is None:
+        inline_size = mp.ByteSize() if not ext_present else sum(
+            Tensor(proto=t).nbytes if t.data_location == TensorProto.EXTERNAL else 0 for t in tensors
+        ) + mp.ByteSize()
+        # keep a model that came with external data external; force it past the proto limit
+        external_data = ext_present or inline_size >= _PROTO_LIMIT
+    loc = location or (out.name + ".data")
+    tmp_files: list[tuple[str, Path]] = []
+    try:
+        if external_data:
+            fd, data_tmp = tempfile.mkstemp(prefix=".graphopt-", suffix=".data.tmp", dir=out.parent)
+            tmp_files.append((data_tmp, out.parent / loc))
+            with os.fdopen(fd, "wb") as f:
+                offset = 0
+                for t in tensors:
+                    if t.data_type == TensorProto.STRING:
+                        continue
+                    nbytes = Tensor(proto=t).nbytes
+                    if nbytes < external_threshold:
+                        if t.data_location == TensorProto.EXTERNAL:
+                            _inline(t, base)
+                        continue
+                    raw = _tensor_bytes(t, base)
+                    pad = (-offset) % 4096 if len(raw) > 4096 else 0
+                    if pad:
+                        f.write(b"\0" * pad)
+                        offset += pad
+                    f.write(raw)
+                    _set_external(t, loc, offset, len(raw))
+                    offset += len(raw)
+        else:
+            for t in tensors:
+                if t.data_location == TensorProto.EXTERNAL:
+                    _inline(t, base)
+        fd, model_tmp = tempfile.mkstemp(prefix=".graphopt-", suffix=".onnx.tmp", dir=out.parent)
+        tmp_files.append((model_tmp, out))
+        with os.fdopen(fd, "wb") as f:
+            f.write(mp.SerializeToString())
+        for tmp, final in tmp_files:
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
+        tmp_files = []
+    finally:
+        for tmp, _ in tmp_files:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+    log.info("saved %s%s", out, f" (+ external data {loc})" if external_data else "")
+    return out
+
+
+def _inline(t: TensorProto, base: str | None) -> None:
+    raw = Tensor(proto=t, base_dir=base).to_proto(t.name, inline=True)
+    name = t.name
+    t.CopyFrom(raw)
+    t.name = name
+
+
+def _set_external(t: TensorProto, loc: str, offset: int, length: int) -> None:
+    for fld in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
+        t.ClearField(fld)
+    t.ClearField("raw_data")
+    del t.external_data[:]
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", loc), ("offset", str(offset)), ("length", str(length))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
