@@ -605,6 +605,8 @@ class Graph:
             raise ValueError(f"node {node.name!r} already belongs to a graph")
         node.graph = self
         self._count += 1
+        if node.name:
+            self._names.used.add(node.name)
         for v in node._outputs:
             self._adopt_value(v)
         for g in node.subgraphs():

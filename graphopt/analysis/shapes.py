@@ -1,0 +1,357 @@
+"""Shape and type inference.
+
+First onnx's own inference (with data propagation, so shape computations such as
+Shape -> Gather -> Concat -> Reshape resolve). Where it gives up, graphopt completes it:
+(1) rules for ops whose output type follows from their inputs (elementwise ops, casts,
+normalizations...), including custom-domain ops onnx knows nothing about; (2) optionally, with
+concrete input shapes, a probe run under ONNX Runtime that reads the real shape of every
+intermediate value.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnx
+
+from graphopt.ir.core import Graph, Model, Node, Value
+
+log = logging.getLogger(__name__)
+
+_SAME_AS_INPUT0 = frozenset({
+    "Relu", "LeakyRelu", "Elu", "Selu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+    "Softsign", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Erf",
+    "Sin", "Cos", "Identity", "Dropout", "Clip", "Softmax", "LogSoftmax", "Hardmax",
+    "BatchNormalization", "InstanceNormalization", "LayerNormalization", "LpNormalization",
+    "Gelu", "Mish", "PRelu", "ThresholdedRelu", "Celu", "Shrink", "Sign", "CumSum",
+    "FastGelu", "BiasGelu", "SkipLayerNormalization", "QuickGelu",
+})
+_BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Mod", "BiasAdd"})
+_BOOL_BROADCAST = frozenset({"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "And", "Or", "Xor"})
+
+
+def _broadcast(shapes: Sequence[tuple | None]) -> tuple | None:
+    if any(s is None for s in shapes):
+        return None
+    rank = max(len(s) for s in shapes)  # type: ignore[arg-type]
+    out = []
+    for ax in range(rank):
+        dims = [s[len(s) - rank + ax] for s in shapes if len(s) - rank + ax >= 0]  # type: ignore[arg-type]
+        known = {d for d in dims if d != 1}
+        if len(known) == 0:
+            out.append(1)
+        elif len(known) == 1:
+            out.append(known.pop())
+        else:
+            ints = {d for d in known if isinstance(d, int)}
+            out.append(ints.pop() if len(ints) == 1 else None)
+    return tuple(out)
+
+
+def _rule(node: Node) -> None:
+    outs = node.outputs
+    if not outs:
+        return
+    o = outs[0]
+    if o.dtype is not None and o.shape is not None:
+        return
+    ins = [v for v in node.inputs if v is not None]
+    if not ins:
+        return
+    op = node.op_type
+    if op in _SAME_AS_INPUT0:
+        o.dtype = o.dtype or ins[0].dtype
+        if o.shape is None:
+            o.shape = ins[0].shape
+    elif op in _BROADCAST or op in _BOOL_BROADCAST or op == "Where":
+        src = ins[1:] if op == "Where" else ins
+        if o.dtype is None:
+            o.dtype = onnx.TensorProto.BOOL if op in _BOOL_BROADCAST else src[0].dtype
+        if o.shape is None:
+            o.shape = _broadcast([v.shape for v in ins])
+    elif op == "Cast":
+        o.dtype = o.dtype or node.attr("to")
+        if o.shape is None:
+            o.shape = ins[0].shape
+    elif op in ("QuantizeLinear", "DequantizeLinear"):
+        if o.shape is None:
+            o.shape = ins[0].shape
+
+
+def _copy_types(g: Graph, gp: onnx.GraphProto) -> None:
+    by_name: dict[str, onnx.ValueInfoProto] = {}
+    for vi in list(gp.value_info) + list(gp.output) + list(gp.input):
+        by_name.setdefault(vi.name, vi)
+    for n, npr in zip(g.iter_nodes(), gp.node, strict=False):
+        for o in n.outputs:
+            vi = by_name.get(o.name)
+            if vi is not None and vi.type.HasField("tensor_type"):
+                _merge(o, vi.type)
+        subs = n.subgraphs()
+        sub_protos = [a.g for a in npr.attribute if a.type == onnx.AttributeProto.GRAPH]
+        for a in npr.attribute:
+            if a.type == onnx.AttributeProto.GRAPHS:
+                sub_protos.extend(a.graphs)
+        for sg, sgp in zip(subs, sub_protos, strict=False):
+            _copy_types(sg, sgp)
+
+
+def _merge(v: Value, tp: onnx.TypeProto) -> None:
+    tt = tp.tensor_type
+    if v.dtype is None and tt.elem_type:
+        v.dtype = tt.elem_type
+    if not tt.HasField("shape"):
+        return
+    dims: list = []
+    for d in tt.shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    if v.shape is None or len(v.shape) != len(dims):
+        v.shape = tuple(dims)
+        return
+    merged = []
+    for a, b in zip(v.shape, dims, strict=True):
+        merged.append(a if isinstance(a, int) else b if isinstance(b, int) else a if a is not None else b)
+    v.shape = tuple(merged)
+
+
+def infer_shapes(
+    model: Model,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    probe: bool = False,
+) -> Model:
+    """Fill ``dtype``/``shape`` of every value it can, in place; returns the model.
+
+    Args:
+        input_shapes: concrete shapes for inputs (e.g. from ``--input-shape``); they are set on
+            the model's inputs, which fixes the model to those shapes.
+        probe: after static inference, run the model once under ONNX Runtime on generated
+            inputs to read the shapes static inference left unknown (needs concrete inputs).
+    """
+    from graphopt.onnx_io import to_proto
+
+    if input_shapes:
+        for v in model.graph.inputs:
+            if v.name in input_shapes:
+                v.shape = tuple(int(d) for d in input_shapes[v.name])
+        # dims derived from the old symbolic inputs are stale now: infer them again
+        for g in model.graph.all_graphs():
+            for n in g.iter_nodes():
+                for o in n.outputs:
+                    if o.shape is not None and not all(isinstance(d, int) for d in o.shape):
+                        o.shape = None
+    for _round in range(4):
+        before = _signature(model)
+        _onnx_infer(model)
+        for g in model.graph.all_graphs():
+            known: dict[int, np.ndarray] = {}
+            for n in g.iter_nodes():
+                _rule(n)
+                _propagate(n, known)
+        if _signature(model) == before:
+            break
+    if probe:
+        _probe(model, input_shapes)
+    return model
+
+
+def _signature(model: Model) -> int:
+    return sum(1 for g in model.graph.all_graphs() for n in g.iter_nodes() for o in n.outputs
+               if o.dtype is not None) * 100_003 + sum(
+        sum(1 for d in o.shape if isinstance(d, int)) + 1
+        for g in model.graph.all_graphs() for n in g.iter_nodes() for o in n.outputs if o.shape is not None)
+
+
+def _onnx_infer(model: Model) -> None:
+    from graphopt.onnx_io import to_proto
+
+    mp = to_proto(model, keep_external=True)
+    # record every known type as value_info so onnx's inference starts from what we know
+    known = {vi.name for vi in mp.graph.value_info}
+    for n in model.graph.iter_nodes():
+        for o in n.outputs:
+            if o.name and o.name not in known and (o.dtype is not None or o.shape is not None):
+                from graphopt.onnx_io import _value_info
+
+                mp.graph.value_info.append(_value_info(o))
+    try:
+        inferred = onnx.shape_inference.infer_shapes(mp, data_prop=True)
+        _copy_types(model.graph, inferred.graph)
+    except Exception as e:  # noqa: BLE001 - onnx inference errors are informative only here
+        log.info("onnx shape inference failed (%s); continuing with rules", str(e).splitlines()[0][:200])
+
+
+_SMALL = 64  # propagate values of shape-like tensors up to this many elements
+
+
+def _val(v: Value | None, known: dict[int, np.ndarray]) -> np.ndarray | None:
+    if v is None:
+        return None
+    if id(v) in known:
+        return known[id(v)]
+    if v.is_const():
+        p = v.producer
+        if v.const is not None and v.const.size > _SMALL:
+            return None
+        arr = v.const_value()
+        if arr is not None and arr.size <= _SMALL and p is None or (arr is not None and arr.size <= _SMALL):
+            return np.asarray(arr)
+    return None
+
+
+def _propagate(n: Node, known: dict[int, np.ndarray]) -> None:
+    """Evaluate small integer shape computations and apply shape rules that need values."""
+    op = n.op_type
+    if n.domain not in ("", "ai.onnx") or not n.outputs:
+        return
+    o = n.outputs[0]
+    try:
+        if op == "Shape":
+            x = n.input(0)
+            if x is not None and x.shape is not None and all(isinstance(d, int) for d in x.shape):
+                shp = np.array(x.shape, dtype=np.int64)
+                start, end = n.attr("start", 0), n.attr("end", None)
+                known[id(o)] = shp[start:end]
+            return
+        if op == "Size":
+            x = n.input(0)
+            s = x.static_shape() if x is not None else None
+            if s is not None:
+                known[id(o)] = np.array(int(np.prod(s)), dtype=np.int64)
+            return
+        vals = [_val(v, known) for v in n.inputs]
+        out = None
+        if op in ("Reshape", "Expand", "ConstantOfShape", "Tile", "Range"):
+            _shape_from_values(n, vals)
+        if op == "Reshape" and vals[0] is not None and vals[1] is not None:
+            out = vals[0].reshape(_reshape_target(vals[0].shape, vals[1], n.attr("allowzero", 0)))
+        elif any(v is None for v, x in zip(vals, n.inputs, strict=True) if x is not None):
+            return
+        elif op == "Gather":
+            out = np.take(vals[0], vals[1], axis=n.attr("axis", 0))
+        elif op == "Unsqueeze":
+            axes = n.attr("axes") if vals[1:2] in ([], [None]) else [int(a) for a in np.ravel(vals[1])]
+            out = vals[0]
+            r = out.ndim + len(axes)
+            for a in sorted(a % r for a in axes):
+                out = np.expand_dims(out, a)
+        elif op == "Squeeze":
+            axes = n.attr("axes") if len(vals) < 2 or vals[1] is None else [int(a) for a in np.ravel(vals[1])]
+            out = np.squeeze(vals[0], axis=tuple(axes) if axes else None)
+        elif op == "Concat":
+            out = np.concatenate([np.atleast_1d(v) for v in vals if v is not None], axis=n.attr("axis", 0))
+        elif op == "Cast":
+            from graphopt.ir.tensor import np_dtype
+
+            out = vals[0].astype(np_dtype(n.attr("to")))
+        elif op == "Identity":
+            out = vals[0]
+        elif op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Equal"):
+            a, b = vals[0], vals[1]
+            if a.dtype.kind not in "iu" or b.dtype.kind not in "iu":
+                return
+            f = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Max": np.maximum,
+                 "Min": np.minimum, "Equal": np.equal}.get(op)
+            out = (np.trunc(a / b).astype(a.dtype) if op == "Div" else f(a, b))  # type: ignore[misc]
+        elif op == "Slice":
+            data = vals[0]
+            if len(vals) >= 3:
+                starts, ends = np.ravel(vals[1]), np.ravel(vals[2])
+                axes = np.ravel(vals[3]) if len(vals) > 3 and vals[3] is not None else np.arange(len(starts))
+                steps = np.ravel(vals[4]) if len(vals) > 4 and vals[4] is not None else np.ones(len(starts), int)
+            else:
+                starts, ends = n.attr("starts"), n.attr("ends")
+                axes = n.attr("axes") or list(range(len(starts)))
+                steps = [1] * len(starts)
+            sl = [slice(None)] * data.ndim
+            for st, en, ax, sp in zip(starts, ends, axes, steps, strict=True):
+                sl[int(ax)] = slice(int(st), int(en), int(sp))
+            out = data[tuple(sl)]
+        elif op == "ReduceProd":
+            out = np.prod(vals[0], keepdims=bool(n.attr("keepdims", 1)))
+        if out is not None and np.asarray(out).size <= _SMALL:
+            out = np.asarray(out)
+            known[id(o)] = out
+            if o.shape is None:
+                o.shape = tuple(int(d) for d in out.shape)
+    except Exception as e:  # noqa: BLE001 - propagation is best effort
+        log.debug("value propagation skipped %s: %s", n.name or op, e)
+
+
+def _reshape_target(in_shape: tuple, target: np.ndarray, allowzero: int) -> tuple[int, ...]:
+    tgt = [int(t) for t in np.ravel(target)]
+    if not allowzero:
+        tgt = [in_shape[i] if t == 0 and i < len(in_shape) else t for i, t in enumerate(tgt)]
+    if -1 in tgt:
+        known = int(np.prod([t for t in tgt if t != -1]))
+        total = int(np.prod(in_shape))
+        tgt[tgt.index(-1)] = total // known if known else 0
+    return tuple(tgt)
+
+
+def _shape_from_values(n: Node, vals: list[np.ndarray | None]) -> None:
+    o = n.outputs[0]
+    op = n.op_type
+    if o.shape is not None and all(isinstance(d, int) for d in o.shape):
+        return
+    x = n.input(0)
+    if op == "Reshape" and vals[1] is not None and x is not None:
+        s = x.static_shape()
+        if s is not None:
+            o.shape = _reshape_target(s, vals[1], n.attr("allowzero", 0))
+        o.dtype = o.dtype or x.dtype
+    elif op == "Expand" and vals[1] is not None and x is not None and x.shape is not None:
+        from graphopt.analysis.shapes import _broadcast as bc
+
+        o.shape = bc([x.shape, tuple(int(d) for d in np.ravel(vals[1]))])
+        o.dtype = o.dtype or x.dtype
+    elif op == "ConstantOfShape" and vals[0] is not None:
+        o.shape = tuple(int(d) for d in np.ravel(vals[0]))
+    elif op == "Tile" and vals[1] is not None and x is not None:
+        s = x.static_shape()
+        if s is not None:
+            o.shape = tuple(int(a) * int(b) for a, b in zip(s, np.ravel(vals[1]), strict=True))
+            o.dtype = o.dtype or x.dtype
+    elif op == "Range" and all(v is not None for v in vals[:3]):
+        st, lim, dl = (float(np.ravel(v)[0]) for v in vals[:3])  # type: ignore[arg-type]
+        o.shape = (max(int(np.ceil((lim - st) / dl)), 0),)
+
+
+def _probe(model: Model, input_shapes: Mapping[str, Sequence[int]] | None) -> None:
+    from graphopt.onnx_io import to_proto
+    from graphopt.runtime import make_inputs, run_ort
+
+    missing = [o for n in model.graph.iter_nodes() for o in n.outputs
+               if o.name and (o.shape is None or o.dtype is None or any(not isinstance(d, int) for d in o.shape))]
+    if not missing:
+        return
+    try:
+        feeds = make_inputs(model, input_shapes)
+    except Exception as e:  # noqa: BLE001
+        log.info("shape probe skipped: %s", e)
+        return
+    mp = to_proto(model)
+    known = {o.name for o in mp.graph.output}
+    for v in missing:
+        if v.name not in known:
+            mp.graph.output.add().name = v.name
+    try:
+        res = run_ort(mp, feeds)
+    except Exception as e:  # noqa: BLE001
+        log.info("shape probe under ONNX Runtime failed: %s", e)
+        return
+    from graphopt.ir.tensor import onnx_dtype
+
+    for v in missing:
+        arr = res.get(v.name)
+        if isinstance(arr, np.ndarray):
+            if v.dtype is None:
+                v.dtype = onnx_dtype(arr.dtype)
+            v.shape = tuple(int(d) for d in arr.shape)

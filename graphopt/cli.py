@@ -1,0 +1,288 @@
+"""The ``graphopt`` command line.
+
+Commands: ``inspect``, ``optimize``, ``passes``, ``verify``. User errors print one line
+(``graphopt: error: ...``) and exit with code 2; a failed numerical verification exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, NoReturn
+
+from graphopt.errors import GraphoptError, NumericalMismatchError
+
+log = logging.getLogger("graphopt")
+
+EXAMPLE_MODEL = "tinycnn.onnx"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2
+        self.exit(2, f"graphopt: error: {message} (see `{self.prog} --help`)\n")
+
+
+def example_model_path() -> Path:
+    """Path of the small CNN shipped inside the package (for demos and the README)."""
+    return Path(str(resources.files("graphopt.data") / EXAMPLE_MODEL))
+
+
+def _load(path: str, check: bool = True) -> Any:
+    from graphopt.onnx_io import load
+
+    return load(path, check=check)
+
+
+def _stats_rows(model: Any) -> dict[str, Any]:
+    from graphopt.analysis import infer_shapes, model_stats
+    from graphopt.report import human
+
+    m = model.copy()
+    infer_shapes(m)
+    st = model_stats(m)
+    return {"st": st, "params": human(st.params), "flops": human(st.flops)}
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from graphopt.analysis import infer_shapes, model_stats, peak_memory
+    from graphopt.ir.tensor import dtype_name
+    from graphopt.report import human, table
+
+    model = _load(args.model, check=not args.no_check)
+    m = model.copy()
+    from graphopt.runtime import parse_input_shapes
+
+    from graphopt.runtime import resolve_input_shapes
+
+    try:  # symbolic dims resolved from --input-shape (or 1) so FLOPs and memory are concrete
+        infer_shapes(m, resolve_input_shapes(m, parse_input_shapes(args.input_shape)))
+    except GraphoptError:
+        infer_shapes(m)
+    st = model_stats(m)
+    size = Path(args.model).stat().st_size
+    if args.json:
+        import json
+
+        print(json.dumps({
+            "ir_version": model.ir_version, "opset_imports": model.opset_imports,
+            "inputs": [{"name": v.name, "dtype": dtype_name(v.dtype), "shape": list(v.shape or [])}
+                       for v in model.graph.inputs if v.const is None],
+            "outputs": [{"name": v.name, "dtype": dtype_name(v.dtype), "shape": list(v.shape or [])}
+                        for v in model.graph.outputs],
+            "nodes": st.nodes, "compute_nodes": st.compute_nodes, "params": st.params, "flops": st.flops,
+            "ops": dict(st.ops), "subgraphs": st.subgraphs, "functions": len(model.functions),
+            "file_bytes": size,
+        }, indent=2))
+        return 0
+    opsets = ", ".join(f"{d or 'ai.onnx'} {v}" for d, v in model.opset_imports.items())
+    print(f"model     {args.model}  ({human(size, 'B')})")
+    print(f"producer  {model.producer_name} {model.producer_version}".rstrip())
+    print(f"ir        {model.ir_version}    opsets: {opsets}")
+    print(f"nodes     {st.nodes} ({st.compute_nodes} compute)   params {human(st.params)} "
+          f"({human(st.weight_bytes, 'B')})   FLOPs {human(st.flops)}"
+          + (f"  ({len(st.unknown)} nodes of unknown cost)" if st.unknown else ""))
+    print(f"subgraphs {st.subgraphs}   local functions {len(model.functions)}")
+    mem = peak_memory(m.graph)
+    print(f"peak activation memory {human(mem.peak_bytes, 'B')}" + (f" at {mem.peak_at}" if mem.peak_at else ""))
+
+    def shp(v: Any) -> str:
+        return "?" if v.shape is None else "[" + ", ".join("?" if d is None else str(d) for d in v.shape) + "]"
+
+    print()
+    rows = [["input", v.name, dtype_name(v.dtype), shp(v)] for v in m.graph.inputs if v.const is None]
+    rows += [["output", v.name, dtype_name(v.dtype), shp(v)] for v in m.graph.outputs]
+    print(table(["", "name", "dtype", "shape"], rows))
+    print()
+    print(table(["op", "count"], [[k, c] for k, c in st.ops.most_common()]))
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from graphopt.report import table
+    from graphopt.transform import list_passes, list_pipelines
+
+    print(table(["pass", "description"], [[k, v.summary()] for k, v in list_passes().items()]))
+    print()
+    print(table(["pipeline", "description"], [[k, v] for k, v in list_pipelines().items()]))
+    return 0
+
+
+def _feeds(model: Any, args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
+    from graphopt.runtime import make_inputs, parse_input_shapes
+
+    shapes = parse_input_shapes(args.input_shape)
+    return [make_inputs(model, shapes, seed=k) for k in range(n)]
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphopt.analysis import model_stats
+    from graphopt.instruments import NumericCheckInstrument, StatsInstrument, VerifyInstrument
+    from graphopt.onnx_io import save
+    from graphopt.report import PASS_HEADERS, human, pass_rows, table, write_report
+    from graphopt.runtime import compare, parse_input_shapes, run_ort
+    from graphopt.transform import PassContext, Pipeline, get_pass, get_pipeline, run_passes
+
+    src = str(example_model_path()) if args.example else args.model
+    if src is None:
+        raise GraphoptError("give an input model (or --example for the bundled one)")
+    if args.model and args.example:
+        raise GraphoptError("give either an input model or --example, not both")
+    out = Path(args.output)
+    if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+        raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
+    if out.is_dir():
+        raise GraphoptError(f"output path {str(out)!r} is a directory")
+    if args.passes and args.pipeline:
+        raise GraphoptError("give --pipeline or --passes, not both")
+    shapes = parse_input_shapes(args.input_shape)
+    model = _load(src, check=not args.no_check)
+    if args.passes:
+        pipeline = Pipeline([get_pass(p.strip()) for p in args.passes.split(",") if p.strip()], name="passes")
+    else:
+        pipeline = get_pipeline(args.pipeline or "default")
+    stats = StatsInstrument(shapes)
+    instruments: list[Any] = [VerifyInstrument(), stats]
+    feeds: list[dict[str, Any]] = []
+    original = None
+    if args.verify:
+        feeds = _feeds(model, args, args.verify)
+        instruments.append(NumericCheckInstrument(feeds, rtol=args.rtol, atol=args.atol))
+        original = model.copy()
+    ctx = PassContext(instruments=instruments, input_shapes=shapes)
+    t0 = time.perf_counter()
+    run_passes(model, pipeline, ctx)
+    elapsed = time.perf_counter() - t0
+    save(model, out, external_data=True if args.external_data else None)
+    before = stats.initial
+    final = ctx.records[-1] if ctx.records else before
+    err = None
+    if args.verify and original is not None:
+        worst = 0.0
+        for f in feeds:
+            c = compare(run_ort(original, f), run_ort(str(out), f), rtol=args.rtol, atol=args.atol)
+            worst = max(worst, c.max_abs)
+            if not c.ok:
+                raise NumericalMismatchError("saved model disagrees with the input: " + "; ".join(c.problems[:3]))
+        err = worst
+    print(table(PASS_HEADERS, pass_rows(ctx.records, before)))
+    assert before is not None and final is not None
+    summary = {
+        "input": src, "output": str(out), "pipeline": repr(pipeline), "seconds": round(elapsed, 3),
+        "compare": {
+            "compute nodes": [before.nodes, final.nodes],
+            "params": [human(before.params), human(final.params)],
+            "size": [human(before.bytes, "B"), human(final.bytes, "B")],
+            "FLOPs": [human(before.flops), human(final.flops)],
+        },
+    }
+    if err is not None:
+        summary["verified"] = f"{args.verify} random input(s), max abs error {err:.3g}"
+    print(f"\n{src} -> {out}: compute nodes {before.nodes} -> {final.nodes}, "
+          f"size {human(before.bytes, 'B')} -> {human(final.bytes, 'B')}, {elapsed:.2f}s"
+          + (f", verified on {args.verify} input(s) (max abs err {err:.2e})" if err is not None else ""))
+    if args.report:
+        write_report(args.report, summary, ctx.records, before)
+        print(f"report written to {args.report}")
+    _ = model_stats
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from graphopt.report import table
+    from graphopt.runtime import compare, run_ort
+
+    a = _load(args.a, check=False)
+    b = _load(args.b, check=False)
+    ia = sorted(v.name for v in a.graph.inputs if v.const is None)
+    ib = sorted(v.name for v in b.graph.inputs if v.const is None)
+    if not set(ib) <= set(ia):
+        raise GraphoptError(f"{args.b} needs inputs {sorted(set(ib) - set(ia))} that {args.a} does not have")
+    rows = []
+    ok = True
+    for k, feed in enumerate(_feeds(a, args, args.samples)):
+        c = compare(run_ort(a, feed), run_ort(b, feed), rtol=args.rtol, atol=args.atol)
+        ok &= c.ok
+        rows.append([k, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", f"{c.cosine:.6f}",
+                     "-" if c.top1 is None else f"{c.top1:.3f}", "ok" if c.ok else "MISMATCH"])
+    print(table(["sample", "max abs", "max rel", "cosine", "top-1 agree", "result"], rows))
+    if not ok:
+        print(f"graphopt: outputs differ beyond atol={args.atol:g}, rtol={args.rtol:g}", file=sys.stderr)
+        return 1
+    print(f"outputs agree on {args.samples} sample(s) (atol={args.atol:g}, rtol={args.rtol:g})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def shape_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
+                        help="concrete shape for an input with symbolic dims (repeatable)")
+
+    sp = sub.add_parser("inspect", help="summarize a model: opsets, inputs/outputs, ops, params, FLOPs")
+    sp.add_argument("model")
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+    sp.add_argument("--no-check", action="store_true", help="skip the ONNX checker on load")
+    shape_arg(sp)
+    sp.set_defaults(fn=cmd_inspect)
+
+    sp = sub.add_parser("optimize", help="apply a pipeline or passes and write the result")
+    sp.add_argument("model", nargs="?", help="input ONNX file")
+    sp.add_argument("-o", "--output", required=True, help="output ONNX file (written atomically)")
+    sp.add_argument("--example", action="store_true", help="use the small CNN bundled with graphopt as input")
+    sp.add_argument("--pipeline", help="named pipeline (see `graphopt passes`; default: default)")
+    sp.add_argument("--passes", help="comma-separated pass names, run in order")
+    sp.add_argument("--verify", type=int, default=0, metavar="N",
+                    help="check outputs against the input model on N random inputs after every pass")
+    sp.add_argument("--rtol", type=float, default=1e-4)
+    sp.add_argument("--atol", type=float, default=1e-5)
+    sp.add_argument("--report", help="write a per-pass report (.md or .json)")
+    sp.add_argument("--external-data", action="store_true", help="store tensors >= 1 KiB in OUTPUT.data")
+    sp.add_argument("--no-check", action="store_true", help="skip the ONNX checker on load")
+    shape_arg(sp)
+    sp.set_defaults(fn=cmd_optimize)
+
+    sp = sub.add_parser("passes", help="list registered passes and pipelines")
+    sp.set_defaults(fn=cmd_passes)
+
+    sp = sub.add_parser("verify", help="compare two models' outputs on random inputs")
+    sp.add_argument("a")
+    sp.add_argument("b")
+    sp.add_argument("--samples", type=int, default=3)
+    sp.add_argument("--rtol", type=float, default=1e-4)
+    sp.add_argument("--atol", type=float, default=1e-5)
+    shape_arg(sp)
+    sp.set_defaults(fn=cmd_verify)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.fn(args))
+    except NumericalMismatchError as e:
+        print(f"graphopt: verification failed: {e}", file=sys.stderr)
+        return 1
+    except GraphoptError as e:
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"graphopt: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,394 @@
+"""Running models and comparing numbers.
+
+* :func:`run_ort` runs an IR model (or proto, or file) under ONNX Runtime.
+* :func:`make_inputs` generates inputs for any signature; symbolic dims are resolved from
+  user hints (``--input-shape name:1,3,224,224``) or default to 1.
+* :func:`compare` measures max abs/rel error, cosine similarity and top-1 agreement.
+* :func:`load_calibration` reads calibration samples from a ``.npz`` (one array per input,
+  first axis = samples), a directory of ``.npz`` files (one sample each), or any iterable of
+  ``{name: array}`` dicts, and validates them against the model's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt.errors import GraphoptError, InputSpecError, RuntimeBackendError
+from graphopt.ir.core import Model, Value
+from graphopt.ir.tensor import dtype_name, np_dtype
+
+log = logging.getLogger(__name__)
+
+
+def model_inputs(model: Model) -> list[Value]:
+    """Inputs a caller must (or may) feed: graph inputs without an initializer default."""
+    return [v for v in model.graph.inputs if v.const is None]
+
+
+def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
+    """Parse ``name:1,3,224,224`` strings (the CLI's ``--input-shape``) into a dict."""
+    out: dict[str, list[int]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition(":")
+        if not sep or not name:
+            raise InputSpecError(f"bad --input-shape {spec!r}; expected NAME:D1,D2,... (e.g. input:1,3,224,224)")
+        try:
+            shape = [int(d) for d in dims.split(",")] if dims.strip() else []
+        except ValueError:
+            raise InputSpecError(f"bad --input-shape {spec!r}: dimensions must be integers") from None
+        if any(d < 0 for d in shape):
+            raise InputSpecError(f"bad --input-shape {spec!r}: negative dimension")
+        out[name] = shape
+    return out
+
+
+def resolve_input_shapes(
+    model: Model, hints: Mapping[str, Sequence[int]] | None = None, *, default_dim: int = 1
+) -> dict[str, tuple[int, ...]]:
+    """A concrete shape for every model input, from its declared shape and the user's hints.
+
+    A symbolic dim named the same in several inputs (e.g. ``batch``) resolves consistently.
+    """
+    hints = dict(hints or {})
+    names = {v.name for v in model_inputs(model)}
+    unknown = set(hints) - names
+    if unknown:
+        raise InputSpecError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+    sym: dict[str, int] = {}
+    for v in model_inputs(model):
+        if v.name in hints and v.shape is not None:
+            h = list(hints[v.name])
+            if len(h) != len(v.shape):
+                raise InputSpecError(
+                    f"input {v.name!r} has rank {len(v.shape)} but --input-shape gives {len(h)} dims"
+                )
+            for d, x in zip(v.shape, h, strict=True):
+                if isinstance(d, int) and d != x:
+                    raise InputSpecError(f"input {v.name!r} has fixed dim {d} but --input-shape gives {x}")
+                if isinstance(d, str):
+                    sym[d] = x
+    out: dict[str, tuple[int, ...]] = {}
+    for v in model_inputs(model):
+        if v.name in hints:
+            out[v.name] = tuple(int(x) for x in hints[v.name])
+            continue
+        if v.shape is None:
+            raise InputSpecError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,...")
+        out[v.name] = tuple(d if isinstance(d, int) else sym.get(d, default_dim) if isinstance(d, str)
+                            else default_dim for d in v.shape)
+    return out
+
+
+def make_inputs(
+    model: Model,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random inputs for every model input (floats ~ N(0,1); ints in [0, 4); bools random)."""
+    rng = np.random.default_rng(seed)
+    resolved = resolve_input_shapes(model, shapes)
+    out: dict[str, np.ndarray] = {}
+    for v in model_inputs(model):
+        shp = resolved[v.name]
+        if v.type_proto is not None and not v.type_proto.HasField("tensor_type"):
+            raise InputSpecError(f"input {v.name!r} is not a tensor (sequence/map); give inputs explicitly")
+        if v.dtype is None:
+            raise InputSpecError(f"input {v.name!r} has no element type")
+        dt = np_dtype(v.dtype)
+        if dt.kind == "f":
+            arr = rng.standard_normal(shp).astype(dt)
+        elif dt.kind in "iu":
+            arr = rng.integers(0, 4, size=shp).astype(dt)
+        elif dt.kind == "b":
+            arr = rng.integers(0, 2, size=shp).astype(bool)
+        elif dt.kind in "OSU":
+            arr = np.full(shp, "a", dtype=object)
+        else:
+            arr = np.zeros(shp, dtype=dt)
+        out[v.name] = arr
+    return out
+
+
+def _as_proto(model: Model | onnx.ModelProto) -> onnx.ModelProto:
+    if isinstance(model, onnx.ModelProto):
+        return model
+    from graphopt.onnx_io import to_proto
+
+    return to_proto(model)
+
+
+def ort_session(
+    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    *,
+    optimize: bool = False,
+    threads: int | None = None,
+    providers: Sequence[str] = ("CPUExecutionProvider",),
+) -> Any:
+    """An ``onnxruntime.InferenceSession``. ``optimize=False`` disables ORT's graph optimizations,
+    so numbers reflect the model as written (what graphopt's checks want)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    try:
+        if isinstance(model, str | os.PathLike):
+            return ort.InferenceSession(str(model), so, providers=list(providers))
+        mp = _as_proto(model)
+        if mp.ByteSize() > 1_900_000_000:
+            with tempfile.TemporaryDirectory() as d:
+                from graphopt.onnx_io import from_proto, save
+
+                p = Path(d) / "m.onnx"
+                save(model if isinstance(model, Model) else from_proto(mp, check=False), p, external_data=True)
+                return ort.InferenceSession(str(p), so, providers=list(providers))
+        return ort.InferenceSession(mp.SerializeToString(), so, providers=list(providers))
+    except GraphoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - ORT raises many exception types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeBackendError(f"ONNX Runtime cannot load the model: {msg[:400]}") from None
+
+
+def run_ort(
+    model: Model | onnx.ModelProto | str | os.PathLike[str],
+    inputs: Mapping[str, np.ndarray],
+    *,
+    optimize: bool = False,
+    session: Any = None,
+) -> dict[str, np.ndarray]:
+    """Run under ONNX Runtime (CPU) and return ``{output name: array}``."""
+    sess = session or ort_session(model, optimize=optimize)
+    names = [o.name for o in sess.get_outputs()]
+    feed_names = {i.name for i in sess.get_inputs()}
+    feed = {k: v for k, v in inputs.items() if k in feed_names}
+    try:
+        res = sess.run(names, feed)
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeBackendError(f"ONNX Runtime failed to run the model: {str(e).strip()[:400]}") from None
+    return dict(zip(names, res, strict=True))
+
+
+@dataclass
+class Comparison:
+    """Agreement of two sets of outputs. ``ok`` says whether they agree within tolerance."""
+
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    cosine: float = 1.0
+    top1: float | None = None
+    ok: bool = True
+    per_output: dict[str, dict[str, float]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def compare(
+    ref: Mapping[str, Any],
+    got: Mapping[str, Any],
+    *,
+    rtol: float = 1e-4,
+    atol: float = 1e-5,
+) -> Comparison:
+    """Compare outputs by name (or by position when the names differ).
+
+    ``ok`` holds when every output matches in shape and dtype and
+    ``|got - ref| <= atol + rtol * |ref|`` everywhere (NaNs must match). top-1 agreement is
+    reported for outputs whose last axis looks like class scores.
+    """
+    c = Comparison()
+    keys_r, keys_g = list(ref), list(got)
+    if set(keys_r) == set(keys_g):
+        pairs = [(k, k) for k in keys_r]
+    elif len(keys_r) == len(keys_g):
+        pairs = list(zip(keys_r, keys_g, strict=True))
+    else:
+        c.ok = False
+        c.problems.append(f"output count differs: {len(keys_r)} vs {len(keys_g)}")
+        return c
+    top1s: list[float] = []
+    for kr, kg in pairs:
+        a, b = ref[kr], got[kg]
+        if not isinstance(a, np.ndarray) or not isinstance(b, np.ndarray):
+            same = _equal_nested(a, b)
+            c.per_output[kr] = {"max_abs": 0.0 if same else float("inf")}
+            if not same:
+                c.ok = False
+                c.problems.append(f"{kr}: non-tensor outputs differ")
+            continue
+        if a.shape != b.shape:
+            c.ok = False
+            c.problems.append(f"{kr}: shape {a.shape} vs {b.shape}")
+            continue
+        if a.dtype != b.dtype:
+            c.ok = False
+            c.problems.append(f"{kr}: dtype {a.dtype} vs {b.dtype}")
+            continue
+        if a.dtype.kind in "OSUb" or a.size == 0:
+            same = bool(np.array_equal(a, b))
+            c.per_output[kr] = {"max_abs": 0.0 if same else float("inf")}
+            if not same:
+                c.ok = False
+                c.problems.append(f"{kr}: values differ")
+            continue
+        af, bf = a.astype(np.float64), b.astype(np.float64)
+        nan_a, nan_b = np.isnan(af), np.isnan(bf)
+        if not np.array_equal(nan_a, nan_b):
+            c.ok = False
+            c.problems.append(f"{kr}: NaN positions differ")
+        mask = ~(nan_a | nan_b)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.abs(af - bf)
+            diff[~mask] = 0
+            inf_same = np.isinf(af) & (af == bf)
+            diff[inf_same] = 0
+            max_abs = float(diff.max()) if diff.size else 0.0
+            rel = diff / np.maximum(np.abs(af), 1e-12)
+            rel[~mask | inf_same] = 0
+            max_rel = float(rel.max()) if rel.size else 0.0
+            fa, fb = af[mask & ~inf_same].ravel(), bf[mask & ~inf_same].ravel()
+            na, nb = np.linalg.norm(fa), np.linalg.norm(fb)
+            cos = float(fa @ fb / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+            bad = diff > atol + rtol * np.abs(af)
+        if bool(bad.any()):
+            c.ok = False
+            c.problems.append(f"{kr}: max abs error {max_abs:.3g} beyond atol={atol:g}, rtol={rtol:g}")
+        po = {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos}
+        if a.ndim >= 1 and a.shape[-1] > 1 and a.dtype.kind == "f":
+            t = float(np.mean(np.argmax(a.reshape(-1, a.shape[-1]), -1) == np.argmax(b.reshape(-1, b.shape[-1]), -1)))
+            po["top1"] = t
+            top1s.append(t)
+        c.per_output[kr] = po
+        c.max_abs = max(c.max_abs, max_abs)
+        c.max_rel = max(c.max_rel, max_rel)
+        c.cosine = min(c.cosine, cos)
+    c.top1 = min(top1s) if top1s else None
+    return c
+
+
+def _equal_nested(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.shape == b.shape and np.allclose(a, b, equal_nan=True)
+    return bool(a == b)
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration data
+# ---------------------------------------------------------------------------------------------
+def _samples_from_npz(path: Path) -> list[dict[str, np.ndarray]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001
+        raise InputSpecError(f"cannot read calibration file {str(path)!r}: {e}") from None
+    if not arrays:
+        raise InputSpecError(f"calibration file {str(path)!r} holds no arrays")
+    counts = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
+    n = set(counts.values())
+    if len(n) != 1:
+        raise InputSpecError(f"calibration arrays in {str(path)!r} have different sample counts: {counts}")
+    total = n.pop()
+    return [{k: a[i] for k, a in arrays.items()} for i in range(total)]
+
+
+def load_calibration(
+    source: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]],
+    model: Model | None = None,
+    *,
+    batch_axis: bool = True,
+    check_finite: bool = True,
+) -> list[dict[str, np.ndarray]]:
+    """Calibration samples as a list of ``{input name: array}`` feeds.
+
+    ``source`` is a ``.npz`` file (one array per input, first axis = samples), a directory of
+    ``.npz`` files (each one sample, arrays shaped like the input), or an iterable of dicts.
+    With ``model`` given, names, ranks, fixed dims and dtypes are checked against its inputs
+    and each sample gets a leading batch axis of 1 where the input expects one
+    (``batch_axis=True``). Empty data, unknown names, NaN or Inf raise :class:`InputSpecError`.
+    """
+    samples: list[dict[str, np.ndarray]]
+    if isinstance(source, str | os.PathLike):
+        p = Path(source)
+        if p.is_dir():
+            files = sorted(p.glob("*.npz"))
+            if not files:
+                raise InputSpecError(f"calibration directory {str(p)!r} has no .npz files")
+            samples = []
+            for f in files:
+                try:
+                    with np.load(f, allow_pickle=False) as z:
+                        samples.append({k: z[k] for k in z.files})
+                except Exception as e:  # noqa: BLE001
+                    raise InputSpecError(f"cannot read calibration file {str(f)!r}: {e}") from None
+            batch_axis_given = False
+        elif p.is_file():
+            samples = _samples_from_npz(p)
+            batch_axis_given = True
+        else:
+            raise InputSpecError(f"calibration data {str(p)!r} does not exist")
+    else:
+        samples = [dict(s) for s in source]
+        batch_axis_given = False
+    if not samples:
+        raise InputSpecError("calibration data is empty")
+    if model is None:
+        return samples
+    inputs = {v.name: v for v in model_inputs(model)}
+    out = []
+    for k, s in enumerate(samples):
+        missing = set(inputs) - set(s)
+        extra = set(s) - set(inputs)
+        if missing or extra:
+            raise InputSpecError(
+                f"calibration sample {k}: names do not match the model inputs "
+                f"(missing {sorted(missing)}, unknown {sorted(extra)})"
+            )
+        feed = {}
+        for name, arr in s.items():
+            v = inputs[name]
+            arr = np.asarray(arr)
+            want = np_dtype(v.dtype) if v.dtype else arr.dtype
+            if arr.dtype != want:
+                if arr.dtype.kind == want.kind or (arr.dtype.kind in "iu" and want.kind in "iu"):
+                    arr = arr.astype(want)
+                else:
+                    raise InputSpecError(
+                        f"calibration sample {k}, input {name!r}: dtype {arr.dtype} but the model expects "
+                        f"{dtype_name(v.dtype)}"
+                    )
+            if v.shape is not None:
+                if batch_axis and batch_axis_given and arr.ndim == len(v.shape) - 1:
+                    arr = arr[None]
+                elif not batch_axis_given and arr.ndim == len(v.shape) - 1:
+                    arr = arr[None]
+                if arr.ndim != len(v.shape):
+                    raise InputSpecError(
+                        f"calibration sample {k}, input {name!r}: rank {arr.ndim} (shape {list(arr.shape)}) but the "
+                        f"model expects rank {len(v.shape)} {list(v.shape)}"
+                    )
+                for ax, (d, x) in enumerate(zip(v.shape, arr.shape, strict=True)):
+                    if isinstance(d, int) and d != x:
+                        raise InputSpecError(
+                            f"calibration sample {k}, input {name!r}: dim {ax} is {x} but the model fixes it to {d}"
+                        )
+            if check_finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+                raise InputSpecError(f"calibration sample {k}, input {name!r} contains NaN or Inf")
+            feed[name] = arr
+        out.append(feed)
+    return out
