@@ -141,6 +141,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         raise GraphoptError("give --pipeline or --passes, not both")
     shapes = parse_input_shapes(args.input_shape)
     model = _load(src, check=not args.no_check)
+    if shapes:
+        from graphopt.runtime import resolve_input_shapes
+
+        resolve_input_shapes(model, shapes)  # reject unknown names / wrong ranks before any work
     if args.passes:
         pipeline = Pipeline([get_pass(p.strip()) for p in args.passes.split(",") if p.strip()], name="passes")
     else:

@@ -174,7 +174,7 @@ def _onnx_infer(model: Model) -> None:
 
     mp = to_proto(model, keep_external=True)
     # record every known type as value_info so onnx's inference starts from what we know
-    known = {vi.name for vi in mp.graph.value_info}
+    known = {vi.name for vi in mp.graph.value_info} | {vi.name for vi in mp.graph.output}
     for n in model.graph.iter_nodes():
         for o in n.outputs:
             if o.name and o.name not in known and (o.dtype is not None or o.shape is not None):
