@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import AttributeProto, TensorProto
@@ -340,6 +341,19 @@ def from_proto(model_proto: onnx.ModelProto, *, base_dir: str | os.PathLike[str]
 
 
 def _run_checker(mp: onnx.ModelProto) -> None:
+    """Run onnx's structural checker. External tensors were validated by graphopt already
+    (inside-the-directory rule, sizes), so the checker sees empty stand-ins for them: its own
+    external-data lookup resolves paths against the working directory and rejects symlinks."""
+    if any(t.data_location == TensorProto.EXTERNAL for t in _iter_tensor_protos(mp)):
+        mp2 = onnx.ModelProto()
+        mp2.CopyFrom(mp)
+        for t in _iter_tensor_protos(mp2):
+            if t.data_location == TensorProto.EXTERNAL:
+                del t.external_data[:]
+                t.data_location = TensorProto.DEFAULT
+                del t.dims[:]
+                t.dims.append(0)
+        mp = mp2
     try:
         if mp.ByteSize() < _PROTO_LIMIT:
             onnx.checker.check_model(mp)
@@ -384,10 +398,16 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
 # export
 # ---------------------------------------------------------------------------------------------
 class _Exporter:
-    def __init__(self, keep_external: bool) -> None:
+    def __init__(self, keep_external: bool, writer: Any = None) -> None:
         self.keep_external = keep_external
+        self.writer = writer
 
     def tensor(self, t: Tensor, name: str) -> TensorProto:
+        if self.writer is not None:
+            ext = self.writer(t, name)
+            if ext is not None:
+                return ext
+            return t.to_proto(name, inline=True)  # small: embedded (never a stale reference)
         return t.to_proto(name, inline=not self.keep_external)
 
     def attr(self, a: Attr) -> AttributeProto:
@@ -576,9 +596,56 @@ def _iter_tensor_protos(mp: onnx.ModelProto) -> Iterable[TensorProto]:
                     yield a.t
 
 
-def _tensor_bytes(tp: TensorProto, base_dir: str | None) -> bytes:
-    """Raw little-endian bytes of a tensor proto (reading external data if needed)."""
-    return Tensor(proto=tp, base_dir=base_dir).raw_bytes()
+class _DataWriter:
+    """Streams tensors of at least ``threshold`` bytes into an external data file and returns
+    the proto that references them (page-aligned for large tensors, so they can be mapped)."""
+
+    def __init__(self, f: Any, location: str, threshold: int) -> None:
+        self.f = f
+        self.location = location
+        self.threshold = threshold
+        self.offset = 0
+
+    def __call__(self, t: Tensor, name: str) -> TensorProto | None:
+        if t.dtype == TensorProto.STRING or t.nbytes < self.threshold:
+            return None
+        pad = (-self.offset) % 4096 if t.nbytes > 4096 else 0
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        start = self.offset
+        p = t.proto
+        if p is not None and p.data_location == TensorProto.EXTERNAL or p is not None and p.HasField("raw_data"):
+            data: Any = t.raw_bytes()
+        else:
+            arr = np.ascontiguousarray(t.numpy())
+            try:
+                data = memoryview(arr).cast("B") if arr.dtype.byteorder in "=<|" and arr.dtype.kind in "biuf" \
+                    else t.raw_bytes()
+            except (TypeError, ValueError):
+                data = t.raw_bytes()
+        self.f.write(data)
+        n = len(data) if isinstance(data, bytes) else data.nbytes
+        self.offset += n
+        out = TensorProto()
+        out.name = name
+        out.data_type = t.dtype
+        out.dims.extend(t.shape)
+        if t.doc_string:
+            out.doc_string = t.doc_string
+        _set_external(out, self.location, start, n)
+        return out
+
+
+def _ir_tensors(model: Model) -> Iterable[Tensor]:
+    for g in model.all_graphs():
+        for v in g.initializers.values():
+            if v.const is not None:
+                yield v.const
+        for n in g.iter_nodes():
+            for a in n.attrs.values():
+                if a.type == AttributeProto.TENSOR and isinstance(a.value, Tensor):
+                    yield a.value
 
 
 def save(
@@ -593,56 +660,36 @@ def save(
 
     Args:
         external_data: save tensors of at least ``external_threshold`` bytes to a side file
-            (``location``, default ``<file name>.data``). None (default) does this only when
-            the model would not fit in one 2 GB protobuf.
+            (``location``, default ``<file name>.data``). None (default) does this when the
+            model was loaded with external data or would not fit in one 2 GB protobuf.
         external_threshold: size in bytes from which a tensor goes to the side file.
         location: side file name, relative to the model's directory.
 
-    The model file and its data file are written to temporary names in the target directory
-    and renamed into place, so readers never see a partial file and a failure leaves no trace.
+    Tensors are streamed to the side file straight from memory or their source file (never
+    materialized in a protobuf). Both files are written under temporary names in the target
+    directory and renamed into place, so readers never see a partial model and a failure
+    leaves no trace.
     """
     out = Path(path)
     if out.is_dir():
         raise ModelLoadError(f"output path {str(out)!r} is a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    mp = to_proto(model, keep_external=True)
-    base = model.base_dir
-    tensors = list(_iter_tensor_protos(mp))
-    ext_present = any(t.data_location == TensorProto.EXTERNAL for t in tensors)
+    tensors = list(_ir_tensors(model))
     if external_data is None:
-        inline_size = mp.ByteSize() if not ext_present else sum(
-            Tensor(proto=t).nbytes if t.data_location == TensorProto.EXTERNAL else 0 for t in tensors
-        ) + mp.ByteSize()
-        # keep a model that came with external data external; force it past the proto limit
-        external_data = ext_present or inline_size >= _PROTO_LIMIT
+        total = sum(t.nbytes for t in tensors if t.dtype != TensorProto.STRING)
+        external_data = any(t.is_external for t in tensors) or total >= int(_PROTO_LIMIT * 0.9)
     loc = location or (out.name + ".data")
+    if Path(loc).is_absolute() or ".." in Path(loc).parts:
+        raise ModelLoadError(f"external data location {loc!r} must be a plain name inside the output directory")
     tmp_files: list[tuple[str, Path]] = []
     try:
         if external_data:
             fd, data_tmp = tempfile.mkstemp(prefix=".graphopt-", suffix=".data.tmp", dir=out.parent)
             tmp_files.append((data_tmp, out.parent / loc))
             with os.fdopen(fd, "wb") as f:
-                offset = 0
-                for t in tensors:
-                    if t.data_type == TensorProto.STRING:
-                        continue
-                    nbytes = Tensor(proto=t).nbytes
-                    if nbytes < external_threshold:
-                        if t.data_location == TensorProto.EXTERNAL:
-                            _inline(t, base)
-                        continue
-                    raw = _tensor_bytes(t, base)
-                    pad = (-offset) % 4096 if len(raw) > 4096 else 0
-                    if pad:
-                        f.write(b"\0" * pad)
-                        offset += pad
-                    f.write(raw)
-                    _set_external(t, loc, offset, len(raw))
-                    offset += len(raw)
+                mp = _Exporter(keep_external=True, writer=_DataWriter(f, loc, external_threshold)).model(model)
         else:
-            for t in tensors:
-                if t.data_location == TensorProto.EXTERNAL:
-                    _inline(t, base)
+            mp = _Exporter(keep_external=False).model(model)
         fd, model_tmp = tempfile.mkstemp(prefix=".graphopt-", suffix=".onnx.tmp", dir=out.parent)
         tmp_files.append((model_tmp, out))
         with os.fdopen(fd, "wb") as f:
@@ -659,6 +706,10 @@ def save(
                 pass
     log.info("saved %s%s", out, f" (+ external data {loc})" if external_data else "")
     return out
+
+
+def _external_loc(t: TensorProto) -> str:
+    return next((e.value for e in t.external_data if e.key == "location"), "")
 
 
 def _inline(t: TensorProto, base: str | None) -> None:
