@@ -180,6 +180,12 @@ class _Failure:
 _State = tuple[dict[str, Any], list[Node]]
 
 
+def _score(st: _State, depth: int) -> int:
+    """Rank of a failure: how much of the pattern had matched (then how deep), so explanations
+    report the attempt that came closest."""
+    return (len(st[0]) + len(st[1])) * 1000 + depth
+
+
 def _vname(v: Value | None) -> str:
     return "<absent>" if v is None else repr(v.name)
 
@@ -195,30 +201,30 @@ def _match_input(p: Any, v: Value | None, st: _State, fail: _Failure, d: int, pa
         yield from _match_input(p.inner, v, st, fail, d, path)
         return
     if v is None:
-        fail.note(d, f"{path}: input is absent")
+        fail.note(_score(st, d), f"{path}: input is absent")
         return
     if isinstance(p, Var):
         b, nodes = st
         if p.name in b:
             if b[p.name] is not v:
-                fail.note(d, f"{path}: {p.name!r} must be the same value as before, got {_vname(v)}")
+                fail.note(_score(st, d), f"{path}: {p.name!r} must be the same value as before, got {_vname(v)}")
                 return
             yield st
             return
         if p.const and not v.is_const():
             why = "a graph input (overridable)" if v.const is not None else (
                 f"produced by {v.producer.op_type}" if v.producer is not None else "a graph input")
-            fail.note(d, f"{path}: {p.name!r} must be constant, but {_vname(v)} is {why}")
+            fail.note(_score(st, d), f"{path}: {p.name!r} must be constant, but {_vname(v)} is {why}")
             return
         if p.dtype is not None and v.dtype not in p.dtype:
-            fail.note(d, f"{path}: {p.name!r} has dtype {dtype_name(v.dtype)}, needs one of "
+            fail.note(_score(st, d), f"{path}: {p.name!r} has dtype {dtype_name(v.dtype)}, needs one of "
                          f"{[dtype_name(t) for t in p.dtype]}")
             return
         if p.rank is not None and v.rank != p.rank:
-            fail.note(d, f"{path}: {p.name!r} has rank {v.rank}, needs {p.rank}")
+            fail.note(_score(st, d), f"{path}: {p.name!r} has rank {v.rank}, needs {p.rank}")
             return
         if p.check is not None and not p.check(v):
-            fail.note(d, f"{path}: {p.name!r} ({_vname(v)}) fails its check")
+            fail.note(_score(st, d), f"{path}: {p.name!r} ({_vname(v)}) fails its check")
             return
         nb = dict(b)
         nb[p.name] = v
@@ -239,17 +245,17 @@ def _match_node(p: OpPattern, v: Value, st: _State, fail: _Failure, d: int, path
     n = v.producer
     want = "|".join(p.op_types)
     if n is None:
-        fail.note(d, f"{path}: expected {want}, but {_vname(v)} is a graph input or constant")
+        fail.note(_score(st, d), f"{path}: expected {want}, but {_vname(v)} is a graph input or constant")
         return
     if v.index != p.output:
-        fail.note(d, f"{path}: expected output {p.output} of {want}, got output {v.index}")
+        fail.note(_score(st, d), f"{path}: expected output {p.output} of {want}, got output {v.index}")
         return
     if n.op_type not in p.op_types or n.domain not in ((p.domain,) if p.domain else ("", "ai.onnx")):
-        fail.note(d, f"{path}: expected {want}, got {n.domain + '::' if n.domain else ''}{n.op_type}")
+        fail.note(_score(st, d), f"{path}: expected {want}, got {n.domain + '::' if n.domain else ''}{n.op_type}")
         return
     if inner and (p.single_use if p.single_use is not None else True):
         if v.num_uses != 1 or v.is_graph_output():
-            fail.note(d + 1, f"{path}: {n.op_type} {n.name!r} output {_vname(v)} has {v.num_uses} readers"
+            fail.note(_score(st, d + 1), f"{path}: {n.op_type} {n.name!r} output {_vname(v)} has {v.num_uses} readers"
                              f"{' and is a graph output' if v.is_graph_output() else ''} (needs a single use)")
             return
     yield from _match_node_body(p, n, st, fail, d + 1, path)
@@ -259,22 +265,22 @@ def _match_node_body(p: OpPattern, n: Node, st: _State, fail: _Failure, d: int, 
     label = f"{n.op_type} {n.name!r}" if n.name else n.op_type
     b, nodes = st
     if any(x is n for x in nodes):
-        fail.note(d, f"{label}: node reached twice")
+        fail.note(_score(st, d), f"{label}: node reached twice")
         return
     for k, want in p.attrs.items():
         have = n.attr(k)
         ok = want(have) if callable(want) else (have == want or (have is None and want is None))
         if not ok:
-            fail.note(d, f"{label}: attribute {k}={have!r} does not satisfy {want if not callable(want) else 'check'}")
+            fail.note(_score(st, d), f"{label}: attribute {k}={have!r} does not satisfy {want if not callable(want) else 'check'}")
             return
     if p.check is not None and not p.check(n):
-        fail.note(d, f"{label}: node check failed")
+        fail.note(_score(st, d), f"{label}: node check failed")
         return
     ins = list(n.inputs)
     while ins and ins[-1] is None:
         ins.pop()
     if len(ins) > len(p.inputs) and not p.variadic:
-        fail.note(d, f"{label}: has {len(ins)} inputs, pattern allows {len(p.inputs)}")
+        fail.note(_score(st, d), f"{label}: has {len(ins)} inputs, pattern allows {len(p.inputs)}")
         return
     orders = [list(range(len(p.inputs)))]
     if p.commutative and len(p.inputs) == 2:
@@ -385,7 +391,7 @@ class Rule:
         if verdict is True or verdict is None:
             return m
         if fail is not None:
-            fail.note(10**6, f"matched, but refused: {verdict if isinstance(verdict, str) else 'condition failed'}")
+            fail.note(10**12, f"matched, but refused: {verdict if isinstance(verdict, str) else 'condition failed'}")
         return None
 
     def __repr__(self) -> str:

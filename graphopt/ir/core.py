@@ -320,7 +320,9 @@ class Node:
         for v in inputs:
             self.append_input(v)
         if isinstance(outputs, int):
-            outputs = [Value("") for _ in range(outputs)]
+            # unnamed (None) outputs get fresh names when the node joins a graph; "" would mean
+            # an omitted optional output
+            outputs = [Value(None) for _ in range(outputs)]  # type: ignore[arg-type]
         for v in outputs:
             self._add_output(v)
         for k, v in (attrs or {}).items():
@@ -551,6 +553,11 @@ class Graph:
 
     def _adopt_value(self, v: Value) -> None:
         v.graph = self
+        if v.name is None:
+            p = v.producer
+            base = (p.name or p.op_type) if p is not None else "v"
+            v.name = self.fresh_name(f"{base}_out{v.index}" if p is not None and len(p._outputs) > 1 else f"{base}_out")
+            return
         if not v.name:
             return
         self._names.used.add(v.name)
