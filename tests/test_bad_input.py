@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def test_cli_one_line_exit_2_no_output(tmp_path: Path, case: str) -> None:
     before = _digest(path)
     out = tmp_path / "out" / "o.onnx"
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "optimize", str(path), "-o", str(out)],
-                       capture_output=True, text=True, timeout=120)
+                       cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("graphopt: error:"), r.stderr
@@ -164,7 +165,7 @@ def test_cli_refuses_to_overwrite_input(tmp_path: Path) -> None:
     p = _save_raw(tmp_path / "m.onnx", _small())
     before = _digest(p)
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "optimize", str(p), "-o", str(p)],
-                       capture_output=True, text=True, timeout=120)
+                       cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "input" in r.stderr and _digest(p) == before
 
 
@@ -175,7 +176,7 @@ def test_cli_bad_options_exit_2(tmp_path: Path) -> None:
                  ["optimize", str(p), "-o", str(tmp_path / "o.onnx"), "--input-shape", "nope:1"],
                  ["optimize", str(p)],
                  ["frobnicate"]):
-        r = subprocess.run([sys.executable, "-m", "graphopt.cli", *args], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-m", "graphopt.cli", *args], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=120)
         assert r.returncode == 2, (args, r.stderr)
         assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
         assert not (tmp_path / "o.onnx").exists()

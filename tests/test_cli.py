@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from helpers import make_model, vi
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "graphopt.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", "graphopt.cli", *args], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
 
 
 def test_optimize_example_with_report(tmp_path: Path) -> None:

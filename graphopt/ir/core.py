@@ -735,6 +735,21 @@ class Graph:
                 break
 
     # -- ordering -------------------------------------------------------------------------------
+    def is_sorted(self) -> bool:
+        """True if every node reads only values defined before it (one linear scan)."""
+        seen: set[int] = set()
+        for n in self.iter_nodes():
+            for v in n._inputs:
+                if v is not None and v.producer is not None and v.producer.graph is self and id(v.producer) not in seen:
+                    return False
+            if n.attrs:
+                for v in n.outer_inputs():
+                    p = v.producer
+                    if p is not None and p.graph is self and id(p) not in seen:
+                        return False
+            seen.add(id(n))
+        return True
+
     def toposort(self) -> None:
         """Reorder nodes topologically (stable: keeps the current order where legal).
 
