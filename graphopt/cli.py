@@ -121,7 +121,7 @@ def _feeds(model: Any, args: argparse.Namespace, n: int) -> list[dict[str, Any]]
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.analysis import model_stats
-    from graphopt.instruments import NumericCheckInstrument, StatsInstrument, VerifyInstrument
+    from graphopt.instruments import NumericCheckInstrument, ProgressInstrument, StatsInstrument, VerifyInstrument
     from graphopt.onnx_io import save
     from graphopt.report import PASS_HEADERS, human, pass_rows, table, write_report
     from graphopt.runtime import compare, parse_input_shapes, run_ort
@@ -150,7 +150,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     else:
         pipeline = get_pipeline(args.pipeline or "default")
     stats = StatsInstrument(shapes)
-    instruments: list[Any] = [VerifyInstrument(), stats]
+    instruments: list[Any] = [VerifyInstrument(), stats, ProgressInstrument()]
     feeds: list[dict[str, Any]] = []
     original = None
     if args.verify:

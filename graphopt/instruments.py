@@ -41,6 +41,34 @@ class TimingInstrument(Instrument):
         self.times[p.name] = self.times.get(p.name, 0.0) + record.seconds
 
 
+class ProgressInstrument(Instrument):
+    """A progress bar over pass runs (tqdm on stderr), shown only on a terminal by default."""
+
+    def __init__(self, *, disable: bool | None = None, desc: str = "optimizing") -> None:
+        import sys
+
+        self.disable = (not sys.stderr.isatty()) if disable is None else disable
+        self.desc = desc
+        self.bar: Any = None
+
+    def enter(self, model: Model, ctx: PassContext) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=self.desc, unit="pass", disable=self.disable, leave=False)
+
+    def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(p.name)
+
+    def after_pass(self, p: Pass, model: Model, ctx: PassContext, changed: bool, record: PassRecord) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def exit(self, model: Model, ctx: PassContext) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class VerifyInstrument(Instrument):
     """Verifies IR invariants after each pass; with ``checker=True`` also runs the ONNX checker
     (``full_check`` runs its shape inference too)."""
@@ -249,6 +277,6 @@ def bisect(
 
 
 __all__ = [
-    "BisectResult", "NumericCheckInstrument", "SnapshotInstrument", "StatsInstrument",
+    "BisectResult", "NumericCheckInstrument", "ProgressInstrument", "SnapshotInstrument", "StatsInstrument",
     "TimingInstrument", "VerifyInstrument", "bisect", "Any",
 ]

@@ -57,23 +57,25 @@ DEFAULT_EXTERNAL_THRESHOLD = 1024
 # ---------------------------------------------------------------------------------------------
 # types
 # ---------------------------------------------------------------------------------------------
+def shape_from_proto(shape: onnx.TensorShapeProto) -> tuple[int | str | None, ...]:
+    """Dims of a ``TensorShapeProto``: int (static), str (symbolic) or None (unknown)."""
+    dims: list[int | str | None] = []
+    for d in shape.dim:
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif d.HasField("dim_param"):
+            dims.append(d.dim_param)
+        else:
+            dims.append(None)
+    return tuple(dims)
+
+
 def _read_type(v: Value, tp: onnx.TypeProto) -> None:
     v.type_proto = tp
     if tp.HasField("tensor_type"):
         tt = tp.tensor_type
         v.dtype = tt.elem_type or None
-        if tt.HasField("shape"):
-            dims: list[int | str | None] = []
-            for d in tt.shape.dim:
-                if d.HasField("dim_value"):
-                    dims.append(int(d.dim_value))
-                elif d.HasField("dim_param"):
-                    dims.append(d.dim_param)
-                else:
-                    dims.append(None)
-            v.shape = tuple(dims)
-        else:
-            v.shape = None
+        v.shape = shape_from_proto(tt.shape) if tt.HasField("shape") else None
     v._type_sig = (v.dtype, v.shape)
 
 

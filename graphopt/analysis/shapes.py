@@ -104,14 +104,9 @@ def _merge(v: Value, tp: onnx.TypeProto) -> None:
         v.dtype = tt.elem_type
     if not tt.HasField("shape"):
         return
-    dims: list = []
-    for d in tt.shape.dim:
-        if d.HasField("dim_value"):
-            dims.append(int(d.dim_value))
-        elif d.HasField("dim_param"):
-            dims.append(d.dim_param)
-        else:
-            dims.append(None)
+    from graphopt.onnx_io import shape_from_proto
+
+    dims = shape_from_proto(tt.shape)
     if v.shape is None or len(v.shape) != len(dims):
         v.shape = tuple(dims)
         return
