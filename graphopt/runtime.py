@@ -392,3 +392,91 @@ def load_calibration(
             feed[name] = arr
         out.append(feed)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluating parts of a graph (constant folding)
+# ---------------------------------------------------------------------------------------------
+def evaluate_nodes(
+    model: Model,
+    nodes: Sequence[Any],
+    known: Mapping[Value, np.ndarray],
+) -> tuple[dict[Value, Any], dict[Any, str]]:
+    """Evaluate ``nodes`` (in order) given the data of every value they read from outside.
+
+    Runs them as one small model under ONNX Runtime; if ORT refuses (old opsets, unsupported
+    ops) falls back to onnx's reference evaluator, and then to evaluating node by node, so one
+    failing node does not stop the rest. Returns ``(values, failures)``: the data of every
+    output it could compute (sequence outputs as lists) and, per node that failed, the reason.
+    """
+    from graphopt.onnx_io import _Exporter
+
+    ex = _Exporter(keep_external=False)
+    known_by_name = {v.name: (v, a) for v, a in known.items()}
+
+    def build(sub: Sequence[Any], feeds: Mapping[str, tuple[Value, np.ndarray]]) -> onnx.ModelProto:
+        g = onnx.GraphProto()
+        g.name = "fold"
+        produced = {o.name for n in sub for o in n.outputs if o.name}
+        needed: set[str] = set()
+        for n in sub:
+            for v in n.inputs:
+                if v is not None and v.name not in produced:
+                    needed.add(v.name)
+            g.node.append(ex.node(n))
+        for name in sorted(needed):
+            _, arr = feeds[name]
+            from onnx import numpy_helper
+
+            if isinstance(arr, list):
+                raise RuntimeBackendError(f"sequence input {name!r} cannot be fed as a constant")
+            g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+        for n in sub:
+            for o in n.outputs:
+                if o.name:
+                    g.output.add().name = o.name
+        mp = onnx.helper.make_model(g, opset_imports=[onnx.helper.make_opsetid(d, v)
+                                                      for d, v in model.opset_imports.items()])
+        mp.ir_version = max(model.ir_version, 4)
+        for f in model.functions.values():
+            mp.functions.append(ex.function(f))
+        return mp
+
+    def run(mp: onnx.ModelProto) -> dict[str, Any]:
+        names = [o.name for o in mp.graph.output]
+        try:
+            sess = ort_session(mp)
+            return dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {}), strict=True))
+        except Exception:  # noqa: BLE001 - fall back to the reference implementation
+            from onnx.reference import ReferenceEvaluator
+
+            with np.errstate(all="ignore"):
+                res = ReferenceEvaluator(mp).run(None, {})
+            return dict(zip(names, res, strict=True))
+
+    values: dict[Value, Any] = {}
+    failures: dict[Any, str] = {}
+    if not nodes:
+        return values, failures
+    by_name = {o.name: o for n in nodes for o in n.outputs if o.name}
+    try:
+        out = run(build(nodes, known_by_name))
+        for name, arr in out.items():
+            values[by_name[name]] = arr
+        return values, failures
+    except Exception:  # noqa: BLE001 - retry node by node to isolate what fails
+        log.debug("batched evaluation failed; evaluating node by node")
+    feeds = dict(known_by_name)
+    for n in nodes:
+        if any(v is not None and v.name not in feeds for v in n.inputs):
+            failures[n] = "an input could not be computed"
+            continue
+        try:
+            out = run(build([n], feeds))
+        except Exception as e:  # noqa: BLE001
+            failures[n] = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            continue
+        for name, arr in out.items():
+            values[by_name[name]] = arr
+            feeds[name] = (by_name[name], arr)
+    return values, failures

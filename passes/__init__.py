@@ -1,33 +1,69 @@
 """graphopt's built-in passes (installed as ``graphopt.passes``).
 
 They are written only against graphopt's public API, exactly as a user's pass would be.
-Importing this package registers them and the named pipelines.
+Importing this package registers them and the named pipelines:
+
+* ``default`` - the lossless pipeline: lift old-style initializer inputs, then constant
+  folding, If inlining, no-op elimination, CSE, fusions, algebraic reordering and DCE repeated
+  to a fixpoint, then memory-aware scheduling.
+* ``fold-only`` - constant folding and DCE.
+* ``cleanup`` - no-op elimination, CSE and DCE.
 """
 
 from __future__ import annotations
 
 from graphopt import Pipeline, register_pipeline
 
+from .cleanup.constant_folding import ConstantFolding, InlineConstantIf, LiftInitializerInputs
+from .cleanup.cse import CommonSubexpressionElimination
 from .cleanup.dce import DeadCodeElimination
-from .cleanup.noop import EliminateIdentity
+from .cleanup.noop import EliminateIdentity, EliminateNoOps
+from .cleanup.shapes import ResolveDynamicReshape
+from .fusion.activations import FuseActivations
+from .fusion.conv_affine import FuseConvAffine
 from .fusion.conv_bn import FuseConvBatchNorm
+from .fusion.gemm import FuseGemm
+from .fusion.layout import FuseLayoutChains
+from .fusion.pad_conv import FusePadIntoConv
+from .reorder.algebraic import AlgebraicReorder
+from .reorder.schedule import MemoryAwareSchedule
 
 
 def default_pipeline() -> Pipeline:
-    """Cleanup and fusions, repeated until nothing changes (lossless)."""
-    return Pipeline(
-        [EliminateIdentity(), FuseConvBatchNorm(), DeadCodeElimination()],
+    """Lossless: folding, cleanup, fusions and reordering to a fixpoint, then scheduling."""
+    core = Pipeline(
+        [
+            ConstantFolding(), ResolveDynamicReshape(), InlineConstantIf(), EliminateIdentity(), EliminateNoOps(),
+            CommonSubexpressionElimination(), FuseConvBatchNorm(), FuseConvAffine(), FuseGemm(),
+            FusePadIntoConv(), FuseLayoutChains(), FuseActivations(), AlgebraicReorder(),
+            DeadCodeElimination(),
+        ],
         fixpoint=True,
-        name="default",
+        max_iterations=8,
+        name="simplify",
     )
+    return Pipeline([LiftInitializerInputs(), core, MemoryAwareSchedule()], name="default")
+
+
+def fold_only_pipeline() -> Pipeline:
+    """Constant folding (shape computations included) and dead-code elimination only."""
+    return Pipeline([LiftInitializerInputs(), Pipeline([ConstantFolding(), DeadCodeElimination()], fixpoint=True,
+                                                       name="fold")], name="fold-only")
 
 
 def cleanup_pipeline() -> Pipeline:
-    """Dead-code and no-op elimination only."""
-    return Pipeline([EliminateIdentity(), DeadCodeElimination()], fixpoint=True, name="cleanup")
+    """No-op elimination, CSE and dead-code elimination."""
+    return Pipeline([EliminateIdentity(), EliminateNoOps(), CommonSubexpressionElimination(), DeadCodeElimination()],
+                    fixpoint=True, name="cleanup")
 
 
 register_pipeline("default", default_pipeline)
+register_pipeline("fold-only", fold_only_pipeline)
 register_pipeline("cleanup", cleanup_pipeline)
 
-__all__ = ["DeadCodeElimination", "EliminateIdentity", "FuseConvBatchNorm", "default_pipeline"]
+__all__ = [
+    "AlgebraicReorder", "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination",
+    "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "ResolveDynamicReshape",
+    "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
+]

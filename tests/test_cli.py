@@ -31,7 +31,7 @@ def test_optimize_example_with_report(tmp_path: Path) -> None:
     rj = tmp_path / "r.json"
     assert run("optimize", "--example", "-o", str(tmp_path / "o2.onnx"), "--report", str(rj)).returncode == 0
     data = json.loads(rj.read_text())
-    assert data["passes"][0]["name"] == "(input)" and data["summary"]["compare"]["compute nodes"] == [19, 16]
+    assert data["passes"][0]["name"] == "(input)" and data["summary"]["compare"]["compute nodes"] == [19, 11]
 
 
 def test_inspect_text_and_json(example_path: Path) -> None:

@@ -147,7 +147,7 @@ def test_graphsurgeon_interop(rng, tmp_path: Path) -> None:
     assert len(m.graph) == 4
     graphopt.run_passes(m, "default")
     g2 = graphopt.to_graphsurgeon(m)
-    assert isinstance(g2, gs.Graph) and {n.op for n in g2.nodes} == {"MatMul", "Relu", "Add"}
+    assert isinstance(g2, gs.Graph) and {n.op for n in g2.nodes} == {"MatMul", "Relu", "Gemm"}  # MatMul+Add became Gemm
     g2.cleanup().toposort()
     back = gs.export_onnx(g2)
     feed = make_inputs(m, {"x": [2, 64]})

@@ -700,6 +700,24 @@ class Graph:
         node.graph = None
         self._count -= 1
 
+    def detach(self, node: Node) -> Node:
+        """Unlink ``node`` but keep its inputs and their use lists, so it can be inserted into
+        another graph (e.g. when inlining a subgraph into its parent)."""
+        if node.graph is not self:
+            raise ValueError(f"node {node.name!r} is not in this graph")
+        if node._prev is not None:
+            node._prev._next = node._next
+        else:
+            self._head = node._next
+        if node._next is not None:
+            node._next._prev = node._prev
+        else:
+            self._tail = node._prev
+        node._prev = node._next = None
+        node.graph = None
+        self._count -= 1
+        return node
+
     def remove_initializer(self, name: str) -> None:
         v = self.initializers.pop(name)
         if any(i is v for i in self.inputs):

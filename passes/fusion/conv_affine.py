@@ -1,0 +1,79 @@
+"""Fold constant per-channel Add/Mul after a Conv into its bias and weights.
+
+Rules:
+  * ``Add(Conv(x, W, b?), c)`` with c constant, broadcasting as one value per output channel
+    (shape ``[C,1,..,1]``, ``[1,C,1,..,1]``, ``[1]`` or scalar) -> ``Conv(x, W, b + c)``;
+  * ``Mul(Conv(x, W, b?), s)`` with s of the same per-channel form -> ``Conv(x, W*s, b*s)``;
+  * ``Sub``/``Div`` by a constant are the same with ``-c`` and ``1/s``.
+
+Refuses when the constant varies over spatial positions or the batch, when it would change
+the output dtype, or when the Conv output has other readers. Exact up to fp32 rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphopt import Const, Match, Opt, PatternPass, Rule, Var, op, register_pass
+
+
+def per_channel(c: np.ndarray, c_out: int, rank: int) -> np.ndarray | None:
+    """``c`` as a length-``c_out`` vector if it broadcasts as one value per channel (axis 1)."""
+    if c.ndim == 0 or c.size == 1:
+        return np.full(c_out, c.reshape(-1)[0], dtype=c.dtype)
+    shape = list(c.shape)
+    if len(shape) > rank:
+        return None
+    full = [1] * (rank - len(shape)) + shape
+    if full[0] != 1 or any(d != 1 for d in full[2:]) or full[1] not in (1, c_out):
+        return None
+    return np.broadcast_to(c.reshape(-1), (c_out,)).copy()
+
+
+def _conv_rule(kind: str) -> Rule:
+    pat = op(kind, op("Conv", Var("x"), Const("w"), Opt(Const("b")), name="conv"), Const("c"), name="post",
+             commutative=kind in ("Add", "Mul"))
+
+    def where(m: Match) -> bool | str:
+        w, c = m.const("w"), m.const("c")
+        if w.dtype.kind != "f" or c.dtype != w.dtype:
+            return "weights and constant must share a float dtype"
+        if kind in ("Sub", "Div") and m["post"].input(1) is not m["c"]:
+            return "constant must be the right-hand operand"
+        if per_channel(c, w.shape[0], w.ndim) is None:
+            return f"constant of shape {list(c.shape)} is not one value per output channel"
+        if kind == "Div" and np.any(per_channel(c, w.shape[0], w.ndim) == 0):
+            return "division by zero"
+        return True
+
+    def rewrite(m: Match, b: Any) -> Any:
+        conv = m["conv"]
+        w = m.const("w")
+        c = per_channel(m.const("c"), w.shape[0], w.ndim).astype(np.float64)
+        bias = m.const("b").astype(np.float64) if "b" in m else np.zeros(w.shape[0])
+        wd = w.astype(np.float64)
+        if kind == "Add":
+            bias = bias + c
+        elif kind == "Sub":
+            bias = bias - c
+        else:
+            s = c if kind == "Mul" else 1.0 / c
+            wd = wd * s.reshape((-1,) + (1,) * (w.ndim - 1))
+            bias = bias * s
+        attrs = {k: conv.attr(k) for k in conv.attrs}
+        return b.op("Conv", m["x"], b.const(wd.astype(w.dtype), "weight"), b.const(bias.astype(w.dtype), "bias"),
+                    name=conv.name or None, **attrs)
+
+    return Rule(f"conv-{kind.lower()}", pat, rewrite, where)
+
+
+@register_pass
+class FuseConvAffine(PatternPass):
+    """Fold constant per-channel Add/Sub/Mul/Div after a Conv into its weights and bias."""
+
+    name = "fuse-conv-affine"
+
+    def rules(self) -> list[Rule]:
+        return [_conv_rule(k) for k in ("Add", "Sub", "Mul", "Div")]
