@@ -639,7 +639,7 @@ class _DataWriter:
         if p is not None and p.data_location == TensorProto.EXTERNAL or p is not None and p.HasField("raw_data"):
             data: Any = t.raw_bytes()
         else:
-            arr = np.ascontiguousarray(t.numpy())
+            arr = np.require(t.numpy(), requirements="C")
             try:
                 data = memoryview(arr).cast("B") if arr.dtype.byteorder in "=<|" and arr.dtype.kind in "biuf" \
                     else t.raw_bytes()

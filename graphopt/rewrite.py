@@ -156,11 +156,14 @@ class Match:
         return self.bindings.get(key) is not None
 
     def const(self, key: str) -> np.ndarray:
-        """numpy data of a bound constant value."""
+        """numpy data of a bound constant value (a ``ConstantOfShape`` fill is expanded)."""
         v = self.bindings[key]
         arr = v.const_value()
         if arr is None:
-            raise KeyError(f"{key!r} is not bound to a constant")
+            fill = v.fill_value()
+            if fill is None:
+                raise KeyError(f"{key!r} is not bound to a constant")
+            arr = np.full(fill[0], fill[1], dtype=fill[1].dtype)
         return arr
 
 
@@ -211,7 +214,7 @@ def _match_input(p: Any, v: Value | None, st: _State, fail: _Failure, d: int, pa
                 return
             yield st
             return
-        if p.const and not v.is_const():
+        if p.const and not v.is_const() and v.fill_value() is None:
             why = "a graph input (overridable)" if v.const is not None else (
                 f"produced by {v.producer.op_type}" if v.producer is not None else "a graph input")
             fail.note(_score(st, d), f"{path}: {p.name!r} must be constant, but {_vname(v)} is {why}")
@@ -343,10 +346,25 @@ class Builder:
         self.created.append(node)
         return node.outputs[0] if num_outputs == 1 else node.outputs
 
+    #: uniform constants at least this large are stored as ConstantOfShape, not initializers
+    FILL_BYTES = 4096
+
     def const(self, data: Any, name: str = "const", dtype: Any = None) -> Value:
-        """A new initializer holding ``data``."""
+        """A new constant holding ``data``: an initializer, or - for a large array whose
+        elements are all equal - a ``ConstantOfShape`` node, so a rewrite that consumed a fill
+        constant does not expand it into a big initializer."""
         arr = np.asarray(data, dtype=dtype) if dtype is not None else np.asarray(data)
-        v = self.graph.add_initializer(f"{self.anchor.name or self.anchor.op_type}/{name}", Tensor(arr))
+        base = f"{self.anchor.name or self.anchor.op_type}/{name}"
+        if arr.nbytes >= self.FILL_BYTES and arr.dtype.kind in "fiub" and arr.size and np.all(arr == arr.flat[0]):
+            shape = self.graph.add_initializer(base + "_shape", Tensor(np.array(arr.shape, np.int64)))
+            self.constants.append(shape)
+            node = self.graph.make_node("ConstantOfShape", [shape], {"value": arr.reshape(-1)[:1].copy()},
+                                        name=self.graph.fresh_name(base), before=self.anchor)
+            self.created.append(node)
+            v = node.output(0)
+            v.dtype, v.shape = Tensor(arr[:1]).dtype, tuple(arr.shape)
+            return v
+        v = self.graph.add_initializer(base, Tensor(arr))
         self.constants.append(v)
         return v
 
@@ -422,8 +440,14 @@ def _drop_dead(graph: Graph, nodes: Sequence[Node]) -> None:
             continue
         if v.const is not None and v.graph is graph and not v.is_graph_input() and v.name in graph.initializers:
             graph.remove_initializer(v.name)
-        elif v.producer is not None and v.producer.op_type == "Constant" and v.producer.graph is graph:
-            graph.remove(v.producer)
+        else:
+            p = v.producer
+            if p is not None and p.graph is graph and ((p.op_type == "Constant" and v.is_const())
+                                                        or v.fill_value() is not None):
+                shp = p.input(0) if p.op_type == "ConstantOfShape" else None
+                graph.remove(p)
+                if shp is not None and not shp.num_uses and shp.name in graph.initializers and not shp.is_graph_input():
+                    graph.remove_initializer(shp.name)
 
 
 def apply_rules(graph: Graph, rules: Sequence[Rule], *, max_rewrites: int | None = None) -> int:

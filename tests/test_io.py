@@ -189,3 +189,15 @@ def test_model_over_2gb(tmp_path: Path) -> None:
     assert m2.graph.initializers["w1"].const.is_external
     graphopt.save(m2, tmp_path / "copy" / "big2.onnx")
     onnx.checker.check_model(str(tmp_path / "copy" / "big2.onnx"))
+
+
+def test_scalar_constants_keep_rank_zero() -> None:
+    """Regression: np.ascontiguousarray turned 0-d arrays into shape [1] on export."""
+    g = graphopt.Graph("s")
+    x = g.add_input("x", np.float32, [2])
+    c = g.add_initializer("c", np.array(2.0, np.float32))
+    y = g.make_node("Mul", [x, c]).output(0)
+    g.outputs.append(y)
+    m = graphopt.Model(g, ir_version=9, opset_imports={"": 17})
+    t = graphopt.to_proto(m).graph.initializer[0]
+    assert list(t.dims) == [] and numpy_helper.to_array(t).shape == ()

@@ -50,10 +50,54 @@ def _broadcast(shapes: Sequence[tuple | None]) -> tuple | None:
     return tuple(out)
 
 
+def _weak(d: object) -> bool:
+    return d is None or (isinstance(d, str) and d.startswith("unk__"))
+
+
+def _upgrade(v: Value, dims: Sequence[object]) -> None:
+    """Replace unknown/generated dims of ``v`` by better ones from ``dims``."""
+    if v.shape is None:
+        v.shape = tuple(dims)  # type: ignore[arg-type]
+        return
+    if len(v.shape) != len(dims):
+        return
+    v.shape = tuple(b if _weak(a) and not _weak(b) else a for a, b in zip(v.shape, dims, strict=True))
+
+
+def _axis_preserving(node: Node) -> None:
+    """Slice/Split keep every dim they do not cut; onnx's inference sometimes forgets named ones."""
+    x = node.input(0)
+    if x is None or x.shape is None:
+        return
+    r = len(x.shape)
+    if node.op_type == "Split":
+        axis = node.attr("axis", 0) % r if r else 0
+        for o in node.outputs:
+            if o.name:
+                _upgrade(o, [None if i == axis else d for i, d in enumerate(x.shape)])
+        return
+    axes_v = node.input(3)
+    if axes_v is not None:
+        ax = axes_v.const_value()
+        if ax is None:
+            return
+        axes = {int(a) % r for a in np.ravel(ax)}
+    elif node.attr("axes") is not None:
+        axes = {int(a) % r for a in node.attr("axes")}
+    else:
+        st = node.input(1).const_value() if node.input(1) is not None else node.attr("starts")
+        if st is None:
+            return
+        axes = set(range(len(np.ravel(st))))
+    _upgrade(node.output(0), [None if i in axes else d for i, d in enumerate(x.shape)])
+
+
 def _rule(node: Node) -> None:
     outs = node.outputs
     if not outs:
         return
+    if node.op_type in ("Slice", "Split") and node.domain in ("", "ai.onnx"):
+        _axis_preserving(node)
     o = outs[0]
     if o.dtype is not None and o.shape is not None:
         return
@@ -291,6 +335,23 @@ def _reshape_target(in_shape: tuple, target: np.ndarray, allowzero: int) -> tupl
     return tuple(tgt)
 
 
+def _symbolic_reshape(in_shape: tuple, target: np.ndarray, allowzero: int) -> tuple | None:
+    """Reshape output when the input has symbolic dims: dims copied by 0 keep their symbol;
+    -1 is computable when every input dim not copied in place is static."""
+    tgt = [int(t) for t in np.ravel(target)]
+    if allowzero and 0 in tgt:
+        return None
+    copied = {i for i, t in enumerate(tgt) if t == 0 and i < len(in_shape)}
+    out: list = [in_shape[i] if i in copied else t for i, t in enumerate(tgt)]
+    if -1 in tgt:
+        rest = [d for i, d in enumerate(in_shape) if i not in copied]
+        if not all(isinstance(d, int) for d in rest):
+            return None
+        explicit = int(np.prod([t for t in tgt if t > 0]))
+        out[tgt.index(-1)] = int(np.prod(rest)) // explicit if explicit else 0
+    return tuple(out)
+
+
 def _shape_from_values(n: Node, vals: list[np.ndarray | None]) -> None:
     o = n.outputs[0]
     op = n.op_type
@@ -301,6 +362,8 @@ def _shape_from_values(n: Node, vals: list[np.ndarray | None]) -> None:
         s = x.static_shape()
         if s is not None:
             o.shape = _reshape_target(s, vals[1], n.attr("allowzero", 0))
+        elif x.shape is not None:
+            o.shape = _symbolic_reshape(tuple(x.shape), vals[1], n.attr("allowzero", 0)) or o.shape
         o.dtype = o.dtype or x.dtype
     elif op == "Expand" and vals[1] is not None and x is not None and x.shape is not None:
         from graphopt.analysis.shapes import _broadcast as bc

@@ -127,6 +127,20 @@ class Value:
             return constant_node_value(p)
         return None
 
+    def fill_value(self) -> tuple[tuple[int, ...], np.ndarray] | None:
+        """``(shape, scalar)`` when this value is ``ConstantOfShape`` of a constant shape: a
+        constant stored as a tiny producer. Size-aware passes keep such values unexpanded."""
+        p = self.producer
+        if p is None or p.op_type != "ConstantOfShape" or p.domain not in ("", "ai.onnx"):
+            return None
+        s = p.input(0)
+        shp = s.const_value() if s is not None else None
+        if shp is None:
+            return None
+        val = p.attr("value")
+        scalar = val.numpy().reshape(-1)[:1].reshape(()) if val is not None else np.array(0.0, np.float32)
+        return tuple(int(d) for d in np.ravel(shp)), scalar
+
     def is_const(self, *, allow_overridable: bool = False) -> bool:
         if self.const is not None:
             return allow_overridable or not self.is_graph_input()

@@ -259,7 +259,7 @@ class Tensor:
             with open(path, "rb") as f:
                 f.seek(int(info.get("offset", 0) or 0))
                 return f.read(int(info["length"])) if info.get("length") else f.read(self.nbytes)
-        tp = numpy_helper.from_array(np.ascontiguousarray(self.numpy()))
+        tp = numpy_helper.from_array(np.require(self.numpy(), requirements="C"))
         return tp.raw_data
 
     def to_proto(self, name: str, *, inline: bool = False) -> TensorProto:
@@ -283,7 +283,7 @@ class Tensor:
             out = numpy_helper.from_array(np.asarray(arr), name)
             out.data_type = p.data_type
             return out
-        out = numpy_helper.from_array(np.ascontiguousarray(arr), name)
+        out = numpy_helper.from_array(np.require(arr, requirements="C"), name)
         if self.dtype != out.data_type:
             out.data_type = self.dtype
         if self.doc_string:

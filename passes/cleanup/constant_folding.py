@@ -8,6 +8,9 @@ Rules:
   * shape computations fold from inferred static shapes: ``Shape``/``Size`` of a value whose
     dims are known, and ``Gather``/``Slice`` of a ``Shape`` that pick only known dims even when
     other dims (a symbolic batch) are not;
+  * a ``ConstantOfShape`` of a constant shape larger than ``fill_bytes`` (4 KiB) stays as it
+    is - the compact form of a uniform tensor; layout ops, casts and scalar arithmetic applied
+    to such fills fold into new fills, and fusion patterns read fills as constants;
   * size-aware: a result larger than ``max_bytes`` that is bigger than the constants it was
     computed from (ConstantOfShape, Tile, Expand, Range, broadcasting...) is *not*
     materialized unless ``fold_expanding=True``; the tiny producer stays, and the pass logs
@@ -41,6 +44,35 @@ NEVER_FOLD = NONDETERMINISTIC | frozenset({
 _STD = ("", "ai.onnx")
 
 
+LAYOUT_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Identity", "Tile"})
+_UNARY = {"Neg": np.negative, "Sqrt": np.sqrt, "Reciprocal": np.reciprocal, "Abs": np.abs, "Exp": np.exp,
+          "Relu": lambda a: np.maximum(a, 0)}
+_BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power,
+           "Max": np.maximum, "Min": np.minimum}
+FILL_OPS = LAYOUT_OPS | {"Cast"} | set(_UNARY) | set(_BINARY)
+
+
+def _fill_apply(node: Node, scalars: list[Any]) -> Any:
+    """The scalar value of ``node``'s output when its inputs are fills/uniform constants."""
+    op = node.op_type
+    x = scalars[0]
+    if op in LAYOUT_OPS:
+        return x
+    if op == "Cast":
+        from graphopt.ir import np_dtype
+
+        return np.asarray(x).astype(np_dtype(node.attr("to")))
+    with np.errstate(all="ignore"):
+        if op in _UNARY:
+            return _UNARY[op](np.asarray(x))
+        if op in _BINARY and len(scalars) == 2 and scalars[1] is not None:
+            a, b = np.asarray(x), np.asarray(scalars[1])
+            if op == "Div" and a.dtype.kind in "iu":
+                return None  # integer division semantics: leave it to ORT
+            return _BINARY[op](a, b)
+    return None
+
+
 def _nbytes(a: Any) -> int:
     return int(a.nbytes) if isinstance(a, np.ndarray) and a.dtype != object else 0
 
@@ -50,7 +82,7 @@ class ConstantFolding(Pass):
     """Evaluate nodes whose inputs are all constant (and static shape computations)."""
 
     name = "fold-constants"
-    default_options = {"max_bytes": 1 << 20, "fold_expanding": False}
+    default_options = {"max_bytes": 1 << 20, "fold_expanding": False, "fill_bytes": 4096}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -110,8 +142,65 @@ class ConstantFolding(Pass):
             return np.array(chosen, np.int64).reshape(np.shape(pick))
         return None
 
+    # -- fills --------------------------------------------------------------------------------
+    def _fills(self, graph: Graph) -> bool:
+        """Fold layout ops, casts and scalar arithmetic on ``ConstantOfShape`` fills into new
+        fills: the result stays a tiny producer instead of a large initializer."""
+        changed = False
+        for node in graph:
+            if node.domain not in _STD or node.op_type not in FILL_OPS or not node.outputs:
+                continue
+            out = node.output(0)
+            shape = out.static_shape()
+            if shape is None or not out.dtype or len([o for o in node.outputs if o.name]) != 1:
+                continue
+            scalars = []
+            has_fill = False
+            for k, v in enumerate(node.inputs):
+                if v is None:
+                    scalars.append(None)
+                    continue
+                f = v.fill_value()
+                if f is not None:
+                    has_fill = True
+                    scalars.append(f[1])
+                    continue
+                arr = v.const_value()
+                if arr is None:
+                    break
+                arr = np.asarray(arr)
+                if k > 0 and node.op_type in LAYOUT_OPS:
+                    scalars.append(arr)  # shape/perm arguments
+                elif arr.size and np.all(arr == arr.reshape(-1)[0]):
+                    scalars.append(arr.reshape(-1)[0])
+                else:
+                    break
+            else:
+                if not has_fill or node.input(0) is None:
+                    continue
+                val = _fill_apply(node, scalars)
+                if val is None:
+                    continue
+                from graphopt.ir import np_dtype
+
+                val = np.asarray(val).astype(np_dtype(out.dtype)).reshape(1)
+                shp = graph.add_initializer(out.name + "_shape", np.array(shape, np.int64))
+                c = graph.make_node("ConstantOfShape", [shp], {"value": val}, before=node,
+                                    name=graph.fresh_name((node.name or node.op_type) + "_fill"))
+                c.output(0).dtype, c.output(0).shape = out.dtype, shape
+                if out.is_graph_output():
+                    continue
+                graph.replace_all_uses_with(out, c.output(0))
+                graph.remove(node)
+                changed = True
+        return changed
+
     # -- main -----------------------------------------------------------------------------------
     def run(self, graph: Graph, ctx: PassContext) -> bool:
+        filled = self._fills(graph)
+        return self._fold(graph, ctx) or filled
+
+    def _fold(self, graph: Graph, ctx: PassContext) -> bool:
         known: dict[Value, Any] = {}  # value -> data, for constants read by candidates
         direct: dict[Node, np.ndarray] = {}  # shape computations folded without evaluation
         batch: list[Node] = []
@@ -145,6 +234,10 @@ class ConstantFolding(Pass):
                     continue
             if not node.inputs or not all(const(v) for v in node.inputs):
                 continue
+            if node.op_type == "ConstantOfShape" and not self.options["fold_expanding"]:
+                fill = node.output(0).fill_value()
+                if fill is not None and int(np.prod(fill[0])) * fill[1].itemsize > self.options["fill_bytes"]:
+                    continue  # a fill is the compact form: keep it (fusions see through fills)
             if any(not o.name for o in node.outputs[:1]):
                 continue
             if not self.options["fold_expanding"] and self._too_big_static(node, known):

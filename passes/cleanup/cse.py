@@ -34,7 +34,7 @@ def _attr_key(node: Node) -> tuple:
             v = a.value
             if hasattr(v, "numpy"):
                 arr = v.numpy()
-                v = (arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
+                v = (arr.dtype.str, arr.shape, hashlib.sha1(np.require(arr, requirements="C").tobytes()).hexdigest())
             items.append((k, repr(v)))
     return tuple(items)
 
@@ -42,7 +42,7 @@ def _attr_key(node: Node) -> tuple:
 def _data_key(arr: np.ndarray) -> tuple[Any, ...] | None:
     if arr.dtype == object:
         return None
-    return (arr.dtype.str, arr.shape, hashlib.sha1(np.ascontiguousarray(arr).tobytes()).hexdigest())
+    return (arr.dtype.str, arr.shape, hashlib.sha1(np.require(arr, requirements="C").tobytes()).hexdigest())
 
 
 @register_pass

@@ -62,9 +62,16 @@ class EliminateIdentity(Pass):
 
 
 def _same_shape(a: Value | None, b: Value | None) -> bool:
-    sa = a.static_shape() if a is not None else None
-    sb = b.static_shape() if b is not None else None
-    return sa is not None and sa == sb
+    """Provably the same shape: equal static dims or the same named symbols."""
+    if a is None or b is None or a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
+        return False
+    for x, y in zip(a.shape, b.shape, strict=True):
+        if isinstance(x, int) and isinstance(y, int):
+            if x != y:
+                return False
+        elif not (isinstance(x, str) and x == y and not x.startswith("unk__")):
+            return False
+    return True
 
 
 def _broadcast_is_noop(x: Value, c: np.ndarray) -> bool:

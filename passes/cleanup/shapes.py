@@ -20,7 +20,15 @@ import numpy as np
 
 from graphopt import Graph, Pass, PassContext, Value, register_pass
 
-Sym = list[Any]  # entries: int, or ("dim", id(value), axis)
+Sym = list[Any]  # entries: int, or ("dim", id(value), axis, symbol or None)
+
+
+def same_symbol(a: Any, b: Any) -> bool:
+    """Two dims are provably equal: equal ints, or the same named symbol (onnx's generated
+    ``unk__N`` names are not trusted across values)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return isinstance(a, str) and a == b and not a.startswith("unk__")
 
 
 def symbolic_shape(v: Value | None, depth: int = 0) -> Sym | None:
@@ -44,7 +52,7 @@ def symbolic_shape(v: Value | None, depth: int = 0) -> Sym | None:
         r = len(x.shape)
         start, end = n.attr("start", 0), n.attr("end", None)
         axes = list(range(r))[start:end]
-        return [x.shape[a] if isinstance(x.shape[a], int) else ("dim", id(x), a) for a in axes]
+        return [x.shape[a] if isinstance(x.shape[a], int) else ("dim", id(x), a, x.shape[a]) for a in axes]
     if op in ("Identity",) or (op == "Cast" and n.attr("to") in (6, 7)):
         return symbolic_shape(n.input(0), depth + 1)
     if op in ("Unsqueeze", "Squeeze"):
@@ -98,7 +106,10 @@ class ResolveDynamicReshape(Pass):
             for pos, e in enumerate(sym):
                 if isinstance(e, int) and e != 0:
                     target.append(e)
-                elif isinstance(e, tuple) and e[1] == id(x) and e[2] == pos:
+                elif isinstance(e, tuple) and (
+                    (e[1] == id(x) and e[2] == pos)
+                    or (x.shape is not None and pos < len(x.shape) and same_symbol(e[3], x.shape[pos]))
+                ):
                     target.append(0)
                 else:
                     break
