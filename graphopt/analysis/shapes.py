@@ -341,6 +341,9 @@ def _symbolic_reshape(in_shape: tuple, target: np.ndarray, allowzero: int) -> tu
     tgt = [int(t) for t in np.ravel(target)]
     if allowzero and 0 in tgt:
         return None
+    if len(tgt) == len(in_shape) and tgt.count(-1) == 1 and all(
+            t in (-1, 0) or t == d for t, d in zip(tgt, in_shape, strict=True)):
+        return tuple(in_shape)  # every other dim kept: the -1 is the remaining input dim
     copied = {i for i, t in enumerate(tgt) if t == 0 and i < len(in_shape)}
     out: list = [in_shape[i] if i in copied else t for i, t in enumerate(tgt)]
     if -1 in tgt:

@@ -247,7 +247,7 @@ class ConstantFolding(Pass):
 
         if not batch and not direct:
             return False
-        feeds = {v: a for v, a in known.items() if v.producer not in in_batch and v.producer not in direct}
+        feeds = {v: a for v, a in known.items() if v.producer not in in_batch}
         values, failures = evaluate_nodes(self.model, batch, feeds) if batch else ({}, {})
         for n, why in failures.items():
             self.failed.append((n.name or n.op_type, why))

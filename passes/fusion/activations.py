@@ -7,7 +7,8 @@ Rules (each only where the model's opset has the fused op; the opset is never ra
     division written as a multiplication too; tanh form
     ``0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3)))`` -> ``Gelu(approximate="tanh")``.
   * LayerNormalization (opset >= 17): ``(x - mean(x)) / sqrt(mean((x - mean(x))^2) + eps)``
-    over trailing axes, optionally ``* gamma + beta``.
+    over trailing axes, optionally ``* gamma + beta``; a constant Mul/Add after any
+    LayerNormalization folds into its scale and bias.
   * Softmax: ``exp(x - max(x)) / sum(exp(x - max(x)))`` (and the form without the max) along
     one axis; before opset 13 only along the last axis, where the old 2-D semantics agree.
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import Const, Match, Node, PatternPass, Rule, Var, op, register_pass
+from graphopt import Const, Match, Node, Opt, PatternPass, Rule, Var, op, register_pass
 
 
 def _close(arr: Any, want: float, rtol: float = 1e-4) -> bool:
@@ -228,6 +229,43 @@ def _ln_rewrite(m: Match, b: Any) -> Any:
     return b.op("LayerNormalization", *ins, axis=axis, epsilon=float(m.const("eps").reshape(-1)[0]))
 
 
+def _ln_affine_rules() -> list[Rule]:
+    """``LayerNormalization(x, s, b) * g`` -> scale ``s*g``, bias ``b*g``; ``+ beta`` -> bias ``b+beta``."""
+
+    def where(m: Match) -> bool | str:
+        ln = m["ln"]
+        x = m["x"]
+        if x.rank is None or len(ln.outputs) > 1 and any(o.name and o.num_uses for o in ln.outputs[1:]):
+            return "LayerNormalization's extra outputs are used or the rank is unknown"
+        tail = x.shape[ln.attr("axis", -1) % x.rank:]
+        c = m.const("c")
+        if not all(isinstance(t, int) for t in tail) or c.ndim > len(tail):
+            return "the constant must broadcast over the normalized axes only"
+        try:
+            np.broadcast_to(c, tail)
+        except ValueError:
+            return "the constant does not broadcast to the normalized shape"
+        return True
+
+    def rewrite(m: Match, b: Any) -> Any:
+        ln, x, kind = m["ln"], m["x"], m["post"].op_type
+        tail = tuple(x.shape[ln.attr("axis", -1) % x.rank:])
+        c = np.broadcast_to(m.const("c"), tail)
+        scale = np.broadcast_to(m.const("s"), tail)
+        bias = np.broadcast_to(m.const("bb"), tail) if "bb" in m else np.zeros(tail, scale.dtype)
+        if kind == "Mul":
+            scale, bias = scale * c, bias * c
+        else:
+            bias = bias + c
+        attrs = {k: ln.attr(k) for k in ln.attrs}
+        return b.op("LayerNormalization", x, b.const(scale.astype(m.const("s").dtype), "scale"),
+                    b.const(bias.astype(m.const("s").dtype), "bias"), name=ln.name or None, **attrs)
+
+    return [Rule(f"layernorm-{k.lower()}",
+                 op(k, op("LayerNormalization", Var("x"), Const("s"), Opt(Const("bb")), name="ln"), Const("c"),
+                    commutative=True, name="post"), rewrite, where) for k in ("Mul", "Add")]
+
+
 # -- Softmax -----------------------------------------------------------------------------------
 def _softmax_rules() -> list[Rule]:
     stable = op("Exp", op("Sub", Var("x"), op("ReduceMax", Var("x"), None, name="max")), name="exp",
@@ -276,7 +314,7 @@ class FuseActivations(PatternPass):
         if opset >= 20:
             rules += _gelu_rules()
         if opset >= 17:
-            rules += _layernorm_rules()
+            rules += _layernorm_rules() + _ln_affine_rules()
         if opset >= 13:
             rules += _softmax_rules()
         else:

@@ -1,0 +1,380 @@
+"""The lossless passes, rule by rule, on purpose-built models: each result is checked for
+numerical equivalence under ONNX Runtime, full ONNX checker validity, and the structural
+change the rule must make (node counts and kinds)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.analysis import model_stats, peak_memory
+from graphopt.runtime import compare, make_inputs
+from helpers import DATA, make_model, vi
+
+H = helper.make_node
+R = np.random.default_rng(0)
+MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
+
+
+def rnd(*shape, lo=-1.0, hi=1.0):
+    return R.uniform(lo, hi, shape).astype(np.float32)
+
+
+def optimize(mp: onnx.ModelProto, passes="default", shapes=None, rtol=1e-4, atol=1e-5, n=2) -> graphopt.Model:
+    """Run passes; assert checker-valid, same inputs needed, outputs equal under ORT."""
+    m = graphopt.from_proto(mp)
+    feeds = [make_inputs(m, shapes, seed=k) for k in range(n)]
+    graphopt.run_passes(m, passes if not isinstance(passes, str) else graphopt.get_pass(passes),
+                        graphopt.PassContext(instruments=[graphopt.VerifyInstrument()]))
+    out = graphopt.to_proto(m)
+    onnx.checker.check_model(out, full_check=True)
+    needed = {i.name for i in out.graph.input} - {t.name for t in out.graph.initializer}
+    assert needed <= {i.name for i in mp.graph.input}, "the result asks for an input the original did not need"
+    for f in feeds:
+        c = compare(graphopt.run_ort(mp, f), graphopt.run_ort(out, f), rtol=rtol, atol=atol)
+        assert c.ok, c.problems
+    return m
+
+
+def ops(m: graphopt.Model) -> list[str]:
+    return [n.op_type for n in m.graph]
+
+
+# -- folding -----------------------------------------------------------------------------------
+def test_fold_constants_evaluates_with_ort_and_resolves_shape_chains() -> None:
+    w = rnd(4, 8)
+    mp = make_model([H("Transpose", ["w"], ["wt"], perm=[1, 0]),
+                     H("Shape", ["x"], ["s"]), H("Gather", ["s", "one"], ["d1"], axis=0),
+                     H("Unsqueeze", ["d1", "ax0"], ["d1u"]), H("Concat", ["m1", "d1u"], ["tgt"], axis=0),
+                     H("Reshape", ["x", "tgt"], ["xr"]), H("MatMul", ["xr", "wt"], ["y"])],
+                    [vi("x", ["batch", 8])], [vi("y", ["batch", 4])],
+                    inits=[("w", w), ("one", np.array(1, np.int64)), ("ax0", np.array([0], np.int64)),
+                           ("m1", np.array([-1], np.int64))])
+    m = optimize(mp, graphopt.Pipeline(["fold-constants", "eliminate-noops", "dce"], fixpoint=True), {"x": [3, 8]})
+    # Gather(Shape(x), 1) folds although dim 0 is symbolic; the Reshape becomes a no-op
+    assert ops(m) == ["MatMul"]
+
+
+def test_size_aware_folding_keeps_tiny_producers_and_says_why() -> None:
+    mp = make_model([H("ConstantOfShape", ["shp"], ["big"], value=helper.make_tensor("v", 1, [1], [0.5])),
+                     H("Tile", ["row", "reps"], ["tiled"]),
+                     H("Add", ["x", "big"], ["a"]), H("Add", ["a", "tiled"], ["y"])],
+                    [vi("x", [512, 1024])], [vi("y", [512, 1024])],
+                    inits=[("shp", np.array([512, 1024], np.int64)), ("row", rnd(1, 1024)),
+                           ("reps", np.array([512, 1], np.int64))])
+    p = graphopt.get_pass("fold-constants")
+    m = optimize(mp, [p, "dce"], n=1)
+    assert "ConstantOfShape" in ops(m) and "Tile" in ops(m)
+    assert sum(t.nbytes for t in (v.const for v in m.graph.initializers.values())) < 10_000
+    assert any("Tile" in name and "bytes" in why for name, why in p.skipped)
+    # asked explicitly, it folds everything
+    m2 = optimize(mp, [graphopt.get_pass("fold-constants", fold_expanding=True), "dce"], n=1)
+    assert ops(m2) == ["Add", "Add"]
+
+
+def test_fill_propagation_keeps_fills_compact() -> None:
+    mp = make_model([H("ConstantOfShape", ["shp"], ["f"], value=helper.make_tensor("v", 1, [1], [2.0])),
+                     H("Reshape", ["f", "to"], ["fr"]), H("Mul", ["fr", "three"], ["f3"]),
+                     H("Add", ["x", "f3"], ["y"])],
+                    [vi("x", [1000, 600])], [vi("y", [1000, 600])],
+                    inits=[("shp", np.array([600000], np.int64)), ("to", np.array([1000, 600], np.int64)),
+                           ("three", np.array(3.0, np.float32))])
+    m = optimize(mp, "default", n=1)
+    assert ops(m).count("ConstantOfShape") == 1 and "Reshape" not in ops(m) and "Mul" not in ops(m)
+    fill = [n for n in m.graph if n.op_type == "ConstantOfShape"][0].output(0).fill_value()
+    assert fill[0] == (1000, 600) and float(fill[1]) == 6.0
+
+
+def test_lift_initializer_inputs_of_ir3_models() -> None:
+    mp = make_model([H("Conv", ["x", "w", "b"], ["c"], name="conv"),
+                     H("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["y"], name="bn")],
+                    [vi("x", [1, 2, 5, 5]), vi("w", [3, 2, 3, 3]), vi("b", [3]), vi("s", [3]), vi("bb", [3]),
+                     vi("mu", [3]), vi("var", [3])], [vi("y", [1, 3, 3, 3])],
+                    inits=[("w", rnd(3, 2, 3, 3)), ("b", rnd(3)), ("s", rnd(3, lo=0.5)), ("bb", rnd(3)),
+                           ("mu", rnd(3)), ("var", rnd(3, lo=0.5, hi=2))], opset=9, ir_version=3)
+    m = optimize(mp, "default")
+    assert ops(m) == ["Conv"] and m.ir_version == 4 and [v.name for v in m.graph.inputs] == ["x"]
+    # IR >= 4: an initializer listed as input is an overridable default - left alone
+    mp.ir_version = 7
+    m = optimize(mp, "default")
+    assert "BatchNormalization" in ops(m) and len(m.graph.inputs) == 7
+
+
+def test_inline_constant_if_and_outer_scope_in_bodies() -> None:
+    then_g = helper.make_graph([H("Identity", ["x"], ["t0"]), H("Add", ["t0", "one"], ["t_out"])], "then", [],
+                               [vi("t_out", [2])])
+    else_g = helper.make_graph([H("Sub", ["x", "one"], ["e_out"])], "else", [], [vi("e_out", [2])])
+    mp = make_model([H("If", ["cond"], ["r"], then_branch=then_g, else_branch=else_g), H("Neg", ["r"], ["y"])],
+                    [vi("x", [2])], [vi("y", [2])],
+                    inits=[("cond", np.array(True)), ("one", np.ones(2, np.float32))])
+    m = optimize(mp, "default")
+    assert ops(m) == ["Add", "Neg"]
+    # with a runtime condition the If stays, and the Identity inside its body is removed
+    mp2 = make_model([H("If", ["cond"], ["r"], then_branch=then_g, else_branch=else_g), H("Neg", ["r"], ["y"])],
+                     [vi("x", [2]), vi("cond", [], TensorProto.BOOL)], [vi("y", [2])],
+                     inits=[("one", np.ones(2, np.float32))])
+    m2 = optimize(mp2, "default")
+    body = [n for n in m2.graph if n.op_type == "If"][0].attr("then_branch")
+    assert [n.op_type for n in body] == ["Add"]
+    for c in (True, False):
+        f = {"x": np.array([1.0, 2.0], np.float32), "cond": np.array(c)}
+        assert np.allclose(graphopt.run_ort(mp2, f)["y"], graphopt.run_ort(m2, f)["y"])
+
+
+def test_loop_body_with_outer_scope_is_optimized() -> None:
+    body = helper.make_graph(
+        [H("Identity", ["acc"], ["a0"]), H("Mul", ["a0", "one"], ["a1"]), H("Add", ["a1", "w"], ["acc_out"]),
+         H("Identity", ["c"], ["c_out"])], "body",
+        [vi("i", [], TensorProto.INT64), vi("c", [], TensorProto.BOOL), vi("acc", [2])],
+        [vi("c_out", [], TensorProto.BOOL), vi("acc_out", [2])])
+    mp = make_model([H("Loop", ["n", "", "x"], ["y"], body=body)], [vi("x", [2])], [vi("y", [2])],
+                    inits=[("n", np.array(3, np.int64)), ("w", rnd(2)), ("one", np.ones(2, np.float32))])
+    m = optimize(mp, "default")
+    inner = [n.op_type for n in m.graph.nodes[0].attr("body")]
+    assert inner == ["Add", "Identity"]  # the body's own output Identity must stay (input -> output)
+
+
+# -- cleanup -----------------------------------------------------------------------------------
+def test_cse_merges_duplicate_constants_and_chains() -> None:
+    w = rnd(4)
+    mp = make_model([H("Mul", ["x", "w1"], ["a"]), H("Mul", ["x", "w2"], ["b"]),
+                     H("Relu", ["a"], ["ra"]), H("Relu", ["b"], ["rb"]), H("Add", ["ra", "rb"], ["y"])],
+                    [vi("x", [4])], [vi("y", [4])], inits=[("w1", w), ("w2", w.copy())])
+    m = optimize(mp, "cse")
+    assert ops(m) == ["Mul", "Relu", "Add"] and len(m.graph.initializers) == 1
+
+
+@pytest.mark.parametrize("case", ["cast", "transpose", "pad", "slice", "concat", "mul1", "add0", "expand", "tile",
+                                  "reshape", "dropout", "identity"])
+def test_noop_elimination(case: str) -> None:
+    x = "x"
+    inits: list = []
+    if case == "cast":
+        n = H("Cast", [x], ["t"], to=TensorProto.FLOAT)
+    elif case == "transpose":
+        n = H("Transpose", [x], ["t"], perm=[0, 1])
+    elif case == "pad":
+        n = H("Pad", [x, "p"], ["t"])
+        inits = [("p", np.zeros(4, np.int64))]
+    elif case == "slice":
+        n = H("Slice", [x, "st", "en"], ["t"])
+        inits = [("st", np.array([0], np.int64)), ("en", np.array([np.iinfo(np.int64).max], np.int64))]
+    elif case == "concat":
+        n = H("Concat", [x], ["t"], axis=0)
+    elif case == "mul1":
+        n = H("Mul", ["one", x], ["t"])
+        inits = [("one", np.ones([1, 3], np.float32))]
+    elif case == "add0":
+        n = H("Add", [x, "zero"], ["t"])
+        inits = [("zero", np.zeros([3], np.float32))]
+    elif case == "expand":
+        n = H("Expand", [x, "s"], ["t"])
+        inits = [("s", np.array([1, 3], np.int64))]
+    elif case == "tile":
+        n = H("Tile", [x, "r"], ["t"])
+        inits = [("r", np.array([1, 1], np.int64))]
+    elif case == "reshape":
+        n = H("Reshape", [x, "s"], ["t"])
+        inits = [("s", np.array([0, -1], np.int64))]
+    elif case == "dropout":
+        n = H("Dropout", [x], ["t"])
+    else:
+        n = H("Identity", [x], ["t"])
+    mp = make_model([n, H("Relu", ["t"], ["y"])], [vi("x", ["n", 3])], [vi("y", ["n", 3])], inits=inits)
+    m = optimize(mp, "default", {"x": [2, 3]})
+    assert ops(m) == ["Relu"], ops(m)
+
+
+def test_mul_by_one_that_broadcasts_is_kept() -> None:
+    mp = make_model([H("Mul", ["x", "one"], ["y"])], [vi("x", [3])], [vi("y", [2, 3])],
+                    inits=[("one", np.ones([2, 3], np.float32))])
+    m = optimize(mp, "default")
+    assert ops(m) == ["Mul"]
+
+
+# -- fusion ------------------------------------------------------------------------------------
+def test_conv_affine_and_bn() -> None:
+    mp = make_model([H("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), H("Mul", ["c", "s"], ["m"]),
+                     H("Add", ["bias", "m"], ["a"]), H("Div", ["a", "d"], ["y"])],
+                    [vi("x", ["n", 2, 5, 5])], [vi("y", ["n", 4, 5, 5])],
+                    inits=[("w", rnd(4, 2, 3, 3)), ("s", rnd(1, 4, 1, 1, lo=0.5)), ("bias", rnd(4, 1, 1)),
+                           ("d", np.array(2.0, np.float32))])
+    m = optimize(mp, "default", {"x": [2, 2, 5, 5]})
+    assert ops(m) == ["Conv"]
+    spatial = make_model([H("Conv", ["x", "w"], ["c"]), H("Add", ["c", "b"], ["y"])], [vi("x", [1, 2, 5, 5])],
+                         [vi("y", [1, 4, 3, 3])], inits=[("w", rnd(4, 2, 3, 3)), ("b", rnd(1, 1, 3, 3))])
+    m = optimize(spatial, "default")
+    assert ops(m) == ["Conv", "Add"]  # a spatially varying constant is not a bias
+    why = graphopt.get_pass("fuse-conv-affine").explain([n for n in m.graph if n.op_type == "Add"][0])
+    assert "not one value per output channel" in why
+
+
+def test_matmul_add_to_gemm_and_gemm_bn() -> None:
+    mp = make_model([H("MatMul", ["x", "w"], ["h"]), H("Add", ["h", "b"], ["a"]),
+                     H("BatchNormalization", ["a", "s", "bb", "mu", "var"], ["y"])],
+                    [vi("x", ["n", 6])], [vi("y", ["n", 5])],
+                    inits=[("w", rnd(6, 5)), ("b", rnd(5)), ("s", rnd(5, lo=0.5)), ("bb", rnd(5)), ("mu", rnd(5)),
+                           ("var", rnd(5, lo=0.5, hi=2))])
+    m = optimize(mp, "default", {"x": [3, 6]})
+    assert ops(m) == ["Gemm"]
+    rank3 = make_model([H("MatMul", ["x", "w"], ["h"]), H("Add", ["h", "b"], ["y"])], [vi("x", [2, 3, 6])],
+                       [vi("y", [2, 3, 5])], inits=[("w", rnd(6, 5)), ("b", rnd(5))])
+    assert ops(optimize(rank3, "default")) == ["MatMul", "Add"]
+
+
+def test_pad_into_conv_and_avgpool() -> None:
+    mp = make_model([H("Pad", ["x", "p"], ["xp"]), H("Conv", ["xp", "w"], ["c"], pads=[0, 1, 0, 1]),
+                     H("Pad", ["c", "p"], ["cp"]), H("AveragePool", ["cp"], ["y"], kernel_shape=[3, 3])],
+                    [vi("x", [1, 2, 6, 6])], [vi("y", [1, 3, 6, 8])],
+                    inits=[("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), ("w", rnd(3, 2, 3, 3))])
+    m = optimize(mp, "default")
+    assert ops(m) == ["Conv", "AveragePool"]
+    assert m.graph.nodes[0].attr("pads") == [1, 2, 1, 2] and m.graph.nodes[1].attr("count_include_pad") == 1
+    reflect = make_model([H("Pad", ["x", "p"], ["xp"], mode="reflect"), H("Conv", ["xp", "w"], ["y"])],
+                         [vi("x", [1, 2, 6, 6])], [vi("y", [1, 3, 6, 6])],
+                         inits=[("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)), ("w", rnd(3, 2, 3, 3))])
+    assert ops(optimize(reflect, "default")) == ["Pad", "Conv"]
+
+
+def test_transpose_and_reshape_chains() -> None:
+    mp = make_model([H("Transpose", ["x"], ["t1"], perm=[0, 2, 1]), H("Transpose", ["t1"], ["t2"], perm=[0, 2, 1]),
+                     H("Relu", ["t2"], ["r"]), H("Transpose", ["r"], ["t3"], perm=[1, 0, 2]),
+                     H("Transpose", ["t3"], ["t4"], perm=[0, 2, 1]), H("Flatten", ["t4"], ["f"], axis=1),
+                     H("Reshape", ["f", "s"], ["y"])],
+                    [vi("x", [2, 3, 4])], [vi("y", [4, 6])], inits=[("s", np.array([4, 6], np.int64))])
+    m = optimize(mp, "default")
+    assert ops(m) == ["Relu", "Transpose", "Reshape"]
+    assert m.graph.nodes[1].attr("perm") == [1, 2, 0]
+
+
+def _hardswish_model(opset: int) -> onnx.ModelProto:
+    return make_model([H("Add", ["x", "three"], ["a"]), H("Clip", ["a", "zero", "six"], ["c"]),
+                       H("Div", ["c", "six"], ["hs"]), H("Mul", ["x", "hs"], ["y"])],
+                      [vi("x", [2, 8])], [vi("y", [2, 8])],
+                      inits=[("three", np.array(3.0, np.float32)), ("zero", np.array(0.0, np.float32)),
+                             ("six", np.array(6.0, np.float32))], opset=opset)
+
+
+def test_hardsigmoid_and_hardswish() -> None:
+    assert ops(optimize(_hardswish_model(14), "default")) == ["HardSwish"]
+    assert ops(optimize(_hardswish_model(13), "default")) == ["HardSigmoid", "Mul"]  # no HardSwish before 14
+
+
+def _gelu_model(opset: int, tanh: bool = False) -> onnx.ModelProto:
+    if tanh:
+        nodes = [H("Pow", ["x", "three"], ["p"]), H("Mul", ["p", "c"], ["pc"]), H("Add", ["x", "pc"], ["s"]),
+                 H("Mul", ["s", "k"], ["sk"]), H("Tanh", ["sk"], ["t"]), H("Add", ["t", "one"], ["t1"]),
+                 H("Mul", ["x", "half"], ["xh"]), H("Mul", ["xh", "t1"], ["y"])]
+        inits = [("three", np.array(3.0, np.float32)), ("c", np.array(0.044715, np.float32)),
+                 ("k", np.array(math.sqrt(2 / math.pi), np.float32)), ("one", np.array(1.0, np.float32)),
+                 ("half", np.array(0.5, np.float32))]
+    else:
+        nodes = [H("Div", ["x", "r2"], ["d"]), H("Erf", ["d"], ["e"]), H("Add", ["e", "one"], ["e1"]),
+                 H("Mul", ["x", "e1"], ["m"]), H("Mul", ["m", "half"], ["y"])]
+        inits = [("r2", np.array(math.sqrt(2), np.float32)), ("one", np.array(1.0, np.float32)),
+                 ("half", np.array(0.5, np.float32))]
+    return make_model(nodes, [vi("x", [2, 16])], [vi("y", [2, 16])], inits=inits, opset=opset)
+
+
+def test_gelu_forms() -> None:
+    assert ops(optimize(_gelu_model(20), "default")) == ["Gelu"]
+    g = optimize(_gelu_model(20, tanh=True), "default", atol=1e-4)
+    assert ops(g) == ["Gelu"] and g.graph.nodes[0].attr("approximate") == "tanh"
+    assert "Gelu" not in ops(optimize(_gelu_model(17), "default"))
+
+
+def _layernorm_model(opset: int, affine: bool = True) -> onnx.ModelProto:
+    axes_attr = {"axes": [-1]} if opset < 18 else {}
+    ax_in = [] if opset < 18 else ["axes"]
+    nodes = [H("ReduceMean", ["x"] + ax_in, ["mu"], **axes_attr), H("Sub", ["x", "mu"], ["d"]),
+             H("Pow", ["d", "two"], ["sq"]), H("ReduceMean", ["sq"] + ax_in, ["var"], **axes_attr),
+             H("Add", ["var", "eps"], ["ve"]), H("Sqrt", ["ve"], ["sd"]), H("Div", ["d", "sd"], ["n"])]
+    inits = [("two", np.array(2.0, np.float32)), ("eps", np.array(1e-5, np.float32))]
+    if opset >= 18:
+        inits.append(("axes", np.array([-1], np.int64)))
+    if affine:
+        nodes += [H("Mul", ["n", "g"], ["ng"]), H("Add", ["ng", "b"], ["y"])]
+        inits += [("g", rnd(16)), ("b", rnd(16))]
+    else:
+        nodes[-1] = H("Div", ["d", "sd"], ["y"])
+    return make_model(nodes, [vi("x", [2, 5, 16])], [vi("y", [2, 5, 16])], inits=inits, opset=opset)
+
+
+@pytest.mark.parametrize("opset,affine", [(17, True), (18, True), (17, False)])
+def test_layernorm(opset: int, affine: bool) -> None:
+    assert ops(optimize(_layernorm_model(opset, affine), "default", atol=1e-4)) == ["LayerNormalization"]
+
+
+def test_layernorm_refused_before_opset_17() -> None:
+    assert "LayerNormalization" not in ops(optimize(_layernorm_model(13), "default", atol=1e-4))
+
+
+def test_softmax() -> None:
+    mp = make_model([H("ReduceMax", ["x"], ["mx"], axes=[-1]), H("Sub", ["x", "mx"], ["s"]), H("Exp", ["s"], ["e"]),
+                     H("ReduceSum", ["e", "ax"], ["sum"]), H("Div", ["e", "sum"], ["y"])],
+                    [vi("x", [2, 3, 7])], [vi("y", [2, 3, 7])], inits=[("ax", np.array([-1], np.int64))], opset=13)
+    assert ops(optimize(mp, "default")) == ["Softmax"]
+
+
+# -- reordering --------------------------------------------------------------------------------
+def test_relu_moves_after_maxpool_and_scalar_into_conv() -> None:
+    mp = make_model([H("Mul", ["x", "s"], ["xs"]), H("Conv", ["xs", "w", "b"], ["c"]), H("Relu", ["c"], ["r"]),
+                     H("MaxPool", ["r"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
+                    [vi("x", [1, 2, 8, 8])], [vi("y", [1, 3, 3, 3])],
+                    inits=[("s", np.array(0.5, np.float32)), ("w", rnd(3, 2, 3, 3)), ("b", rnd(3))])
+    m = optimize(mp, "default")
+    assert ops(m) == ["Conv", "MaxPool", "Relu"]
+
+
+def test_memory_schedule_lowers_peak_and_is_never_worse() -> None:
+    # two branches, each expanding then reducing; the input order keeps both big tensors alive
+    mp = make_model([H("Tile", ["x", "rep"], ["a"]), H("Tile", ["x", "rep"], ["b0"]), H("Neg", ["b0"], ["b"]),
+                     H("ReduceSum", ["a", "ax"], ["sa"]), H("ReduceSum", ["b", "ax"], ["sb"]),
+                     H("Add", ["sa", "sb"], ["y"])],
+                    [vi("x", [1000])], [vi("y", [1])],
+                    inits=[("rep", np.array([200], np.int64)), ("ax", np.array([0], np.int64))])
+    m = graphopt.from_proto(mp)
+    from graphopt.analysis import infer_shapes
+
+    before = peak_memory(infer_shapes(m.copy()).graph).peak_bytes
+    p = graphopt.get_pass("schedule-memory")
+    m = optimize(mp, [p])
+    after = peak_memory(infer_shapes(m.copy()).graph).peak_bytes
+    assert p.last is not None and p.last[1] < p.last[0] and after < before
+    # on an already good order it does nothing
+    assert not graphopt.run_passes(m, [graphopt.get_pass("schedule-memory")])
+
+
+def test_memory_schedule_on_branchy_real_nets() -> None:
+    for name in ("light_inception_v1", "light_densenet121"):
+        m = graphopt.load(DATA / "light" / f"{name}.onnx")
+        graphopt.run_passes(m, ["lift-initializer-inputs", "fold-constants", "dce"])
+        p = graphopt.get_pass("schedule-memory")
+        graphopt.run_passes(m, [p])
+        before, after = p.last
+        assert after <= before
+
+
+# -- whole pipeline on exporter-style models ---------------------------------------------------
+@pytest.mark.parametrize("path", sorted(MODELS.glob("*.onnx")), ids=lambda p: p.stem)
+def test_default_pipeline_on_exported_models(path: Path) -> None:
+    mp = onnx.load(str(path))
+    m = optimize(mp, "default", {"input": [2] + [d.dim_value for d in mp.graph.input[0].type.tensor_type.shape.dim[1:]]},
+                 atol=1e-4)
+    before = model_stats(graphopt.from_proto(mp)).compute_nodes
+    after = model_stats(m).compute_nodes
+    assert after <= 0.62 * before, (before, after)
+    assert "BatchNormalization" not in ops(m) and "Identity" not in ops(m)
+
+
+@pytest.mark.parametrize("path", sorted((DATA / "light").glob("*.onnx")), ids=lambda p: p.stem)
+def test_default_pipeline_on_light_models(path: Path) -> None:
+    mp = onnx.load(str(path))
+    m = optimize(mp, "default", n=1, atol=1e-4)
+    assert model_stats(m).compute_nodes < model_stats(graphopt.from_proto(mp)).compute_nodes
