@@ -245,7 +245,7 @@ def compare(
                 c.ok = False
                 c.problems.append(f"{kr}: values differ")
             continue
-        af, bf = a.astype(np.float64), b.astype(np.float64)
+        af, bf = np.atleast_1d(a.astype(np.float64)), np.atleast_1d(b.astype(np.float64))
         nan_a, nan_b = np.isnan(af), np.isnan(bf)
         if not np.array_equal(nan_a, nan_b):
             c.ok = False

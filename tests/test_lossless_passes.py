@@ -323,13 +323,21 @@ def test_softmax() -> None:
 
 
 # -- reordering --------------------------------------------------------------------------------
-def test_relu_moves_after_maxpool_and_scalar_into_conv() -> None:
+def test_activation_moves_after_maxpool_and_scalar_into_conv() -> None:
     mp = make_model([H("Mul", ["x", "s"], ["xs"]), H("Conv", ["xs", "w", "b"], ["c"]), H("Relu", ["c"], ["r"]),
-                     H("MaxPool", ["r"], ["y"], kernel_shape=[2, 2], strides=[2, 2])],
-                    [vi("x", [1, 2, 8, 8])], [vi("y", [1, 3, 3, 3])],
-                    inits=[("s", np.array(0.5, np.float32)), ("w", rnd(3, 2, 3, 3)), ("b", rnd(3))])
+                     H("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+                     H("Add", ["p", "k"], ["a"]), H("Sigmoid", ["a"], ["sg"]),
+                     H("MaxPool", ["sg"], ["y"], kernel_shape=[3, 3])],
+                    [vi("x", [1, 2, 8, 8])], [vi("y", [1, 3, 1, 1])],
+                    inits=[("s", np.array(0.5, np.float32)), ("w", rnd(3, 2, 3, 3)), ("b", rnd(3)),
+                           ("k", rnd(3, 1, 1))])
     m = optimize(mp, "default")
-    assert ops(m) == ["Conv", "MaxPool", "Relu"]
+    # the scalar Mul went into the weights; Relu stays after Conv (ORT fuses it there);
+    # Sigmoid after an Add moves behind the pool
+    assert ops(m) == ["Conv", "Relu", "MaxPool", "Add", "MaxPool", "Sigmoid"]
+    relu = [n for n in m.graph if n.op_type == "Relu"][0]
+    pool = relu.output(0).consumers()[0]
+    assert "fuse the activation into the preceding Conv" in graphopt.get_pass("reorder-algebraic").explain(pool)
 
 
 def test_memory_schedule_lowers_peak_and_is_never_worse() -> None:
