@@ -128,18 +128,23 @@ def _copy_types(g: Graph, gp: onnx.GraphProto) -> None:
     by_name: dict[str, onnx.ValueInfoProto] = {}
     for vi in list(gp.value_info) + list(gp.output) + list(gp.input):
         by_name.setdefault(vi.name, vi)
-    for n, npr in zip(g.iter_nodes(), gp.node, strict=False):
+    for k, n in enumerate(g.iter_nodes()):
         for o in n.outputs:
             vi = by_name.get(o.name)
-            if vi is not None and vi.type.HasField("tensor_type"):
-                _merge(o, vi.type)
-        subs = n.subgraphs()
-        sub_protos = [a.g for a in npr.attribute if a.type == onnx.AttributeProto.GRAPH]
-        for a in npr.attribute:
-            if a.type == onnx.AttributeProto.GRAPHS:
-                sub_protos.extend(a.graphs)
-        for sg, sgp in zip(subs, sub_protos, strict=False):
-            _copy_types(sg, sgp)
+            if vi is not None:
+                tp = vi.type
+                if tp.HasField("tensor_type"):
+                    _merge(o, tp)
+        if n.attrs:
+            subs = n.subgraphs()
+            if subs:
+                npr = gp.node[k]
+                sub_protos = [a.g for a in npr.attribute if a.type == onnx.AttributeProto.GRAPH]
+                for a in npr.attribute:
+                    if a.type == onnx.AttributeProto.GRAPHS:
+                        sub_protos.extend(a.graphs)
+                for sg, sgp in zip(subs, sub_protos, strict=False):
+                    _copy_types(sg, sgp)
 
 
 def _merge(v: Value, tp: onnx.TypeProto) -> None:
@@ -187,15 +192,15 @@ def infer_shapes(
                     if o.shape is not None and not all(isinstance(d, int) for d in o.shape):
                         o.shape = None
     for _round in range(4):
-        before = _signature(model)
         _onnx_infer(model)
+        after_onnx = _signature(model)
         for g in model.graph.all_graphs():
             known: dict[int, np.ndarray] = {}
             for n in g.iter_nodes():
                 _rule(n)
                 _propagate(n, known)
-        if _signature(model) == before:
-            break
+        if _signature(model) == after_onnx:
+            break  # graphopt's rules added nothing onnx could build on: done
     if probe:
         _probe(model, input_shapes)
     return model
@@ -228,6 +233,10 @@ def _onnx_infer(model: Model) -> None:
 
 
 _SMALL = 64  # propagate values of shape-like tensors up to this many elements
+#: ops whose small integer results are propagated, or whose output shape needs input values
+_PROP_OPS = frozenset({"Reshape", "Expand", "ConstantOfShape", "Tile", "Range", "Gather", "Unsqueeze", "Squeeze",
+                       "Concat", "Cast", "Identity", "Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Slice",
+                       "ReduceProd"})
 
 
 def _val(v: Value | None, known: dict[int, np.ndarray]) -> np.ndarray | None:
@@ -264,6 +273,8 @@ def _propagate(n: Node, known: dict[int, np.ndarray]) -> None:
             s = x.static_shape() if x is not None else None
             if s is not None:
                 known[id(o)] = np.array(int(np.prod(s)), dtype=np.int64)
+            return
+        if op not in _PROP_OPS:
             return
         vals = [_val(v, known) for v in n.inputs]
         out = None

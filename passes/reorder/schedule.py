@@ -22,25 +22,34 @@ log = logging.getLogger(__name__)
 
 
 def _sizes(model: Model, ctx: PassContext) -> dict[str, int]:
-    m = model.copy()
+    """Bytes of every activation, from the shape annotations (inferred here if missing) with
+    symbolic dims replaced by the context's input shapes (or 1)."""
+    g = model.graph
+    if any(o.name and o.shape is None for n in g for o in n.outputs):
+        infer_shapes(model)
     try:
-        shapes = resolve_input_shapes(m, ctx.input_shapes)
+        resolved = resolve_input_shapes(model, ctx.input_shapes)
     except Exception:  # noqa: BLE001
-        shapes = None
-    infer_shapes(m, shapes)
+        resolved = {}
+    symbols: dict[str, int] = {}
+    for v in g.inputs:
+        if v.name in resolved and v.shape is not None:
+            for d, x in zip(v.shape, resolved[v.name], strict=False):
+                if isinstance(d, str):
+                    symbols[d] = x
     from graphopt.ir import np_dtype
 
     out: dict[str, int] = {}
-    for v in list(m.graph.inputs) + [o for n in m.graph for o in n.outputs]:
-        s = v.static_shape()
-        if s is not None and v.dtype:
-            n = 1
-            for d in s:
-                n *= d
-            try:
-                out[v.name] = n * np_dtype(v.dtype).itemsize
-            except Exception:  # noqa: BLE001
-                pass
+    for v in list(g.inputs) + [o for n in g for o in n.outputs]:
+        if v.shape is None or not v.dtype or any(d is None for d in v.shape):
+            continue
+        n = 1
+        for d in v.shape:
+            n *= d if isinstance(d, int) else symbols.get(d, 1)
+        try:
+            out[v.name] = n * np_dtype(v.dtype).itemsize
+        except Exception:  # noqa: BLE001
+            pass
     return out
 
 
