@@ -1,8 +1,9 @@
 """Liveness and peak activation memory of a node order.
 
 Activations are node outputs and non-constant graph inputs; a value is live from its
-definition until its last use (graph outputs stay live to the end). Constants are excluded:
-they are resident whatever the order. Values used inside a subgraph stay live until the node
+definition until its last use (graph outputs stay live to the end). Constants are excluded -
+including ``ConstantOfShape`` fills, which runtimes fold at load - they are resident whatever
+the order. Values used inside a subgraph stay live until the node
 owning the subgraph has run.
 """
 
@@ -55,7 +56,7 @@ def peak_memory(graph: Graph, order: Sequence[Node] | None = None) -> MemoryProf
         vid = id(v)
         if vid in sizes:
             return
-        b = _nbytes(v)  # type: ignore[arg-type]
+        b = 0 if getattr(v, "fill_value", lambda: None)() is not None else _nbytes(v)  # type: ignore[arg-type]
         if b == 0 and getattr(v, "name", ""):
             unknown += 1
         sizes[vid] = b

@@ -2,7 +2,9 @@
 
 Rule: reorder the main graph's nodes topologically so that peak live activation memory is
 low - greedily run, among the ready nodes, the one that frees the most and allocates the
-least (ties keep the input order). The new order is kept only if its peak (from
+least; two tie-breaks are tried (input order, and depth-first: the most recently readied node)
+and the better schedule wins. ``self.bound`` is a lower bound no order can beat (the largest
+single node's inputs plus outputs), to tell "no gain possible" from "heuristic missed". The new order is kept only if its peak (from
 ``graphopt.analysis.peak_memory`` with sizes from static shapes; symbolic dims resolved from
 the context's input shapes or 1) is strictly lower than the input order's, so the result is
 never worse. Before/after peaks are logged and kept in ``self.last``. Exact (only order changes).
@@ -43,6 +45,8 @@ def _sizes(model: Model, ctx: PassContext) -> dict[str, int]:
     for v in list(g.inputs) + [o for n in g for o in n.outputs]:
         if v.shape is None or not v.dtype or any(d is None for d in v.shape):
             continue
+        if v.fill_value() is not None:
+            continue  # ConstantOfShape fills are folded by runtimes at load: resident, not activations
         n = 1
         for d in v.shape:
             n *= d if isinstance(d, int) else symbols.get(d, 1)
@@ -53,7 +57,10 @@ def _sizes(model: Model, ctx: PassContext) -> dict[str, int]:
     return out
 
 
-def greedy_order(graph: Graph, size: dict[str, int]) -> list[Node]:
+def greedy_order(graph: Graph, size: dict[str, int], *, lifo: bool = False) -> list[Node]:
+    """Greedy list schedule: run the ready node with the smallest (allocated - freed) bytes;
+    ties go to input order, or with ``lifo`` to the most recently readied node (depth-first,
+    which finishes one branch before starting the next)."""
     nodes = graph.nodes
     index = {n: k for k, n in enumerate(nodes)}
 
@@ -89,12 +96,14 @@ def greedy_order(graph: Graph, size: dict[str, int]) -> list[Node]:
                 freed += size.get(v.name, 0)
         return alloc - freed
 
-    heap: list[tuple[int, int, int]] = []
+    heap: list[tuple[int, int, int, int]] = []
     version: dict[Node, int] = {}
+    clock = [0]
 
     def push(n: Node) -> None:
         version[n] = version.get(n, 0) + 1
-        heapq.heappush(heap, (delta(n), index[n], version[n]))
+        clock[0] += 1
+        heapq.heappush(heap, (delta(n), -clock[0] if lifo else index[n], index[n], version[n]))
 
     for n in nodes:
         if waiting[n] == 0:
@@ -102,7 +111,7 @@ def greedy_order(graph: Graph, size: dict[str, int]) -> list[Node]:
     order: list[Node] = []
     done: set[Node] = set()
     while heap:
-        d, k, ver = heapq.heappop(heap)
+        d, _tie, k, ver = heapq.heappop(heap)
         n = nodes[k]
         if n in done or version[n] != ver:
             continue
@@ -132,6 +141,7 @@ class MemoryAwareSchedule(Pass):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.last: tuple[int, int] | None = None
+        self.bound: int | None = None
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         if len(graph) < 3 or self.model is None:
@@ -145,11 +155,22 @@ class MemoryAwareSchedule(Pass):
         before = _peak(graph, before_order, size)
         after = _peak(graph, order, size)
         self.last = (before, after)
+        self.bound = lower_bound(graph, size)
         if after >= before:
             return False
         graph.reorder(order)
         log.info("schedule-memory: peak activation memory %d -> %d bytes", before, after)
         return True
+
+
+def lower_bound(graph: Graph, size: dict[str, int]) -> int:
+    """No order can go below the largest single node's inputs plus outputs."""
+    best = 0
+    for n in graph:
+        vs = {v.name for v in n.inputs if v is not None and not v.is_const(allow_overridable=True)}
+        vs |= {o.name for o in n.outputs if o.name}
+        best = max(best, sum(size.get(v, 0) for v in vs))
+    return best
 
 
 def _peak(graph: Graph, order: list[Node], size: dict[str, int]) -> int:
