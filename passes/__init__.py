@@ -27,6 +27,7 @@ from .fusion.layout import FuseLayoutChains
 from .fusion.pad_conv import FusePadIntoConv
 from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
+from .reorder.transpose import SinkTransposes
 
 
 def default_pipeline() -> Pipeline:
@@ -35,7 +36,7 @@ def default_pipeline() -> Pipeline:
         [
             ConstantFolding(), ResolveDynamicReshape(), InlineConstantIf(), EliminateIdentity(), EliminateNoOps(),
             CommonSubexpressionElimination(), FuseConvBatchNorm(), FuseConvAffine(), FuseGemm(),
-            FusePadIntoConv(), FuseLayoutChains(), FuseActivations(), AlgebraicReorder(),
+            FusePadIntoConv(), SinkTransposes(), FuseLayoutChains(), FuseActivations(), AlgebraicReorder(),
             DeadCodeElimination(),
         ],
         fixpoint=True,
@@ -64,6 +65,6 @@ register_pipeline("cleanup", cleanup_pipeline)
 __all__ = [
     "AlgebraicReorder", "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "ResolveDynamicReshape",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
 ]

@@ -386,3 +386,31 @@ def test_default_pipeline_on_light_models(path: Path) -> None:
     mp = onnx.load(str(path))
     m = optimize(mp, "default", n=1, atol=1e-4)
     assert model_stats(m).compute_nodes < model_stats(graphopt.from_proto(mp)).compute_nodes
+
+
+def test_bn_followed_by_scale_layer_folds_into_bn() -> None:
+    """DenseNet-style pre-activation: Concat -> BN -> Mul(per channel) -> Add(per channel) -> Relu."""
+    mp = make_model([H("Concat", ["x", "x"], ["c"], axis=1),
+                     H("BatchNormalization", ["c", "s", "b", "mu", "var"], ["bn"]),
+                     H("Mul", ["bn", "g"], ["m"]), H("Add", ["m", "beta"], ["a"]), H("Relu", ["a"], ["y"])],
+                    [vi("x", ["n", 3, 4, 4])], [vi("y", ["n", 6, 4, 4])],
+                    inits=[("s", rnd(6, lo=0.5)), ("b", rnd(6)), ("mu", rnd(6)), ("var", rnd(6, lo=0.5, hi=2)),
+                           ("g", rnd(6, 1, 1, lo=0.5)), ("beta", rnd(1, 6, 1, 1))])
+    m = optimize(mp, "default", {"x": [2, 3, 4, 4]})
+    assert ops(m) == ["Concat", "BatchNormalization", "Relu"]
+
+
+def test_transposes_sink_through_elementwise_and_cancel() -> None:
+    # NCHW->NHWC, elementwise work (with a per-channel constant in NHWC layout), back to NCHW
+    mp = make_model([H("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]), H("Relu", ["t"], ["r"]),
+                     H("Mul", ["r", "c"], ["m"]), H("Transpose", ["y0"], ["u"], perm=[0, 2, 3, 1]),
+                     H("Add", ["m", "u"], ["s"]), H("Sigmoid", ["s"], ["g"]),
+                     H("Transpose", ["g"], ["y"], perm=[0, 3, 1, 2])],
+                    [vi("x", [1, 3, 4, 5]), vi("y0", [1, 3, 4, 5])], [vi("y", [1, 3, 4, 5])],
+                    inits=[("c", rnd(3))])
+    m = optimize(mp, "default")
+    assert "Transpose" not in ops(m), ops(m)
+    # a lone transpose with nothing to cancel against is left where it is
+    lone = make_model([H("Transpose", ["x"], ["t"], perm=[0, 2, 1]), H("Relu", ["t"], ["y"])],
+                      [vi("x", [1, 3, 4])], [vi("y", [1, 4, 3])])
+    assert ops(optimize(lone, "default")) == ["Transpose", "Relu"]
