@@ -414,3 +414,15 @@ def test_transposes_sink_through_elementwise_and_cancel() -> None:
     lone = make_model([H("Transpose", ["x"], ["t"], perm=[0, 2, 1]), H("Relu", ["t"], ["y"])],
                       [vi("x", [1, 3, 4])], [vi("y", [1, 4, 3])])
     assert ops(optimize(lone, "default")) == ["Transpose", "Relu"]
+
+
+def test_transpose_sinks_through_reduction_and_reshapes_merge() -> None:
+    mp = make_model([H("Transpose", ["x"], ["t"], perm=[0, 2, 3, 1]),
+                     H("ReduceMean", ["t"], ["r"], axes=[1, 2], keepdims=0),  # mean over H, W of NHWC
+                     H("Reshape", ["x", "s1"], ["f"]), H("Relu", ["f"], ["fr"]), H("Reshape", ["fr", "s2"], ["y2"])],
+                    [vi("x", [2, 3, 4, 5])], [vi("r", [2, 3]), vi("y2", [6, 20])],
+                    inits=[("s1", np.array([2, 60], np.int64)), ("s2", np.array([6, 20], np.int64))])
+    m = optimize(mp, "default")
+    assert "Transpose" not in ops(m) and ops(m).count("Reshape") == 1, ops(m)
+    red = [n for n in m.graph if n.op_type == "ReduceMean"][0]
+    assert red.attr("axes") == [2, 3]

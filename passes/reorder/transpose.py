@@ -10,6 +10,11 @@ from moving transposes around without gain):
   * ``g(Transpose(a, p), c)`` with c constant -> ``Transpose(g(a, c'), p)``, c' being c
     brought to the same rank and permuted by the inverse of p.
 
+  * ``Reduce*(Transpose(x, p), axes)`` -> the reduction over ``p[axes]`` of x, then the
+    Transpose (with keepdims=0 the Transpose loses the reduced axes, or disappears);
+  * reshape-like ops (Reshape, Flatten, Squeeze, Unsqueeze) sink the same way through unary
+    elementwise ops when another reshape-like op lies below, so ``fuse-layout`` merges them.
+
 Then ``fuse-layout`` composes the meeting transposes (and removes identity ones). Exact.
 """
 
@@ -105,11 +110,94 @@ def _binary_const() -> Rule:
     return Rule("sink-transpose-const", pat, rewrite, where)
 
 
+REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+          "ReduceLogSumExp", "ReduceSumSquare")
+
+
+def _reduce_axes(n: Any) -> list[int] | None:
+    axes = n.attr("axes")
+    if axes is None and n.input(1) is not None:
+        v = n.input(1).const_value()
+        axes = None if v is None else [int(a) for a in np.ravel(v)]
+    return None if axes is None else list(axes)
+
+
+def _reduce() -> Rule:
+    pat = op(REDUCE, op("Transpose", Var("x"), name="t"), None, name="r")
+
+    def where(m: Match) -> bool | str:
+        r, perm = m["r"], m["t"].attr("perm")
+        if perm is None or _reduce_axes(r) is None or r.attr("noop_with_empty_axes", 0):
+            return "axes and perm must be constant"
+        if r.attr("keepdims", 1):
+            return reaches_transpose(r.output(0)) or "no Transpose below to cancel with"
+        return True  # keepdims=0: the transpose shrinks (or vanishes) - always a gain
+
+    def rewrite(m: Match, b: Any) -> Any:
+        r, t = m["r"], m["t"]
+        perm = list(t.attr("perm"))
+        rank = len(perm)
+        axes = sorted(a % rank for a in _reduce_axes(r))
+        src_axes = sorted(perm[a] for a in axes)
+        attrs = {k: r.attr(k) for k in r.attrs if k != "axes"}
+        ins = [m["x"]]
+        if r.attr("axes") is not None:
+            attrs["axes"] = src_axes
+        else:
+            ins.append(b.const(np.array(src_axes, np.int64), "axes"))
+        y = b.op(r.op_type, *ins, name=r.name or None, **attrs)
+        if r.attr("keepdims", 1):
+            return b.op("Transpose", y, perm=perm, name=t.name or None)
+        kept = [p for i, p in enumerate(perm) if i not in axes]
+        new_perm = [sorted(kept).index(p) for p in kept]
+        if new_perm == list(range(len(new_perm))):
+            return y
+        return b.op("Transpose", y, perm=new_perm, name=t.name or None)
+
+    return Rule("sink-transpose-reduce", pat, rewrite, where)
+
+
+def reaches_reshape(v: Value, depth: int = 8) -> bool:
+    """True if a Reshape is reached from ``v`` through single-reader unary elementwise ops."""
+    for _ in range(depth):
+        cons = v.consumers()
+        if len(cons) != 1 or v.is_graph_output():
+            return False
+        n = cons[0]
+        if n.op_type in ("Reshape", "Flatten", "Squeeze", "Unsqueeze"):
+            return True
+        if n.op_type not in UNARY or not n.outputs:
+            return False
+        v = n.output(0)
+    return False
+
+
+def _reshape_unary() -> Rule:
+    pat = op(UNARY, op(("Reshape", "Flatten", "Squeeze", "Unsqueeze"), Var("x"), variadic=True, name="rs"),
+             variadic=True, name="f")
+
+    def where(m: Match) -> bool | str:
+        f = m["f"]
+        if any(v is not None and not v.is_const() for v in f.inputs[1:]):
+            return "extra operands are not constant"
+        if f.op_type in ("Clip", "PRelu") and any(v is not None and v.const_value() is not None
+                                                   and np.asarray(v.const_value()).size > 1 for v in f.inputs[1:]):
+            return "non-scalar operands depend on the layout"
+        return reaches_reshape(f.output(0)) or "no reshape below to merge with"
+
+    def rewrite(m: Match, b: Any) -> Any:
+        f, rs = m["f"], m["rs"]
+        y = b.op(f.op_type, m["x"], *f.inputs[1:], name=f.name or None, **{k: f.attr(k) for k in f.attrs})
+        return b.op(rs.op_type, y, *rs.inputs[1:], name=rs.name or None, **{k: rs.attr(k) for k in rs.attrs})
+
+    return Rule("sink-reshape-unary", pat, rewrite, where)
+
+
 @register_pass
 class SinkTransposes(PatternPass):
-    """Push Transposes down through elementwise ops until they meet another Transpose."""
+    """Push Transposes (and reshapes) down through elementwise ops and reductions to cancel them."""
 
     name = "sink-transposes"
 
     def rules(self) -> list[Rule]:
-        return [_binary_both(), _unary(), _binary_const()]
+        return [_binary_both(), _unary(), _binary_const(), _reduce(), _reshape_unary()]
