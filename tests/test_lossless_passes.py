@@ -426,3 +426,13 @@ def test_transpose_sinks_through_reduction_and_reshapes_merge() -> None:
     assert "Transpose" not in ops(m) and ops(m).count("Reshape") == 1, ops(m)
     red = [n for n in m.graph if n.op_type == "ReduceMean"][0]
     assert red.attr("axes") == [2, 3]
+
+
+def test_scalar_at_gelu_tail_is_not_moved_into_weights() -> None:
+    g = _gelu_model(17)
+    mm = helper.make_node("MatMul", ["y", "w"], ["z"])
+    g.graph.node.append(mm)
+    g.graph.initializer.append(onnx.numpy_helper.from_array(rnd(16, 4), "w"))
+    g.graph.output[0].CopyFrom(vi("z", [2, 4]))
+    m = optimize(g, "default")
+    assert ops(m).count("Mul") == 2 and ops(m)[-1] == "MatMul"  # the * 0.5 stays for ORT's BiasGelu fusion

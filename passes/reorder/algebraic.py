@@ -10,7 +10,8 @@ Rules:
     slower on squeezenet and vgg), so there the reorder would cost more than it saves.
   * ``Conv(x * s, W, b)`` / ``MatMul(x * s, W)`` / ``Gemm(x * s, B, C)`` with a scalar constant
     s and constant weights -> the same op on x with ``W * s`` (division by s likewise): the
-    activation-sized multiply disappears into the weights.
+    activation-sized multiply disappears into the weights - except at the end of a decomposed
+    Gelu (``x * (1 + erf(..)) * 0.5``), which ORT fuses only when it sees the whole pattern.
 
 Exact up to fp32 rounding.
 """
@@ -55,6 +56,22 @@ def _pool_rule(pool: str) -> Rule:
     return Rule(f"{pool.lower()}-after-activation", pat, rewrite, where)
 
 
+def _gelu_tail(v: Any) -> bool:
+    """True if ``v`` is ``x * (1 + erf(..))`` or ``x * (1 + tanh(..))``: the body of a
+    decomposed Gelu, whose trailing ``* 0.5`` runtimes need to see to fuse it."""
+    p = v.producer if v is not None else None
+    if p is None or p.op_type != "Mul":
+        return False
+    for i in p.inputs:
+        q = i.producer if i is not None else None
+        if q is not None and q.op_type == "Add":
+            for j in q.inputs:
+                r = j.producer if j is not None else None
+                if r is not None and r.op_type in ("Erf", "Tanh"):
+                    return True
+    return False
+
+
 def _scalar_rule(kind: str, scale_op: str) -> Rule:
     mul = op(scale_op, Var("x"), Const("s"), commutative=scale_op == "Mul", name="scale")
     if kind == "Conv":
@@ -75,6 +92,8 @@ def _scalar_rule(kind: str, scale_op: str) -> Rule:
         x = m["x"]
         if x.shape is not None and m["scale"].output(0).shape is not None and x.shape != m["scale"].output(0).shape:
             return "the scalar broadcasts the input to a larger shape"
+        if _gelu_tail(x):
+            return "the scale ends a decomposed Gelu that runtimes fuse (BiasGelu); moving it would cost more"
         return True
 
     def rewrite(m: Match, b: Any) -> Any:

@@ -163,13 +163,66 @@ class MemoryAwareSchedule(Pass):
         return True
 
 
-def lower_bound(graph: Graph, size: dict[str, int]) -> int:
-    """No order can go below the largest single node's inputs plus outputs."""
-    best = 0
-    for n in graph:
-        vs = {v.name for v in n.inputs if v is not None and not v.is_const(allow_overridable=True)}
+def lower_bound(graph: Graph, size: dict[str, int], *, max_nodes: int = 2000) -> int:
+    """A peak no topological order can beat.
+
+    At node n, its inputs and outputs are live, and so is every value whose producer is an
+    ancestor of n and one of whose readers is a descendant of n - in every order it is made
+    before n and read after it. Reachability is kept as Python-int bitsets (O(n^2/64));
+    graphs above ``max_nodes`` get the plain per-node bound.
+    """
+    nodes = graph.nodes
+    idx = {n: k for k, n in enumerate(nodes)}
+
+    def deps(n: Node) -> list[Value]:
+        vs = [v for v in n.inputs if v is not None]
+        return vs + (n.outer_inputs() if n.attrs else [])
+
+    def local(n: Node) -> int:
+        vs = {v.name for v in deps(n) if not v.is_const(allow_overridable=True)}
         vs |= {o.name for o in n.outputs if o.name}
-        best = max(best, sum(size.get(v, 0) for v in vs))
+        return sum(size.get(v, 0) for v in vs)
+
+    if len(nodes) > max_nodes:
+        return max((local(n) for n in nodes), default=0)
+    anc = [0] * len(nodes)
+    for k, n in enumerate(nodes):
+        a = 0
+        for v in deps(n):
+            p = v.producer
+            if p is not None and p in idx:
+                j = idx[p]
+                a |= anc[j] | (1 << j)
+        anc[k] = a
+    desc = [0] * len(nodes)
+    for k in range(len(nodes) - 1, -1, -1):
+        n = nodes[k]
+        d = 0
+        for o in n.outputs:
+            for c in o.consumers():
+                if c in idx:
+                    j = idx[c]
+                    d |= desc[j] | (1 << j)
+        desc[k] = d
+    # values that cross: producer index -> (size, readers bitmask)
+    crossing = []
+    for k, n in enumerate(nodes):
+        for o in n.outputs:
+            b = size.get(o.name, 0) if o.name else 0
+            if b:
+                readers = 0
+                for c in o.consumers():
+                    if c in idx:
+                        readers |= 1 << idx[c]
+                crossing.append((k, b, readers, o.name))
+    best = 0
+    for k, n in enumerate(nodes):
+        mine = {v.name for v in deps(n)} | {o.name for o in n.outputs}
+        total = local(n)
+        for pk, b, readers, name in crossing:
+            if name not in mine and (anc[k] >> pk) & 1 and readers & desc[k]:
+                total += b
+        best = max(best, total)
     return best
 
 
