@@ -436,3 +436,35 @@ def test_scalar_at_gelu_tail_is_not_moved_into_weights() -> None:
     g.graph.output[0].CopyFrom(vi("z", [2, 4]))
     m = optimize(g, "default")
     assert ops(m).count("Mul") == 2 and ops(m)[-1] == "MatMul"  # the * 0.5 stays for ORT's BiasGelu fusion
+
+
+def test_weights_as_constant_nodes_fold_and_fuse() -> None:
+    """Exporters that write weights as Constant nodes (not initializers)."""
+    def const(name, arr):
+        return H("Constant", [], [name], value=onnx.numpy_helper.from_array(arr, name + "_t"))
+
+    mp = make_model([const("w", rnd(4, 2, 3, 3)), const("s", rnd(4, lo=0.5)), const("b", rnd(4)), const("m", rnd(4)),
+                     const("v", rnd(4, lo=0.5, hi=2)), H("Conv", ["x", "w"], ["c"]),
+                     H("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])],
+                    [vi("x", ["n", 2, 5, 5])], [vi("y", ["n", 4, 3, 3])])
+    m = optimize(mp, "default", {"x": [2, 2, 5, 5]})
+    assert ops(m) == ["Conv"]
+
+
+@pytest.mark.parametrize("opset", [9, 11, 13, 15, 17, 19, 21])
+def test_default_pipeline_across_opsets(opset: int) -> None:
+    ax = {} if opset >= 13 else {"axes": [1]}
+    nodes = [H("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             H("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["bn"]), H("Relu", ["bn"], ["r"]),
+             H("Identity", ["r"], ["i"]), H("Shape", ["i"], ["sh"]), H("Gather", ["sh", "zero"], ["n0"], axis=0),
+             H("Unsqueeze", ["n0"] + (["ax0"] if opset >= 13 else []), ["n0u"], **({} if opset >= 13 else {"axes": [0]})),
+             H("Concat", ["n0u", "m1"], ["tgt"], axis=0), H("Reshape", ["i", "tgt"], ["f"]),
+             H("MatMul", ["f", "fw"], ["mm"]), H("Add", ["mm", "fb"], ["y"])]
+    _ = ax
+    mp = make_model(nodes, [vi("x", ["n", 2, 4, 4])], [vi("y", ["n", 5])],
+                    inits=[("w", rnd(3, 2, 3, 3)), ("b", rnd(3)), ("s", rnd(3, lo=0.5)), ("bb", rnd(3)), ("mu", rnd(3)),
+                           ("var", rnd(3, lo=0.5, hi=2)), ("zero", np.array(0, np.int64)),
+                           ("ax0", np.array([0], np.int64)), ("m1", np.array([-1], np.int64)),
+                           ("fw", rnd(48, 5)), ("fb", rnd(5))], opset=opset)
+    m = optimize(mp, "default", {"x": [2, 2, 4, 4]})
+    assert ops(m) == ["Conv", "Relu", "Reshape", "Gemm"], ops(m)

@@ -91,7 +91,16 @@ class ConstantFolding(Pass):
 
     def apply(self, model: Model, ctx: PassContext) -> bool:
         self.skipped, self.failed = [], []
-        infer_shapes(model, ctx.input_shapes or None)
+        # shape inference is the expensive part on big graphs: redo it only when some value
+        # is untyped (new values from rewrites usually carry the type they replace)
+        stamp = ctx.options.get("_shapes_fixed")
+        untyped = any(o.name and (o.dtype is None or o.shape is None or any(
+                          d is None or (isinstance(d, str) and d.startswith("unk__")) for d in o.shape))
+                      for g in model.all_graphs() for n in g for o in n.outputs)
+        if untyped or (ctx.input_shapes and stamp is not model):
+            infer_shapes(model, ctx.input_shapes or None)
+            if ctx.input_shapes:
+                ctx.options["_shapes_fixed"] = model
         changed = super().apply(model, ctx)
         for name, why in self.skipped:
             log.info("fold-constants left %s: %s", name, why)
