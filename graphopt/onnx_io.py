@@ -503,7 +503,7 @@ class _Exporter:
             gp.doc_string = g.doc_string
         for v in g.inputs:
             gp.input.append(_value_info(v))
-        for name, v in g.initializers.items():
+        for _name, v in g.initializers.items():
             assert v.const is not None
             tp = self.tensor(v.const, v.name)
             if v.doc_string and not tp.doc_string:

@@ -8,11 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper
 
 import graphopt
-from graphopt import Const, Opt, PatternPass, Rule, Var, apply_rules, explain, maybe, op
+from graphopt import Const, Opt, Rule, Var, apply_rules, explain, maybe, op
 from graphopt.runtime import compare, make_inputs
 from helpers import make_model, vi
 

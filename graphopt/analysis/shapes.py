@@ -179,7 +179,6 @@ def infer_shapes(
         probe: after static inference, run the model once under ONNX Runtime on generated
             inputs to read the shapes static inference left unknown (needs concrete inputs).
     """
-    from graphopt.onnx_io import to_proto
 
     if input_shapes:
         for v in model.graph.inputs:

@@ -702,6 +702,9 @@ class Graph:
                 for i, v in enumerate(n._inputs):
                     if v is not None and v.graph is not None and not _owned_by(v.graph, g):
                         v._uses.pop((n, i), None)
+        self._unlink(node)
+
+    def _unlink(self, node: Node) -> None:
         if node._prev is not None:
             node._prev._next = node._next
         else:
@@ -719,17 +722,7 @@ class Graph:
         another graph (e.g. when inlining a subgraph into its parent)."""
         if node.graph is not self:
             raise ValueError(f"node {node.name!r} is not in this graph")
-        if node._prev is not None:
-            node._prev._next = node._next
-        else:
-            self._head = node._next
-        if node._next is not None:
-            node._next._prev = node._prev
-        else:
-            self._tail = node._prev
-        node._prev = node._next = None
-        node.graph = None
-        self._count -= 1
+        self._unlink(node)
         return node
 
     def remove_initializer(self, name: str) -> None:
