@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
+import numpy as np
+
 from graphopt.errors import GraphoptError, NumericalMismatchError
 
 log = logging.getLogger("graphopt")
@@ -221,6 +223,44 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from graphopt.onnx_io import save
+    from graphopt.report import human, table, write_report
+    from graphopt.runtime import compare, load_calibration, run_ort
+    from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
+
+    out = Path(args.output)
+    if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
+        raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
+    model = _load(args.model, check=not args.no_check)
+    samples = load_calibration(args.calibration, model)
+    original = model.copy()
+    before = Path(args.model).stat().st_size
+    if not args.no_optimize:
+        run_passes(model, get_pipeline("default"))
+    q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
+                 op_types=tuple(args.op_types.split(",")) if args.op_types else ("Conv", "Gemm", "MatMul"),
+                 exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else ())
+    run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
+    save(model, out)
+    after = out.stat().st_size
+    worst, cos, top1 = 0.0, 1.0, []
+    for s in samples[: min(len(samples), 32)]:
+        c = compare(run_ort(original, s), run_ort(str(out), s), rtol=1e9, atol=1e9)
+        worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
+        if c.top1 is not None:
+            top1.append(c.top1)
+    rows = [[k, v] for k, v in q.report.items()]
+    rows += [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"],
+             ["max abs error (calibration samples)", f"{worst:.4g}"], ["min cosine", f"{cos:.5f}"]]
+    if top1:
+        rows.append(["top-1 agreement with fp32", f"{np.mean(top1):.4f}"])
+    print(table(["", "value"], rows))
+    if args.report:
+        write_report(args.report, {"compare": {}, **{str(k): v for k, v in rows}}, [])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -252,6 +292,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-check", action="store_true", help="skip the ONNX checker on load")
     shape_arg(sp)
     sp.set_defaults(fn=cmd_optimize)
+
+    sp = sub.add_parser("quantize", help="static INT8 quantization (QDQ, uint8 activations, int8 weights)")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--calibration", required=True,
+                    help=".npz (one array per input, first axis = samples) or a directory of .npz samples")
+    sp.add_argument("--method", default="minmax", choices=["minmax", "percentile", "mse"])
+    sp.add_argument("--per-tensor", action="store_true", help="per-tensor weights (no opset raise)")
+    sp.add_argument("--op-types", help="comma list of ops to quantize (default Conv,Gemm,MatMul)")
+    sp.add_argument("--exclude-nodes", help="comma list of node names to keep in float")
+    sp.add_argument("--no-optimize", action="store_true", help="skip the lossless default pipeline first")
+    sp.add_argument("--report", help="write a report (.md or .json)")
+    sp.add_argument("--no-check", action="store_true")
+    sp.set_defaults(fn=cmd_quantize)
 
     sp = sub.add_parser("passes", help="list registered passes and pipelines")
     sp.set_defaults(fn=cmd_passes)

@@ -480,3 +480,18 @@ def evaluate_nodes(
             values[by_name[name]] = arr
             feeds[name] = (by_name[name], arr)
     return values, failures
+
+
+def intermediate_session(model: Model, names: Sequence[str]) -> tuple[Any, list[str]]:
+    """An ORT session of ``model`` that also returns the values ``names`` (main graph values),
+    for calibration and per-layer analysis. Returns the session and the output names."""
+    from graphopt.onnx_io import to_proto
+
+    mp = to_proto(model)
+    have = {o.name for o in mp.graph.output}
+    for n in names:
+        if n not in have:
+            mp.graph.output.add().name = n
+            have.add(n)
+    sess = ort_session(mp)
+    return sess, [o.name for o in sess.get_outputs()]

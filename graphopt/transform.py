@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
 
-from graphopt.errors import PassError
+from graphopt.errors import GraphoptError, PassError
 from graphopt.ir.core import Graph, Model
 
 log = logging.getLogger(__name__)
@@ -316,8 +316,8 @@ class PassContext:
         t0 = time.perf_counter()
         try:
             changed = bool(p.apply(model, self))
-        except PassError:
-            raise
+        except GraphoptError:
+            raise  # user-facing errors keep their class and message
         except Exception as e:
             raise PassError(f"pass failed: {type(e).__name__}: {e}", field=f"pass {p.name!r}") from e
         rec = PassRecord(p.name, changed, time.perf_counter() - t0)

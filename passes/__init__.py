@@ -28,6 +28,7 @@ from .fusion.pad_conv import FusePadIntoConv
 from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
 from .reorder.transpose import SinkTransposes
+from .quantize.static import QuantizeStatic
 
 
 def default_pipeline() -> Pipeline:
@@ -65,6 +66,6 @@ register_pipeline("cleanup", cleanup_pipeline)
 __all__ = [
     "AlgebraicReorder", "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "ResolveDynamicReshape", "SinkTransposes",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
 ]

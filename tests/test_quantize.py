@@ -1,0 +1,111 @@
+"""Static INT8 quantization: accuracy on a real trained model (digits CNN, held-out split),
+integer kernels in ORT, file size, opset handling, bad calibration data, nothing-to-quantize."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+import graphopt
+from graphopt.errors import GraphoptError, InputSpecError
+from helpers import FIXTURES, make_model, vi
+
+DIGITS = np.load(FIXTURES / "digits_test.npz")
+CALIB = np.load(FIXTURES / "digits_calib.npz")["input"]
+
+
+def _calib(n: int = 64) -> list[dict]:
+    return [{"input": CALIB[i:i + 1]} for i in range(n)]
+
+
+def _accuracy(path_or_model) -> float:
+    pred = graphopt.run_ort(path_or_model, {"input": DIGITS["x"]})["logits"].argmax(1)
+    return float((pred == DIGITS["y"]).mean())
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+def test_digits_cnn_int8_keeps_accuracy_and_shrinks(tmp_path: Path, example_path: Path, method: str) -> None:
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    graphopt.save(m, tmp_path / "fp32.onnx")
+    q = graphopt.get_pass("quantize-static", method=method)
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=_calib()))
+    graphopt.save(m, tmp_path / "int8.onnx")
+    onnx.checker.check_model(str(tmp_path / "int8.onnx"), full_check=True)
+    fp, i8 = _accuracy(tmp_path / "fp32.onnx"), _accuracy(tmp_path / "int8.onnx")
+    assert fp > 0.98 and i8 >= fp - 0.01, (fp, i8)  # at most 1 point of top-1 lost
+    ratio = (tmp_path / "int8.onnx").stat().st_size / (tmp_path / "fp32.onnx").stat().st_size
+    assert ratio < 0.34, ratio  # tiny model: names and scales weigh in; weights themselves are 1/4
+    w = [t for t in onnx.load(str(tmp_path / "int8.onnx")).graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert sum(np.prod(t.dims) for t in w) > 47_000
+    assert q.report["quantized_nodes"] == 5 and q.report["int8_weights"] == 5
+
+
+def test_ort_runs_integer_kernels(tmp_path: Path, example_path: Path) -> None:
+    import onnxruntime as ort
+
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    graphopt.run_passes(m, ["quantize-static", "dce"], graphopt.PassContext(calibration=_calib(16)))
+    graphopt.save(m, tmp_path / "q.onnx")
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    so.log_severity_level = 4
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2, ops
+    assert "Conv" not in ops and "Relu" not in ops  # Relu folded into the integer conv
+
+
+def test_opset_is_raised_for_per_channel_and_kept_per_tensor() -> None:
+    w = np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32)
+    mp = make_model([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"])],
+                    [vi("x", [1, 2, 6, 6])], [vi("y", [1, 4, 4, 4])], inits=[("w", w)], opset=11)
+    cal = [{"x": np.random.default_rng(k).standard_normal((1, 2, 6, 6)).astype(np.float32)} for k in range(8)]
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q], graphopt.PassContext(calibration=cal))
+    assert m.opset() == 13 and "raised from 11" in q.report["opset"]
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    c = graphopt.compare(graphopt.run_ort(mp, cal[0]), graphopt.run_ort(m, cal[0]), rtol=1, atol=1)
+    assert c.cosine > 0.999
+    m2 = graphopt.from_proto(mp)
+    graphopt.run_passes(m2, [graphopt.get_pass("quantize-static", per_channel=False)], graphopt.PassContext(calibration=cal))
+    assert m2.opset() == 11
+
+
+def test_bad_calibration_and_nothing_to_quantize(example_path: Path) -> None:
+    m = graphopt.load(example_path)
+    q = graphopt.get_pass("quantize-static")
+    for bad, msg in (([{"image": CALIB[:1]}], "names do not match"), ([], "empty"),
+                     ([{"input": np.full((1, 1, 8, 8), np.nan, np.float32)}], "NaN"),
+                     ([{"input": CALIB[:1, :, :4]}], "dim 2")):
+        with pytest.raises(InputSpecError, match=msg):
+            graphopt.run_passes(graphopt.load(example_path), [q], graphopt.PassContext(calibration=bad))
+    with pytest.raises(GraphoptError, match="calibration data"):
+        graphopt.run_passes(m, [q])
+    relu = graphopt.from_proto(make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [vi("y", [2])]))
+    with pytest.raises(GraphoptError, match="nothing to quantize"):
+        graphopt.run_passes(relu, [q], graphopt.PassContext(calibration=[{"x": np.ones(2, np.float32)}]))
+
+
+def test_cli_quantize(tmp_path: Path, example_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(example_path), "-o", str(out),
+                        "--calibration", str(FIXTURES / "digits_calib.npz"), "--method", "percentile"],
+                       cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "quantized_nodes" in r.stdout and "top-1 agreement" in r.stdout
+    assert _accuracy(out) > 0.98
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=CALIB[:4])
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(example_path), "-o", str(tmp_path / "b.onnx"),
+                        "--calibration", str(bad)], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.onnx").exists()
