@@ -14,6 +14,8 @@ What it does:
     for Conv and Gemm, per tensor for MatMul) behind a DequantizeLinear, and biases as int32 with
     scale = input scale * weight scale, zero point 0 - the form ORT turns into QLinearConv,
     QGemm and QLinearMatMul;
+  * leaves depthwise convolutions in float by default (``skip_depthwise``): on x86, ORT's
+    int8 depthwise kernels plus the Q/DQ around them measured slower than fp32;
   * raises the opset to 13 with onnx's version converter when per-channel weights need it (and
     says so), weights stored as ``Constant`` nodes and shared weights are handled.
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 QUANT_OPS: dict[str, tuple[tuple[int, ...], int | None, int | None]] = {
     "Conv": ((0,), 1, 2),
     "Gemm": ((0,), 1, 2),
-    "MatMul": ((0, 1), None, None),
+    "MatMul": ((0, 1), 1, None),  # input 1 is a weight when constant, else a second activation
 }
 #: ops ORT runs in int8 when their input is quantized: their outputs get quantized too
 INT8_FOLLOWERS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Clip", "Concat", "Add",
@@ -67,6 +69,7 @@ class QuantizeStatic(Pass):
         "op_types": ("Conv", "Gemm", "MatMul"),
         "exclude_nodes": (),
         "max_samples": 256,
+        "skip_depthwise": True,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -80,7 +83,10 @@ class QuantizeStatic(Pass):
         excl = set(self.options["exclude_nodes"])
         ops = set(self.options["op_types"])
         quant_nodes = [n for n in graph if n.op_type in ops and n.op_type in QUANT_OPS and n.domain in _STD
-                       and n.name not in excl and _float(n.input(0))]
+                       and n.name not in excl and _float(n.input(0))
+                       and not (self.options["skip_depthwise"] and self._depthwise(n))]
+        self.report["kept_float_depthwise"] = sum(1 for n in graph if n.op_type == "Conv" and self._depthwise(n)) \
+            if self.options["skip_depthwise"] else 0
         chosen: dict[int, Value] = {}
         for n in quant_nodes:
             acts, w, _ = QUANT_OPS[n.op_type]
@@ -88,7 +94,7 @@ class QuantizeStatic(Pass):
                 v = n.input(i)
                 if v is not None and _float(v) and not v.is_const():
                     chosen[id(v)] = v
-            if w is not None and (n.input(w) is None or not n.input(w).is_const()):
+            if w is not None and (n.input(w) is None or not n.input(w).is_const()) and n.op_type != "MatMul":
                 continue
             out = n.output(0)
             readers = out.consumers()
@@ -133,7 +139,7 @@ class QuantizeStatic(Pass):
             if w_idx is None:
                 continue
             w = n.input(w_idx)
-            if w is None or w.const_value() is None:
+            if w is None or w.const_value() is None or w.const_value().dtype != np.float32:
                 continue
             axis = self._axis(n, w) if self.options["per_channel"] else None
             key = (id(w), axis)
@@ -162,6 +168,16 @@ class QuantizeStatic(Pass):
         if bodies:
             log.warning("quantize-static: %d If/Loop/Scan bodies stay in float (not supported yet)", bodies)
         return True
+
+    @staticmethod
+    def _depthwise(n: Node) -> bool:
+        """Depthwise Conv (group == input channels > 1): ORT's int8 kernels lose to fp32 there."""
+        if n.op_type != "Conv":
+            return False
+        g = n.attr("group", 1) or 1
+        w = n.input(1)
+        ws = w.const_value().shape if w is not None and w.const_value() is not None else None
+        return g > 1 and ws is not None and ws[1] == 1
 
     @staticmethod
     def _axis(n: Node, w: Value) -> int | None:

@@ -1,0 +1,146 @@
+"""graphopt INT8 vs onnxruntime.quantization (quantize_static QDQ per-channel U8S8, and
+quantize_dynamic), in one run: size ratio, ORT latency ratio vs fp32 (ENABLE_ALL, 2 threads,
+interleaved rounds, median), accuracy (digits CNN, held-out split) or top-1 agreement with fp32
+(other models, random inputs), and failures.
+
+Run:  python benchmarks/int8.py [--rounds 50]      Saves benchmarks/results/int8.json / int8.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+import graphopt
+from graphopt.runtime import make_inputs
+
+warnings.filterwarnings("ignore")
+HERE = Path(__file__).resolve().parent
+FIX = HERE.parent / "tests" / "fixtures"
+
+
+class Reader:
+    """onnxruntime.quantization CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]]) -> None:
+        self.it = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.it, None)
+
+
+def session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 2
+    so.inter_op_num_threads = 1
+    so.log_severity_level = 4
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=50)
+    args = ap.parse_args()
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    digits = np.load(FIX / "digits_test.npz")
+    cases = [("digits_cnn (8x8)", Path(graphopt.__file__).parent / "data" / "tinycnn.onnx", "input", None)]
+    for name in ("resnetish_op13", "mobilenetish_op13", "mobilenetish_op17", "encoder_op17"):
+        cases.append((name, HERE / "models" / f"{name}.onnx", "input", None))
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        dd = Path(d)
+        for name, path, inp, _ in cases:
+            m = graphopt.load(path)
+            shape = [d if isinstance(d, int) else 1 for d in m.graph.inputs[0].shape]
+            if name.startswith("digits"):
+                calib = [{inp: x[None]} for x in np.load(FIX / "digits_calib.npz")["input"]]
+                evalset = {inp: digits["x"]}
+            else:
+                rng = np.random.default_rng(0)
+                calib = [{inp: rng.standard_normal(shape).astype(np.float32)} for _ in range(32)]
+                evalset = {inp: rng.standard_normal([16] + shape[1:]).astype(np.float32)}
+            fp32 = dd / f"{name}_fp32.onnx"
+            graphopt.save(m, fp32)
+            variants: dict[str, Any] = {"fp32": fp32}
+            errors: dict[str, str] = {}
+            # graphopt
+            t0 = time.perf_counter()
+            try:
+                g = graphopt.load(path)
+                graphopt.optimize(g)
+                graphopt.run_passes(g, ["quantize-static", "dce"], graphopt.PassContext(calibration=calib))
+                graphopt.save(g, dd / f"{name}_graphopt.onnx")
+                variants["graphopt"] = dd / f"{name}_graphopt.onnx"
+            except Exception as e:  # noqa: BLE001
+                errors["graphopt"] = f"{type(e).__name__}: {e}"[:160]
+            tg = time.perf_counter() - t0
+            # ORT static (QDQ, per-channel, U8S8) on the ORT-preprocessed-free original
+            try:
+                quantize_static(str(fp32), str(dd / f"{name}_ort_static.onnx"), Reader(list(calib)),
+                                quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                                weight_type=QuantType.QInt8)
+                session(dd / f"{name}_ort_static.onnx")
+                variants["ort-static"] = dd / f"{name}_ort_static.onnx"
+            except Exception as e:  # noqa: BLE001
+                errors["ort-static"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+            try:
+                quantize_dynamic(str(fp32), str(dd / f"{name}_ort_dynamic.onnx"), weight_type=QuantType.QInt8)
+                session(dd / f"{name}_ort_dynamic.onnx")
+                variants["ort-dynamic"] = dd / f"{name}_ort_dynamic.onnx"
+            except Exception as e:  # noqa: BLE001
+                errors["ort-dynamic"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+            sess = {k: session(p) for k, p in variants.items()}
+            outs = {k: s.run(None, evalset)[0] for k, s in sess.items()}
+            lat: dict[str, list[float]] = {k: [] for k in sess}
+            one = {inp: evalset[inp][:1]}
+            for s in sess.values():
+                s.run(None, one)
+            for _ in range(args.rounds):
+                for k, s in sess.items():
+                    t = time.perf_counter()
+                    s.run(None, one)
+                    lat[k].append(time.perf_counter() - t)
+            ref_lat = statistics.median(lat["fp32"])
+            row: dict[str, Any] = {"model": name, "graphopt_seconds": tg, "errors": errors, "tools": {}}
+            for k, o in outs.items():
+                if name.startswith("digits"):
+                    metric = float((o.argmax(1) == digits["y"]).mean())
+                else:
+                    metric = float((o.reshape(o.shape[0], -1).argmax(1) ==
+                                    outs["fp32"].reshape(o.shape[0], -1).argmax(1)).mean())
+                row["tools"][k] = {"size_ratio": variants[k].stat().st_size / fp32.stat().st_size,
+                                   "latency_ratio": statistics.median(lat[k]) / ref_lat,
+                                   "latency_ms": statistics.median(lat[k]) * 1e3, "metric": metric}
+            rows.append(row)
+            print(name, {k: (round(v["size_ratio"], 3), round(v["latency_ratio"], 3), round(v["metric"], 4))
+                         for k, v in row["tools"].items()}, errors, flush=True)
+    lines = ["| model | tool | size vs fp32 | ORT latency vs fp32 | accuracy / top-1 agreement | note |",
+             "|---|---|---:|---:|---:|---|"]
+    for r in rows:
+        for k in ("fp32", "graphopt", "ort-static", "ort-dynamic"):
+            if k in r["tools"]:
+                t = r["tools"][k]
+                lines.append(f"| {r['model']} | {k} | {t['size_ratio']:.3f} | {t['latency_ratio']:.2f} "
+                             f"({t['latency_ms']:.3f} ms) | {t['metric']:.4f} | |")
+            else:
+                lines.append(f"| {r['model']} | {k} | - | - | - | FAILED: {r['errors'].get(k, '')} |")
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "int8.json").write_text(json.dumps(rows, indent=1) + "\n")
+    (HERE / "results" / "int8.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
