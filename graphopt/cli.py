@@ -240,7 +240,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         run_passes(model, get_pipeline("default"))
     q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
                  op_types=tuple(args.op_types.split(",")) if args.op_types else ("Conv", "Gemm", "MatMul"),
-                 exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else ())
+                 exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
+                 max_error=args.max_error, sensitivity=args.sensitivity)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
     save(model, out)
     after = out.stat().st_size
@@ -250,7 +251,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
         if c.top1 is not None:
             top1.append(c.top1)
-    rows = [[k, v] for k, v in q.report.items()]
+    rows = [[k, v] for k, v in q.report.items() if k not in ("sqnr_db", "sensitivity")]
+    if q.report.get("sqnr_db"):
+        worst_sqnr = sorted(q.report["sqnr_db"].items(), key=lambda kv: kv[1])[:3]
+        rows.append(["lowest SQNR (dB)", ", ".join(f"{k}: {v}" for k, v in worst_sqnr)])
+    if q.report.get("sensitivity"):
+        top = list(q.report["sensitivity"].items())[:3]
+        rows.append(["most sensitive layers", ", ".join(f"{k}: {v:.3g}" for k, v in top)])
     rows += [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"],
              ["max abs error (calibration samples)", f"{worst:.4g}"], ["min cosine", f"{cos:.5f}"]]
     if top1:
@@ -302,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-tensor", action="store_true", help="per-tensor weights (no opset raise)")
     sp.add_argument("--op-types", help="comma list of ops to quantize (default Conv,Gemm,MatMul)")
     sp.add_argument("--exclude-nodes", help="comma list of node names to keep in float")
+    sp.add_argument("--max-error", type=float, help="keep the most sensitive layers in float until the relative "
+                    "L2 output error on calibration data is at most this (automatic mixed precision)")
+    sp.add_argument("--sensitivity", action="store_true", help="report per-layer sensitivity (one layer at a time)")
     sp.add_argument("--no-optimize", action="store_true", help="skip the lossless default pipeline first")
     sp.add_argument("--report", help="write a report (.md or .json)")
     sp.add_argument("--no-check", action="store_true")

@@ -109,3 +109,66 @@ def test_cli_quantize(tmp_path: Path, example_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(example_path), "-o", str(tmp_path / "b.onnx"),
                         "--calibration", str(bad)], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "b.onnx").exists()
+
+
+def _outlier_model() -> tuple[onnx.ModelProto, list[dict]]:
+    """Two MatMuls; the second one's input has rare huge outliers, so per-tensor uint8 ranges
+    crush its ordinary values: it is the sensitive layer."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 16)).astype(np.float32) * 0.3
+    w2 = rng.standard_normal((16, 8)).astype(np.float32) * 0.3
+    spike = np.zeros((1, 16), np.float32)
+    spike[0, 3] = 500.0
+    mp = make_model([helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm1"),
+                     helper.make_node("Add", ["h", "spike"], ["hs"], name="add"),
+                     helper.make_node("MatMul", ["hs", "w2"], ["y"], name="mm2")],
+                    [vi("x", [1, 16])], [vi("y", [1, 8])], inits=[("w1", w1), ("w2", w2), ("spike", spike)])
+    cal = [{"x": rng.standard_normal((1, 16)).astype(np.float32)} for _ in range(32)]
+    return mp, cal
+
+
+def test_sensitivity_and_mixed_precision_meet_the_budget() -> None:
+    mp, cal = _outlier_model()
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static", sensitivity=True)
+    graphopt.run_passes(m, [q], graphopt.PassContext(calibration=cal))
+    sens = q.report["sensitivity"]
+    assert list(sens)[0] == "mm2" and sens["mm2"] > 3 * sens["mm1"]
+    all_err = q.report["error_all_int8"]
+    budget = all_err / 3
+    m2 = graphopt.from_proto(mp)
+    q2 = graphopt.get_pass("quantize-static", max_error=budget)
+    graphopt.run_passes(m2, [q2], graphopt.PassContext(calibration=cal))
+    assert q2.report["kept_float"] == ["mm2"] and q2.report["error"] <= budget
+    ops = [n.op_type for n in m2.graph]
+    assert ops.count("QuantizeLinear") >= 1 and "mm2" in [n.name for n in m2.graph if n.op_type == "MatMul"]
+    # the kept-float layer reads a float value: no Q/DQ in front of mm2's outlier input
+    mm2 = [n for n in m2.graph if n.name == "mm2"][0]
+    assert mm2.input(0).producer.op_type == "Add"
+    assert q2.report["sqnr_db"] and all(isinstance(v, float) for v in q2.report["sqnr_db"].values())
+    # an impossible budget is reported, not silently ignored
+    with pytest.raises(GraphoptError, match="cannot meet max_error"):
+        graphopt.run_passes(graphopt.from_proto(mp), [graphopt.get_pass("quantize-static", max_error=-1.0)],
+                            graphopt.PassContext(calibration=cal))
+
+
+def test_user_metric_callback() -> None:
+    mp, cal = _outlier_model()
+    calls = []
+
+    def metric(ref, got):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return max(float(np.abs(r["y"] - g["y"]).max()) for r, g in zip(ref, got, strict=True))
+
+    q = graphopt.get_pass("quantize-static", max_error=1e9, metric=metric)
+    graphopt.run_passes(graphopt.from_proto(mp), [q], graphopt.PassContext(calibration=cal))
+    assert calls and q.report["kept_float"] == []
+
+
+def test_report_gives_sqnr_per_tensor(example_path: Path) -> None:
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q], graphopt.PassContext(calibration=_calib(16)))
+    sq = q.report["sqnr_db"]
+    assert len(sq) == q.report["quantized_tensors"] and all(15 < v < 60 for v in sq.values()), sq

@@ -19,10 +19,16 @@ What it does:
   * raises the opset to 13 with onnx's version converter when per-channel weights need it (and
     says so), weights stored as ``Constant`` nodes and shared weights are handled.
 
+Accuracy recovery: with ``sensitivity=True`` each quantizable node is quantized alone and the
+output error measured on calibration samples (``report["sensitivity"]``); with ``max_error``
+(relative L2 error of the outputs, or the value of a user ``metric(ref, got)`` callback) the most
+sensitive nodes stay in float until the error fits the budget (automatic mixed precision). The
+report gives each quantized activation's SQNR in dB.
+
 Refuses (raises) on a model with nothing quantizable, and on calibration data that does not
 match the model (names, ranks, fixed dims, dtypes, NaN/Inf, empty). Not yet: If/Loop bodies
-(left in float and reported), dynamic quantization, entropy calibration, equalization, mixed
-precision - see issue 4. Lossy: measure accuracy with the report or your metric.
+(left in float and reported), dynamic quantization, entropy calibration, equalization, bias
+correction - see issue 4. Lossy: measure accuracy with the report or your metric.
 """
 
 from __future__ import annotations
@@ -70,6 +76,11 @@ class QuantizeStatic(Pass):
         "exclude_nodes": (),
         "max_samples": 256,
         "skip_depthwise": True,
+        "max_error": None,
+        "metric": None,
+        "sensitivity": False,
+        "eval_samples": 32,
+        "sqnr": True,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -79,11 +90,11 @@ class QuantizeStatic(Pass):
         self.report: dict[str, Any] = {}
 
     # -- selection ------------------------------------------------------------------------------
-    def _targets(self, graph: Graph) -> tuple[list[Node], list[Value]]:
+    def _targets(self, graph: Graph, only: set[str] | None = None) -> tuple[list[Node], list[Value]]:
         excl = set(self.options["exclude_nodes"])
         ops = set(self.options["op_types"])
         quant_nodes = [n for n in graph if n.op_type in ops and n.op_type in QUANT_OPS and n.domain in _STD
-                       and n.name not in excl and _float(n.input(0))
+                       and n.name not in excl and _float(n.input(0)) and (only is None or n.name in only)
                        and not (self.options["skip_depthwise"] and self._depthwise(n))]
         self.report["kept_float_depthwise"] = sum(1 for n in graph if n.op_type == "Conv" and self._depthwise(n)) \
             if self.options["skip_depthwise"] else 0
@@ -102,13 +113,24 @@ class QuantizeStatic(Pass):
                 out = readers[0].output(0)  # quantize after the activation: ORT fuses Conv+Relu+Q
             if _float(out):
                 chosen[id(out)] = out
-        # extend through ops that stay in int8 (in topological order)
+        # extend through ops that stay in int8 (in topological order) ...
+        followers: list[Node] = []
         for n in graph:
             if n.op_type not in INT8_FOLLOWERS or n.domain not in _STD or n.name in excl:
                 continue
             data = [v for v in n.inputs if v is not None and not v.is_const()]
-            if data and all(id(v) in chosen for v in data) and _float(n.output(0)):
+            if data and all(id(v) in chosen for v in data) and _float(n.output(0)) and id(n.output(0)) not in chosen:
                 chosen[id(n.output(0))] = n.output(0)
+                followers.append(n)
+        # ... but only where an integer op reads the result: no Q/DQ "ping-pong" into float ops
+        qset = set(quant_nodes)
+        kept: set[Node] = set()
+        for n in reversed(followers):
+            readers = n.output(0).consumers()
+            if any(r in qset or r in kept for r in readers):
+                kept.add(n)
+            else:
+                chosen.pop(id(n.output(0)), None)
         return quant_nodes, list(chosen.values())
 
     # -- main -----------------------------------------------------------------------------------
@@ -122,17 +144,128 @@ class QuantizeStatic(Pass):
         if self.options["per_channel"] and opset < 13:
             self._upgrade(model, 13)
             self.report["opset"] = f"raised from {opset} to 13 (per-channel DequantizeLinear)"
+        from graphopt.analysis import infer_shapes
+
+        infer_shapes(model)  # dtypes decide what is quantizable
         graph = model.graph
+        for n in graph:  # trials work on copies and find nodes by name
+            if not n.name:
+                n.name = graph.fresh_name(n.op_type)
         quant_nodes, tensors = self._targets(graph)
         if not quant_nodes:
             raise GraphoptError(f"nothing to quantize: no {'/'.join(self.options['op_types'])} node with float "
                                 "inputs in the main graph")
         ranges = self._calibrate(model, tensors, samples)
-        params = {id(v): uint8_params(*ranges[v.name]) for v in tensors}
-        dq_of: dict[int, Value] = {}
+        names = [n.name for n in quant_nodes]
+        budget = self.options["max_error"]
+        if budget is not None or self.options["sensitivity"]:
+            chosen = self._mixed_precision(model, names, ranges, samples, budget)
+        else:
+            chosen = names
+        n_weights, n_tensors = self._rewrite(model, chosen, ranges)
+        self.report.update({
+            "quantized_nodes": len(chosen), "kept_float": sorted(set(names) - set(chosen)),
+            "quantized_tensors": n_tensors, "int8_weights": n_weights,
+            "calibration_samples": len(samples), "method": self.options["method"], "float_subgraphs": bodies,
+            "sqnr_db": self._sqnr(tensors, ranges, model, samples, chosen),
+        })
+        if bodies:
+            log.warning("quantize-static: %d If/Loop/Scan bodies stay in float (not supported yet)", bodies)
+        return True
+
+    # -- error, sensitivity, mixed precision ----------------------------------------------------
+    def _error(self, ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]) -> float:
+        metric = self.options["metric"]
+        if metric is not None:
+            return float(metric(ref, got))
+        errs = []
+        for r, g in zip(ref, got, strict=True):
+            for k in r:
+                a, b = np.asarray(r[k], np.float64), np.asarray(g[k], np.float64)
+                errs.append(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
+        return float(np.mean(errs))
+
+    def _mixed_precision(self, model: Model, names: list[str], ranges: dict[str, tuple[float, float]],
+                         samples: list[dict[str, np.ndarray]], budget: float | None) -> list[str]:
+        """Quantize one layer at a time to rank sensitivity; with a budget, keep the most
+        sensitive layers in float until the output error fits."""
+        from graphopt.runtime import ort_session
+
+        evals = samples[: self.options["eval_samples"]]
+        base = model.copy()
+        sess = ort_session(base)
+        out_names = [o.name for o in sess.get_outputs()]
+        ins = {i.name for i in sess.get_inputs()}
+        ref = [dict(zip(out_names, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
+               for s in evals]
+
+        def trial(subset: list[str]) -> float:
+            m = base.copy()
+            self._rewrite(m, subset, ranges)
+            ts = ort_session(m)
+            got = [dict(zip(out_names, ts.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
+                   for s in evals]
+            return self._error(ref, got)
+
+        sens = {n: trial([n]) for n in names}
+        self.report["sensitivity"] = dict(sorted(sens.items(), key=lambda kv: -kv[1]))
+        chosen = list(names)
+        err = trial(chosen)
+        self.report["error_all_int8"] = err
+        if budget is None:
+            self.report["error"] = err
+            return chosen
+        for n in sorted(names, key=lambda k: -sens[k]):
+            if err <= budget:
+                break
+            chosen.remove(n)
+            err = trial(chosen) if chosen else 0.0
+        self.report["error"] = err
+        if err > budget:
+            raise GraphoptError(f"cannot meet max_error={budget:g}: even with every layer in float the error is {err:g}")
+        return chosen
+
+    def _sqnr(self, tensors: list[Value], ranges: dict[str, tuple[float, float]], model: Model,
+              samples: list[dict[str, np.ndarray]], chosen: list[str]) -> dict[str, float]:
+        """Signal-to-quantization-noise ratio (dB) of each quantized activation on calibration data."""
+        if not self.options["sqnr"]:
+            return {}
+        names = list(ranges)  # names as calibrated (a quantized graph output has been renamed since)
+        out: dict[str, float] = {}
+        try:
+            # values of the (now quantized) model are fake-quantized copies: compare the float
+            # producer outputs with their quantize-dequantize under the chosen parameters
+            sig = {n: 0.0 for n in names}
+            noise = {n: 0.0 for n in names}
+            for s in samples[: self.options["eval_samples"]]:
+                for n, arr in self._float_values.get(id(s), {}).items():
+                    if n not in sig:
+                        continue
+                    scale, zp = uint8_params(*ranges[n])
+                    fq = (np.clip(np.round(arr / scale) + zp, 0, 255) - zp) * scale
+                    sig[n] += float(np.sum(arr.astype(np.float64) ** 2))
+                    noise[n] += float(np.sum((arr.astype(np.float64) - fq) ** 2))
+            for n in names:
+                if noise[n] > 0:
+                    out[n] = round(10 * np.log10(max(sig[n], 1e-30) / noise[n]), 2)
+        except Exception as e:  # noqa: BLE001 - a report field, never a failure
+            log.debug("SQNR skipped: %s", e)
+        return out
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def _rewrite(self, model: Model, node_names: list[str], ranges: dict[str, tuple[float, float]]) -> tuple[int, int]:
+        """Insert Q/DQ and int8 weights for the named quantizable nodes; returns counts."""
+        graph = model.graph
+        if any(v is not None and v.dtype is None for n in graph if n.op_type in QUANT_OPS for v in n.inputs):
+            from graphopt.analysis import infer_shapes
+
+            infer_shapes(model)  # copies made for trials lose inferred types
+        keep = set(node_names)
+        quant_nodes, tensors = self._targets(graph, only=keep)
+        tensors = [v for v in tensors if v.name in ranges]
         for v in tensors:
-            dq_of[id(v)] = self._insert_qdq(graph, v, *params[id(v)])
-        wcache: dict[int, Value] = {}
+            self._insert_qdq(graph, v, *uint8_params(*ranges[v.name]))
+        wcache: dict[tuple[int, int | None], Value] = {}
         n_weights = 0
         for n in quant_nodes:
             acts, w_idx, b_idx = QUANT_OPS[n.op_type]
@@ -143,11 +276,11 @@ class QuantizeStatic(Pass):
                 continue
             axis = self._axis(n, w) if self.options["per_channel"] else None
             key = (id(w), axis)
-            if hash(key) not in wcache:
+            if key not in wcache:
                 q, s = int8_weight(w.const_value(), axis)
-                wcache[hash(key)] = self._dq_const(graph, n, w.name, q, s, np.zeros(s.shape, np.int8), axis)
+                wcache[key] = self._dq_const(graph, n, w.name, q, s, np.zeros(s.shape, np.int8), axis)
                 n_weights += 1
-            wdq = wcache[hash(key)]
+            wdq = wcache[key]
             n.set_input(w_idx, wdq)
             b = n.input(b_idx) if b_idx is not None else None
             x = n.input(acts[0])
@@ -160,14 +293,7 @@ class QuantizeStatic(Pass):
                 if bscale.ndim == 0 or bq.shape == bscale.shape:
                     n.set_input(b_idx, self._dq_const(graph, n, b.name, bq, bscale, np.zeros(bscale.shape, np.int32),
                                                       0 if bscale.ndim else None))
-        self.report.update({
-            "quantized_nodes": len(quant_nodes), "quantized_tensors": len(tensors), "int8_weights": n_weights,
-            "calibration_samples": len(samples), "method": self.options["method"],
-            "float_subgraphs": bodies,
-        })
-        if bodies:
-            log.warning("quantize-static: %d If/Loop/Scan bodies stay in float (not supported yet)", bodies)
-        return True
+        return n_weights, len(tensors)
 
     @staticmethod
     def _depthwise(n: Node) -> bool:
@@ -207,6 +333,8 @@ class QuantizeStatic(Pass):
         sess, outs = intermediate_session(model, names)
         inputs = {i.name for i in sess.get_inputs()}
         obs = RangeObserver()
+        self._float_values: dict[int, dict[str, np.ndarray]] = {}
+        keep_for = {id(s) for s in samples[: self.options["eval_samples"]]}
         method = self.options["method"]
         passes = 2 if method != "minmax" else 1
         for p in range(passes):
@@ -216,6 +344,8 @@ class QuantizeStatic(Pass):
                 res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in inputs}), strict=True))
                 for n in names:
                     arr = res[n]
+                    if p == 0 and id(s) in keep_for and self.options["sqnr"]:
+                        self._float_values.setdefault(id(s), {})[n] = np.asarray(arr)
                     if p == 0:
                         if not np.all(np.isfinite(arr)):
                             raise GraphoptError(f"activation {n!r} is not finite on the calibration data")
