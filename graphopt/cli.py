@@ -233,15 +233,30 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
     model = _load(args.model, check=not args.no_check)
-    samples = load_calibration(args.calibration, model)
+    if args.dynamic or args.weight_only:
+        if args.calibration:
+            samples = load_calibration(args.calibration, model)
+        else:
+            from graphopt.runtime import make_inputs
+
+            samples = [make_inputs(model, seed=k) for k in range(4)]  # only to report the error
+    else:
+        if not args.calibration:
+            raise GraphoptError("static quantization needs --calibration DATA (or use --dynamic / --weight-only)")
+        samples = load_calibration(args.calibration, model)
     original = model.copy()
     before = Path(args.model).stat().st_size
     if not args.no_optimize:
         run_passes(model, get_pipeline("default"))
-    q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
-                 op_types=tuple(args.op_types.split(",")) if args.op_types else ("Conv", "Gemm", "MatMul"),
-                 exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
-                 max_error=args.max_error, sensitivity=args.sensitivity)
+    if args.dynamic or args.weight_only:
+        q = get_pass("quantize-dynamic", mode="weight-only" if args.weight_only else "dynamic",
+                     per_channel=not args.per_tensor,
+                     exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else ())
+    else:
+        q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
+                     op_types=tuple(args.op_types.split(",")) if args.op_types else ("Conv", "Gemm", "MatMul"),
+                     exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
+                     max_error=args.max_error, sensitivity=args.sensitivity)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
     save(model, out)
     after = out.stat().st_size
@@ -303,8 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("quantize", help="static INT8 quantization (QDQ, uint8 activations, int8 weights)")
     sp.add_argument("model")
     sp.add_argument("-o", "--output", required=True)
-    sp.add_argument("--calibration", required=True,
-                    help=".npz (one array per input, first axis = samples) or a directory of .npz samples")
+    sp.add_argument("--calibration",
+                    help=".npz (one array per input, first axis = samples) or a directory of .npz samples "
+                         "(required for static quantization)")
+    sp.add_argument("--dynamic", action="store_true",
+                    help="dynamic quantization of MatMul/Gemm weights (no calibration; transformer-like models)")
+    sp.add_argument("--weight-only", action="store_true", help="int8 weights, float compute (smallest change)")
     sp.add_argument("--method", default="minmax", choices=["minmax", "percentile", "mse"])
     sp.add_argument("--per-tensor", action="store_true", help="per-tensor weights (no opset raise)")
     sp.add_argument("--op-types", help="comma list of ops to quantize (default Conv,Gemm,MatMul)")

@@ -28,6 +28,7 @@ from .fusion.pad_conv import FusePadIntoConv
 from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
 from .reorder.transpose import SinkTransposes
+from .quantize.dynamic import QuantizeDynamic
 from .quantize.static import QuantizeStatic
 
 
@@ -66,6 +67,6 @@ register_pipeline("cleanup", cleanup_pipeline)
 __all__ = [
     "AlgebraicReorder", "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
 ]

@@ -172,3 +172,43 @@ def test_report_gives_sqnr_per_tensor(example_path: Path) -> None:
     graphopt.run_passes(m, [q], graphopt.PassContext(calibration=_calib(16)))
     sq = q.report["sqnr_db"]
     assert len(sq) == q.report["quantized_tensors"] and all(15 < v < 60 for v in sq.values()), sq
+
+
+MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
+def test_dynamic_and_weight_only_on_transformer(tmp_path: Path, mode: str) -> None:
+    import onnxruntime as ort
+
+    src = MODELS / "encoder_op17.onnx"
+    m = graphopt.load(src)
+    graphopt.optimize(m)
+    graphopt.save(m, tmp_path / "fp32.onnx")
+    q = graphopt.get_pass("quantize-dynamic", mode=mode)
+    graphopt.run_passes(m, [q, "dce"])
+    graphopt.save(m, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    assert q.report["quantized_matmuls"] >= 9
+    assert (tmp_path / "q.onnx").stat().st_size < 0.35 * (tmp_path / "fp32.onnx").stat().st_size
+    x = {"input": np.random.default_rng(0).standard_normal((4, 12, 16)).astype(np.float32)}
+    c = graphopt.compare(graphopt.run_ort(src, x), graphopt.run_ort(tmp_path / "q.onnx", x), rtol=1, atol=1)
+    assert c.cosine > 0.999 and c.top1 == 1.0, (c.cosine, c.top1)
+    if mode == "dynamic":
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+        so.log_severity_level = 4
+        ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+        ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+        assert "MatMulIntegerToFloat" in ops or "DynamicQuantizeMatMul" in ops, ops
+
+
+def test_cli_dynamic_needs_no_calibration(tmp_path: Path) -> None:
+    out = tmp_path / "q.onnx"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(MODELS / "encoder_op17.onnx"), "-o",
+                        str(out), "--dynamic"], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "quantized_matmuls" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(MODELS / "encoder_op17.onnx"), "-o",
+                        str(tmp_path / "s.onnx")], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--calibration" in r.stderr

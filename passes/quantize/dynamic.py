@@ -1,0 +1,121 @@
+"""Dynamic and weight-only INT8 quantization for MatMul/Gemm-heavy (transformer-like) models.
+
+No calibration data: activation ranges are computed at run time.
+
+Rules, for ``MatMul(x, B)`` with a constant float 2-D B (and ``Gemm`` with alpha = 1,
+transA = 0, which is rewritten as MatMul + Add first):
+  * ``mode="dynamic"``: ``DynamicQuantizeLinear(x) -> MatMulInteger(x_q, B_q, x_zp, 0) ->
+    Cast(float) -> Mul(x_scale * B_scale)``. B is int8, per output column (``per_channel``) or
+    per tensor. ONNX Runtime fuses this into ``MatMulIntegerToFloat``;
+  * ``mode="weight-only"``: ``MatMul(x, DequantizeLinear(B_q))``. The file shrinks ~4x; compute
+    stays float. This is the faster form where integer kernels do not pay off (small batches,
+    small matrices).
+
+Refuses: non-constant or non-2-D B, non-float data, Gemm with transA or alpha != 1. Lossy
+(rounding of weights, and of activations in dynamic mode).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnx
+
+from graphopt import GraphoptError, Graph, Node, Pass, PassContext, register_pass
+
+from .calibrate import int8_weight
+
+_STD = ("", "ai.onnx")
+
+
+@register_pass
+class QuantizeDynamic(Pass):
+    """Dynamic (or weight-only) INT8 quantization of MatMul/Gemm weights; no calibration."""
+
+    name = "quantize-dynamic"
+    recursive = False
+    default_options = {"mode": "dynamic", "per_channel": True, "exclude_nodes": (), "min_weight_elements": 1}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        if self.options["mode"] not in ("dynamic", "weight-only"):
+            raise GraphoptError(f"unknown mode {self.options['mode']!r}; use 'dynamic' or 'weight-only'")
+        self.report: dict[str, Any] = {}
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        opset = self.model.opset("") if self.model is not None else None
+        if (opset or 0) < 11:
+            raise GraphoptError("quantize-dynamic needs opset >= 11 (DynamicQuantizeLinear)")
+        excl = set(self.options["exclude_nodes"])
+        done = 0
+        cache: dict[int, tuple[Any, Any, Any]] = {}
+        for n in graph:
+            if n.domain not in _STD or n.name in excl:
+                continue
+            if n.op_type == "Gemm":
+                n = self._gemm_to_matmul(graph, n)
+                if n is None:
+                    continue
+            if n.op_type != "MatMul":
+                continue
+            b = n.input(1)
+            w = b.const_value() if b is not None else None
+            x = n.input(0)
+            if w is None or w.ndim != 2 or w.dtype != np.float32 or x is None or x.dtype not in (None, 1):
+                continue
+            if w.size < self.options["min_weight_elements"]:
+                continue
+            axis = 1 if self.options["per_channel"] else None
+            if id(b) not in cache:
+                q, s = int8_weight(w, axis)
+                qv = graph.add_initializer(b.name + "_quantized", q)
+                sv = graph.add_initializer(b.name + "_scale", np.asarray(s, np.float32))
+                zv = graph.add_initializer(b.name + "_zero_point", np.zeros(np.shape(s), np.int8))
+                cache[id(b)] = (qv, sv, zv)
+            qv, sv, zv = cache[id(b)]
+            out = n.output(0)
+            if self.options["mode"] == "weight-only":
+                attrs = {"axis": 1} if axis is not None else {}
+                dq = graph.make_node("DequantizeLinear", [qv, sv, zv], attrs, before=n,
+                                     name=graph.fresh_name(n.name + "_weight_DequantizeLinear"))
+                dq.output(0).dtype = onnx.TensorProto.FLOAT
+                n.set_input(1, dq.output(0))
+            else:
+                dql = graph.make_node("DynamicQuantizeLinear", [x], num_outputs=3, before=n,
+                                      name=graph.fresh_name(n.name + "_DynamicQuantizeLinear"))
+                xq, xs, xz = dql.outputs
+                mmi = graph.make_node("MatMulInteger", [xq, qv, xz, zv], before=n,
+                                      name=graph.fresh_name(n.name + "_MatMulInteger"))
+                cast = graph.make_node("Cast", [mmi.output(0)], {"to": onnx.TensorProto.FLOAT}, before=n,
+                                       name=graph.fresh_name(n.name + "_Cast"))
+                scale = graph.make_node("Mul", [xs, sv], before=n, name=graph.fresh_name(n.name + "_scale_Mul"))
+                y = graph.make_node("Mul", [cast.output(0), scale.output(0)], before=n,
+                                    name=graph.fresh_name(n.name + "_output_Mul"))
+                y.output(0).dtype, y.output(0).shape = out.dtype, out.shape
+                graph.replace_all_uses_with(out, y.output(0))
+                graph.remove(n)
+            done += 1
+        self.report = {"quantized_matmuls": done, "mode": self.options["mode"]}
+        return done > 0
+
+    @staticmethod
+    def _gemm_to_matmul(graph: Graph, n: Node) -> Node | None:
+        if n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0:
+            return None
+        b = n.input(1)
+        w = b.const_value() if b is not None else None
+        if w is None or w.ndim != 2:
+            return None
+        if n.attr("transB", 0):
+            b = graph.add_initializer(b.name + "_T", np.ascontiguousarray(w.T))
+        mm = graph.make_node("MatMul", [n.input(0), b], before=n, name=graph.fresh_name(n.name + "_MatMul"))
+        out = mm.output(0)
+        c = n.input(2)
+        if c is not None:
+            add = graph.make_node("Add", [out, c], before=n, name=graph.fresh_name(n.name + "_Add"))
+            out = add.output(0)
+        out.dtype, out.shape = n.output(0).dtype, n.output(0).shape
+        graph.replace_all_uses_with(n.output(0), out)
+        graph.remove(n)
+        return mm
