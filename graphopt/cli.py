@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--dynamic", action="store_true",
                     help="dynamic quantization of MatMul/Gemm weights (no calibration; transformer-like models)")
     sp.add_argument("--weight-only", action="store_true", help="int8 weights, float compute (smallest change)")
-    sp.add_argument("--method", default="minmax", choices=["minmax", "percentile", "mse"])
+    sp.add_argument("--method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"])
     sp.add_argument("--per-tensor", action="store_true", help="per-tensor weights (no opset raise)")
     sp.add_argument("--op-types", help="comma list of ops to quantize (default Conv,Gemm,MatMul)")
     sp.add_argument("--exclude-nodes", help="comma list of node names to keep in float")

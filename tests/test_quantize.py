@@ -30,7 +30,7 @@ def _accuracy(path_or_model) -> float:
     return float((pred == DIGITS["y"]).mean())
 
 
-@pytest.mark.parametrize("method", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
 def test_digits_cnn_int8_keeps_accuracy_and_shrinks(tmp_path: Path, example_path: Path, method: str) -> None:
     m = graphopt.load(example_path)
     graphopt.optimize(m)
@@ -212,3 +212,28 @@ def test_cli_dynamic_needs_no_calibration(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(MODELS / "encoder_op17.onnx"), "-o",
                         str(tmp_path / "s.onnx")], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--calibration" in r.stderr
+
+
+def test_histogram_methods_clip_outliers() -> None:
+    from graphopt.passes.quantize.calibrate import RangeObserver
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(200_000).astype(np.float32)
+    x[:5] = 80.0  # a few outliers
+    obs = RangeObserver()
+    obs.observe("t", x)
+    obs.observe_hist("t", x)
+    lo, hi = obs.range("t", "minmax")
+    assert hi == pytest.approx(80.0)
+    for method in ("percentile", "entropy"):
+        lo_m, hi_m = obs.range("t", method)
+        assert 2.0 < hi_m < 20.0 and lo_m < -2.0, (method, lo_m, hi_m)
+
+    def mse(a: float, b: float) -> float:
+        s = (b - a) / 255
+        q = np.clip(np.round((x - a) / s), 0, 255) * s + a
+        return float(np.mean((q - x) ** 2))
+
+    lo_m, hi_m = obs.range("t", "mse")
+    assert lo <= lo_m <= 0 <= hi_m <= hi and mse(lo_m, hi_m) <= mse(lo, hi)
+

@@ -4,6 +4,8 @@
 * ``percentile``: clip to the given percentile of |x| (default 99.99), from a histogram.
 * ``mse``: the clipping range that minimizes the expected squared quantization error
   (rounding noise inside the range, clipping error outside), searched over the histogram.
+* ``entropy``: the clipping range whose 256-level quantized histogram has the least KL
+  divergence from the observed one (outliers folded into the edge bins).
 
 Histogram methods take two passes over the data: the first finds the range, the second fills a
 fixed-range histogram (2048 bins).
@@ -15,7 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-METHODS = ("minmax", "percentile", "mse")
+METHODS = ("minmax", "percentile", "mse", "entropy")
 BINS = 2048
 
 
@@ -57,24 +59,73 @@ class RangeObserver:
             return float(min(edges[i_lo], 0.0)), float(max(edges[min(i_hi + 1, BINS)], 0.0))
         if method == "mse":
             return _mse_range(h, centers, lo, hi)
+        if method == "entropy":
+            return _entropy_range(h, edges, lo, hi)
         raise ValueError(f"unknown calibration method {method!r}; choose from {METHODS}")
 
 
 def _mse_range(h: np.ndarray, centers: np.ndarray, lo: float, hi: float) -> tuple[float, float]:
-    """Shrink [lo, hi] towards 0 in 64 steps; keep the range with least expected error."""
-    best, best_range = np.inf, (lo, hi)
-    total = h.sum()
-    for f in np.linspace(1.0, 0.2, 64):
-        a, b = min(lo * f, 0.0), max(hi * f, 0.0)
+    """Least expected squared error (rounding noise inside, clipping outside): the upper and
+    the lower end are each searched over 128 candidates down to 1% of their extent, in turn."""
+    total = max(h.sum(), 1.0)
+
+    def err(a: float, b: float) -> float:
         scale = (b - a) / 255 if b > a else 1.0
         inside = (centers >= a) & (centers <= b)
-        err = (scale ** 2 / 12) * h[inside].sum()
-        err += (h[centers < a] * (centers[centers < a] - a) ** 2).sum()
-        err += (h[centers > b] * (centers[centers > b] - b) ** 2).sum()
-        err /= total
-        if err < best:
-            best, best_range = err, (a, b)
-    return best_range
+        e = (scale ** 2 / 12) * h[inside].sum()
+        e += (h[centers < a] * (centers[centers < a] - a) ** 2).sum()
+        e += (h[centers > b] * (centers[centers > b] - b) ** 2).sum()
+        return float(e / total)
+
+    a, b = min(lo, 0.0), max(hi, 0.0)
+    grid = np.geomspace(1.0, 0.01, 128)
+    for _ in range(2):
+        b = min((max(hi, 0.0) * f for f in grid), key=lambda x: err(a, x))
+        a = min((min(lo, 0.0) * f for f in grid), key=lambda x: err(x, b))
+    return float(a), float(b)
+
+
+def _kl(p: np.ndarray, q: np.ndarray) -> float:
+    p = p / p.sum()
+    q = q / q.sum()
+    m = p > 0
+    return float(np.sum(p[m] * np.log(p[m] / np.maximum(q[m], 1e-12))))
+
+
+def _entropy_range(h: np.ndarray, edges: np.ndarray, lo: float, hi: float, levels: int = 256
+                   ) -> tuple[float, float]:
+    """KL-divergence calibration: choose the clipping window whose 256-level quantized
+    distribution is closest (KL) to the observed one, with outliers folded into the edge bins.
+
+    The window is grown symmetrically around the bin holding 0, as in the classic TensorRT
+    method, adapted to an asymmetric histogram.
+    """
+    n = len(h)
+    zero = int(np.clip(np.searchsorted(edges, 0.0) - 1, 0, n - 1))
+    best, best_win = np.inf, (0, n)
+    for half in range(levels // 2, n + 1, max(1, n // 128)):
+        a, b = max(zero - half, 0), min(zero + half, n)
+        if b - a < levels:
+            continue
+        ref = h[a:b].astype(np.float64).copy()
+        ref[0] += h[:a].sum()
+        ref[-1] += h[b:].sum()
+        if ref.sum() == 0:
+            continue
+        # quantize the window into `levels` buckets, spread each back over its non-empty bins
+        chunks = np.array_split(np.arange(b - a), levels)
+        q = np.zeros_like(ref)
+        for c in chunks:
+            nz = c[h[a:b][c] > 0]
+            if len(nz):
+                q[nz] = h[a:b][c].sum() / len(nz)
+        d = _kl(ref, q + 1e-12 * (ref > 0))
+        if d < best:
+            best, best_win = d, (a, b)
+        if a == 0 and b == n:
+            break
+    a, b = best_win
+    return float(min(edges[a], 0.0)), float(max(edges[b], 0.0))
 
 
 def uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
