@@ -256,7 +256,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
                      op_types=tuple(args.op_types.split(",")) if args.op_types else ("Conv", "Gemm", "MatMul"),
                      exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
-                     max_error=args.max_error, sensitivity=args.sensitivity)
+                     max_error=args.max_error, sensitivity=args.sensitivity, equalize=args.equalize,
+                     bias_correction=args.bias_correction)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
     save(model, out)
     after = out.stat().st_size
@@ -331,6 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--max-error", type=float, help="keep the most sensitive layers in float until the relative "
                     "L2 output error on calibration data is at most this (automatic mixed precision)")
     sp.add_argument("--sensitivity", action="store_true", help="report per-layer sensitivity (one layer at a time)")
+    sp.add_argument("--equalize", action="store_true", help="cross-layer equalization before quantizing")
+    sp.add_argument("--bias-correction", action="store_true",
+                    help="correct biases for the expected shift of quantized weights")
     sp.add_argument("--no-optimize", action="store_true", help="skip the lossless default pipeline first")
     sp.add_argument("--report", help="write a report (.md or .json)")
     sp.add_argument("--no-check", action="store_true")

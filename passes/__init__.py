@@ -29,6 +29,7 @@ from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
 from .reorder.transpose import SinkTransposes
 from .quantize.dynamic import QuantizeDynamic
+from .quantize.equalize import CrossLayerEqualization
 from .quantize.static import QuantizeStatic
 
 
@@ -65,7 +66,7 @@ register_pipeline("fold-only", fold_only_pipeline)
 register_pipeline("cleanup", cleanup_pipeline)
 
 __all__ = [
-    "AlgebraicReorder", "CommonSubexpressionElimination", "ConstantFolding", "DeadCodeElimination",
+    "AlgebraicReorder", "CommonSubexpressionElimination", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
     "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",

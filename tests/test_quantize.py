@@ -237,3 +237,56 @@ def test_histogram_methods_clip_outliers() -> None:
     lo_m, hi_m = obs.range("t", "mse")
     assert lo <= lo_m <= 0 <= hi_m <= hi and mse(lo_m, hi_m) <= mse(lo, hi)
 
+
+
+def _two_convs(seed: int = 0) -> tuple[onnx.ModelProto, list[dict]]:
+    """Conv -> Relu -> Conv whose first layer has channel ranges spread over 4 decades, fed
+    with a non-zero-mean input: per-tensor int8 weights suffer, CLE and bias correction help."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * np.logspace(-2, 2, 8, dtype=np.float32)[:, None, None, None]
+    w2 = (rng.standard_normal((4, 8, 3, 3)) / np.logspace(-2, 2, 8)[None, :, None, None]).astype(np.float32)
+    mp = make_model([helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1], name="c1"),
+                     helper.make_node("Relu", ["c"], ["r"], name="relu"),
+                     helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1], name="c2")],
+                    [vi("x", [1, 3, 8, 8])], [vi("y", [1, 4, 8, 8])],
+                    inits=[("w1", w1), ("b1", (rng.standard_normal(8) * np.logspace(-2, 2, 8)).astype(np.float32)),
+                           ("w2", w2)])
+    cal = [{"x": (rng.standard_normal((1, 3, 8, 8)) + 2.0).astype(np.float32)} for _ in range(32)]
+    return mp, cal
+
+
+def _rel_err(mp: onnx.ModelProto, m: graphopt.Model, cal: list[dict]) -> float:
+    errs = []
+    for f in cal[:16]:
+        a = graphopt.run_ort(mp, f)["y"].astype(np.float64)
+        b = graphopt.run_ort(m, f)["y"].astype(np.float64)
+        errs.append(np.linalg.norm(a - b) / np.linalg.norm(a))
+    return float(np.mean(errs))
+
+
+def test_cross_layer_equalization_is_exact_and_helps_per_tensor_int8() -> None:
+    mp, cal = _two_convs()
+    eq = graphopt.from_proto(mp)
+    assert graphopt.run_passes(eq, ["equalize-cross-layer"])
+    c = graphopt.compare(graphopt.run_ort(mp, cal[0]), graphopt.run_ort(eq, cal[0]), rtol=1e-4, atol=1e-4)
+    assert c.ok, c.problems  # exact in float
+    plain = graphopt.from_proto(mp)
+    graphopt.run_passes(plain, [graphopt.get_pass("quantize-static", per_channel=False)],
+                        graphopt.PassContext(calibration=cal))
+    cle = graphopt.from_proto(mp)
+    graphopt.run_passes(cle, [graphopt.get_pass("quantize-static", per_channel=False, equalize=True)],
+                        graphopt.PassContext(calibration=cal))
+    e_plain, e_cle = _rel_err(mp, plain, cal), _rel_err(mp, cle, cal)
+    assert e_cle < 0.5 * e_plain, (e_plain, e_cle)
+
+
+def test_bias_correction_reduces_systematic_error() -> None:
+    mp, cal = _two_convs(1)
+    plain = graphopt.from_proto(mp)
+    graphopt.run_passes(plain, [graphopt.get_pass("quantize-static", per_channel=False)],
+                        graphopt.PassContext(calibration=cal))
+    bc = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static", per_channel=False, bias_correction=True)
+    graphopt.run_passes(bc, [q], graphopt.PassContext(calibration=cal))
+    assert q.report.get("bias_corrected") == 2
+    assert _rel_err(mp, bc, cal) < _rel_err(mp, plain, cal)

@@ -19,7 +19,9 @@ What it does:
   * raises the opset to 13 with onnx's version converter when per-channel weights need it (and
     says so), weights stored as ``Constant`` nodes and shared weights are handled.
 
-Accuracy recovery: with ``sensitivity=True`` each quantizable node is quantized alone and the
+Accuracy recovery without training: ``equalize=True`` runs cross-layer equalization first
+(``equalize-cross-layer``), ``bias_correction=True`` removes the expected output shift of the
+quantized weights using per-channel input means from the calibration data. With ``sensitivity=True`` each quantizable node is quantized alone and the
 output error measured on calibration samples (``report["sensitivity"]``); with ``max_error``
 (relative L2 error of the outputs, or the value of a user ``metric(ref, got)`` callback) the most
 sensitive nodes stay in float until the error fits the budget (automatic mixed precision). The
@@ -27,8 +29,7 @@ report gives each quantized activation's SQNR in dB.
 
 Refuses (raises) on a model with nothing quantizable, and on calibration data that does not
 match the model (names, ranks, fixed dims, dtypes, NaN/Inf, empty). Not yet: If/Loop bodies
-(left in float and reported), dynamic quantization, entropy calibration, equalization, bias
-correction - see issue 4. Lossy: measure accuracy with the report or your metric.
+(left in float and reported) - see issue 4. Lossy: measure accuracy with the report or your metric.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class QuantizeStatic(Pass):
         "sensitivity": False,
         "eval_samples": 32,
         "sqnr": True,
+        "equalize": False,
+        "bias_correction": False,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -146,6 +149,10 @@ class QuantizeStatic(Pass):
             self.report["opset"] = f"raised from {opset} to 13 (per-channel DequantizeLinear)"
         from graphopt.analysis import infer_shapes
 
+        if self.options["equalize"]:
+            from .equalize import CrossLayerEqualization
+
+            self.report["equalized"] = CrossLayerEqualization().apply(model, ctx)
         infer_shapes(model)  # dtypes decide what is quantizable
         graph = model.graph
         for n in graph:  # trials work on copies and find nodes by name
@@ -282,6 +289,8 @@ class QuantizeStatic(Pass):
                 n_weights += 1
             wdq = wcache[key]
             n.set_input(w_idx, wdq)
+            if self.options["bias_correction"] and b_idx is not None:
+                self._correct_bias(graph, n, w, wdq, b_idx)
             b = n.input(b_idx) if b_idx is not None else None
             x = n.input(acts[0])
             if b is not None and b.const_value() is not None and x is not None and x.producer is not None \
@@ -294,6 +303,50 @@ class QuantizeStatic(Pass):
                     n.set_input(b_idx, self._dq_const(graph, n, b.name, bq, bscale, np.zeros(bscale.shape, np.int32),
                                                       0 if bscale.ndim else None))
         return n_weights, len(tensors)
+
+    def _correct_bias(self, graph: Graph, n: Node, w: Value, wdq: Value, b_idx: int) -> None:
+        """Subtract the expected output shift (W_q - W) . E[x] of the quantized weights, with
+        E[x] per input channel measured on the calibration data (empirical bias correction)."""
+        x = n.input(0)
+        name = x.name if x is not None else None
+        src = None
+        if x is not None and x.producer is not None and x.producer.op_type == "DequantizeLinear":
+            qn = x.producer.input(0).producer  # DequantizeLinear <- QuantizeLinear <- the float value
+            if qn is not None and qn.op_type == "QuantizeLinear" and qn.input(0) is not None:
+                src = qn.input(0).name
+        key = next((k for k in (src, name) if k in self._chan_sum), None)
+        if key is None:
+            return
+        if n.op_type == "Conv" and (n.attr("group", 1) or 1) != 1:
+            return
+        mean = self._chan_sum[key] / max(self._chan_n[key], 1)
+        wf = w.const_value().astype(np.float64)
+        q = wdq.producer.input(0).const_value().astype(np.float64)
+        sc = wdq.producer.input(1).const_value().astype(np.float64)
+        axis = wdq.producer.attr("axis")
+        if sc.ndim:
+            shape = [1] * q.ndim
+            shape[axis if axis is not None else 0] = -1
+            sc = sc.reshape(shape)
+        delta = q * sc - wf
+        if n.op_type == "Conv":
+            if delta.shape[1] != mean.shape[0]:
+                return
+            shift = (delta * mean.reshape((1, -1) + (1,) * (delta.ndim - 2))).sum(axis=tuple(range(1, delta.ndim)))
+        elif n.op_type == "Gemm":
+            d = delta.T if n.attr("transB", 0) else delta  # [K, N]
+            if d.shape[0] != mean.shape[0]:
+                return
+            shift = mean @ d
+        else:
+            return
+        b = n.input(b_idx)
+        base = b.const_value().astype(np.float64) if b is not None and b.const_value() is not None \
+            else np.zeros(shift.shape)
+        nb = graph.add_initializer((b.name if b is not None else n.name + "_bias") + "_corrected",
+                                   (base - shift).astype(np.float32))
+        n.set_input(b_idx, nb)
+        self.report["bias_corrected"] = self.report.get("bias_corrected", 0) + 1
 
     @staticmethod
     def _depthwise(n: Node) -> bool:
@@ -333,6 +386,8 @@ class QuantizeStatic(Pass):
         sess, outs = intermediate_session(model, names)
         inputs = {i.name for i in sess.get_inputs()}
         obs = RangeObserver()
+        self._chan_sum: dict[str, np.ndarray] = {}
+        self._chan_n: dict[str, int] = {}
         self._float_values: dict[int, dict[str, np.ndarray]] = {}
         keep_for = {id(s) for s in samples[: self.options["eval_samples"]]}
         method = self.options["method"]
@@ -346,6 +401,11 @@ class QuantizeStatic(Pass):
                     arr = res[n]
                     if p == 0 and id(s) in keep_for and self.options["sqnr"]:
                         self._float_values.setdefault(id(s), {})[n] = np.asarray(arr)
+                    if p == 0 and self.options["bias_correction"] and np.ndim(arr) >= 2:
+                        a = np.asarray(arr, np.float64)
+                        red = tuple(i for i in range(a.ndim) if i != (1 if a.ndim > 2 else a.ndim - 1))
+                        self._chan_sum[n] = self._chan_sum.get(n, 0) + a.sum(axis=red)
+                        self._chan_n[n] = self._chan_n.get(n, 0) + int(a.size // a.shape[1 if a.ndim > 2 else -1])
                     if p == 0:
                         if not np.all(np.isfinite(arr)):
                             raise GraphoptError(f"activation {n!r} is not finite on the calibration data")
