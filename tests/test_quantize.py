@@ -290,3 +290,30 @@ def test_bias_correction_reduces_systematic_error() -> None:
     graphopt.run_passes(bc, [q], graphopt.PassContext(calibration=cal))
     assert q.report.get("bias_corrected") == 2
     assert _rel_err(mp, bc, cal) < _rel_err(mp, plain, cal)
+
+
+TRANSFORMER = FIXTURES / "digits_transformer.onnx"
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_trained_transformer_int8_accuracy(tmp_path: Path, kind: str) -> None:
+    """A transformer-like model trained on the digits (rows as tokens): <= 1 point lost."""
+    fp = _accuracy(TRANSFORMER)
+    assert fp > 0.94
+    m = graphopt.load(TRANSFORMER)
+    graphopt.optimize(m)
+    if kind == "static":
+        p = graphopt.get_pass("quantize-static", method="percentile")
+        graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(calibration=_calib()))
+    else:
+        p = graphopt.get_pass("quantize-dynamic")
+        graphopt.run_passes(m, [p, "dce"])
+    graphopt.save(m, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    acc = _accuracy(tmp_path / "q.onnx")
+    assert acc >= fp - 0.01, (fp, acc)
+    # every projection weight (the bulk of the parameters) is stored as int8
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    int8 = sum(int(np.prod(t.dims)) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT8)
+    fl = sum(int(np.prod(t.dims)) for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
+    assert int8 > 8000 and int8 > 4 * fl, (int8, fl)
