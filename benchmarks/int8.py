@@ -28,6 +28,58 @@ HERE = Path(__file__).resolve().parent
 FIX = HERE.parent / "tests" / "fixtures"
 
 
+def resnet18_like(path: Path, width: int = 32) -> None:
+    """A ResNet-18-shaped CNN at 224x224 (BasicBlocks, widths w..8w, BN after each conv),
+    random weights with trained-looking BN statistics; written to ``path``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    k = [0]
+
+    def conv_bn(x: str, cin: int, cout: int, ksz: int, stride: int, relu: bool) -> str:
+        k[0] += 1
+        p = f"l{k[0]}_"
+        fan = cin * ksz * ksz
+        inits.extend([numpy_helper.from_array((rng.standard_normal((cout, cin, ksz, ksz)) * np.sqrt(2 / fan))
+                                              .astype(np.float32), p + "w"),
+                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "s"),
+                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "b"),
+                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "m"),
+                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "v")])
+        nodes.append(helper.make_node("Conv", [x, p + "w"], [p + "c"], strides=[stride, stride],
+                                      pads=[ksz // 2] * 4))
+        nodes.append(helper.make_node("BatchNormalization", [p + "c", p + "s", p + "b", p + "m", p + "v"], [p + "bn"]))
+        if relu:
+            nodes.append(helper.make_node("Relu", [p + "bn"], [p + "r"]))
+            return p + "r"
+        return p + "bn"
+
+    x = conv_bn("input", 3, width, 7, 2, True)
+    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    x, cin = "pool", width
+    for stage, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
+        for blk in range(2):
+            stride = 2 if stage > 0 and blk == 0 else 1
+            h = conv_bn(x, cin, cout, 3, stride, True)
+            h = conv_bn(h, cout, cout, 3, 1, False)
+            sc = conv_bn(x, cin, cout, 1, stride, False) if (stride != 1 or cin != cout) else x
+            k[0] += 1
+            nodes.append(helper.make_node("Add", [h, sc], [f"add{k[0]}"]))
+            nodes.append(helper.make_node("Relu", [f"add{k[0]}"], [f"out{k[0]}"]))
+            x, cin = f"out{k[0]}", cout
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    inits.append(numpy_helper.from_array((rng.standard_normal((cin, 1000)) * 0.05).astype(np.float32), "fc_w"))
+    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc_b"))
+    nodes.append(helper.make_node("MatMul", ["flat", "fc_w"], ["fc"]))
+    nodes.append(helper.make_node("Add", ["fc", "fc_b"], ["output"]))
+    g = helper.make_graph(nodes, "resnet18_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                ["batch", 3, 224, 224])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1000])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
 class Reader:
     """onnxruntime.quantization CalibrationDataReader over a list of feeds."""
 
@@ -61,6 +113,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as d:
         dd = Path(d)
+        resnet18_like(dd / "resnet18_like_224.onnx")
+        cases.insert(2, ("resnet18-like 224x224 (generated)", dd / "resnet18_like_224.onnx", "input", None))
         for name, path, inp, _ in cases:
             m = graphopt.load(path)
             shape = [d if isinstance(d, int) else 1 for d in m.graph.inputs[0].shape]
