@@ -223,6 +223,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _latency_pair(a: str, b: str, feed: dict[str, Any], rounds: int = 20) -> tuple[float, float]:
+    """Median ORT latency (ms) of two models, interleaved, ENABLE_ALL, 2 threads."""
+    import statistics
+
+    from graphopt.runtime import ort_session
+
+    sa, sb = ort_session(a, optimize=True, threads=2), ort_session(b, optimize=True, threads=2)
+    fa = {i.name: feed[i.name] for i in sa.get_inputs() if i.name in feed}
+    fb = {i.name: feed[i.name] for i in sb.get_inputs() if i.name in feed}
+    ta: list[float] = []
+    tb: list[float] = []
+    sa.run(None, fa)
+    sb.run(None, fb)
+    for _ in range(rounds):
+        t = time.perf_counter()
+        sa.run(None, fa)
+        ta.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        sb.run(None, fb)
+        tb.append(time.perf_counter() - t)
+    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from graphopt.onnx_io import save
     from graphopt.report import human, table, write_report
@@ -256,6 +279,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
                      op_types=tuple(args.op_types.split(",")) if args.op_types else ("Conv", "Gemm", "MatMul"),
                      exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
+                     exclude_op_types=tuple(args.exclude_ops.split(",")) if args.exclude_ops else (),
                      max_error=args.max_error, sensitivity=args.sensitivity, equalize=args.equalize,
                      bias_correction=args.bias_correction)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
@@ -274,7 +298,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if q.report.get("sensitivity"):
         top = list(q.report["sensitivity"].items())[:3]
         rows.append(["most sensitive layers", ", ".join(f"{k}: {v:.3g}" for k, v in top)])
+    lat = _latency_pair(args.model, str(out), samples[0])
     rows += [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"],
+             ["ORT latency (2 threads, median)", f"{lat[0]:.3f} ms -> {lat[1]:.3f} ms ({lat[1] / lat[0]:.2f}x)"],
              ["max abs error (calibration samples)", f"{worst:.4g}"], ["min cosine", f"{cos:.5f}"]]
     if top1:
         rows.append(["top-1 agreement with fp32", f"{np.mean(top1):.4f}"])
@@ -329,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--per-tensor", action="store_true", help="per-tensor weights (no opset raise)")
     sp.add_argument("--op-types", help="comma list of ops to quantize (default Conv,Gemm,MatMul)")
     sp.add_argument("--exclude-nodes", help="comma list of node names to keep in float")
+    sp.add_argument("--exclude-ops", help="comma list of op types to keep in float")
     sp.add_argument("--max-error", type=float, help="keep the most sensitive layers in float until the relative "
                     "L2 output error on calibration data is at most this (automatic mixed precision)")
     sp.add_argument("--sensitivity", action="store_true", help="report per-layer sensitivity (one layer at a time)")

@@ -317,3 +317,34 @@ def test_trained_transformer_int8_accuracy(tmp_path: Path, kind: str) -> None:
     int8 = sum(int(np.prod(t.dims)) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT8)
     fl = sum(int(np.prod(t.dims)) for t in q.graph.initializer if t.data_type == onnx.TensorProto.FLOAT)
     assert int8 > 8000 and int8 > 4 * fl, (int8, fl)
+
+
+def test_if_body_weights_quantized_and_reported(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w_in"], ["t"])], "then", [], [vi("t", [1, 8])],
+                               [onnx.numpy_helper.from_array(w, "w_in")])
+    else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", [1, 8])])
+    mp = make_model([helper.make_node("MatMul", ["x0", "w0"], ["x"], name="outer_mm"),
+                     helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")],
+                    [vi("x0", [1, 8]), vi("c", [], onnx.TensorProto.BOOL)], [vi("y", [1, 8])],
+                    inits=[("w0", rng.standard_normal((8, 8)).astype(np.float32))])
+    cal = [{"x0": rng.standard_normal((1, 8)).astype(np.float32), "c": np.array(True)} for _ in range(8)]
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
+    assert q.report["subgraph_weight_only"] == 1
+    body = [n for n in m.graph if n.op_type == "If"][0].attr("then_branch")
+    assert [n.op_type for n in body] == ["DequantizeLinear", "MatMul"]
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    for c in (True, False):
+        f = {"x0": cal[0]["x0"], "c": np.array(c)}
+        assert graphopt.compare(graphopt.run_ort(mp, f), graphopt.run_ort(m, f), rtol=1, atol=1).cosine > 0.999
+
+
+def test_exclude_op_types() -> None:
+    mp, cal = _outlier_model()
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static", exclude_op_types=("MatMul",), op_types=("MatMul", "Conv"))
+    with pytest.raises(GraphoptError, match="nothing to quantize"):
+        graphopt.run_passes(m, [q], graphopt.PassContext(calibration=cal))

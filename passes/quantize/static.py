@@ -28,8 +28,9 @@ sensitive nodes stay in float until the error fits the budget (automatic mixed p
 report gives each quantized activation's SQNR in dB.
 
 Refuses (raises) on a model with nothing quantizable, and on calibration data that does not
-match the model (names, ranks, fixed dims, dtypes, NaN/Inf, empty). Not yet: If/Loop bodies
-(left in float and reported) - see issue 4. Lossy: measure accuracy with the report or your metric.
+match the model (names, ranks, fixed dims, dtypes, NaN/Inf, empty). Inside If/Loop/Scan bodies
+activations cannot be calibrated from outside, so their Conv/Gemm/MatMul weights are stored as
+int8 behind a DequantizeLinear (weight-only; ``report["subgraph_weight_only"]``). Lossy: measure accuracy with the report or your metric.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class QuantizeStatic(Pass):
         "sqnr": True,
         "equalize": False,
         "bias_correction": False,
+        "exclude_op_types": (),
+        "subgraph_weights": True,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -95,7 +98,7 @@ class QuantizeStatic(Pass):
     # -- selection ------------------------------------------------------------------------------
     def _targets(self, graph: Graph, only: set[str] | None = None) -> tuple[list[Node], list[Value]]:
         excl = set(self.options["exclude_nodes"])
-        ops = set(self.options["op_types"])
+        ops = set(self.options["op_types"]) - set(self.options["exclude_op_types"])
         quant_nodes = [n for n in graph if n.op_type in ops and n.op_type in QUANT_OPS and n.domain in _STD
                        and n.name not in excl and _float(n.input(0)) and (only is None or n.name in only)
                        and not (self.options["skip_depthwise"] and self._depthwise(n))]
@@ -176,9 +179,33 @@ class QuantizeStatic(Pass):
             "calibration_samples": len(samples), "method": self.options["method"], "float_subgraphs": bodies,
             "sqnr_db": self._sqnr(tensors, ranges, model, samples, chosen),
         })
-        if bodies:
-            log.warning("quantize-static: %d If/Loop/Scan bodies stay in float (not supported yet)", bodies)
+        if bodies and self.options["subgraph_weights"]:
+            self.report["subgraph_weight_only"] = self._subgraph_weights(model)
+            log.info("quantize-static: %d weights inside If/Loop/Scan bodies stored as int8 (weight-only: "
+                     "their activations cannot be calibrated from the outside)", self.report["subgraph_weight_only"])
+        elif bodies:
+            log.warning("quantize-static: %d If/Loop/Scan bodies stay in float", bodies)
         return True
+
+    def _subgraph_weights(self, model: Model) -> int:
+        """Weight-only int8 (DequantizeLinear of int8 weights) for Conv/Gemm/MatMul inside bodies."""
+        count = 0
+        for g in model.graph.all_graphs():
+            if g is model.graph:
+                continue
+            for n in list(g):
+                if n.op_type not in QUANT_OPS or n.domain not in _STD:
+                    continue
+                w_idx = QUANT_OPS[n.op_type][1]
+                w = n.input(w_idx) if w_idx is not None else None
+                arr = w.const_value() if w is not None else None
+                if arr is None or arr.dtype != np.float32 or arr.ndim < 2:
+                    continue
+                axis = self._axis(n, w) if self.options["per_channel"] else None
+                q, sc = int8_weight(arr, axis)
+                n.set_input(w_idx, self._dq_const(g, n, w.name, q, sc, np.zeros(sc.shape, np.int8), axis))
+                count += 1
+        return count
 
     # -- error, sensitivity, mixed precision ----------------------------------------------------
     def _error(self, ref: list[dict[str, np.ndarray]], got: list[dict[str, np.ndarray]]) -> float:
