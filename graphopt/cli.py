@@ -281,7 +281,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
                      exclude_op_types=tuple(args.exclude_ops.split(",")) if args.exclude_ops else (),
                      max_error=args.max_error, sensitivity=args.sensitivity, equalize=args.equalize,
-                     bias_correction=args.bias_correction)
+                     bias_correction=args.bias_correction, symmetric_activations=args.symmetric)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
     save(model, out)
     after = out.stat().st_size
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--op-types", help="comma list of ops to quantize (default Conv,Gemm,MatMul)")
     sp.add_argument("--exclude-nodes", help="comma list of node names to keep in float")
     sp.add_argument("--exclude-ops", help="comma list of op types to keep in float")
+    sp.add_argument("--symmetric", action="store_true",
+                    help="symmetric int8 activations (S8S8; default asymmetric uint8, ORT's fast path on x86)")
     sp.add_argument("--max-error", type=float, help="keep the most sensitive layers in float until the relative "
                     "L2 output error on calibration data is at most this (automatic mixed precision)")
     sp.add_argument("--sensitivity", action="store_true", help="report per-layer sensitivity (one layer at a time)")

@@ -348,3 +348,16 @@ def test_exclude_op_types() -> None:
     q = graphopt.get_pass("quantize-static", exclude_op_types=("MatMul",), op_types=("MatMul", "Conv"))
     with pytest.raises(GraphoptError, match="nothing to quantize"):
         graphopt.run_passes(m, [q], graphopt.PassContext(calibration=cal))
+
+
+def test_symmetric_activations(tmp_path: Path, example_path: Path) -> None:
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    q = graphopt.get_pass("quantize-static", symmetric_activations=True)
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=_calib()))
+    graphopt.save(m, tmp_path / "s8.onnx")
+    onnx.checker.check_model(str(tmp_path / "s8.onnx"), full_check=True)
+    zps = [t for t in onnx.load(str(tmp_path / "s8.onnx")).graph.initializer if t.name.endswith("_zero_point")
+           and not t.dims]
+    assert zps and all(t.data_type == onnx.TensorProto.INT8 for t in zps)
+    assert _accuracy(tmp_path / "s8.onnx") >= 0.985

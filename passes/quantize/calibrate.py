@@ -136,6 +136,12 @@ def uint8_params(lo: float, hi: float) -> tuple[np.float32, np.uint8]:
     return np.float32(scale), np.uint8(zp)
 
 
+def int8_sym_params(lo: float, hi: float) -> tuple[np.float32, np.int8]:
+    """Symmetric int8 activation parameters (zero point 0) covering [lo, hi]."""
+    amax = max(abs(lo), abs(hi))
+    return np.float32(amax / 127.0 if amax > 0 else 1.0), np.int8(0)
+
+
 def int8_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Symmetric int8 quantization of a weight, per channel along ``axis`` or per tensor."""
     w = np.asarray(w, dtype=np.float64)

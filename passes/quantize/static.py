@@ -10,7 +10,8 @@ What it does:
   * calibrates those tensors on the calibration data (``minmax``, ``percentile`` or ``mse``),
     with a progress bar;
   * inserts one QuantizeLinear -> DequantizeLinear pair per tensor (asymmetric uint8: the fast
-    U8S8 path of ORT on x86), stores weights as int8 initializers (symmetric; per output channel
+    U8S8 path of ORT on x86; ``symmetric_activations=True`` gives int8 activations with zero
+    point 0 instead), stores weights as int8 initializers (symmetric; per output channel
     for Conv and Gemm, per tensor for MatMul) behind a DequantizeLinear, and biases as int32 with
     scale = input scale * weight scale, zero point 0 - the form ORT turns into QLinearConv,
     QGemm and QLinearMatMul;
@@ -44,7 +45,7 @@ import onnx
 from graphopt import GraphoptError, Graph, Model, Node, Pass, PassContext, Value, register_pass
 from graphopt.runtime import intermediate_session, load_calibration
 
-from .calibrate import METHODS, RangeObserver, int8_weight, uint8_params
+from .calibrate import METHODS, RangeObserver, int8_sym_params, int8_weight, uint8_params
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class QuantizeStatic(Pass):
         "bias_correction": False,
         "exclude_op_types": (),
         "subgraph_weights": True,
+        "symmetric_activations": False,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -275,8 +277,12 @@ class QuantizeStatic(Pass):
                 for n, arr in self._float_values.get(id(s), {}).items():
                     if n not in sig:
                         continue
-                    scale, zp = uint8_params(*ranges[n])
-                    fq = (np.clip(np.round(arr / scale) + zp, 0, 255) - zp) * scale
+                    if self.options["symmetric_activations"]:
+                        scale, zp = int8_sym_params(*ranges[n])
+                        fq = np.clip(np.round(arr / scale), -128, 127) * scale
+                    else:
+                        scale, zp = uint8_params(*ranges[n])
+                        fq = (np.clip(np.round(arr / scale) + zp, 0, 255) - zp) * scale
                     sig[n] += float(np.sum(arr.astype(np.float64) ** 2))
                     noise[n] += float(np.sum((arr.astype(np.float64) - fq) ** 2))
             for n in names:
@@ -297,8 +303,9 @@ class QuantizeStatic(Pass):
         keep = set(node_names)
         quant_nodes, tensors = self._targets(graph, only=keep)
         tensors = [v for v in tensors if v.name in ranges]
+        params = int8_sym_params if self.options["symmetric_activations"] else uint8_params
         for v in tensors:
-            self._insert_qdq(graph, v, *uint8_params(*ranges[v.name]))
+            self._insert_qdq(graph, v, *params(*ranges[v.name]))
         wcache: dict[tuple[int, int | None], Value] = {}
         n_weights = 0
         for n in quant_nodes:
@@ -442,16 +449,17 @@ class QuantizeStatic(Pass):
         return {n: obs.range(n, method, self.options["percentile"]) for n in names}
 
     @staticmethod
-    def _insert_qdq(graph: Graph, v: Value, scale: np.float32, zp: np.uint8) -> Value:
+    def _insert_qdq(graph: Graph, v: Value, scale: np.float32, zp: np.uint8 | np.int8) -> Value:
         base = v.name
         s = graph.add_initializer(base + "_scale", np.array(scale, np.float32))
-        z = graph.add_initializer(base + "_zero_point", np.array(zp, np.uint8))
+        z = graph.add_initializer(base + "_zero_point", np.array(zp))
         where = {"after": v.producer} if v.producer is not None and v.producer.graph is graph else {}
         if not where:
             first = next(iter(graph), None)
             where = {"before": first} if first is not None else {}
         q = graph.make_node("QuantizeLinear", [v, s, z], name=graph.fresh_name(base + "_QuantizeLinear"), **where)
-        q.output(0).dtype, q.output(0).shape = onnx.TensorProto.UINT8, v.shape
+        q.output(0).dtype = onnx.TensorProto.INT8 if np.asarray(zp).dtype == np.int8 else onnx.TensorProto.UINT8
+        q.output(0).shape = v.shape
         dq = graph.make_node("DequantizeLinear", [q.output(0), s, z], name=graph.fresh_name(base + "_DequantizeLinear"),
                              after=q)
         out = dq.output(0)
