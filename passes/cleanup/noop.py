@@ -16,6 +16,8 @@ import numpy as np
 
 from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
 
+from ..common import same_dim
+
 
 def _removable(graph: Graph, node: Node) -> bool:
     src = node.input(0)
@@ -65,13 +67,7 @@ def _same_shape(a: Value | None, b: Value | None) -> bool:
     """Provably the same shape: equal static dims or the same named symbols."""
     if a is None or b is None or a.shape is None or b.shape is None or len(a.shape) != len(b.shape):
         return False
-    for x, y in zip(a.shape, b.shape, strict=True):
-        if isinstance(x, int) and isinstance(y, int):
-            if x != y:
-                return False
-        elif not (isinstance(x, str) and x == y and not x.startswith("unk__")):
-            return False
-    return True
+    return all(same_dim(x, y) for x, y in zip(a.shape, b.shape, strict=True))
 
 
 def _broadcast_is_noop(x: Value, c: np.ndarray) -> bool:

@@ -20,15 +20,12 @@ import numpy as np
 
 from graphopt import Graph, Pass, PassContext, Value, register_pass
 
+from ..common import same_dim
+
 Sym = list[Any]  # entries: int, or ("dim", id(value), axis, symbol or None)
 
 
-def same_symbol(a: Any, b: Any) -> bool:
-    """Two dims are provably equal: equal ints, or the same named symbol (onnx's generated
-    ``unk__N`` names are not trusted across values)."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    return isinstance(a, str) and a == b and not a.startswith("unk__")
+same_symbol = same_dim  # kept name for readers of this module
 
 
 def symbolic_shape(v: Value | None, depth: int = 0) -> Sym | None:

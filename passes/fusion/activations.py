@@ -25,6 +25,8 @@ import numpy as np
 
 from graphopt import Const, Match, Node, Opt, PatternPass, Rule, Var, op, register_pass
 
+from ..common import reduce_axes
+
 
 def _close(arr: Any, want: float, rtol: float = 1e-4) -> bool:
     if arr is None:
@@ -49,12 +51,7 @@ def _internal_only(m: Match, *values: Any) -> bool:
     return all(all(id(u) in inside for u, _ in v.uses) and not v.is_graph_output() for v in values)
 
 
-def _axes(n: Node) -> list[int] | None:
-    axes = n.attr("axes")
-    if axes is None and n.input(1) is not None:
-        v = n.input(1).const_value()
-        axes = None if v is None else [int(a) for a in np.ravel(v)]
-    return None if axes is None else list(axes)
+_axes = reduce_axes
 
 
 # -- HardSigmoid / HardSwish -------------------------------------------------------------------

@@ -26,6 +26,8 @@ import numpy as np
 
 from graphopt import Const, Match, PatternPass, Rule, Value, Var, op, register_pass
 
+from ..common import reduce_axes
+
 UNARY = ("Relu", "Sigmoid", "Tanh", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Cast", "Clip", "LeakyRelu",
          "HardSigmoid", "HardSwish", "Elu", "Selu", "Softplus", "Reciprocal", "Floor", "Ceil", "Sign", "Not",
          "Identity", "Gelu")
@@ -114,12 +116,7 @@ REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
           "ReduceLogSumExp", "ReduceSumSquare")
 
 
-def _reduce_axes(n: Any) -> list[int] | None:
-    axes = n.attr("axes")
-    if axes is None and n.input(1) is not None:
-        v = n.input(1).const_value()
-        axes = None if v is None else [int(a) for a in np.ravel(v)]
-    return None if axes is None else list(axes)
+_reduce_axes = reduce_axes
 
 
 def _reduce() -> Rule:
