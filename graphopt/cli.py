@@ -310,6 +310,65 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from graphopt.analysis import infer_shapes, model_stats
+    from graphopt.onnx_io import save
+    from graphopt.report import human, table
+    from graphopt.runtime import compare, load_calibration, make_inputs, run_ort
+    from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
+
+    if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8):
+        raise GraphoptError("nothing to do: give --cluster K, --lowrank ENERGY, --lowrank-flops F and/or --int8")
+    out = Path(args.output)
+    if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
+        raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
+    model = _load(args.model, check=not args.no_check)
+    calib = load_calibration(args.calibration, model) if args.calibration else None
+    if args.int8 and calib is None:
+        raise GraphoptError("--int8 needs --calibration DATA")
+    original = model.copy()
+    run_passes(model, get_pipeline("default"))
+    passes: list[Any] = []
+    reports: list[tuple[str, Any]] = []
+    if args.lowrank or args.lowrank_flops:
+        lr = get_pass("lowrank", energy=args.lowrank if args.lowrank else None, flops=args.lowrank_flops,
+                      activation_aware=args.activation_aware)
+        passes.append(lr)
+        reports.append(("lowrank", lr))
+    if args.cluster:
+        cl = get_pass("cluster", clusters=args.cluster, init=args.cluster_init, per_channel=args.per_channel,
+                      storage="dense" if (args.dense or args.int8) else "palettized")
+        passes.append(cl)
+        reports.append(("cluster", cl))
+    if args.int8:
+        q = get_pass("quantize-static")
+        passes.append(q)
+        reports.append(("int8", q))
+    passes.append(get_pass("dce"))
+    run_passes(model, passes, PassContext(calibration=calib))
+    save(model, out)
+    feeds = calib[:16] if calib else [make_inputs(original, seed=k) for k in range(4)]
+    cos, top1 = 1.0, []
+    for f in feeds:
+        c = compare(run_ort(original, f), run_ort(str(out), f), rtol=1e9, atol=1e9)
+        cos = min(cos, c.cosine)
+        if c.top1 is not None:
+            top1.append(c.top1)
+    a, b = original.copy(), model.copy()
+    infer_shapes(a)
+    infer_shapes(b)
+    fa, fb = model_stats(a).flops, model_stats(b).flops
+    rows = [[name, {k: v for k, v in p.report.items() if k not in ("sqnr_db", "sensitivity")}] for name, p in reports]
+    rows += [["size", f"{human(Path(args.model).stat().st_size, 'B')} -> {human(out.stat().st_size, 'B')} "
+                      f"({out.stat().st_size / Path(args.model).stat().st_size:.3f}x)"],
+             ["FLOPs", f"{human(fa)} -> {human(fb)} ({fb / fa:.2f}x)" if fa else "-"],
+             ["min cosine vs input", f"{cos:.5f}"]]
+    if top1:
+        rows.append(["top-1 agreement with input", f"{np.mean(top1):.4f}"])
+    print(table(["", "value"], rows))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -368,6 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--report", help="write a report (.md or .json)")
     sp.add_argument("--no-check", action="store_true")
     sp.set_defaults(fn=cmd_quantize)
+
+    sp = sub.add_parser("compress", help="low-rank factorization, weight clustering (and INT8) for smaller models")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--cluster", type=int, metavar="K", help="k-means weight sharing with K centroids (2..256)")
+    sp.add_argument("--cluster-init", default="kmeans++", choices=["kmeans++", "linear", "density"])
+    sp.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
+    sp.add_argument("--dense", action="store_true", help="keep clustered weights dense (default: palettized)")
+    sp.add_argument("--lowrank", type=float, metavar="ENERGY", help="SVD rank keeping this energy fraction (0..1]")
+    sp.add_argument("--lowrank-flops", type=float, metavar="F", help="SVD rank by FLOPs budget fraction (0..1)")
+    sp.add_argument("--activation-aware", action="store_true", help="whitened SVD on calibration inputs")
+    sp.add_argument("--int8", action="store_true", help="static INT8 afterwards (needs --calibration)")
+    sp.add_argument("--calibration", help=".npz or directory of .npz samples")
+    sp.add_argument("--no-check", action="store_true")
+    sp.set_defaults(fn=cmd_compress)
 
     sp = sub.add_parser("passes", help="list registered passes and pipelines")
     sp.set_defaults(fn=cmd_passes)

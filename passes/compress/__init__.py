@@ -1,0 +1,1 @@
+"""Compression passes: low-rank factorization, weight clustering."""

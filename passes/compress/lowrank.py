@@ -1,0 +1,163 @@
+"""Low-rank factorization of MatMul/Gemm weights.
+
+Rule: ``MatMul(x, W)`` with constant W of shape [K, N] (``Gemm`` with alpha = beta = 1 and
+transA = 0 likewise, using its transB) becomes ``MatMul(MatMul(x, A), B)`` with A = U_r S_r
+[K, r] and B = V_r^T [r, N] from the SVD of W; the bias stays on the second product.
+
+The rank r is chosen per layer:
+  * ``energy`` (default 0.9): the smallest r keeping that fraction of the squared singular values;
+  * ``flops`` (a fraction): the largest r whose two products cost at most that fraction of K*N;
+  * ``max_error`` with calibration data: the smallest r whose layer output error
+    ||X W - X A B|| / ||X W|| on the calibration inputs X is at most the budget.
+
+``activation_aware=True`` (with calibration data) factorizes in the metric of the layer's real
+inputs: with C = X^T X = L L^T, the SVD of L^T W gives A = L^{-T} U_r S_r, B = V_r^T, which
+minimizes ||X W - X A B|| instead of ||W - A B|| (whitened SVD).
+
+Applied only where it cuts FLOPs: r (K + N) < K N (times ``min_gain``). Layers that do not
+qualify are left as they are and listed in ``report["skipped"]``. Lossy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from graphopt import GraphoptError, Graph, Node, Pass, PassContext, register_pass
+from graphopt.runtime import intermediate_session, load_calibration
+
+_STD = ("", "ai.onnx")
+
+
+def _weight(n: Node) -> tuple[np.ndarray, bool] | None:
+    """[K, N] weight of a MatMul/Gemm and whether it came transposed (Gemm transB)."""
+    if n.op_type == "MatMul":
+        w = n.input(1).const_value() if n.input(1) is not None else None
+        return (w, False) if w is not None and w.ndim == 2 and w.dtype == np.float32 else None
+    if n.op_type == "Gemm":
+        if n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0:
+            return None
+        w = n.input(1).const_value() if n.input(1) is not None else None
+        if w is None or w.ndim != 2 or w.dtype != np.float32:
+            return None
+        return (w.T, True) if n.attr("transB", 0) else (w, False)
+    return None
+
+
+@register_pass
+class LowRankFactorization(Pass):
+    """Factor MatMul/Gemm weights into two thinner products where it cuts FLOPs."""
+
+    name = "lowrank"
+    recursive = False
+    default_options = {"energy": 0.9, "flops": None, "max_error": None, "activation_aware": False,
+                       "min_gain": 0.9, "min_size": 1024, "exclude_nodes": ()}
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        e, f = self.options["energy"], self.options["flops"]
+        if e is not None and not 0 < e <= 1:
+            raise GraphoptError(f"energy must be in (0, 1], got {e}")
+        if f is not None and not 0 < f < 1:
+            raise GraphoptError(f"flops must be in (0, 1), got {f}")
+        me = self.options["max_error"]
+        if me is not None and me <= 0:
+            raise GraphoptError(f"max_error must be > 0, got {me}")
+        self.report: dict[str, Any] = {}
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        excl = set(self.options["exclude_nodes"])
+        cands = [n for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in _STD and n.name not in excl
+                 and _weight(n) is not None]
+        need_data = self.options["activation_aware"] or self.options["max_error"] is not None
+        xs: dict[str, np.ndarray] = {}
+        if need_data:
+            if ctx.calibration is None:
+                raise GraphoptError("activation-aware or error-budget low-rank needs calibration data")
+            xs = self._inputs(cands, ctx)
+        skipped: dict[str, str] = {}
+        done: dict[str, int] = {}
+        flops_before = flops_after = 0
+        for n in cands:
+            w, transposed = _weight(n)  # type: ignore[misc]
+            k, m = w.shape
+            flops_before += k * m
+            if w.size < self.options["min_size"]:
+                skipped[n.name or n.op_type] = f"weight {k}x{m} is too small to factor"
+                flops_after += k * m
+                continue
+            x = xs.get(n.input(0).name) if need_data else None
+            a, b = self._factor(w.astype(np.float64), x)
+            r = a.shape[1]
+            if r * (k + m) >= self.options["min_gain"] * k * m:
+                skipped[n.name or n.op_type] = f"rank {r} of {min(k, m)} would not cut FLOPs"
+                flops_after += k * m
+                continue
+            av = graph.add_initializer((n.name or "w") + "_lr_a", a.astype(np.float32))
+            bv = graph.add_initializer((n.name or "w") + "_lr_b", b.astype(np.float32))
+            first = graph.make_node("MatMul", [n.input(0), av], before=n, name=graph.fresh_name((n.name or "mm") + "_lr1"))
+            second = graph.make_node("MatMul", [first.output(0), bv], before=n,
+                                     name=graph.fresh_name((n.name or "mm") + "_lr2"))
+            out = second.output(0)
+            if n.op_type == "Gemm" and n.input(2) is not None:
+                add = graph.make_node("Add", [out, n.input(2)], before=n, name=graph.fresh_name((n.name or "mm") + "_bias"))
+                out = add.output(0)
+            out.dtype, out.shape = n.output(0).dtype, n.output(0).shape
+            graph.replace_all_uses_with(n.output(0), out)
+            graph.remove(n)
+            done[n.name or n.op_type] = r
+            flops_after += r * (k + m)
+        self.report = {"factored": done, "skipped": skipped,
+                       "matmul_flops_ratio": (flops_after / flops_before) if flops_before else 1.0}
+        return bool(done)
+
+    # -- choosing the rank ----------------------------------------------------------------------
+    def _factor(self, w: np.ndarray, x: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        k, m = w.shape
+        if self.options["activation_aware"] and x is not None:
+            c = x.T @ x / max(len(x), 1) + 1e-6 * np.eye(k)
+            lower = np.linalg.cholesky(c)
+            u, s, vt = np.linalg.svd(lower.T @ w, full_matrices=False)
+            back = np.linalg.solve(lower.T, np.eye(k))  # L^{-T}
+        else:
+            u, s, vt = np.linalg.svd(w, full_matrices=False)
+            back = None
+        r = self._rank(s, k, m, u, vt, back, w, x)
+        a = (u[:, :r] * s[:r])
+        if back is not None:
+            a = back @ a
+        return a, vt[:r]
+
+    def _rank(self, s: np.ndarray, k: int, m: int, u: np.ndarray, vt: np.ndarray, back: np.ndarray | None,
+              w: np.ndarray, x: np.ndarray | None) -> int:
+        full = len(s)
+        if self.options["max_error"] is not None and x is not None:
+            ref = x @ w
+            norm = max(np.linalg.norm(ref), 1e-12)
+            for r in range(1, full + 1):
+                a = u[:, :r] * s[:r]
+                if back is not None:
+                    a = back @ a
+                if np.linalg.norm(ref - (x @ a) @ vt[:r]) / norm <= self.options["max_error"]:
+                    return r
+            return full
+        if self.options["flops"] is not None:
+            return max(1, min(full, int(self.options["flops"] * k * m / (k + m))))
+        energy = np.cumsum(s ** 2) / max(np.sum(s ** 2), 1e-30)
+        return int(min(full, np.searchsorted(energy, self.options["energy"]) + 1))
+
+    def _inputs(self, nodes: list[Node], ctx: PassContext) -> dict[str, np.ndarray]:
+        """Rows of every candidate's input on the calibration data (last axis = features)."""
+        assert self.model is not None
+        samples = load_calibration(ctx.calibration, self.model)[:64]
+        names = sorted({n.input(0).name for n in nodes})
+        sess, outs = intermediate_session(self.model, names)
+        ins = {i.name for i in sess.get_inputs()}
+        acc: dict[str, list[np.ndarray]] = {k: [] for k in names}
+        for s in samples:
+            res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
+            for k in names:
+                a = np.asarray(res[k], np.float64)
+                acc[k].append(a.reshape(-1, a.shape[-1]))
+        return {k: np.concatenate(v) for k, v in acc.items() if v}
