@@ -30,6 +30,7 @@ from .reorder.schedule import MemoryAwareSchedule
 from .reorder.transpose import SinkTransposes
 from .compress.cluster import WeightClustering
 from .compress.lowrank import LowRankFactorization
+from .compress.prune import MagnitudePruning
 from .quantize.dynamic import QuantizeDynamic
 from .quantize.equalize import CrossLayerEqualization
 from .quantize.static import QuantizeStatic
@@ -70,6 +71,6 @@ register_pipeline("cleanup", cleanup_pipeline)
 __all__ = [
     "AlgebraicReorder", "CommonSubexpressionElimination", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
 ]

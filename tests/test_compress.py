@@ -120,3 +120,41 @@ def test_cli_compress_compositions(tmp_path: Path, example_path: Path) -> None:
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
     r = run(str(example_path), "-o", str(tmp_path / "y.onnx"))
     assert r.returncode == 2 and "nothing to do" in r.stderr
+
+
+@pytest.mark.parametrize("mode,scope", [("magnitude", "global"), ("magnitude", "layer"), ("2:4", "global")])
+def test_pruning_sparsity_and_accuracy(tmp_path: Path, example_path: Path, mode: str, scope: str) -> None:
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    graphopt.save(m, tmp_path / "fp32.onnx")
+    fp = _acc(tmp_path / "fp32.onnx")
+    p = graphopt.get_pass("prune", sparsity=0.5, mode=mode, scope=scope, min_size=256)
+    graphopt.run_passes(m, [p, "dce"])
+    assert abs(p.report["sparsity"] - 0.5) < 0.02, p.report["sparsity"]
+    ws = [n.input(1).const_value() for n in m.graph if n.op_type in ("Conv", "Gemm") and n.input(1).const_value().size >= 256]
+    if mode == "2:4":
+        for n in m.graph:
+            if n.op_type == "Conv" and n.input(1).const_value().size >= 256:
+                w = n.input(1).const_value()
+                groups = np.moveaxis(w, 1, -1).reshape(-1, 4) if w.shape[1] % 4 == 0 else None
+                if groups is not None:
+                    assert ((groups != 0).sum(1) <= 2).all()
+    if scope == "layer" or mode == "2:4":
+        assert all(abs((w == 0).mean() - 0.5) < 0.05 for w in ws)
+    else:  # global: layers with larger weights lose less, but the total is 50%
+        assert len({round(float((w == 0).mean()), 2) for w in ws}) > 1
+    graphopt.save(m, tmp_path / "p.onnx")
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
+    assert _acc(tmp_path / "p.onnx") >= fp - 0.05  # 50% without recovery: a stated, loose bound
+
+
+def test_prune_then_cluster_shrinks_and_options_validated(tmp_path: Path, example_path: Path) -> None:
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    graphopt.run_passes(m, [graphopt.get_pass("prune", sparsity=0.5, min_size=256),
+                            graphopt.get_pass("cluster", clusters=16, min_size=256), "dce"])
+    graphopt.save(m, tmp_path / "pc.onnx")
+    assert _acc(tmp_path / "pc.onnx") > 0.9
+    for bad in ({"sparsity": 1.0}, {"mode": "4:2"}, {"mode": "half"}, {"scope": "model"}):
+        with pytest.raises(GraphoptError):
+            graphopt.get_pass("prune", **bad)
