@@ -317,8 +317,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from graphopt.runtime import compare, load_calibration, make_inputs, run_ort
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
-    if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8):
-        raise GraphoptError("nothing to do: give --cluster K, --lowrank ENERGY, --lowrank-flops F and/or --int8")
+    if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8 or args.prune or args.nm):
+        raise GraphoptError("nothing to do: give --prune R, --nm N:M, --cluster K, --lowrank ENERGY, "
+                            "--lowrank-flops F and/or --int8")
     out = Path(args.output)
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
@@ -330,6 +331,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
     run_passes(model, get_pipeline("default"))
     passes: list[Any] = []
     reports: list[tuple[str, Any]] = []
+    if args.prune and args.structured:
+        pr = get_pass("prune-channels", ratio=args.prune, importance=args.importance, recover=calib is not None)
+        passes.append(pr)
+        reports.append(("prune-channels", pr))
+    elif args.prune or args.nm:
+        pr = get_pass("prune", sparsity=args.prune or 0.5, mode=args.nm or "magnitude")
+        passes.append(pr)
+        reports.append(("prune", pr))
     if args.lowrank or args.lowrank_flops:
         lr = get_pass("lowrank", energy=args.lowrank if args.lowrank else None, flops=args.lowrank_flops,
                       activation_aware=args.activation_aware)
@@ -431,6 +440,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("compress", help="low-rank factorization, weight clustering (and INT8) for smaller models")
     sp.add_argument("model")
     sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--prune", type=float, metavar="R", help="prune this fraction of weights (or of channels "
+                    "with --structured)")
+    sp.add_argument("--structured", action="store_true", help="remove whole Conv output channels (real speedup); "
+                    "with --calibration the next layers are refit by least squares")
+    sp.add_argument("--importance", default="l1", choices=["l1", "activation"], help="channel importance")
+    sp.add_argument("--nm", metavar="N:M", help="N:M sparsity, e.g. 2:4")
     sp.add_argument("--cluster", type=int, metavar="K", help="k-means weight sharing with K centroids (2..256)")
     sp.add_argument("--cluster-init", default="kmeans++", choices=["kmeans++", "linear", "density"])
     sp.add_argument("--per-channel", action="store_true", help="one codebook per output channel")

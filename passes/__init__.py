@@ -28,6 +28,7 @@ from .fusion.pad_conv import FusePadIntoConv
 from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
 from .reorder.transpose import SinkTransposes
+from .compress.channels import ChannelPruning
 from .compress.cluster import WeightClustering
 from .compress.lowrank import LowRankFactorization
 from .compress.prune import MagnitudePruning
@@ -69,7 +70,7 @@ register_pipeline("fold-only", fold_only_pipeline)
 register_pipeline("cleanup", cleanup_pipeline)
 
 __all__ = [
-    "AlgebraicReorder", "CommonSubexpressionElimination", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
+    "AlgebraicReorder", "ChannelPruning", "CommonSubexpressionElimination", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
     "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",

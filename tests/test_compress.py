@@ -18,7 +18,7 @@ from graphopt.errors import GraphoptError
 from helpers import FIXTURES, make_model, vi
 
 DIGITS = np.load(FIXTURES / "digits_test.npz")
-CALIB = [{"input": x[None]} for x in np.load(FIXTURES / "digits_calib.npz")["input"]]
+CALIB = [{"input": x[None]} for x in np.load(FIXTURES / "digits_calib.npz")["input"]]  # 256 training images
 TRANSFORMER = FIXTURES / "digits_transformer.onnx"
 
 
@@ -158,3 +158,85 @@ def test_prune_then_cluster_shrinks_and_options_validated(tmp_path: Path, exampl
     for bad in ({"sparsity": 1.0}, {"mode": "4:2"}, {"mode": "half"}, {"scope": "model"}):
         with pytest.raises(GraphoptError):
             graphopt.get_pass("prune", **bad)
+
+
+def _random_weights(path: Path) -> graphopt.Model:
+    """A light model with its ConstantOfShape weights replaced by random initializers
+    (NOTES.md: the originals are constant fills, so outputs would not depend on anything)."""
+    m = graphopt.load(path)
+    graphopt.run_passes(m, ["lift-initializer-inputs"])
+    rng = np.random.default_rng(0)
+    g = m.graph
+    for n in list(g):
+        fill = n.output(0).fill_value() if n.op_type == "ConstantOfShape" else None
+        if fill is not None:
+            shape = fill[0]
+            fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+            data = (rng.standard_normal(shape) * np.sqrt(2.0 / max(fan, 1))).astype(np.float32)
+            if len(shape) == 1:
+                data = np.abs(data) + 0.5  # BN scales / variances stay positive
+            g.replace_all_uses_with(n.output(0), g.add_initializer(n.output(0).name + "_rand", data))
+    graphopt.run_passes(m, ["dce"])
+    graphopt.optimize(m)
+    return m
+
+
+def test_channel_pruning_digits_cnn_with_recovery(tmp_path: Path, example_path: Path) -> None:
+    from graphopt.analysis import infer_shapes, model_stats
+
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    fp = _acc(m)
+    flops0 = model_stats(infer_shapes(m.copy(), {"input": [1, 1, 8, 8]})).flops
+    p = graphopt.get_pass("prune-channels", ratio=0.5)
+    graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(calibration=CALIB))
+    assert set(p.report["pruned"].values()) == {"8/16", "16/32"} and len(p.report["pruned"]) == 3
+    graphopt.save(m, tmp_path / "p.onnx")
+    onnx.checker.check_model(str(tmp_path / "p.onnx"), full_check=True)
+    acc = _acc(tmp_path / "p.onnx")
+    assert acc >= fp - 0.01, (fp, acc)  # <= 1 point after least-squares recovery (256 samples)
+    flops1 = model_stats(infer_shapes(graphopt.load(tmp_path / "p.onnx"), {"input": [1, 1, 8, 8]})).flops
+    assert flops1 < 0.45 * flops0, (flops0, flops1)
+    # without recovery the same pruning is far worse: the refit is what makes it work
+    m2 = graphopt.load(example_path)
+    graphopt.optimize(m2)
+    graphopt.run_passes(m2, [graphopt.get_pass("prune-channels", ratio=0.5, recover=False), "dce"])
+    assert _acc(m2) < acc - 0.2
+
+
+@pytest.mark.parametrize("name", ["light_resnet50", "light_densenet121", "light_shufflenet", "light_inception_v1"])
+def test_channel_pruning_keeps_real_architectures_valid(name: str) -> None:
+    from helpers import DATA
+
+    m = _random_weights(DATA / "light" / f"{name}.onnx")
+    feeds = graphopt.make_inputs(m)
+    before = graphopt.run_ort(m, feeds)
+    p = graphopt.get_pass("prune-channels", ratio=0.5)
+    graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(instruments=[graphopt.VerifyInstrument()]))
+    if name == "light_shufflenet":  # every conv is grouped or feeds a shuffle/branch: nothing qualifies
+        assert not p.report["pruned"] and p.report["skipped"]
+    else:
+        assert p.report["pruned"], p.report["skipped"]
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    after = graphopt.run_ort(m, feeds)
+    assert [a.shape for a in after.values()] == [b.shape for b in before.values()]
+    assert all(np.isfinite(a).all() for a in after.values())
+    # residual groups, concatenations and channel shuffles are left alone, and said so
+    if name in ("light_resnet50", "light_densenet121", "light_shufflenet"):
+        assert any("aligned" in why or "group-1" in why for why in p.report["skipped"].values())
+
+
+def test_channel_pruning_options() -> None:
+    for bad in ({"ratio": 0}, {"ratio": 1.2}, {"importance": "random"}):
+        with pytest.raises(GraphoptError):
+            graphopt.get_pass("prune-channels", **bad)
+
+
+def test_cli_structured_prune_then_int8(tmp_path: Path, example_path: Path) -> None:
+    out = tmp_path / "pq.onnx"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "compress", str(example_path), "-o", str(out),
+                        "--prune", "0.5", "--structured", "--int8", "--calibration", str(FIXTURES / "digits_calib.npz")],
+                       cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "prune-channels" in r.stdout and _acc(out) >= 0.97
+    assert out.stat().st_size < example_path.stat().st_size / 5  # 5.7x measured on this 48k-param model
