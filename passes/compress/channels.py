@@ -1,5 +1,10 @@
 """Structured channel pruning: remove whole output channels of Conv layers.
 
+Channels are pruned per *group*: the activations joined by channel-wise ops and by elementwise
+Add/Sub/Mul/Max/Min (residual connections) must keep the same channels, so every Conv producing
+one of them drops the same output channels, and every reader drops the matching input channels.
+A group with a single producer is the classic Conv -> BN -> Relu -> Conv unit:
+
 A prunable unit is a Conv (group = 1, constant weights) whose output reaches its readers only
 through channel-preserving ops - BatchNormalization (constant parameters), elementwise
 activations, pooling, GlobalAveragePool, per-channel constant Add/Mul/Sub/Div - and whose
@@ -8,9 +13,9 @@ Gemm/MatMul layers. Everything in the unit is rewritten consistently: the produc
 bias, BN parameters, per-channel constants, and the readers' input channels (or the matching
 feature rows after a flatten).
 
-Residual ``Add``, ``Concat``, channel shuffles (Reshape/Transpose), depthwise/grouped readers and
-graph outputs end a unit without qualifying: those convolutions are left as they are and listed
-in ``report["skipped"]`` (their channels must stay aligned with other branches).
+``Concat``, channel shuffles (Reshape/Transpose), depthwise/grouped readers, graph inputs and
+graph outputs make a group unprunable: its convolutions are left as they are and listed in
+``report["skipped"]`` (their channels must stay aligned with something graphopt cannot change).
 
 Importance: ``l1`` (filter L1 norm) or ``activation`` (filter norm times the mean |activation|
 of the channel on calibration data, Wanda-style). Recovery: with calibration data, each
@@ -115,6 +120,110 @@ def find_unit(p: Node) -> Unit | str:
     return u
 
 
+ELEMENTWISE_JOIN = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Sum"})
+
+
+class Group:
+    """Values that must keep the same channels (joined by channel-wise ops and residual adds),
+    the Convs producing them, the ops carrying per-channel parameters, and the readers."""
+
+    def __init__(self) -> None:
+        self.values: list[Value] = []
+        self.producers: list[Node] = []
+        self.param_ops: list[Node] = []
+        self.readers: list[tuple[Node, str, int]] = []
+        self.flattens: list[Node] = []
+        self.reason: str | None = None
+
+
+def find_groups(graph: Graph) -> list[Group]:
+    """Channel groups of the main graph (union-find over 4-D activation values)."""
+    parent: dict[int, int] = {}
+    vals: dict[int, Value] = {}
+
+    def find(a: int) -> int:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    def union(a: Value, b: Value) -> None:
+        vals[id(a)], vals[id(b)] = a, b
+        ra, rb = find(id(a)), find(id(b))
+        if ra != rb:
+            parent[ra] = rb
+
+    def four_d(v: Value | None) -> bool:
+        return v is not None and v.shape is not None and len(v.shape) == 4 and not v.is_const()
+
+    for n in graph:
+        if n.domain not in _STD or not n.outputs:
+            continue
+        out = n.output(0)
+        if not four_d(out):
+            continue
+        if n.op_type == "Conv" and (n.attr("group", 1) or 1) == 1 and n.input(1) is not None \
+                and n.input(1).const_value() is not None:
+            vals[id(out)] = out
+            find(id(out))
+        elif n.op_type in CHANNEL_WISE and four_d(n.input(0)):
+            union(n.input(0), out)
+        elif n.op_type in PER_CHANNEL_BINARY | ELEMENTWISE_JOIN:
+            data = [v for v in n.inputs if v is not None and not v.is_const()]
+            if data and all(four_d(v) for v in data):
+                for v in data:
+                    union(v, out)
+    groups: dict[int, Group] = {}
+    for vid, v in vals.items():
+        groups.setdefault(find(vid), Group()).values.append(v)
+    out_groups = []
+    for g in groups.values():
+        members = {id(v) for v in g.values}
+        for v in g.values:
+            p = v.producer
+            if v.is_graph_output() or p is None:
+                g.reason = "reaches a graph input or output"
+                break
+            if p.op_type == "Conv" and (p.attr("group", 1) or 1) == 1 and p.input(1).const_value() is not None:
+                g.producers.append(p)
+            elif p.op_type == "BatchNormalization" and any(i is None or i.const_value() is None for i in p.inputs[1:5]):
+                g.reason = "BatchNormalization parameters are not constant"
+            elif p.op_type == "BatchNormalization" or (p.op_type in PER_CHANNEL_BINARY and any(
+                    i is not None and i.const_value() is not None and i.const_value().size > 1 for i in p.inputs)):
+                g.param_ops.append(p)
+            elif p.op_type == "Clip" and any(i is not None and not i.is_const() for i in p.inputs[1:]):
+                g.reason = "Clip bounds are not constant"
+            for r in v.consumers():
+                if all(id(o) in members for o in r.outputs if o.name) and r.op_type not in ("Conv",):
+                    continue  # an op inside the group
+                if r.op_type == "Conv" and (r.attr("group", 1) or 1) == 1 and r.input(0) is v \
+                        and r.input(1) is not None and r.input(1).const_value() is not None:
+                    g.readers.append((r, "conv", 1))
+                    continue
+                if r.op_type in ("Flatten", "Reshape") and v.shape is not None and \
+                        all(isinstance(d, int) for d in v.shape[1:]):
+                    o = r.output(0)
+                    _, c_, h_, w_ = v.shape
+                    tgt = r.input(1).const_value() if r.op_type == "Reshape" and r.input(1) is not None else None
+                    fc = o.consumers()[0] if len(o.consumers()) == 1 else None
+                    if o.shape is not None and len(o.shape) == 2 and o.shape[1] == c_ * h_ * w_ and fc is not None \
+                            and fc.op_type in ("Gemm", "MatMul") and fc.input(0) is o and not fc.attr("transA", 0) \
+                            and fc.input(1) is not None and fc.input(1).const_value() is not None \
+                            and (r.op_type == "Flatten" or (tgt is not None and int(np.ravel(tgt)[-1]) == -1)):
+                        g.readers.append((fc, "fc", h_ * w_))
+                        g.flattens.append(r)
+                        continue
+                g.reason = f"read by {r.op_type} {r.name!r}, which must keep its channels aligned"
+            if g.reason:
+                break
+        if not g.producers and not g.reason:
+            g.reason = "no Conv produces these channels"
+        if not g.readers and not g.reason:
+            g.reason = "no reader whose input channels can shrink"
+        out_groups.append(g)
+    return out_groups
+
+
 def _im2col(x: np.ndarray, node: Node) -> np.ndarray:
     """Patches of NCHW ``x`` for a 2-D Conv with ``node``'s attributes: [N*H'*W', C*kh*kw]."""
     kh, kw = node.input(1).const_value().shape[2:]
@@ -152,17 +261,24 @@ class ChannelPruning(Pass):
 
         assert self.model is not None
         infer_shapes(self.model, ctx.input_shapes or None)
-        units: list[Unit] = []
+        excl = set(self.options["exclude_nodes"])
+        order = {n: i for i, n in enumerate(graph)}
+        groups = []
         skipped: dict[str, str] = {}
-        for n in graph:
-            if n.op_type != "Conv" or n.name in self.options["exclude_nodes"]:
+        for g in find_groups(graph):
+            names = ", ".join(sorted(p.name or "Conv" for p in g.producers)) or (g.values[0].name if g.values else "?")
+            if g.reason:
+                for p in g.producers or []:
+                    skipped[p.name or "Conv"] = g.reason
+                if not g.producers:
+                    continue
                 continue
-            u = find_unit(n)
-            if isinstance(u, str):
-                skipped[n.name or n.op_type] = u
-            else:
-                units.append(u)
-        if not units:
+            if any(p.name in excl for p in g.producers):
+                skipped[names] = "excluded"
+                continue
+            groups.append(g)
+        groups.sort(key=lambda g: min(order[p] for p in g.producers))
+        if not groups:
             self.report = {"pruned": {}, "skipped": skipped}
             return False
         have_data = ctx.calibration is not None
@@ -171,40 +287,47 @@ class ChannelPruning(Pass):
         acts: dict[str, np.ndarray] = {}
         targets: dict[str, np.ndarray] = {}
         if have_data:
-            names = sorted({u.end.name for u in units} | {r.output(0).name for u in units for r, _, _ in u.readers})
+            names = sorted({g.values[0].name for g in groups} | {r.output(0).name for g in groups for r, _, _ in g.readers})
             acts = self._collect(names, ctx)
-            targets = {r.output(0).name: acts[r.output(0).name] for u in units for r, _, _ in u.readers}
-        keep: dict[int, np.ndarray] = {}
-        for u in units:
-            w = u.producer.input(1).const_value()
-            c = w.shape[0]
+            targets = {r.output(0).name: acts[r.output(0).name] for g in groups for r, _, _ in g.readers}
+        recover = have_data and self.options["recover"]
+        # channels to keep, ranked on the original model for every group before any rewrite
+        plan: list[tuple[Group, np.ndarray, int]] = []
+        for g in groups:
+            ws = [p.input(1).const_value() for p in g.producers]
+            c = ws[0].shape[0]
+            if any(w.shape[0] != c for w in ws):
+                skipped[", ".join(p.name for p in g.producers)] = "producers disagree on the channel count"
+                continue
             n_keep = max(self.options["min_channels"], int(round(c * (1 - self.options["ratio"]))))
             if n_keep >= c:
-                skipped[u.producer.name or "Conv"] = "too few channels to prune"
+                for p in g.producers:
+                    skipped[p.name or "Conv"] = "too few channels to prune"
                 continue
-            score = np.abs(w).reshape(c, -1).sum(1)
-            if self.options["importance"] == "activation" and u.end.name in acts:
-                a = acts[u.end.name]
+            score = sum(np.abs(w).reshape(c, -1).sum(1) / max(np.abs(w).reshape(c, -1).sum(1).max(), 1e-12)
+                        for w in ws)
+            if self.options["importance"] == "activation" and g.values[0].name in acts:
+                a = acts[g.values[0].name]
                 score = score * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
-            keep[id(u)] = np.sort(np.argsort(-score)[:n_keep])
+            plan.append((g, np.sort(np.argsort(-score)[:n_keep]), c))
         done = {}
-        recover = have_data and self.options["recover"]
-        for u in units:
-            if id(u) not in keep:
-                continue
-            k = keep[id(u)]
-            total = u.producer.input(1).const_value().shape[0]
+        for g, k, c in plan:
             # progressive recovery: the readers' inputs as the model computes them *now*
-            # (upstream units already pruned), their outputs as the original model computed them
-            cur = self._collect([r.input(0).name for r, _, _ in u.readers], ctx) if recover else {}
-            self._apply(graph, u, k, cur, targets if recover else {})
-            done[u.producer.name or "Conv"] = f"{len(k)}/{total}"
-        for u in units:  # shapes along the units changed: forget them, re-infer later
-            for n in [u.producer] + u.chain:
-                for o in n.outputs:
-                    o.shape = None
+            # (earlier groups already pruned), their outputs as the original model computed them
+            cur = self._collect([r.input(0).name for r, _, _ in g.readers], ctx) if recover else {}
+            self._apply(graph, g, k, cur, targets if recover else {})
+            for p in g.producers:
+                done[p.name or "Conv"] = f"{len(k)}/{c}"
+        for g in groups:  # shapes in the groups changed: forget them, re-infer
+            for v in g.values:
+                v.shape = None
+            for f in g.flattens:
+                f.output(0).shape = None
         infer_shapes(self.model, ctx.input_shapes or None)
-        self.report = {"pruned": done, "skipped": skipped, "recovered": bool(acts) and self.options["recover"]}
+        self.report = {"pruned": done, "skipped": skipped, "recovered": recover,
+                       "groups": sum(1 for g in groups if any((p.name or "Conv") in done for p in g.producers)),
+                       "multi_producer_groups": sum(1 for g in groups if len(g.producers) > 1
+                                                    and any((p.name or "Conv") in done for p in g.producers))}
         return bool(done)
 
     def _collect(self, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
@@ -219,34 +342,36 @@ class ChannelPruning(Pass):
                 acc[k].append(np.asarray(res[k], np.float64))
         return {k: np.concatenate(v) for k, v in acc.items()}
 
-    def _apply(self, graph: Graph, u: Unit, k: np.ndarray, cur: dict[str, np.ndarray],
+    def _apply(self, graph: Graph, g: Group, k: np.ndarray, cur: dict[str, np.ndarray],
                targets: dict[str, np.ndarray]) -> None:
-        p = u.producer
-
         def const(v: Value, arr: np.ndarray, tag: str) -> Value:
             return graph.add_initializer(v.name + tag, arr.astype(v.const_value().dtype))
 
-        w = p.input(1).const_value()
-        p.set_input(1, const(p.input(1), w[k], "_pruned"))
-        if p.input(2) is not None and p.input(2).const_value() is not None:
-            p.set_input(2, const(p.input(2), p.input(2).const_value()[k], "_pruned"))
-        c = w.shape[0]
-        for n in u.chain:
+        c = g.producers[0].input(1).const_value().shape[0]
+        for p in g.producers:
+            p.set_input(1, const(p.input(1), p.input(1).const_value()[k], "_pruned"))
+            if p.input(2) is not None and p.input(2).const_value() is not None:
+                p.set_input(2, const(p.input(2), p.input(2).const_value()[k], "_pruned"))
+        for n in g.param_ops:
             if n.op_type == "BatchNormalization":
                 for i in range(1, 5):
                     n.set_input(i, const(n.input(i), n.input(i).const_value()[k], "_pruned"))
-            elif n.op_type in PER_CHANNEL_BINARY:
+            else:
                 ci = _per_channel_const(n, c)
+                if ci is None:
+                    continue
                 arr = n.input(ci).const_value()
                 if arr.size > 1:
-                    shp = arr.shape
-                    new_shape = list(shp)
-                    new_shape[len(shp) - 3 if len(shp) >= 3 else 0] = len(k)
+                    new_shape = list(arr.shape)
+                    new_shape[len(arr.shape) - 3 if len(arr.shape) >= 3 else 0] = len(k)
                     n.set_input(ci, const(n.input(ci), arr.reshape(-1)[k].reshape(new_shape), "_pruned"))
-        for r, kind, hw in u.readers:
+        producers = set(g.producers)
+        for r, kind, hw in g.readers:
             wr = r.input(1).const_value().astype(np.float64)
             x = cur.get(r.input(0).name)
             y = targets.get(r.output(0).name)
+            if y is not None and r in producers:
+                y = y[:, k]  # this reader also feeds the group: its outputs were cut too
             bias = r.input(2).const_value() if r.input(2) is not None and r.input(2).const_value() is not None else None
             if kind == "conv":
                 new = wr[:, k]
