@@ -291,6 +291,7 @@ class ChannelPruning(Pass):
             acts = self._collect(names, ctx)
             targets = {r.output(0).name: acts[r.output(0).name] for g in groups for r, _, _ in g.readers}
         recover = have_data and self.options["recover"]
+        self._out_keep: dict[Node, np.ndarray] = {}
         # channels to keep, ranked on the original model for every group before any rewrite
         plan: list[tuple[Group, np.ndarray, int]] = []
         for g in groups:
@@ -349,6 +350,7 @@ class ChannelPruning(Pass):
 
         c = g.producers[0].input(1).const_value().shape[0]
         for p in g.producers:
+            self._out_keep[p] = k  # readers refit later compare against these channels only
             p.set_input(1, const(p.input(1), p.input(1).const_value()[k], "_pruned"))
             if p.input(2) is not None and p.input(2).const_value() is not None:
                 p.set_input(2, const(p.input(2), p.input(2).const_value()[k], "_pruned"))
@@ -365,13 +367,12 @@ class ChannelPruning(Pass):
                     new_shape = list(arr.shape)
                     new_shape[len(arr.shape) - 3 if len(arr.shape) >= 3 else 0] = len(k)
                     n.set_input(ci, const(n.input(ci), arr.reshape(-1)[k].reshape(new_shape), "_pruned"))
-        producers = set(g.producers)
         for r, kind, hw in g.readers:
             wr = r.input(1).const_value().astype(np.float64)
             x = cur.get(r.input(0).name)
             y = targets.get(r.output(0).name)
-            if y is not None and r in producers:
-                y = y[:, k]  # this reader also feeds the group: its outputs were cut too
+            if y is not None and r in self._out_keep:
+                y = y[:, self._out_keep[r]]  # this reader's own outputs were already cut
             bias = r.input(2).const_value() if r.input(2) is not None and r.input(2).const_value() is not None else None
             if kind == "conv":
                 new = wr[:, k]
