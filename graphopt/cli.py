@@ -350,10 +350,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
         passes.append(cl)
         reports.append(("cluster", cl))
     if args.int8:
-        q = get_pass("quantize-static")
+        # clustered weights: per-tensor int8 scales keep the palette (per-channel ones would not)
+        q = get_pass("quantize-static", per_channel=not (args.cluster and not args.per_channel))
         passes.append(q)
         reports.append(("int8", q))
-    passes.append(get_pass("dce"))
+        if args.cluster and args.cluster <= 256:
+            pal = get_pass("palettize", max_values=args.cluster)
+            passes.append(pal)  # keep the cluster palette in the int8 weights: indices + int8 codebook
+            reports.append(("palettize", pal))
+    passes += [get_pass("dce"), get_pass("compact-names")]
     run_passes(model, passes, PassContext(calibration=calib))
     save(model, out)
     feeds = calib[:16] if calib else [make_inputs(original, seed=k) for k in range(4)]

@@ -17,6 +17,7 @@ from graphopt import Pipeline, register_pipeline
 from .cleanup.constant_folding import ConstantFolding, InlineConstantIf, LiftInitializerInputs
 from .cleanup.cse import CommonSubexpressionElimination
 from .cleanup.dce import DeadCodeElimination
+from .cleanup.names import CompactNames
 from .cleanup.noop import EliminateIdentity, EliminateNoOps
 from .cleanup.shapes import ResolveDynamicReshape
 from .fusion.activations import FuseActivations
@@ -29,7 +30,7 @@ from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
 from .reorder.transpose import SinkTransposes
 from .compress.channels import ChannelPruning
-from .compress.cluster import WeightClustering
+from .compress.cluster import Palettize, WeightClustering
 from .compress.lowrank import LowRankFactorization
 from .compress.prune import MagnitudePruning
 from .quantize.dynamic import QuantizeDynamic
@@ -70,8 +71,8 @@ register_pipeline("fold-only", fold_only_pipeline)
 register_pipeline("cleanup", cleanup_pipeline)
 
 __all__ = [
-    "AlgebraicReorder", "ChannelPruning", "CommonSubexpressionElimination", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
+    "AlgebraicReorder", "ChannelPruning", "CommonSubexpressionElimination", "CompactNames", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "Palettize", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
 ]

@@ -257,3 +257,33 @@ def test_channel_pruning_with_recovery_on_residual_net() -> None:
     assert p.report["recovered"] and p.report["pruned"]
     out = graphopt.run_ort(m, cal[0])
     assert [a.shape for a in out.values()] == [a.shape for a in ref.values()]
+
+
+def test_cluster_then_int8_keeps_the_palette(tmp_path: Path, example_path: Path) -> None:
+    """cluster-16 -> int8 -> palettize: the int8 weights are stored as 4-bit indices + an int8
+    codebook, exactly (lossless repack), and ORT still runs integer kernels."""
+    import onnxruntime as ort
+
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    graphopt.save(m, tmp_path / "fp32.onnx")
+    # per-tensor clusters + per-tensor int8 scales: the 16 centroids stay 16 int8 values
+    graphopt.run_passes(m, [graphopt.get_pass("cluster", clusters=16, min_size=256, storage="dense"),
+                            graphopt.get_pass("quantize-static", per_channel=False), "dce"],
+                        graphopt.PassContext(calibration=CALIB[:64]))
+    graphopt.save(m, tmp_path / "q.onnx")
+    pal = graphopt.get_pass("palettize", min_size=256)
+    graphopt.run_passes(m, [pal, "dce", "compact-names"])
+    graphopt.save(m, tmp_path / "qp.onnx")
+    assert pal.report["palettized"] >= 4
+    x = {"input": DIGITS["x"][:64]}
+    assert np.array_equal(graphopt.run_ort(tmp_path / "q.onnx", x)["logits"],
+                          graphopt.run_ort(tmp_path / "qp.onnx", x)["logits"])  # lossless
+    ratio = (tmp_path / "qp.onnx").stat().st_size / (tmp_path / "fp32.onnx").stat().st_size
+    assert ratio < 1 / 6, ratio  # >= 6x smaller than fp32
+    assert _acc(tmp_path / "qp.onnx") >= _acc(tmp_path / "fp32.onnx") - 0.01
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    so.log_severity_level = 4
+    ort.InferenceSession(str(tmp_path / "qp.onnx"), so, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]

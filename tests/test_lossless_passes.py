@@ -468,3 +468,19 @@ def test_default_pipeline_across_opsets(opset: int) -> None:
                            ("fw", rnd(48, 5)), ("fb", rnd(5))], opset=opset)
     m = optimize(mp, "default", {"x": [2, 2, 4, 4]})
     assert ops(m) == ["Conv", "Relu", "Reshape", "Gemm"], ops(m)
+
+
+def test_compact_names_keeps_interface_and_numbers(tmp_path: Path) -> None:
+    from graphopt.cli import example_model_path
+
+    src = example_model_path()
+    m = graphopt.load(src)
+    graphopt.run_passes(m, ["compact-names"])
+    graphopt.save(m, tmp_path / "c.onnx")
+    onnx.checker.check_model(str(tmp_path / "c.onnx"), full_check=True)
+    out = onnx.load(str(tmp_path / "c.onnx"))
+    assert [i.name for i in out.graph.input] == ["input"] and [o.name for o in out.graph.output] == ["logits"]
+    assert all(len(n.name) <= 4 for n in out.graph.node)
+    assert (tmp_path / "c.onnx").stat().st_size < src.stat().st_size
+    x = make_inputs(m, {"input": [3, 1, 8, 8]})
+    assert np.array_equal(graphopt.run_ort(src, x)["logits"], graphopt.run_ort(tmp_path / "c.onnx", x)["logits"])

@@ -188,3 +188,81 @@ class WeightClustering(Pass):
         else:
             vals = node("Gather", [codebook, indices], {"axis": 0})
         return node("Reshape", [vals, graph.add_initializer(base + "_shape", np.array(shape, np.int64))])
+
+
+@register_pass
+class Palettize(Pass):
+    """Store weight constants with few distinct values as indices + codebook (lossless).
+
+    Rule: a constant read as a weight - input 1 of Conv/Gemm/MatMul, or input 0 of a
+    DequantizeLinear (int8/uint8 weights after quantization) - with at most ``max_values``
+    distinct values (in the whole tensor, or in every output channel: per-channel int8 scales
+    give each channel its own palette) and at least ``min_size`` elements is replaced by the same palettized
+    decoding as ``cluster`` uses (4-bit packed indices up to 16 values, uint8 up to 256). The
+    values are exactly the original ones. Run after ``cluster`` + ``quantize-static`` so the int8
+    weights keep the small palette in the file.
+    """
+
+    name = "palettize"
+    recursive = False
+    default_options = {"max_values": 16, "min_size": 1024}
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
+        opset = (self.model.opset("") if self.model is not None else 0) or 0
+        if opset < 11:
+            return False
+        done = 0
+        seen: dict[int, Value] = {}
+        for n in list(graph):
+            if n.domain not in _STD:
+                continue
+            if n.op_type == "DequantizeLinear":
+                wi = 0
+            elif n.op_type in _WEIGHT_INPUT:
+                wi = _WEIGHT_INPUT[n.op_type]
+            else:
+                continue
+            w = n.input(wi)
+            if w is None or w.const is None or w.is_graph_input():
+                continue
+            if id(w) in seen:
+                n.set_input(wi, seen[id(w)])
+                continue
+            arr = w.const_value()
+            if arr is None or arr.size < self.options["min_size"] or arr.dtype.kind not in "fiu":
+                continue
+            values, inverse = np.unique(arr, return_inverse=True)
+            kmax = min(self.options["max_values"], 256)
+            if len(values) <= kmax:
+                idx = inverse.reshape(arr.shape)
+                new = WeightClustering._palettized(graph, n, w.name, idx, values.astype(arr.dtype), False,
+                                                   len(values) <= 16)
+            elif arr.ndim >= 2:
+                # per-channel scales give each output channel its own small palette
+                rows = arr.reshape(arr.shape[0], -1)
+                books, idxs = [], []
+                for r in rows:
+                    v, inv = np.unique(r, return_inverse=True)
+                    if len(v) > kmax:
+                        break
+                    books.append(v)
+                    idxs.append(inv)
+                else:
+                    width = max(len(b) for b in books)
+                    book = np.stack([np.pad(b, (0, width - len(b)), mode="edge") for b in books])
+                    new = WeightClustering._palettized(graph, n, w.name, np.stack(idxs).reshape(arr.shape),
+                                                       book.astype(arr.dtype), True, width <= 16)
+                if len(books) != len(rows):
+                    continue
+            else:
+                continue
+            if arr.dtype != np.float32:
+                new.dtype = int(onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
+            else:
+                new.dtype = onnx.TensorProto.FLOAT
+            new.shape = tuple(arr.shape)
+            n.set_input(wi, new)
+            seen[id(w)] = new
+            done += 1
+        self.report = {"palettized": done}
+        return done > 0
