@@ -368,15 +368,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
         cos = min(cos, c.cosine)
         if c.top1 is not None:
             top1.append(c.top1)
+    from graphopt.runtime import resolve_input_shapes
+
     a, b = original.copy(), model.copy()
-    infer_shapes(a)
-    infer_shapes(b)
+    infer_shapes(a, resolve_input_shapes(a))  # symbolic dims -> 1, so FLOPs are concrete
+    infer_shapes(b, resolve_input_shapes(b))
     fa, fb = model_stats(a).flops, model_stats(b).flops
     rows = [[name, {k: v for k, v in p.report.items() if k not in ("sqnr_db", "sensitivity")}] for name, p in reports]
     rows += [["size", f"{human(Path(args.model).stat().st_size, 'B')} -> {human(out.stat().st_size, 'B')} "
                       f"({out.stat().st_size / Path(args.model).stat().st_size:.3f}x)"],
              ["FLOPs", f"{human(fa)} -> {human(fb)} ({fb / fa:.2f}x)" if fa else "-"],
              ["min cosine vs input", f"{cos:.5f}"]]
+    lat = _latency_pair(args.model, str(out), feeds[0])
+    rows.append(["ORT latency (2 threads, median)", f"{lat[0]:.3f} ms -> {lat[1]:.3f} ms ({lat[1] / lat[0]:.2f}x)"])
     if top1:
         rows.append(["top-1 agreement with input", f"{np.mean(top1):.4f}"])
     print(table(["", "value"], rows))

@@ -240,7 +240,7 @@ def test_cli_structured_prune_then_int8(tmp_path: Path, example_path: Path) -> N
                         "--prune", "0.5", "--structured", "--int8", "--calibration", str(FIXTURES / "digits_calib.npz")],
                        cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "prune-channels" in r.stdout and _acc(out) >= 0.97
+    assert "prune-channels" in r.stdout and "ORT latency" in r.stdout and "FLOPs" in r.stdout and _acc(out) >= 0.97
     assert out.stat().st_size < example_path.stat().st_size / 5  # 5.7x measured on this 48k-param model
 
 
