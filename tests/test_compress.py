@@ -287,3 +287,28 @@ def test_cluster_then_int8_keeps_the_palette(tmp_path: Path, example_path: Path)
     so.log_severity_level = 4
     ort.InferenceSession(str(tmp_path / "qp.onnx"), so, providers=["CPUExecutionProvider"])
     assert "QLinearConv" in [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+
+
+def test_tucker2_conv_is_exact_at_full_rank_and_cuts_flops_when_low_rank() -> None:
+    rng = np.random.default_rng(0)
+    # a conv whose weight has mode ranks (4, 4): Tucker-2 at energy ~1 is exact and cheaper
+    core = rng.standard_normal((4, 4, 3, 3))
+    w = np.einsum("rskl,or,is->oikl", core, np.linalg.qr(rng.standard_normal((32, 4)))[0],
+                  np.linalg.qr(rng.standard_normal((24, 4)))[0]).astype(np.float32)
+    mp = make_model([helper.make_node("Conv", ["x", "w", "b"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2], name="c")],
+                    [vi("x", [1, 24, 10, 10])], [vi("y", [1, 32, 5, 5])],
+                    inits=[("w", w), ("b", rng.standard_normal(32).astype(np.float32))])
+    m = graphopt.from_proto(mp)
+    p = graphopt.get_pass("lowrank", energy=0.999999)
+    graphopt.run_passes(m, [p])
+    assert p.report["conv_factored"] == {"c": (4, 4)}
+    assert [n.op_type for n in m.graph] == ["Conv", "Conv", "Conv"]
+    x = {"x": rng.standard_normal((1, 24, 10, 10)).astype(np.float32)}
+    assert graphopt.compare(graphopt.run_ort(mp, x), graphopt.run_ort(m, x), rtol=1e-3, atol=1e-3).ok
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    # a full-rank random conv does not qualify: no FLOPs gain, left as is and said so
+    m2 = graphopt.from_proto(make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c")],
+                                        [vi("x", [1, 24, 10, 10])], [vi("y", [1, 32, 8, 8])],
+                                        inits=[("w", rng.standard_normal((32, 24, 3, 3)).astype(np.float32))]))
+    p2 = graphopt.get_pass("lowrank", energy=0.999)
+    assert not graphopt.run_passes(m2, [p2]) and "would not cut FLOPs" in p2.report["skipped"]["c"]
