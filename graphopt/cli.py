@@ -332,7 +332,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     passes: list[Any] = []
     reports: list[tuple[str, Any]] = []
     if args.prune and args.structured:
-        pr = get_pass("prune-channels", ratio=args.prune, importance=args.importance, recover=calib is not None)
+        pr = get_pass("prune-channels", ratio=args.prune, importance=args.importance, recover=calib is not None,
+                      sensitivity=bool(args.sensitivity and calib is not None))
         passes.append(pr)
         reports.append(("prune-channels", pr))
     elif args.prune or args.nm:
@@ -454,6 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--structured", action="store_true", help="remove whole Conv output channels (real speedup); "
                     "with --calibration the next layers are refit by least squares")
     sp.add_argument("--importance", default="l1", choices=["l1", "activation"], help="channel importance")
+    sp.add_argument("--sensitivity", action="store_true",
+                    help="with --structured and --calibration: spread the ratio by per-layer sensitivity")
     sp.add_argument("--nm", metavar="N:M", help="N:M sparsity, e.g. 2:4")
     sp.add_argument("--cluster", type=int, metavar="K", help="k-means weight sharing with K centroids (2..256)")
     sp.add_argument("--cluster-init", default="kmeans++", choices=["kmeans++", "linear", "density"])

@@ -312,3 +312,19 @@ def test_tucker2_conv_is_exact_at_full_rank_and_cuts_flops_when_low_rank() -> No
                                         inits=[("w", rng.standard_normal((32, 24, 3, 3)).astype(np.float32))]))
     p2 = graphopt.get_pass("lowrank", energy=0.999)
     assert not graphopt.run_passes(m2, [p2]) and "would not cut FLOPs" in p2.report["skipped"]["c"]
+
+
+def test_channel_pruning_sensitivity_spreads_the_target(example_path: Path) -> None:
+    m = graphopt.load(example_path)
+    graphopt.optimize(m)
+    p = graphopt.get_pass("prune-channels", ratio=0.5, sensitivity=True)
+    graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(calibration=CALIB))
+    sens = p.report["sensitivity"]
+    assert len(sens) == 3
+    errs = {k: v[0] for k, v in sens.items()}
+    ratios = {k: v[1] for k, v in sens.items()}
+    most, least = max(errs, key=errs.get), min(errs, key=errs.get)
+    assert ratios[most] < ratios[least]  # the most sensitive group is pruned least
+    assert _acc(m) >= 0.97
+    with pytest.raises(GraphoptError, match="calibration"):
+        graphopt.run_passes(graphopt.load(example_path), [graphopt.get_pass("prune-channels", sensitivity=True)])

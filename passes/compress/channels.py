@@ -245,7 +245,7 @@ class ChannelPruning(Pass):
     name = "prune-channels"
     recursive = False
     default_options = {"ratio": 0.5, "importance": "l1", "recover": True, "min_channels": 4,
-                       "exclude_nodes": (), "max_samples": 256}
+                       "exclude_nodes": (), "max_samples": 256, "sensitivity": False}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -292,6 +292,11 @@ class ChannelPruning(Pass):
             targets = {r.output(0).name: acts[r.output(0).name] for g in groups for r, _, _ in g.readers}
         recover = have_data and self.options["recover"]
         self._out_keep: dict[Node, np.ndarray] = {}
+        ratios = {id(g): self.options["ratio"] for g in groups}
+        if self.options["sensitivity"]:
+            if not have_data:
+                raise GraphoptError("sensitivity=True needs calibration data")
+            ratios = self._spread(groups, ctx)
         # channels to keep, ranked on the original model for every group before any rewrite
         plan: list[tuple[Group, np.ndarray, int]] = []
         for g in groups:
@@ -300,7 +305,7 @@ class ChannelPruning(Pass):
             if any(w.shape[0] != c for w in ws):
                 skipped[", ".join(p.name for p in g.producers)] = "producers disagree on the channel count"
                 continue
-            n_keep = max(self.options["min_channels"], int(round(c * (1 - self.options["ratio"]))))
+            n_keep = max(self.options["min_channels"], int(round(c * (1 - ratios[id(g)]))))
             if n_keep >= c:
                 for p in g.producers:
                     skipped[p.name or "Conv"] = "too few channels to prune"
@@ -325,11 +330,59 @@ class ChannelPruning(Pass):
             for f in g.flattens:
                 f.output(0).shape = None
         infer_shapes(self.model, ctx.input_shapes or None)
-        self.report = {"pruned": done, "skipped": skipped, "recovered": recover,
+        self.report = {**{k: v for k, v in self.report.items() if k == "sensitivity"},
+                       "pruned": done, "skipped": skipped, "recovered": recover,
                        "groups": sum(1 for g in groups if any((p.name or "Conv") in done for p in g.producers)),
                        "multi_producer_groups": sum(1 for g in groups if len(g.producers) > 1
                                                     and any((p.name or "Conv") in done for p in g.producers))}
         return bool(done)
+
+    def _spread(self, groups: list[Group], ctx: PassContext) -> dict[int, float]:
+        """Per-group ratios: prune each group alone (on a copy) at the target ratio, measure the
+        relative output error on calibration data, and give less sensitive groups more pruning -
+        ratios proportional to 1/sqrt(error), scaled so their channel-weighted mean is the target."""
+        from graphopt.runtime import ort_session
+
+        assert self.model is not None
+        samples = load_calibration(ctx.calibration, self.model)[:16]
+        sess = ort_session(self.model)
+        ins = {i.name for i in sess.get_inputs()}
+        ref = [sess.run(None, {k: v for k, v in s.items() if k in ins}) for s in samples]
+        target = self.options["ratio"]
+        sens: dict[int, float] = {}
+        for g in groups:
+            names = {p.name for p in g.producers}
+            trial = self.model.copy()
+            from graphopt.analysis import infer_shapes
+
+            infer_shapes(trial, ctx.input_shapes or None)
+            tg = next((h for h in find_groups(trial.graph) if {p.name for p in h.producers} == names
+                       and not h.reason), None)
+            if tg is None:
+                sens[id(g)] = 1.0
+                continue
+            w = tg.producers[0].input(1).const_value()
+            c = w.shape[0]
+            k = np.sort(np.argsort(-np.abs(w).reshape(c, -1).sum(1))[:max(self.options["min_channels"],
+                                                                             int(round(c * (1 - target))))])
+            self._out_keep = {}
+            self._apply(trial.graph, tg, k, {}, {})
+            ts = ort_session(trial)
+            errs = []
+            for s, r in zip(samples, ref, strict=True):
+                got = ts.run(None, {k2: v for k2, v in s.items() if k2 in ins})
+                errs.append(float(np.mean([np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
+                                           for a, b in zip(r, got, strict=True)])))
+            sens[id(g)] = max(float(np.mean(errs)), 1e-9)
+        raw = {gid: 1 / np.sqrt(e) for gid, e in sens.items()}
+        chans = {id(g): g.producers[0].input(1).const_value().shape[0] for g in groups}
+        scale = target * sum(chans.values()) / sum(raw[i] * chans[i] for i in raw)
+        ratios = {i: float(np.clip(raw[i] * scale, 0.05, 0.9)) for i in raw}
+        self.report["sensitivity"] = {", ".join(p.name for p in g.producers): (round(sens[id(g)], 4),
+                                                                               round(ratios[id(g)], 3))
+                                      for g in groups}
+        self._out_keep = {}
+        return ratios
 
     def _collect(self, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
         assert self.model is not None
