@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 import numpy as np
 
 import graphopt
+from graphopt.runtime import interleaved_latency, ort_session
 from graphopt.analysis import infer_shapes, model_stats
 
 warnings.filterwarnings("ignore")
@@ -37,16 +36,6 @@ TECHNIQUES: dict[str, list[tuple[str, dict[str, Any]]]] = {
 }
 
 
-def session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def flops(path: Path, shape: list[int]) -> int:
     m = graphopt.load(path)
     return model_stats(infer_shapes(m, {m.graph.inputs[0].name: shape})).flops
@@ -56,7 +45,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=30)
     args = ap.parse_args()
-    from int8 import resnet18_like  # same generated net as benchmarks/int8.py
+    from int8 import Reader, resnet18_like  # same generated net and ORT calibration reader
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
     digits = np.load(FIX / "digits_test.npz")
@@ -96,36 +85,23 @@ def main() -> None:
                 except Exception as e:  # noqa: BLE001 - a technique that cannot apply is a result
                     errors[tech] = f"{type(e).__name__}: {str(e)[:150]}"
             try:
-                class Reader:
-                    def __init__(self) -> None:
-                        self.it = iter(calib[:64])
-
-                    def get_next(self) -> Any:
-                        return next(self.it, None)
-
-                quantize_static(str(fp32), str(dd / f"{name}_ort.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+                quantize_static(str(fp32), str(dd / f"{name}_ort.onnx"), Reader(list(calib[:64])),
+                                quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
                 variants["int8 (ORT quantize_static)"] = dd / f"{name}_ort.onnx"
             except Exception as e:  # noqa: BLE001
                 errors["int8 (ORT quantize_static)"] = f"{type(e).__name__}: {str(e)[:150]}"
-            sess = {k: session(p) for k, p in variants.items()}
+            sess = {k: ort_session(p, optimize=True, threads=2) for k, p in variants.items()}
             outs = {k: s.run(None, evalset)[0] for k, s in sess.items()}
             one = {"input": evalset["input"][:1]}
-            lat: dict[str, list[float]] = {k: [] for k in sess}
-            for s in sess.values():
-                s.run(None, one)
-            for _ in range(args.rounds):
-                for k, s in sess.items():
-                    t = time.perf_counter()
-                    s.run(None, one)
-                    lat[k].append(time.perf_counter() - t)
+            lat = interleaved_latency(sess, one, args.rounds)
             f0 = flops(fp32, shape)
             row: dict[str, Any] = {"model": name, "errors": errors, "reports": reports, "tools": {}}
             for k, o in outs.items():
                 metric = float((o.argmax(1) == digits["y"]).mean()) if name.startswith("digits") else \
                     float((o.argmax(1) == outs["fp32"].argmax(1)).mean())
                 row["tools"][k] = {"size": variants[k].stat().st_size / fp32.stat().st_size,
-                                   "latency": statistics.median(lat[k]) / statistics.median(lat["fp32"]),
+                                   "latency": lat[k] / lat["fp32"],
                                    "flops": flops(variants[k], shape) / f0 if f0 else 1.0, "metric": metric}
             rows.append(row)
             print(name, {k: tuple(round(v[x], 3) for x in ("size", "latency", "flops", "metric"))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 import warnings
@@ -21,7 +20,7 @@ import numpy as np
 import onnx
 
 import graphopt
-from graphopt.runtime import make_inputs
+from graphopt.runtime import interleaved_latency, ort_session
 
 warnings.filterwarnings("ignore")
 HERE = Path(__file__).resolve().parent
@@ -90,16 +89,6 @@ class Reader:
         return next(self.it, None)
 
 
-def session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=50)
@@ -153,28 +142,20 @@ def main() -> None:
                 quantize_static(str(fp32), str(dd / f"{name}_ort_static.onnx"), Reader(list(calib)),
                                 quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                                 weight_type=QuantType.QInt8)
-                session(dd / f"{name}_ort_static.onnx")
+                ort_session(dd / f"{name}_ort_static.onnx", optimize=True, threads=2)
                 variants["ort-static"] = dd / f"{name}_ort_static.onnx"
             except Exception as e:  # noqa: BLE001
                 errors["ort-static"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
             try:
                 quantize_dynamic(str(fp32), str(dd / f"{name}_ort_dynamic.onnx"), weight_type=QuantType.QInt8)
-                session(dd / f"{name}_ort_dynamic.onnx")
+                ort_session(dd / f"{name}_ort_dynamic.onnx", optimize=True, threads=2)
                 variants["ort-dynamic"] = dd / f"{name}_ort_dynamic.onnx"
             except Exception as e:  # noqa: BLE001
                 errors["ort-dynamic"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
-            sess = {k: session(p) for k, p in variants.items()}
+            sess = {k: ort_session(p, optimize=True, threads=2) for k, p in variants.items()}
             outs = {k: s.run(None, evalset)[0] for k, s in sess.items()}
-            lat: dict[str, list[float]] = {k: [] for k in sess}
-            one = {inp: evalset[inp][:1]}
-            for s in sess.values():
-                s.run(None, one)
-            for _ in range(args.rounds):
-                for k, s in sess.items():
-                    t = time.perf_counter()
-                    s.run(None, one)
-                    lat[k].append(time.perf_counter() - t)
-            ref_lat = statistics.median(lat["fp32"])
+            lat = interleaved_latency(sess, {inp: evalset[inp][:1]}, args.rounds)
+            ref_lat = lat["fp32"]
             row: dict[str, Any] = {"model": name, "graphopt_seconds": tg, "errors": errors, "tools": {}}
             for k, o in outs.items():
                 if name.startswith("digits"):
@@ -183,8 +164,7 @@ def main() -> None:
                     metric = float((o.reshape(o.shape[0], -1).argmax(1) ==
                                     outs["fp32"].reshape(o.shape[0], -1).argmax(1)).mean())
                 row["tools"][k] = {"size_ratio": variants[k].stat().st_size / fp32.stat().st_size,
-                                   "latency_ratio": statistics.median(lat[k]) / ref_lat,
-                                   "latency_ms": statistics.median(lat[k]) * 1e3, "metric": metric}
+                                   "latency_ratio": lat[k] / ref_lat, "latency_ms": lat[k], "metric": metric}
             rows.append(row)
             print(name, {k: (round(v["size_ratio"], 3), round(v["latency_ratio"], 3), round(v["metric"], 4))
                          for k, v in row["tools"].items()}, errors, flush=True)

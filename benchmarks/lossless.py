@@ -18,7 +18,6 @@ import glob
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 import onnx
 
 import graphopt
+from graphopt.runtime import interleaved_latency, ort_session
 from graphopt.analysis import model_stats
 from graphopt.runtime import compare, make_inputs
 
@@ -93,17 +93,6 @@ def count(mp: onnx.ModelProto) -> int:
     return model_stats(graphopt.from_proto(mp, check=False)).compute_nodes
 
 
-def session(mp: onnx.ModelProto, threads: int = 2) -> Any:
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 4
-    return ort.InferenceSession(mp.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def geomean(xs: list[float]) -> float:
     xs = [x for x in xs if x > 0]
     return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
@@ -120,7 +109,7 @@ def main() -> None:
     for group, name, path in models(only):
         orig = onnx.load(str(path))
         try:
-            ref_sess = session(orig)
+            ref_sess = ort_session(orig, optimize=True, threads=2)
         except Exception:  # noqa: BLE001 - ORT has no kernels for this opset: nothing to compare
             continue
         m0 = graphopt.from_proto(orig, base_dir=path.parent, check=False)
@@ -143,7 +132,7 @@ def main() -> None:
                     rec["seconds"] = time.perf_counter() - t0
                     rec["nodes"] = count(out)
                     rec["bytes"] = out.ByteSize()
-                    s = session(out)
+                    s = ort_session(out, optimize=True, threads=2)
                     got = dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds), strict=True))
                     c = compare(ref, got, rtol=1e-3, atol=1e-4)
                     rec["max_abs"] = c.max_abs
@@ -157,15 +146,7 @@ def main() -> None:
                     rec["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:160] if str(e).strip() else ''}"
                 row["tools"][tool] = rec
         if row["nodes"] >= args.latency_min_nodes:
-            times: dict[str, list[float]] = {k: [] for k in sessions}
-            for s in sessions.values():  # warm up
-                s.run(None, feeds)
-            for _ in range(args.rounds):
-                for k, s in sessions.items():
-                    t = time.perf_counter()
-                    s.run(None, feeds)
-                    times[k].append(time.perf_counter() - t)
-            row["latency_ms"] = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+            row["latency_ms"] = interleaved_latency(sessions, feeds, args.rounds)
         results.append(row)
         g = row["tools"]
         print(f"{group:8s} {name:45s} {row['nodes']:5d} -> " +

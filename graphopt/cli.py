@@ -40,16 +40,6 @@ def _load(path: str, check: bool = True) -> Any:
     return load(path, check=check)
 
 
-def _stats_rows(model: Any) -> dict[str, Any]:
-    from graphopt.analysis import infer_shapes, model_stats
-    from graphopt.report import human
-
-    m = model.copy()
-    infer_shapes(m)
-    st = model_stats(m)
-    return {"st": st, "params": human(st.params), "flops": human(st.flops)}
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.analysis import infer_shapes, model_stats, peak_memory
     from graphopt.ir.tensor import dtype_name
@@ -122,7 +112,6 @@ def _feeds(model: Any, args: argparse.Namespace, n: int) -> list[dict[str, Any]]
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from graphopt.analysis import model_stats
     from graphopt.instruments import NumericCheckInstrument, ProgressInstrument, StatsInstrument, VerifyInstrument
     from graphopt.onnx_io import save
     from graphopt.report import PASS_HEADERS, human, pass_rows, table, write_report
@@ -194,7 +183,6 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.report:
         write_report(args.report, summary, ctx.records, before)
         print(f"report written to {args.report}")
-    _ = model_stats
     return 0
 
 
@@ -225,25 +213,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def _latency_pair(a: str, b: str, feed: dict[str, Any], rounds: int = 20) -> tuple[float, float]:
     """Median ORT latency (ms) of two models, interleaved, ENABLE_ALL, 2 threads."""
-    import statistics
+    from graphopt.runtime import interleaved_latency, ort_session
 
-    from graphopt.runtime import ort_session
-
-    sa, sb = ort_session(a, optimize=True, threads=2), ort_session(b, optimize=True, threads=2)
-    fa = {i.name: feed[i.name] for i in sa.get_inputs() if i.name in feed}
-    fb = {i.name: feed[i.name] for i in sb.get_inputs() if i.name in feed}
-    ta: list[float] = []
-    tb: list[float] = []
-    sa.run(None, fa)
-    sb.run(None, fb)
-    for _ in range(rounds):
-        t = time.perf_counter()
-        sa.run(None, fa)
-        ta.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        sb.run(None, fb)
-        tb.append(time.perf_counter() - t)
-    return statistics.median(ta) * 1e3, statistics.median(tb) * 1e3
+    lat = interleaved_latency({"a": ort_session(a, optimize=True, threads=2),
+                               "b": ort_session(b, optimize=True, threads=2)}, feed, rounds)
+    return lat["a"], lat["b"]
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -278,5 +278,5 @@ def bisect(
 
 __all__ = [
     "BisectResult", "NumericCheckInstrument", "ProgressInstrument", "SnapshotInstrument", "StatsInstrument",
-    "TimingInstrument", "VerifyInstrument", "bisect", "Any",
+    "TimingInstrument", "VerifyInstrument", "bisect",
 ]

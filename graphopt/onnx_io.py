@@ -731,17 +731,6 @@ def save(
     return out
 
 
-def _external_loc(t: TensorProto) -> str:
-    return next((e.value for e in t.external_data if e.key == "location"), "")
-
-
-def _inline(t: TensorProto, base: str | None) -> None:
-    raw = Tensor(proto=t, base_dir=base).to_proto(t.name, inline=True)
-    name = t.name
-    t.CopyFrom(raw)
-    t.name = name
-
-
 def _set_external(t: TensorProto, loc: str, offset: int, length: int) -> None:
     for fld in ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data"):
         t.ClearField(fld)

@@ -495,3 +495,42 @@ def intermediate_session(model: Model, names: Sequence[str]) -> tuple[Any, list[
             have.add(n)
     sess = ort_session(mp)
     return sess, [o.name for o in sess.get_outputs()]
+
+
+def collect_values(model: Model, names: Sequence[str], samples: Sequence[Mapping[str, np.ndarray]]
+                   ) -> dict[str, np.ndarray]:
+    """Values ``names`` of the main graph on every sample, concatenated along axis 0 (float64).
+
+    For data-aware passes (pruning recovery, activation-aware low-rank) that need the
+    activations a layer sees on calibration data.
+    """
+    sess, outs = intermediate_session(model, list(names))
+    ins = {i.name for i in sess.get_inputs()}
+    acc: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for s in samples:
+        res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
+        for k in names:
+            acc[k].append(np.asarray(res[k], np.float64))
+    return {k: np.concatenate(v) for k, v in acc.items() if v}
+
+
+def interleaved_latency(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray], rounds: int = 30
+                        ) -> dict[str, float]:
+    """Median latency in ms of each ORT session on ``feed``.
+
+    One warm-up run each, then ``rounds`` rounds that run every session once in turn, so noise
+    from a shared machine hits all of them alike: compare the ratios, not the absolute times.
+    """
+    import statistics
+    import time
+
+    feeds = {k: {i.name: feed[i.name] for i in s.get_inputs() if i.name in feed} for k, s in sessions.items()}
+    for k, s in sessions.items():
+        s.run(None, feeds[k])
+    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for _ in range(rounds):
+        for k, s in sessions.items():
+            t = time.perf_counter()
+            s.run(None, feeds[k])
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -104,3 +104,18 @@ def test_make_inputs_dtypes() -> None:
                     [vi("i", [3], TensorProto.INT64)], [vi("y", [3])])
     feeds = make_inputs(graphopt.from_proto(mp))
     assert feeds["i"].dtype == np.int64 and feeds["i"].min() >= 0
+
+
+def test_interleaved_latency_times_every_session() -> None:
+    from graphopt.runtime import interleaved_latency, ort_session
+
+    small = graphopt.from_proto(make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [8])], [vi("y", [8])]))
+    big = graphopt.from_proto(make_model([helper.make_node("MatMul", ["x", "x"], ["y"])],
+                                         [vi("x", [256, 256])], [vi("y", [256, 256])]))
+    sessions = {"small": ort_session(small), "big": ort_session(big)}
+    feeds_small = {"x": np.ones(8, np.float32)}
+    lat = interleaved_latency({"small": sessions["small"]}, feeds_small, rounds=5)
+    assert set(lat) == {"small"} and lat["small"] > 0
+    x = np.ones((256, 256), np.float32)
+    lat2 = interleaved_latency({"big": sessions["big"]}, {"x": x}, rounds=5)
+    assert lat2["big"] > lat["small"]  # a 256^3 matmul takes longer than an 8-element Relu

@@ -11,7 +11,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-import onnx
 
 from graphopt.ir.core import Model, Node, Value
 from graphopt.ir.tensor import np_dtype
@@ -183,4 +182,4 @@ def model_stats(model: Model) -> ModelStats:
     return st
 
 
-__all__ = ["ModelStats", "NodeCost", "is_constant_producer", "model_stats", "node_cost", "onnx"]
+__all__ = ["ModelStats", "NodeCost", "is_constant_producer", "model_stats", "node_cost"]

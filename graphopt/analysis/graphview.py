@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import networkx as nx
+from typing import TYPE_CHECKING
 
 from graphopt.ir.core import Graph, Node
+
+if TYPE_CHECKING:  # networkx is imported when a view is asked for, not with graphopt
+    import networkx as nx
 
 
 def to_networkx(graph: Graph, *, include_io: bool = False) -> nx.MultiDiGraph:
@@ -14,6 +17,8 @@ def to_networkx(graph: Graph, *, include_io: bool = False) -> nx.MultiDiGraph:
     With ``include_io=True`` graph inputs and outputs appear as string nodes ``"input:NAME"``
     and ``"output:NAME"``. Reads from inside subgraphs count as edges to the owning node.
     """
+    import networkx as nx
+
     g = nx.MultiDiGraph()
     for n in graph.iter_nodes():
         g.add_node(n, op_type=n.op_type, name=n.name)
@@ -36,6 +41,8 @@ def to_networkx(graph: Graph, *, include_io: bool = False) -> nx.MultiDiGraph:
 
 def dominators(graph: Graph) -> dict[Node, Node]:
     """Immediate dominator of each node reachable from the graph inputs (a virtual source)."""
+    import networkx as nx
+
     g = nx.DiGraph(to_networkx(graph))
     src = "__source__"
     g.add_node(src)

@@ -9,11 +9,11 @@ owning the subgraph has run.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from graphopt.analysis.cost import _nbytes
-from graphopt.ir.core import Graph, Node
+from graphopt.ir.core import Graph, Node, Value
 
 
 @dataclass
@@ -24,44 +24,41 @@ class MemoryProfile:
     timeline: list[int]
 
 
-def peak_memory(graph: Graph, order: Sequence[Node] | None = None) -> MemoryProfile:
-    """Peak bytes of live activations when nodes run in ``order`` (default: current order)."""
+def peak_memory(
+    graph: Graph,
+    order: Sequence[Node] | None = None,
+    *,
+    sizes: Mapping[str, int] | None = None,
+) -> MemoryProfile:
+    """Peak bytes of live activations when nodes run in ``order`` (default: current order).
+
+    ``sizes`` (bytes by value name) overrides the sizes read from static shapes, e.g. to
+    evaluate orders with symbolic dims already substituted.
+    """
     nodes = list(order) if order is not None else graph.nodes
-    pos = {id(n): k for k, n in enumerate(nodes)}
     last: dict[int, int] = {}
-    vals: dict[int, object] = {}
     end = len(nodes)
-
-    def touch(v: object, k: int) -> None:
-        last[id(v)] = max(last.get(id(v), -1), k)
-        vals[id(v)] = v
-
     for k, n in enumerate(nodes):
-        for v in n.inputs:
+        for v in list(n.inputs) + (n.outer_inputs() if n.attrs else []):
             if v is not None:
-                touch(v, k)
-        if n.attrs:
-            for v in n.outer_inputs():
-                touch(v, k)
+                last[id(v)] = k
     for o in graph.outputs:
-        touch(o, end)
+        last[id(o)] = end
     unknown = 0
     live = 0
     timeline: list[int] = []
     frees: dict[int, int] = {}
-    sizes: dict[int, int] = {}
 
-    def alloc(v: object, k: int) -> None:
+    def alloc(v: Value, k: int) -> None:
         nonlocal live, unknown
-        vid = id(v)
-        if vid in sizes:
-            return
-        b = 0 if getattr(v, "fill_value", lambda: None)() is not None else _nbytes(v)  # type: ignore[arg-type]
-        if b == 0 and getattr(v, "name", ""):
+        if sizes is not None:
+            b = sizes.get(v.name, 0)
+        else:
+            b = 0 if v.fill_value() is not None else _nbytes(v)
+        if b == 0 and v.name:
             unknown += 1
-        sizes[vid] = b
         live += b
-        lu = last.get(vid, k)
+        lu = last.get(id(v), k)
         frees[lu] = frees.get(lu, 0) + b
 
     for v in graph.inputs:
@@ -76,5 +73,4 @@ def peak_memory(graph: Graph, order: Sequence[Node] | None = None) -> MemoryProf
             peak, peak_at = live, n.name or n.op_type
         timeline.append(live)
         live -= frees.pop(k, 0)
-    _ = pos
     return MemoryProfile(peak, peak_at, unknown, timeline)

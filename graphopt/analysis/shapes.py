@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 
 from graphopt.ir.core import Graph, Model, Node, Value
+from graphopt.ir.tensor import np_dtype
+from graphopt.ir.tensor import onnx_dtype
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +246,10 @@ def _val(v: Value | None, known: dict[int, np.ndarray]) -> np.ndarray | None:
     if id(v) in known:
         return known[id(v)]
     if v.is_const():
-        p = v.producer
         if v.const is not None and v.const.size > _SMALL:
-            return None
+            return None  # do not decode a large initializer just to find it is not shape-like
         arr = v.const_value()
-        if arr is not None and arr.size <= _SMALL and p is None or (arr is not None and arr.size <= _SMALL):
+        if arr is not None and arr.size <= _SMALL:
             return np.asarray(arr)
     return None
 
@@ -297,8 +298,6 @@ def _propagate(n: Node, known: dict[int, np.ndarray]) -> None:
         elif op == "Concat":
             out = np.concatenate([np.atleast_1d(v) for v in vals if v is not None], axis=n.attr("axis", 0))
         elif op == "Cast":
-            from graphopt.ir.tensor import np_dtype
-
             out = vals[0].astype(np_dtype(n.attr("to")))
         elif op == "Identity":
             out = vals[0]
@@ -379,9 +378,7 @@ def _shape_from_values(n: Node, vals: list[np.ndarray | None]) -> None:
             o.shape = _symbolic_reshape(tuple(x.shape), vals[1], n.attr("allowzero", 0)) or o.shape
         o.dtype = o.dtype or x.dtype
     elif op == "Expand" and vals[1] is not None and x is not None and x.shape is not None:
-        from graphopt.analysis.shapes import _broadcast as bc
-
-        o.shape = bc([x.shape, tuple(int(d) for d in np.ravel(vals[1]))])
+        o.shape = _broadcast([x.shape, tuple(int(d) for d in np.ravel(vals[1]))])
         o.dtype = o.dtype or x.dtype
     elif op == "ConstantOfShape" and vals[0] is not None:
         o.shape = tuple(int(d) for d in np.ravel(vals[0]))
@@ -418,8 +415,6 @@ def _probe(model: Model, input_shapes: Mapping[str, Sequence[int]] | None) -> No
     except Exception as e:  # noqa: BLE001
         log.info("shape probe under ONNX Runtime failed: %s", e)
         return
-    from graphopt.ir.tensor import onnx_dtype
-
     for v in missing:
         arr = res.get(v.name)
         if isinstance(arr, np.ndarray):

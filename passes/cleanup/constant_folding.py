@@ -29,6 +29,7 @@ import numpy as np
 
 from graphopt import Graph, Model, Node, Pass, PassContext, Value, register_pass
 from graphopt.analysis import infer_shapes
+from graphopt.ir import np_dtype
 from graphopt.runtime import evaluate_nodes
 
 log = logging.getLogger(__name__)
@@ -59,8 +60,6 @@ def _fill_apply(node: Node, scalars: list[Any]) -> Any:
     if op in LAYOUT_OPS:
         return x
     if op == "Cast":
-        from graphopt.ir import np_dtype
-
         return np.asarray(x).astype(np_dtype(node.attr("to")))
     with np.errstate(all="ignore"):
         if op in _UNARY:
@@ -190,8 +189,6 @@ class ConstantFolding(Pass):
                 val = _fill_apply(node, scalars)
                 if val is None:
                     continue
-                from graphopt.ir import np_dtype
-
                 val = np.asarray(val).astype(np_dtype(out.dtype)).reshape(1)
                 shp = graph.add_initializer(out.name + "_shape", np.array(shape, np.int64))
                 c = graph.make_node("ConstantOfShape", [shp], {"value": val}, before=node,
@@ -230,8 +227,6 @@ class ConstantFolding(Pass):
 
         for node in graph:
             if node.domain not in _STD or node.op_type in NEVER_FOLD or node.subgraphs():
-                if node.op_type == "Constant" and node.domain in _STD:
-                    continue
                 continue
             if node.op_type in ("Shape", "Size", "Gather", "Slice"):
                 for v in node.inputs[1:]:
@@ -285,8 +280,6 @@ class ConstantFolding(Pass):
             arr = np.asarray(arr)
             if v.dtype is not None and v.dtype != 0:
                 try:
-                    from graphopt.ir import np_dtype
-
                     arr = arr.astype(np_dtype(v.dtype), copy=False)
                 except Exception:  # noqa: BLE001
                     pass
@@ -312,8 +305,6 @@ class ConstantFolding(Pass):
             s = o.static_shape()
             if s is None or not o.dtype:
                 return False
-            from graphopt.ir import np_dtype
-
             try:
                 total += int(np.prod(s)) * np_dtype(o.dtype).itemsize
             except Exception:  # noqa: BLE001

@@ -15,13 +15,14 @@ from __future__ import annotations
 import numpy as np
 
 from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
+from graphopt.ir import np_dtype
 
 from ..common import same_dim
 
 
-def _removable(graph: Graph, node: Node) -> bool:
-    src = node.input(0)
-    out = node.output(0)
+def _removable(graph: Graph, src: Value | None, out: Value) -> bool:
+    """Can readers of ``out`` read ``src`` instead? Not when ``out`` is a graph output and
+    ``src`` is an input, another output or an outer-scope value (ONNX cannot alias those)."""
     if src is None:
         return False
     if out.is_graph_output():
@@ -55,7 +56,7 @@ class EliminateIdentity(Pass):
                         continue
             else:
                 continue
-            if not _removable(graph, node):
+            if not _removable(graph, node.input(0), node.output(0)):
                 continue
             graph.replace_all_uses_with(node.output(0), node.input(0))
             graph.remove(node)
@@ -129,8 +130,6 @@ def _noop_reason(node: Node) -> bool:
         if c is None or operand is None or operand.dtype is None:
             return False
         c = np.asarray(c)
-        from graphopt.ir import np_dtype
-
         if np_dtype(operand.dtype) != c.dtype:
             return False
         neutral = {"Mul": 1, "Div": 1, "Pow": 1, "Add": 0, "Sub": 0}[op]
@@ -164,8 +163,7 @@ class EliminateNoOps(Pass):
                     and not node.input(1).is_const():
                 src = node.input(1)
             out = node.output(0)
-            if out.is_graph_output() and (src.is_graph_input() or src.is_graph_output() or src.producer is None
-                                          or src.graph is not graph):
+            if not _removable(graph, src, out):
                 continue
             graph.replace_all_uses_with(out, src)
             if not any(o.num_uses or o.is_graph_output() for o in node.outputs):

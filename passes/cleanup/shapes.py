@@ -25,9 +25,6 @@ from ..common import same_dim
 Sym = list[Any]  # entries: int, or ("dim", id(value), axis, symbol or None)
 
 
-same_symbol = same_dim  # kept name for readers of this module
-
-
 def symbolic_shape(v: Value | None, depth: int = 0) -> Sym | None:
     """The entries of a 1-D int tensor ``v`` as ints or ``("dim", id(x), axis)`` references."""
     if v is None or depth > 16:
@@ -105,7 +102,7 @@ class ResolveDynamicReshape(Pass):
                     target.append(e)
                 elif isinstance(e, tuple) and (
                     (e[1] == id(x) and e[2] == pos)
-                    or (x.shape is not None and pos < len(x.shape) and same_symbol(e[3], x.shape[pos]))
+                    or (x.shape is not None and pos < len(x.shape) and same_dim(e[3], x.shape[pos]))
                 ):
                     target.append(0)
                 else:

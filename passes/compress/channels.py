@@ -31,7 +31,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from graphopt import GraphoptError, Graph, Node, Pass, PassContext, Value, register_pass
-from graphopt.runtime import intermediate_session, load_calibration
+from graphopt.runtime import collect_values, load_calibration
 
 _STD = ("", "ai.onnx")
 CHANNEL_WISE = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
@@ -53,71 +53,6 @@ def _per_channel_const(n: Node, c: int) -> int | None:
         if shp is not None and shp[0] == 1 and shp[1] == c and all(d == 1 for d in shp[2:]):
             return k
     return None
-
-
-class Unit:
-    """One prunable producer and everything that must change with its channels."""
-
-    def __init__(self, producer: Node) -> None:
-        self.producer = producer
-        self.chain: list[Node] = []
-        self.readers: list[tuple[Node, str, int]] = []  # (node, kind "conv"|"fc", spatial size)
-        self.end: Value = producer.output(0)
-
-
-def find_unit(p: Node) -> Unit | str:
-    """The unit rooted at Conv ``p``, or the reason it is not prunable."""
-    if p.op_type != "Conv" or p.domain not in _STD or (p.attr("group", 1) or 1) != 1:
-        return "not a group-1 Conv"
-    w = p.input(1).const_value() if p.input(1) is not None else None
-    if w is None:
-        return "weights are not constant"
-    c = w.shape[0]
-    u = Unit(p)
-    v = p.output(0)
-    while True:
-        if v.is_graph_output():
-            return "its output is a graph output"
-        readers = v.consumers()
-        if len(readers) == 1 and (readers[0].op_type in CHANNEL_WISE or (
-                readers[0].op_type in PER_CHANNEL_BINARY and _per_channel_const(readers[0], c) is not None)):
-            n = readers[0]
-            if n.op_type == "BatchNormalization" and any(i is None or i.const_value() is None for i in n.inputs[1:5]):
-                return "BatchNormalization parameters are not constant"
-            if n.op_type == "Clip" and any(i is not None and not i.is_const() for i in n.inputs[1:]):
-                return "Clip bounds are not constant"
-            u.chain.append(n)
-            v = n.output(0)
-            continue
-        break
-    u.end = v
-    for r in readers:
-        if r.op_type == "Conv" and (r.attr("group", 1) or 1) == 1 and r.input(0) is v and \
-                r.input(1) is not None and r.input(1).const_value() is not None:
-            u.readers.append((r, "conv", 1))
-            continue
-        if r.op_type in ("Flatten", "Reshape") and v.shape is not None and len(v.shape) == 4 \
-                and all(isinstance(d, int) for d in v.shape[1:]):
-            o = r.output(0)
-            _, c_, h_, w_ = v.shape
-            if o.shape is None or len(o.shape) != 2 or o.shape[1] != c_ * h_ * w_ or len(o.consumers()) != 1:
-                return f"{r.op_type} after the unit is not a plain flatten"
-            if r.op_type == "Reshape":
-                tgt = r.input(1).const_value() if r.input(1) is not None else None
-                if tgt is None or int(np.ravel(tgt)[-1]) != -1:
-                    return "the flattening Reshape has a fixed target shape"
-            fc = o.consumers()[0]
-            ok = fc.op_type in ("Gemm", "MatMul") and fc.input(0) is o and fc.input(1) is not None \
-                and fc.input(1).const_value() is not None and not fc.attr("transA", 0)
-            if not ok:
-                return "the flattened tensor is not read by a Gemm/MatMul with constant weights"
-            u.readers.append((fc, "fc", h_ * w_))
-            u.chain.append(r)
-            continue
-        return f"read by {r.op_type} {r.name!r}, which must keep its channels aligned"
-    if not u.readers:
-        return "no reader whose input channels can shrink"
-    return u
 
 
 ELEMENTWISE_JOIN = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Sum"})
@@ -387,14 +322,7 @@ class ChannelPruning(Pass):
     def _collect(self, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
         assert self.model is not None
         samples = load_calibration(ctx.calibration, self.model)[: self.options["max_samples"]]
-        sess, outs = intermediate_session(self.model, names)
-        ins = {i.name for i in sess.get_inputs()}
-        acc: dict[str, list[np.ndarray]] = {k: [] for k in names}
-        for s in samples:
-            res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
-            for k in names:
-                acc[k].append(np.asarray(res[k], np.float64))
-        return {k: np.concatenate(v) for k, v in acc.items()}
+        return collect_values(self.model, names, samples)
 
     def _apply(self, graph: Graph, g: Group, k: np.ndarray, cur: dict[str, np.ndarray],
                targets: dict[str, np.ndarray]) -> None:

@@ -69,6 +69,31 @@ def kmeans_1d(values: np.ndarray, k: int, init: str = "kmeans++", iterations: in
     return c
 
 
+def stack_books(books: list[np.ndarray]) -> np.ndarray:
+    """Per-channel codebooks of different lengths as one [C, K] array (padded with the last
+    value, which no index points to)."""
+    width = max(len(b) for b in books)
+    return np.stack([np.pad(b, (0, width - len(b)), mode="edge") for b in books])
+
+
+def _palette(arr: np.ndarray, kmax: int) -> tuple[np.ndarray, np.ndarray, bool] | None:
+    """``(indices, codebook, per_channel)`` for an exact palette of at most ``kmax`` values -
+    one for the tensor, else one per output channel (axis 0) - or None."""
+    values, inverse = np.unique(arr, return_inverse=True)
+    if len(values) <= kmax:
+        return inverse.reshape(arr.shape), values, False
+    if arr.ndim < 2:
+        return None
+    books, idxs = [], []
+    for row in arr.reshape(arr.shape[0], -1):
+        v, inv = np.unique(row, return_inverse=True)
+        if len(v) > kmax:
+            return None
+        books.append(v)
+        idxs.append(inv)
+    return np.stack(idxs).reshape(arr.shape), stack_books(books), True
+
+
 def assign(v: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """Index of the nearest (sorted) centroid for every value."""
     mids = (centroids[1:] + centroids[:-1]) / 2
@@ -121,8 +146,7 @@ class WeightClustering(Pass):
             if per_channel:
                 rows = arr.reshape(arr.shape[0], -1)
                 books = [kmeans_1d(r, k, self.options["init"]) for r in rows]
-                width = max(len(b) for b in books)
-                book = np.stack([np.pad(b, (0, width - len(b)), mode="edge") for b in books])
+                book = stack_books(books)
                 idx = np.stack([assign(r, b) for r, b in zip(rows, books, strict=True)]).reshape(arr.shape)
             else:
                 book = kmeans_1d(arr, k, self.options["init"])
@@ -231,35 +255,13 @@ class Palettize(Pass):
             arr = w.const_value()
             if arr is None or arr.size < self.options["min_size"] or arr.dtype.kind not in "fiu":
                 continue
-            values, inverse = np.unique(arr, return_inverse=True)
-            kmax = min(self.options["max_values"], 256)
-            if len(values) <= kmax:
-                idx = inverse.reshape(arr.shape)
-                new = WeightClustering._palettized(graph, n, w.name, idx, values.astype(arr.dtype), False,
-                                                   len(values) <= 16)
-            elif arr.ndim >= 2:
-                # per-channel scales give each output channel its own small palette
-                rows = arr.reshape(arr.shape[0], -1)
-                books, idxs = [], []
-                for r in rows:
-                    v, inv = np.unique(r, return_inverse=True)
-                    if len(v) > kmax:
-                        break
-                    books.append(v)
-                    idxs.append(inv)
-                else:
-                    width = max(len(b) for b in books)
-                    book = np.stack([np.pad(b, (0, width - len(b)), mode="edge") for b in books])
-                    new = WeightClustering._palettized(graph, n, w.name, np.stack(idxs).reshape(arr.shape),
-                                                       book.astype(arr.dtype), True, width <= 16)
-                if len(books) != len(rows):
-                    continue
-            else:
+            pal = _palette(arr, min(self.options["max_values"], 256))
+            if pal is None:
                 continue
-            if arr.dtype != np.float32:
-                new.dtype = int(onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
-            else:
-                new.dtype = onnx.TensorProto.FLOAT
+            idx, book, per_channel = pal
+            new = WeightClustering._palettized(graph, n, w.name, idx, book.astype(arr.dtype), per_channel,
+                                               book.shape[-1] <= 16)
+            new.dtype = int(onnx.helper.np_dtype_to_tensor_dtype(arr.dtype))
             new.shape = tuple(arr.shape)
             n.set_input(wi, new)
             seen[id(w)] = new

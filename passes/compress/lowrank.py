@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import GraphoptError, Graph, Node, Pass, PassContext, register_pass
-from graphopt.runtime import intermediate_session, load_calibration
+from graphopt.runtime import collect_values, load_calibration
 
 _STD = ("", "ai.onnx")
 
@@ -204,13 +204,5 @@ class LowRankFactorization(Pass):
         """Rows of every candidate's input on the calibration data (last axis = features)."""
         assert self.model is not None
         samples = load_calibration(ctx.calibration, self.model)[:64]
-        names = sorted({n.input(0).name for n in nodes})
-        sess, outs = intermediate_session(self.model, names)
-        ins = {i.name for i in sess.get_inputs()}
-        acc: dict[str, list[np.ndarray]] = {k: [] for k in names}
-        for s in samples:
-            res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
-            for k in names:
-                a = np.asarray(res[k], np.float64)
-                acc[k].append(a.reshape(-1, a.shape[-1]))
-        return {k: np.concatenate(v) for k, v in acc.items() if v}
+        values = collect_values(self.model, sorted({n.input(0).name for n in nodes}), samples)
+        return {k: a.reshape(-1, a.shape[-1]) for k, a in values.items()}

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import Const, Match, Node, Opt, PatternPass, Rule, Var, op, register_pass
+from graphopt.ir import np_dtype
 
 from ..common import reduce_axes
 
@@ -49,9 +50,6 @@ def _clip_bounds(n: Node) -> tuple[float | None, float | None]:
 def _internal_only(m: Match, *values: Any) -> bool:
     inside = set(map(id, m.nodes))
     return all(all(id(u) in inside for u, _ in v.uses) and not v.is_graph_output() for v in values)
-
-
-_axes = reduce_axes
 
 
 # -- HardSigmoid / HardSwish -------------------------------------------------------------------
@@ -180,7 +178,7 @@ def _ln_where(m: Match) -> bool | str:
     x = m["x"]
     if x.rank is None:
         return "input rank is unknown"
-    a1, a2 = _axes(m["mean"]), _axes(m["var"])
+    a1, a2 = reduce_axes(m["mean"]), reduce_axes(m["var"])
     if a1 is None or a2 is None:
         return "reduction axes are not constant"
     r = x.rank
@@ -210,10 +208,8 @@ def _ln_where(m: Match) -> bool | str:
 def _ln_rewrite(m: Match, b: Any) -> Any:
     x = m["x"]
     r = x.rank
-    axis = min(a % r for a in _axes(m["mean"]))
+    axis = min(a % r for a in reduce_axes(m["mean"]))
     tail = tuple(int(t) for t in x.shape[axis:]) if all(isinstance(t, int) for t in x.shape[axis:]) else None
-    from graphopt.ir import np_dtype
-
     dt = np_dtype(x.dtype) if x.dtype else np.float32
     if "gamma" in m:
         gamma = np.broadcast_to(m.const("gamma"), tail).astype(dt)
@@ -285,7 +281,7 @@ def _sm_where(m: Match) -> bool | str:
     if x.rank is None:
         return "input rank is unknown"
     reds = [m["sum"]] + ([m["max"]] if "max" in m else [])
-    axes = [_axes(n) for n in reds]
+    axes = [reduce_axes(n) for n in reds]
     if any(a is None or len(a) != 1 for a in axes) or len({a[0] % x.rank for a in axes}) != 1:  # type: ignore[index]
         return "reductions are not over one common constant axis"
     if any(not n.attr("keepdims", 1) for n in reds):
@@ -294,7 +290,7 @@ def _sm_where(m: Match) -> bool | str:
 
 
 def _sm_rewrite(m: Match, b: Any) -> Any:
-    return b.op("Softmax", m["x"], axis=_axes(m["sum"])[0] % m["x"].rank)
+    return b.op("Softmax", m["x"], axis=reduce_axes(m["sum"])[0] % m["x"].rank)
 
 
 @register_pass
@@ -324,6 +320,6 @@ def _last_axis_only(where: Any) -> Any:
         v = where(m)
         if v is not True:
             return v
-        return _axes(m["sum"])[0] % m["x"].rank == m["x"].rank - 1 or "Softmax before opset 13 needs the last axis"
+        return reduce_axes(m["sum"])[0] % m["x"].rank == m["x"].rank - 1 or "Softmax before opset 13 needs the last axis"
 
     return w

@@ -34,6 +34,17 @@ def per_channel(c: np.ndarray, c_out: int, rank: int) -> np.ndarray | None:
     return np.broadcast_to(c.reshape(-1), (c_out,)).copy()
 
 
+def fold_affine(kind: str, bias: np.ndarray, c: np.ndarray) -> tuple[np.ndarray | float, np.ndarray]:
+    """``(y * s + bias) kind c`` as ``y * s * f + bias'``: returns the factor f for the scale
+    and the new bias (Add/Sub move the bias, Mul/Div scale both)."""
+    if kind == "Add":
+        return 1.0, bias + c
+    if kind == "Sub":
+        return 1.0, bias - c
+    f = c if kind == "Mul" else 1.0 / c
+    return f, bias * f
+
+
 def _conv_rule(kind: str) -> Rule:
     pat = op(kind, op("Conv", Var("x"), Const("w"), Opt(Const("b")), name="conv"), Const("c"), name="post",
              commutative=kind in ("Add", "Mul"))
@@ -55,15 +66,8 @@ def _conv_rule(kind: str) -> Rule:
         w = m.const("w")
         c = per_channel(m.const("c"), w.shape[0], w.ndim).astype(np.float64)
         bias = m.const("b").astype(np.float64) if "b" in m else np.zeros(w.shape[0])
-        wd = w.astype(np.float64)
-        if kind == "Add":
-            bias = bias + c
-        elif kind == "Sub":
-            bias = bias - c
-        else:
-            s = c if kind == "Mul" else 1.0 / c
-            wd = wd * s.reshape((-1,) + (1,) * (w.ndim - 1))
-            bias = bias * s
+        f, bias = fold_affine(kind, bias, c)
+        wd = w.astype(np.float64) * np.reshape(f, (-1,) + (1,) * (w.ndim - 1))
         attrs = {k: conv.attr(k) for k in conv.attrs}
         return b.op("Conv", m["x"], b.const(wd.astype(w.dtype), "weight"), b.const(bias.astype(w.dtype), "bias"),
                     name=conv.name or None, **attrs)
@@ -100,13 +104,8 @@ def _bn_rule(kind: str) -> Rule:
         bn = m["bn"]
         s, bias = _param(m, "s"), _param(m, "b")
         c = per_channel(m.const("c"), s.size, m["x"].rank).astype(np.float64)
-        if kind == "Add":
-            bias = bias + c
-        elif kind == "Sub":
-            bias = bias - c
-        else:
-            f = c if kind == "Mul" else 1.0 / c
-            s, bias = s * f, bias * f
+        f, bias = fold_affine(kind, bias, c)
+        s = s * f
         dt = m.const("s").dtype
         attrs = {k: bn.attr(k) for k in bn.attrs}
         return b.op("BatchNormalization", m["x"], b.const(s.astype(dt), "scale"), b.const(bias.astype(dt), "bias"),

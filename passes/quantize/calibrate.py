@@ -13,8 +13,6 @@ fixed-range histogram (2048 bins).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 
 METHODS = ("minmax", "percentile", "mse", "entropy")
@@ -158,11 +156,3 @@ def int8_weight(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray
     q = np.clip(np.round(w / scale.reshape(shape)), -127, 127).astype(np.int8)
     return q, scale
 
-
-def collect(names: list[str], batches: Iterable[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
-    """Group arrays by name (helper for tests)."""
-    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    for b in batches:
-        for n in names:
-            out[n].append(b[n])
-    return out

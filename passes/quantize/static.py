@@ -195,6 +195,7 @@ class QuantizeStatic(Pass):
         for g in model.graph.all_graphs():
             if g is model.graph:
                 continue
+            cache: dict[tuple[int, int | None], Value] = {}
             for n in list(g):
                 if n.op_type not in QUANT_OPS or n.domain not in _STD:
                     continue
@@ -203,10 +204,9 @@ class QuantizeStatic(Pass):
                 arr = w.const_value() if w is not None else None
                 if arr is None or arr.dtype != np.float32 or arr.ndim < 2:
                     continue
-                axis = self._axis(n, w) if self.options["per_channel"] else None
-                q, sc = int8_weight(arr, axis)
-                n.set_input(w_idx, self._dq_const(g, n, w.name, q, sc, np.zeros(sc.shape, np.int8), axis))
-                count += 1
+                before = len(cache)
+                n.set_input(w_idx, self._int8_weight(g, n, w, cache))
+                count += len(cache) - before
         return count
 
     # -- error, sensitivity, mixed precision ----------------------------------------------------
@@ -315,13 +315,9 @@ class QuantizeStatic(Pass):
             w = n.input(w_idx)
             if w is None or w.const_value() is None or w.const_value().dtype != np.float32:
                 continue
-            axis = self._axis(n, w) if self.options["per_channel"] else None
-            key = (id(w), axis)
-            if key not in wcache:
-                q, s = int8_weight(w.const_value(), axis)
-                wcache[key] = self._dq_const(graph, n, w.name, q, s, np.zeros(s.shape, np.int8), axis)
-                n_weights += 1
-            wdq = wcache[key]
+            before = len(wcache)
+            wdq = self._int8_weight(graph, n, w, wcache)
+            n_weights += len(wcache) - before
             n.set_input(w_idx, wdq)
             if self.options["bias_correction"] and b_idx is not None:
                 self._correct_bias(graph, n, w, wdq, b_idx)
@@ -467,6 +463,16 @@ class QuantizeStatic(Pass):
         graph.replace_all_uses_with(v, out)
         q.set_input(0, v)  # the Q itself keeps reading the float value
         return out
+
+    def _int8_weight(self, graph: Graph, n: Node, w: Value, cache: dict[tuple[int, int | None], Value]) -> Value:
+        """``DequantizeLinear`` of the int8 (symmetric; per channel where enabled) copy of
+        weight ``w`` read by ``n``; a weight shared by several nodes is quantized once."""
+        axis = self._axis(n, w) if self.options["per_channel"] else None
+        key = (id(w), axis)
+        if key not in cache:
+            q, sc = int8_weight(w.const_value(), axis)
+            cache[key] = self._dq_const(graph, n, w.name, q, sc, np.zeros(sc.shape, np.int8), axis)
+        return cache[key]
 
     @staticmethod
     def _dq_const(graph: Graph, n: Node, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray,

@@ -17,7 +17,8 @@ import logging
 from typing import Any
 
 from graphopt import Graph, Model, Node, Pass, PassContext, Value, register_pass
-from graphopt.analysis import infer_shapes
+from graphopt.analysis import infer_shapes, peak_memory
+from graphopt.ir import np_dtype
 from graphopt.runtime import resolve_input_shapes
 
 log = logging.getLogger(__name__)
@@ -39,8 +40,6 @@ def _sizes(model: Model, ctx: PassContext) -> dict[str, int]:
             for d, x in zip(v.shape, resolved[v.name], strict=False):
                 if isinstance(d, str):
                     symbols[d] = x
-    from graphopt.ir import np_dtype
-
     out: dict[str, int] = {}
     for v in list(g.inputs) + [o for n in g for o in n.outputs]:
         if v.shape is None or not v.dtype or any(d is None for d in v.shape):
@@ -148,12 +147,14 @@ class MemoryAwareSchedule(Pass):
             return False
         size = _sizes(self.model, ctx)
         before_order = graph.nodes
-        order = greedy_order(graph, size)
-        if len(order) != len(before_order):
-            return False
-
-        before = _peak(graph, before_order, size)
-        after = _peak(graph, order, size)
+        before = peak_memory(graph, before_order, sizes=size).peak_bytes
+        after, order = before, before_order
+        for lifo in (False, True):
+            cand = greedy_order(graph, size, lifo=lifo)
+            if len(cand) == len(before_order):
+                peak = peak_memory(graph, cand, sizes=size).peak_bytes
+                if peak < after:
+                    after, order = peak, cand
         self.last = (before, after)
         self.bound = lower_bound(graph, size)
         if after >= before:
@@ -224,31 +225,3 @@ def lower_bound(graph: Graph, size: dict[str, int], *, max_nodes: int = 2000) ->
                 total += b
         best = max(best, total)
     return best
-
-
-def _peak(graph: Graph, order: list[Node], size: dict[str, int]) -> int:
-    """Peak live bytes of ``order`` using ``size`` (by value name)."""
-    last: dict[int, int] = {}
-    end = len(order)
-    for k, n in enumerate(order):
-        vs = [v for v in n.inputs if v is not None] + (n.outer_inputs() if n.attrs else [])
-        for v in vs:
-            last[id(v)] = k
-    for o in graph.outputs:
-        last[id(o)] = end
-    live = sum(size.get(v.name, 0) for v in graph.inputs if v.const is None)
-    frees: dict[int, int] = {}
-    for v in graph.inputs:
-        if v.const is None:
-            frees[last.get(id(v), 0)] = frees.get(last.get(id(v), 0), 0) + size.get(v.name, 0)
-    peak = live
-    for k, n in enumerate(order):
-        for o in n.outputs:
-            if o.name:
-                b = size.get(o.name, 0)
-                live += b
-                lu = last.get(id(o), k)
-                frees[lu] = frees.get(lu, 0) + b
-        peak = max(peak, live)
-        live -= frees.pop(k, 0)
-    return peak

@@ -116,15 +116,12 @@ REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "Re
           "ReduceLogSumExp", "ReduceSumSquare")
 
 
-_reduce_axes = reduce_axes
-
-
 def _reduce() -> Rule:
     pat = op(REDUCE, op("Transpose", Var("x"), name="t"), None, name="r")
 
     def where(m: Match) -> bool | str:
         r, perm = m["r"], m["t"].attr("perm")
-        if perm is None or _reduce_axes(r) is None or r.attr("noop_with_empty_axes", 0):
+        if perm is None or reduce_axes(r) is None or r.attr("noop_with_empty_axes", 0):
             return "axes and perm must be constant"
         if r.attr("keepdims", 1):
             return reaches_transpose(r.output(0)) or "no Transpose below to cancel with"
@@ -134,7 +131,7 @@ def _reduce() -> Rule:
         r, t = m["r"], m["t"]
         perm = list(t.attr("perm"))
         rank = len(perm)
-        axes = sorted(a % rank for a in _reduce_axes(r))
+        axes = sorted(a % rank for a in reduce_axes(r))
         src_axes = sorted(perm[a] for a in axes)
         attrs = {k: r.attr(k) for k in r.attrs if k != "axes"}
         ins = [m["x"]]
