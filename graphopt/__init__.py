@@ -11,6 +11,7 @@ import importlib.util as _ilu
 from pathlib import Path as _Path
 
 from graphopt.errors import (
+    CompileError,
     ExternalDataError,
     GraphoptError,
     InputSpecError,
@@ -84,13 +85,23 @@ def optimize(
     return model
 
 
+def compile(model, target="host", **options):  # type: ignore[no-untyped-def]  # noqa: A001
+    """Compile ``model`` with TVM for ``target``; see :func:`graphopt.backend.compile`."""
+    from graphopt.backend import compile as _compile
+
+    return _compile(model, target, **options)
+
+
+compile.__doc__ = "Compile a model with TVM for a target; see :func:`graphopt.backend.compiler.compile`."
+
+
 __all__ = [
-    "Attr", "BisectResult", "Builder", "Const", "ExternalDataError", "Function", "Graph", "GraphoptError",
+    "Attr", "BisectResult", "Builder", "CompileError", "Const", "ExternalDataError", "Function", "Graph", "GraphoptError",
     "InputSpecError", "Instrument", "InvalidModelError", "Match", "Model", "ModelLoadError", "Node",
     "NumericCheckInstrument", "NumericalMismatchError", "Opt", "Pass", "PassContext", "PassError",
     "PassRecord", "PatternPass", "Pipeline", "Rule", "RuntimeBackendError", "SnapshotInstrument",
     "StatsInstrument", "Tensor", "TimingInstrument", "UnsupportedModelError", "Value", "Var",
-    "VerificationError", "VerifyInstrument", "apply_rules", "bisect", "compare", "explain", "from_graphsurgeon",
+    "VerificationError", "VerifyInstrument", "apply_rules", "bisect", "compare", "compile", "explain", "from_graphsurgeon",
     "from_proto", "get_pass", "get_pipeline", "list_passes", "list_pipelines", "load", "load_calibration",
     "make_inputs", "maybe", "op", "optimize", "register_pass", "register_pipeline", "run_ort", "run_passes",
     "save", "to_graphsurgeon", "to_proto",

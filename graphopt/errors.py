@@ -57,3 +57,8 @@ class InputSpecError(GraphoptError):
 
 class RuntimeBackendError(GraphoptError):
     """A runtime (ONNX Runtime, TVM) refused to load or run the model."""
+
+
+class CompileError(GraphoptError):
+    """A model cannot be compiled for the requested target (unsupported op, unknown target,
+    missing toolchain, dynamic shape without a hint)."""

@@ -4,7 +4,7 @@ They are written only against graphopt's public API, exactly as a user's pass wo
 Importing this package registers them and the named pipelines:
 
 * ``default`` - the lossless pipeline: lift old-style initializer inputs, then constant
-  folding, If inlining, no-op elimination, CSE, fusions, algebraic reordering and DCE repeated
+  folding, If inlining, no-op elimination, 2-input Sum as Add, CSE, fusions, algebraic reordering and DCE repeated
   to a fixpoint, then memory-aware scheduling.
 * ``fold-only`` - constant folding and DCE.
 * ``cleanup`` - no-op elimination, CSE and DCE.
@@ -15,6 +15,7 @@ from __future__ import annotations
 from graphopt import Pipeline, register_pipeline
 
 from .cleanup.constant_folding import ConstantFolding, InlineConstantIf, LiftInitializerInputs
+from .cleanup.canonicalize import SumToAdd
 from .cleanup.cse import CommonSubexpressionElimination
 from .cleanup.dce import DeadCodeElimination
 from .cleanup.names import CompactNames
@@ -43,6 +44,7 @@ def default_pipeline() -> Pipeline:
     core = Pipeline(
         [
             ConstantFolding(), ResolveDynamicReshape(), InlineConstantIf(), EliminateIdentity(), EliminateNoOps(),
+            SumToAdd(),
             CommonSubexpressionElimination(), FuseConvBatchNorm(), FuseConvAffine(), FuseGemm(),
             FusePadIntoConv(), SinkTransposes(), FuseLayoutChains(), FuseActivations(), AlgebraicReorder(),
             DeadCodeElimination(),
@@ -73,6 +75,6 @@ register_pipeline("cleanup", cleanup_pipeline)
 __all__ = [
     "AlgebraicReorder", "ChannelPruning", "CommonSubexpressionElimination", "CompactNames", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "Palettize", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes",
+    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "Palettize", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes", "SumToAdd",
     "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
 ]

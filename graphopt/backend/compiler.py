@@ -1,0 +1,497 @@
+"""Compile an ONNX model with Apache TVM (Relax): import, lower, schedule, build, run, export.
+
+The flow (``graphopt.compile``):
+
+1. **Prepare** (graphopt): fix the input shapes (user hints resolve symbolic dims), run the
+   lossless default pipeline so run-time shape computations (Shape -> Gather -> Concat ->
+   Reshape) and ConstantOfShape weights fold into constants, rewrite n-ary Sum as Add, and name
+   any op TVM's ONNX frontend does not convert - before TVM sees the model.
+2. **Import** with ``tvm.relax.frontend.onnx.from_onnx`` (weights become constants).
+3. **Lower**: for CPUs, convolutions go to NHWC activations / HWIO weights (weights are
+   pre-transposed at compile time) so every heavy kernel vectorizes along channels; then
+   legalization, constant folding and operator fusion.
+4. **Schedule**: tuned records from the MetaSchedule database where there are any, graphopt's
+   rule-based default schedules (:mod:`graphopt.backend.schedules`) for the rest on CPUs, TVM's
+   DLight rules on GPUs.
+5. **Build** with ``tvm.relax.build``; run through the Relax VM, export as a shared library
+   (or ``.tar``), with a JSON sidecar recording the signature and target.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from graphopt.errors import CompileError, GraphoptError, InputSpecError, RuntimeBackendError
+from graphopt.ir import Model
+from graphopt.ir.tensor import np_dtype
+
+from .targets import TargetSpec, _first_line, check_toolchain, resolve_target
+
+logger = logging.getLogger(__name__)
+
+SIDECAR_SUFFIX = ".json"
+
+
+@dataclass
+class IOSpec:
+    """One model input or output of a compiled model."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class CompileInfo:
+    """What happened during compilation (shown by the CLI, kept in the sidecar)."""
+
+    target: str
+    target_config: dict[str, Any]
+    schedules: dict[str, str] = field(default_factory=dict)
+    layout: str = "NCHW"
+    tuning: dict[str, Any] = field(default_factory=dict)
+    times: dict[str, float] = field(default_factory=dict)
+
+
+# -- preparing and importing ------------------------------------------------------------------
+
+
+def _load_model(model: Model | str | os.PathLike[str]) -> Model:
+    import graphopt
+
+    if isinstance(model, Model):
+        return model.copy()
+    return graphopt.load(model)
+
+
+def fix_input_shapes(model: Model, hints: Mapping[str, Sequence[int]] | None) -> list[IOSpec]:
+    """Give every model input a static shape (from ``hints`` for symbolic dims) in place.
+
+    Raises :class:`CompileError` naming the input and dim when a dim is dynamic and no hint
+    gives it: TVM compiles for static shapes.
+    """
+    from graphopt.runtime import model_inputs, resolve_input_shapes
+
+    hints = dict(hints or {})
+    for v in model_inputs(model):
+        if v.name in hints:
+            continue
+        if v.shape is None:
+            raise CompileError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,...")
+        dyn = [d for d in v.shape if not isinstance(d, int)]
+        if dyn:
+            example = ",".join(str(d) if isinstance(d, int) else "N" for d in v.shape)
+            raise CompileError(
+                f"input {v.name!r} has dynamic dim {dyn[0]!r}; TVM needs static shapes: give "
+                f"--input-shape {v.name}:{example} (N a number)"
+            )
+    resolved = resolve_input_shapes(model, hints)
+    specs = []
+    for v in model_inputs(model):
+        v.shape = tuple(resolved[v.name])
+        if v.dtype is None:
+            raise CompileError(f"input {v.name!r} has no element type")
+        specs.append(IOSpec(v.name, tuple(resolved[v.name]), str(np_dtype(v.dtype))))
+    return specs
+
+
+def supported_ops() -> set[str]:
+    """ONNX op types TVM's Relax ONNX frontend converts."""
+    from tvm.relax.frontend.onnx import onnx_frontend
+
+    return set(onnx_frontend._get_convert_map())
+
+
+def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Sequence[int]] | None = None,
+            *, optimize: bool = True) -> tuple[Model, list[IOSpec]]:
+    """Copy ``model``, fix its input shapes, run the lossless pipeline, and check every op is one
+    TVM converts. Returns the prepared model and its input specs."""
+    import graphopt
+
+    m = _load_model(model)
+    specs = fix_input_shapes(m, input_shapes)
+    shapes = {s.name: list(s.shape) for s in specs}
+    ctx = graphopt.PassContext(input_shapes=shapes)
+    if optimize:
+        graphopt.run_passes(m, graphopt.get_pipeline("default"), ctx)
+    graphopt.run_passes(m, [graphopt.get_pass("sum-to-add", max_inputs=1 << 16), "dce"],
+                        graphopt.PassContext(input_shapes=shapes))
+    known = supported_ops()
+    bad = [(n.name, n.op_type) for g in m.graph.all_graphs() for n in g.iter_nodes()
+           if n.domain not in ("", "ai.onnx") or n.op_type not in known]
+    if bad:
+        name, op = bad[0]
+        more = f" (and {len(bad) - 1} more: {sorted({o for _, o in bad[1:]})})" if len(bad) > 1 else ""
+        raise CompileError(f"op {op} is not supported by TVM's ONNX frontend{more}", node=name)
+    return m, specs
+
+
+def import_relax(model: Model) -> Any:
+    """Convert a prepared model to a Relax IRModule (weights as constants)."""
+    import graphopt
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = graphopt.to_proto(model)
+    try:
+        mod = from_onnx(proto, keep_params_in_input=False)
+    except Exception as exc:  # noqa: BLE001 - the frontend raises anything; say it in one line
+        raise CompileError(f"TVM's ONNX frontend failed: {_first_line(exc)}") from None
+    return mod
+
+
+# -- lowering ---------------------------------------------------------------------------------
+
+CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+
+
+def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, str]:
+    """Relax-level lowering up to fused, legalized (still unscheduled) TIR functions.
+
+    Returns the module and the activation layout used ("NHWC" where the conversion applied).
+    """
+    import tvm
+    from tvm import relax
+
+    T = relax.transform
+    tgt = target.tvm_target()
+    head = [T.DecomposeOpsForInference(), T.CanonicalizeBindings()]
+    tail = [T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR()]
+    used = "NCHW"
+    with tgt:
+        mod = tvm.transform.Sequential(head)(mod)
+        if layout and target.device == "cpu":
+            try:
+                mod = T.ConvertLayout(CPU_LAYOUTS)(mod)
+                used = "NHWC"
+            except Exception as exc:  # noqa: BLE001 - keep NCHW; schedules still apply
+                logger.info("layout conversion skipped: %s", _first_line(exc))
+        mod = tvm.transform.Sequential(tail)(mod)
+    return mod, used
+
+
+def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_schedules: bool = True
+             ) -> tuple[Any, dict[str, str]]:
+    """Apply tuned records from ``database``, then default schedules to what is left."""
+    from tvm import relax, tirx
+
+    tgt = target.tvm_target()
+    with tgt:
+        if database is not None:
+            from tvm.s_tir import meta_schedule as ms
+
+            with database:
+                mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
+        if not default_schedules:
+            return mod, {gv.name_hint: ("tuned" if _scheduled(f) else "naive")
+                         for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+        if target.device == "cuda":
+            from tvm.s_tir import dlight as dl
+
+            before = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and _scheduled(f)}
+            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            used = {gv.name_hint: ("tuned" if gv.name_hint in before else "dlight" if _scheduled(f) else "naive")
+                    for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+            return mod, used
+        from .schedules import apply_default_schedules
+
+        return apply_default_schedules(mod, tgt)
+
+
+def _scheduled(func: Any) -> bool:
+    return "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1
+
+
+def build(mod: Any, target: TargetSpec) -> Any:
+    """``relax.build`` for the target; one-line error on failure."""
+    from tvm import relax
+
+    try:
+        return relax.build(mod, target=target.tvm_target())
+    except GraphoptError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise CompileError(f"TVM build failed for {target.name}: {_first_line(exc)}") from None
+
+
+# -- the compiled model -----------------------------------------------------------------------
+
+
+class CompiledModel:
+    """A model compiled by TVM: run it, time it, export it.
+
+    ``run`` takes a dict (input name -> array) or a list in input order and returns the outputs
+    as a list of numpy arrays in the ONNX model's output order.
+    """
+
+    def __init__(self, module: Any, target: TargetSpec, inputs: list[IOSpec], outputs: list[IOSpec],
+                 info: CompileInfo, *, path: Path | None = None) -> None:
+        self.module = module
+        self.target = target
+        self.inputs = inputs
+        self.outputs = outputs
+        self.info = info
+        self.path = path
+        self._vm: Any = None
+
+    def __repr__(self) -> str:
+        sig = ", ".join(f"{i.name}:{list(i.shape)}" for i in self.inputs)
+        return f"CompiledModel({self.target.name}, inputs=[{sig}])"
+
+    # running ------------------------------------------------------------------------------
+    def _device(self) -> Any:
+        import tvm
+
+        if self.target.is_cross:
+            raise RuntimeBackendError(f"this build is for {self.target.name}; it cannot run here (export it and run "
+                                      "it on the target machine)")
+        if self.target.device == "cuda":
+            dev = tvm.cuda(0)
+            if not dev.exist:
+                raise RuntimeBackendError("this build is for CUDA but no NVIDIA GPU is visible")
+            return dev
+        return tvm.cpu(0)
+
+    def vm(self) -> Any:
+        """The Relax virtual machine running this build (created on first use)."""
+        if self._vm is None:
+            from tvm import relax
+
+            self._vm = relax.VirtualMachine(self.module, self._device())
+        return self._vm
+
+    def _arguments(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[Any]:
+        import tvm
+
+        if isinstance(inputs, Mapping):
+            missing = [i.name for i in self.inputs if i.name not in inputs]
+            extra = sorted(set(inputs) - {i.name for i in self.inputs})
+            if missing or extra:
+                raise InputSpecError(f"inputs do not match the compiled model: missing {missing}, unknown {extra}")
+            arrays = [inputs[i.name] for i in self.inputs]
+        else:
+            arrays = list(inputs)
+            if len(arrays) != len(self.inputs):
+                raise InputSpecError(f"expected {len(self.inputs)} inputs, got {len(arrays)}")
+        out = []
+        dev = self._device()
+        for spec, a in zip(self.inputs, arrays, strict=True):
+            a = np.asarray(a)
+            if tuple(a.shape) != tuple(spec.shape):
+                raise InputSpecError(f"input {spec.name!r} has shape {list(a.shape)}; compiled for {list(spec.shape)}")
+            if a.dtype != np.dtype(spec.dtype):
+                raise InputSpecError(f"input {spec.name!r} has dtype {a.dtype}; compiled for {spec.dtype}")
+            out.append(tvm.runtime.tensor(np.ascontiguousarray(a), dev))
+        return out
+
+    def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Run once; outputs as numpy arrays, in the model's output order."""
+        res = self.vm()["main"](*self._arguments(inputs))
+        return _flatten(res)
+
+    def benchmark(self, inputs: Mapping[str, np.ndarray] | None = None, *, rounds: int = 30, number: int = 1
+                  ) -> dict[str, float]:
+        """Latency in ms (median, mean, min over ``rounds``) with TVM's time evaluator."""
+        if inputs is None:
+            inputs = example_inputs(self.inputs)
+        args = self._arguments(inputs)
+        fe = self.vm().time_evaluator("main", self._device(), number=number, repeat=rounds, min_repeat_ms=0)
+        res = fe(*args)
+        times = [t * 1e3 for t in res.results]
+        return {"median_ms": float(np.median(times)), "mean_ms": float(np.mean(times)), "min_ms": float(min(times))}
+
+    # exporting ----------------------------------------------------------------------------
+    def export(self, path: str | os.PathLike[str]) -> Path:
+        """Write the build as a shared library (``.so``) or an archive (``.tar``), atomically,
+        plus ``<path>.json`` describing inputs, outputs and target. Returns the path."""
+        path = Path(path)
+        if path.suffix not in (".so", ".tar", ".dylib"):
+            raise CompileError(f"export path {str(path)!r} must end in .so or .tar")
+        if path.suffix == ".so":
+            check_toolchain(self.target, for_export=True)
+        if not hasattr(self.module, "export_library"):
+            raise CompileError("this build was loaded from disk; it is already exported")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        try:
+            kwargs: dict[str, Any] = {}
+            if path.suffix == ".so" and self.target.cross_compiler:
+                from tvm.support import cc
+
+                kwargs["fcompile"] = cc.cross_compiler(self.target.cross_compiler)
+            try:
+                self.module.export_library(tmp, **kwargs)
+            except Exception as exc:  # noqa: BLE001
+                raise CompileError(f"export failed: {_first_line(exc)}") from None
+            meta = {
+                "format": "graphopt-tvm/1",
+                "target": self.target.name,
+                "target_config": self.target.config,
+                "device": self.target.device,
+                "cross": self.target.is_cross,
+                "inputs": [asdict(i) for i in self.inputs],
+                "outputs": [asdict(o) for o in self.outputs],
+                "info": asdict(self.info),
+            }
+            side_tmp = tmp + SIDECAR_SUFFIX
+            Path(side_tmp).write_text(json.dumps(meta, indent=1, default=str))
+            os.replace(tmp, path)
+            os.replace(side_tmp, str(path) + SIDECAR_SUFFIX)
+        finally:
+            for t in (tmp, tmp + SIDECAR_SUFFIX):
+                if os.path.exists(t):
+                    os.unlink(t)
+        self.path = path
+        return path
+
+
+def _flatten(res: Any) -> list[np.ndarray]:
+    if hasattr(res, "numpy"):
+        return [res.numpy()]
+    out: list[np.ndarray] = []
+    for r in res:
+        out.extend(_flatten(r))
+    return out
+
+
+def example_inputs(specs: Sequence[IOSpec], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs matching ``specs`` (floats ~ N(0,1), integers in [0, 4))."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for s in specs:
+        dt = np.dtype(s.dtype)
+        if dt.kind == "f":
+            out[s.name] = rng.standard_normal(s.shape).astype(dt)
+        elif dt.kind == "b":
+            out[s.name] = rng.integers(0, 2, size=s.shape).astype(bool)
+        else:
+            out[s.name] = rng.integers(0, 4, size=s.shape).astype(dt)
+    return out
+
+
+def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
+    """Load a library written by :meth:`CompiledModel.export` (with its ``.json`` sidecar)."""
+    import tvm
+
+    path = Path(path)
+    side = Path(str(path) + SIDECAR_SUFFIX)
+    if not path.is_file():
+        raise CompileError(f"no compiled model at {str(path)!r}")
+    if not side.is_file():
+        raise CompileError(f"{str(side)!r} is missing: it records the compiled model's inputs and target")
+    try:
+        meta = json.loads(side.read_text())
+        inputs = [IOSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in meta["inputs"]]
+        outputs = [IOSpec(o["name"], tuple(o["shape"]), o["dtype"]) for o in meta["outputs"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CompileError(f"{str(side)!r} is not a graphopt compile sidecar: {exc}") from None
+    target = TargetSpec(meta["target"], meta["target_config"], device=meta.get("device", "cpu"),
+                        cross_compiler="cross" if meta.get("cross") else None)
+    if path.suffix == ".tar":
+        raise CompileError("a .tar export must be linked on the target machine before loading; load a .so")
+    try:
+        module = tvm.runtime.load_module(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise CompileError(f"cannot load {str(path)!r}: {_first_line(exc)}") from None
+    info = CompileInfo(**meta.get("info", {"target": meta["target"], "target_config": meta["target_config"]}))
+    return CompiledModel(module, target, inputs, outputs, info, path=path)
+
+
+# -- the entry point --------------------------------------------------------------------------
+
+
+def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
+    model: Model | str | os.PathLike[str],
+    target: str | dict[str, Any] | TargetSpec = "host",
+    *,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    trials: int = 0,
+    minutes: float | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    rpc: str | None = None,
+    default_schedules: bool = True,
+    layout: bool = True,
+    optimize: bool = True,
+    progress: bool = True,
+) -> CompiledModel:
+    """Compile an ONNX model (path or :class:`graphopt.Model`) for ``target`` with TVM.
+
+    ``trials``/``minutes`` set a MetaSchedule tuning budget (0 / None: no tuning; graphopt's
+    default schedules are used). Tuning records go to a persistent database per target under
+    ``cache_dir`` (default: the user cache dir), so compiling the same workloads again reuses
+    them without measuring. ``rpc="host:port:key"`` measures on devices registered with a TVM
+    RPC tracker instead of locally. ``default_schedules=False`` builds TVM's unscheduled
+    (naive) kernels, for comparison.
+    """
+    try:
+        import tvm  # noqa: F401
+    except ImportError:
+        raise CompileError('TVM is not installed; pip install "graphopt[tvm]"') from None
+    spec = resolve_target(target)
+    if spec.device == "cuda":
+        check_toolchain(spec, for_export=False)
+    t0 = time.perf_counter()
+    prepared, inputs = prepare(model, input_shapes, optimize=optimize)
+    t1 = time.perf_counter()
+    mod = import_relax(prepared)
+    outputs = _output_specs(mod, prepared)
+    mod, used_layout = lower(mod, spec, layout=layout)
+    t2 = time.perf_counter()
+    info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout)
+    database = None
+    if trials or minutes:
+        from .tuning import tune
+
+        database, info.tuning = tune(mod, spec, trials=trials, minutes=minutes, cache_dir=cache_dir, rpc=rpc,
+                                     progress=progress)
+    elif cache_dir is not None or _cache_has_records(spec, cache_dir):
+        from .tuning import open_database
+
+        database = open_database(spec, cache_dir, create=False)
+    t3 = time.perf_counter()
+    mod, info.schedules = schedule(mod, spec, database=database, default_schedules=default_schedules)
+    ex = build(mod, spec)
+    t4 = time.perf_counter()
+    info.times = {"prepare_s": t1 - t0, "import_lower_s": t2 - t1, "tune_s": t3 - t2, "schedule_build_s": t4 - t3}
+    logger.info("compiled for %s in %.1f s (%s)", spec.name, t4 - t0,
+                ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()))
+    return CompiledModel(ex, spec, inputs, outputs, info)
+
+
+def _cache_has_records(spec: TargetSpec, cache_dir: Any) -> bool:
+    from .tuning import cache_path
+
+    d = cache_path(spec, cache_dir)
+    return (d / "database_tuning_record.json").is_file()
+
+
+def _count(d: Mapping[str, str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in d.values():
+        out[v] = out.get(v, 0) + 1
+    return out
+
+
+def _output_specs(mod: Any, model: Model) -> list[IOSpec]:
+    from tvm import relax
+
+    ret = mod["main"].ret_ty
+    infos = list(ret.fields) if isinstance(ret, relax.TupleType) else [ret]
+    names = [o.name for o in model.graph.outputs]
+    out = []
+    for i, si in enumerate(infos):
+        shp = getattr(si, "shape", None)
+        shape = tuple(int(d) for d in shp.values) if shp is not None and hasattr(shp, "values") else ()
+        out.append(IOSpec(names[i] if i < len(names) else f"output_{i}", shape, str(si.dtype)))
+    return out

@@ -1,0 +1,364 @@
+"""Rule-based default CPU schedules for TVM PrimFuncs (no tuning).
+
+TVM's CPU pipeline leaves every kernel as a naive single-threaded loop nest (NOTES.md: 10-65x
+slower than ONNX Runtime). These rules, in the spirit of TVM's DLight GPU rules, give each kernel
+a reasonable schedule from its structure alone:
+
+- **Tiled reductions** (conv2d in NHWC/HWIO, matmul, pooling, reductions whose output's innermost
+  axis is spatial): the output's innermost axis is vectorized, a second spatial axis is
+  register-blocked, accumulation happens in a register tile (``cache_write`` to ``local``), the
+  fused elementwise epilogue (bias, Relu, ...) is applied when the tile is written back, and the
+  outer tile loops run in parallel. Loop order keeps a weight panel hot in cache while the
+  spatial tiles stream past it.
+- **Injective** kernels (elementwise chains, transposes, concats, pads): producers inlined, loops
+  fused, the outer part parallel and the innermost contiguous part vectorized.
+- **Fallback** for anything else (softmax, several reductions): each loop nest's leading spatial
+  loops run in parallel.
+
+A rule that cannot apply raises inside TVM's schedule; the function is then tried with the next,
+simpler rule, and in the worst case left as it was. Compilation never fails because of a
+schedule rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+def _extent(x: Any) -> int | None:
+    from tvm import tirx
+
+    return int(x) if isinstance(x, tirx.IntImm) else None
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def vector_lanes(target: Any, bits: int = 32) -> int:
+    """Number of ``bits``-wide lanes in one vector register of ``target`` (at least 4)."""
+    from tvm.target import codegen
+
+    try:
+        width = int(codegen.llvm_get_vector_width(target))
+    except Exception:  # noqa: BLE001 - non-LLVM or unknown cpu
+        width = -1
+    if width <= 0:
+        width = 128
+    return max(4, width // bits)
+
+
+def choose_register_tile(p: int, f: int, lanes: int, registers: int, max_tile_bytes: int = 1024
+                         ) -> tuple[int, int, int]:
+    """Pick the register tile for a blocked spatial axis of extent ``p`` and a vector axis of
+    extent ``f``: ``(xi, vw, fm)`` = ``xi`` rows times ``fm`` vectors of ``vw`` lanes.
+
+    ``vw`` is a full vector where it divides ``f``, else a half or quarter vector (never an odd
+    width: LLVM turns those into shuffles). Maximizes useful multiply-adds per load,
+    ``xi*vw*fm / (xi + fm)``, within ``registers`` accumulators and ``max_tile_bytes``; ``xi``
+    divides ``p`` and ``vw*fm`` divides ``f``, so no tile needs a predicate.
+    """
+    best: tuple[float, int, int, int] = (-1.0, 1, 1, 1)
+    for vw in (lanes, lanes // 2, lanes // 4):
+        if vw < 4 or f % vw:
+            continue
+        for fm in _divisors(f // vw, 8):
+            for xi in _divisors(p, 16):
+                if xi * fm > registers or xi * fm * vw * 4 > max_tile_bytes:
+                    continue
+                score = xi * fm * vw / (xi + fm)
+                if score > best[0]:
+                    best = (score, xi, vw, fm)
+        if best[0] > 0:
+            break
+    return best[1], best[2], best[3]
+
+
+class _Rule:
+    """One rule: ``apply(sch, target) -> bool`` schedules ``sch`` in place or returns False."""
+
+    name = "rule"
+
+    def apply(self, sch: Any, target: Any) -> bool:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _root_blocks(sch: Any) -> list[Any]:
+    from tvm.s_tir.dlight.analysis import get_root_block
+
+    return list(sch.get_child_blocks(get_root_block(sch)))
+
+
+def _is_spatial_block(sch: Any, block: Any) -> bool:
+    from tvm import tirx
+
+    return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
+
+
+def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 2048) -> None:
+    """Fuse a spatial loop nest; vectorize its innermost contiguous part, parallelize the rest."""
+    loops = sch.get_loops(block)
+    if not loops:
+        return
+    extents = [_extent(sch.get(lp).extent) for lp in loops]
+    if any(e is None for e in extents):
+        return
+    total = 1
+    for e in extents:
+        total *= e
+    inner = extents[-1]
+    vec = next((v for v in (2 * lanes, lanes, lanes // 2) if v >= 4 and inner % v == 0), 0)
+    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    if vec:
+        outer, vi = sch.split(fused, [None, vec])
+        sch.vectorize(vi)
+    else:
+        outer = fused
+    if total >= min_parallel:
+        sch.parallel(outer)
+
+
+class InjectiveRule(_Rule):
+    """Elementwise/injective functions: inline every block into the last, then fuse, parallelize
+    and vectorize the last block's loops."""
+
+    name = "injective"
+
+    def apply(self, sch: Any, target: Any) -> bool:
+        blocks = _root_blocks(sch)
+        if not blocks or not all(_is_spatial_block(sch, b) for b in blocks):
+            return False
+        remaining = list(blocks)
+        for b in blocks[:-1]:
+            try:
+                sch.compute_inline(b)
+                remaining.remove(b)
+            except Exception:  # noqa: BLE001 - cannot inline: schedule it on its own
+                pass
+        lanes = vector_lanes(target)
+        for b in remaining:
+            _schedule_injective(sch, b, lanes)
+        return True
+
+
+class TiledReductionRule(_Rule):
+    """Register-tiled, vectorized, parallel schedule for a function with one reduction block whose
+    output's innermost axis is a spatial iterator (conv2d NHWC, matmul, pooling NHWC, mean over
+    H,W in NHWC ...)."""
+
+    name = "tiled-reduction"
+
+    def __init__(self, registers: int | None = None) -> None:
+        self.registers = registers
+
+    def apply(self, sch: Any, target: Any) -> bool:  # noqa: C901 - one linear recipe
+        from tvm import tirx
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return False
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1:
+            return False
+        main = reductions[0]
+        idx = infos.index(main)
+        if not all(b.is_injective() for b in infos if b is not main):
+            return False
+        block = sch.get(main.block_rv)
+        if len(block.writes) != 1:
+            return False
+        region = block.writes[0].region
+        iters = main.iters
+        spatial = [it for it in iters if it.kind == "S"]
+        reduce = [it for it in iters if it.kind == "R"]
+        if not reduce or any(it.kind == "O" for it in iters):
+            return False
+        if any(_extent(it._dom) is None for it in iters):
+            return False
+        # The vector axis: the spatial iterator that indexes the output's innermost dimension.
+        last = region[-1].min if region else None
+        vec_it = next((it for it in spatial if last is not None and it.var.same_as(last)), None)
+        if vec_it is None or int(vec_it.dom) < 4:
+            return False
+        lanes = vector_lanes(target)
+        # accumulators live in a stack tile that LLVM promotes to registers; TVM puts "local"
+        # buffers on the stack only below 1 KiB, so the tile is capped there too.
+        registers = self.registers or min(24 if lanes >= 16 else 12, 1024 // (4 * lanes))
+        others = [it for it in spatial if it is not vec_it]
+        # Register-block a spatial axis that the vector-loaded operand does not depend on, so
+        # each loaded vector is reused xi times (x of NHWC conv, M of a matmul, output channels
+        # of an NCHW conv); the innermost such axis wins.
+        vec_operands = [r for r in block.reads if _uses_var(r, vec_it.var) and not r.source.same_as(block.writes[0].source)]
+        free = [it for it in others if int(it.dom) > 1 and not any(_uses_var(r, it.var) for r in vec_operands)]
+        block_it = free[-1] if free else next((it for it in reversed(others) if int(it.dom) > 1), None)
+        xi, vw, fm = choose_register_tile(int(block_it.dom) if block_it else 1, int(vec_it.dom), lanes, registers)
+        if vw < 4:
+            return False
+
+        # 1. inline producers that are pure copies (a pad with a real border stays a stage),
+        #    and fold the elementwise epilogue chain into its last block.
+        for b in infos[:idx]:
+            if _has_if_then_else(sch, b.block_rv):
+                continue
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001
+                pass
+        epilogue = infos[idx + 1:]
+        for b in epilogue[:-1]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001
+                pass
+        main_rv = main.block_rv
+        # 2. accumulate in a register tile; write back with the epilogue applied.
+        wb = sch.cache_write(main_rv, 0, "local")
+        last_epi = epilogue[-1].block_rv if epilogue else None
+        epi_inlined = False
+        if last_epi is not None:
+            try:
+                sch.reverse_compute_inline(last_epi)
+                epi_inlined = True
+            except Exception:  # noqa: BLE001
+                epi_inlined = False
+        # 3. tile: [F_o, P_o] (parallel) / reductions / [P_i (unrolled), F_i (vectorized)]
+        loops = sch.get_loops(main_rv)
+        by_var = {id(it): lp for it, lp in zip(iters, loops, strict=True)}
+        other_loops = [by_var[id(it)] for it in others]
+        red_loops = [by_var[id(it)] for it in reduce]
+        vec_loop = by_var[id(vec_it)]
+        sch.reorder(*other_loops, vec_loop, *red_loops)
+        f_o, f_m, f_i = sch.split(vec_loop, [None, fm, vw])
+        p_i = None
+        outer_loops = [f_o]
+        for it in others:
+            lp = by_var[id(it)]
+            if it is block_it:
+                x_o, p_i = sch.split(lp, [None, xi])
+                outer_loops.append(x_o)
+            else:
+                outer_loops.append(lp)
+        sch.reorder(*outer_loops, *red_loops, *([p_i] if p_i is not None else []), f_m, f_i)
+        outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
+        sch.parallel(outer)
+        sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
+        if last_epi is not None and not epi_inlined:
+            sch.reverse_compute_at(last_epi, outer, preserve_unit_loops=True)
+        if p_i is not None and xi > 1:
+            sch.unroll(p_i)
+        if fm > 1:
+            sch.unroll(f_m)
+        sch.vectorize(f_i)
+        init = sch.decompose_reduction(main_rv, red_loops[0])
+        for b in [wb, init] + ([last_epi] if last_epi is not None and not epi_inlined else []):
+            inner = sch.get_loops(b)[-1]
+            ext = _extent(sch.get(inner).extent)
+            if ext is not None and ext % vw == 0:
+                if ext > vw:
+                    _, inner = sch.split(inner, [None, vw])
+                sch.vectorize(inner)
+        # 4. remaining root stages (pads): parallel + vectorized copies
+        for b in _root_blocks(sch):
+            if _is_spatial_block(sch, b) and not sch.get(b).same_as(sch.get(main_rv)):
+                try:
+                    _schedule_injective(sch, b, lanes)
+                except Exception:  # noqa: BLE001
+                    pass
+        return True
+
+
+def _uses_var(region: Any, var: Any) -> bool:
+    """Does a buffer access region's index expression mention ``var``?"""
+    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+    return any(any(v.same_as(var) for v in collect_vars_used_in_prim_expr(r.min)) for r in region.region)
+
+
+def _has_if_then_else(sch: Any, block: Any) -> bool:
+    from tvm_ffi import get_global_func
+
+    return bool(get_global_func("s_tir.schedule.HasIfThenElse")(sch.get(block)))
+
+
+class FallbackRule(_Rule):
+    """Anything else: parallelize the leading spatial loops of every root loop nest and vectorize
+    spatial innermost loops where they are contiguous."""
+
+    name = "fallback"
+
+    def apply(self, sch: Any, target: Any) -> bool:
+        from tvm import tirx
+
+        lanes = vector_lanes(target)
+        blocks = _root_blocks(sch)
+        # inline injective intermediates first (softmax's exp, division ...)
+        for b in blocks[:-1]:
+            if _is_spatial_block(sch, b):
+                try:
+                    sch.compute_inline(b)
+                except Exception:  # noqa: BLE001
+                    pass
+        done = False
+        for b in _root_blocks(sch):
+            if _is_spatial_block(sch, b):
+                _schedule_injective(sch, b, lanes)
+                done = True
+                continue
+            loops = sch.get_loops(b)
+            ivs = sch.get(b).iter_vars
+            lead = []
+            for lp, iv in zip(loops, ivs, strict=False):
+                if iv.iter_type != tirx.IterVar.DataPar or _extent(sch.get(lp).extent) is None:
+                    break
+                lead.append(lp)
+            if lead:
+                fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
+                if (_extent(sch.get(fused).extent) or 0) > 1:
+                    sch.parallel(fused)
+                    done = True
+        return done
+
+
+DEFAULT_RULES: tuple[_Rule, ...] = (InjectiveRule(), TiledReductionRule(), FallbackRule())
+
+
+def schedule_function(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
+    """Schedule one PrimFunc with the first rule that applies; return (func, rule name or None)."""
+    from tvm import s_tir
+
+    for rule in rules:
+        sch = s_tir.Schedule(func)
+        try:
+            if rule.apply(sch, target):
+                return sch.mod["main"].with_attr("tirx.is_scheduled", True), rule.name
+        except Exception as exc:  # noqa: BLE001 - a rule that cannot apply falls through
+            logger.debug("rule %s failed: %s", rule.name, exc)
+    return func, None
+
+
+def apply_default_schedules(mod: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, dict[str, str]]:
+    """Schedule every PrimFunc of ``mod`` that is not scheduled yet (tuned ones are kept).
+
+    Returns the new module and ``{function: rule}`` ("naive" where no rule applied).
+    """
+    from tvm import tirx
+
+    used: dict[str, str] = {}
+    updates = {}
+    for gv, func in mod.functions_items():
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        if "tirx.is_scheduled" in func.attrs and int(func.attrs["tirx.is_scheduled"]) == 1:
+            used[gv.name_hint] = "tuned"
+            continue
+        new, rule = schedule_function(func, target, rules)
+        used[gv.name_hint] = rule or "naive"
+        if rule is not None:
+            updates[gv] = new
+    for gv, func in updates.items():
+        mod[gv] = func
+    return mod, used
