@@ -165,7 +165,8 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, st
     T = relax.transform
     tgt = target.tvm_target()
     head = [T.DecomposeOpsForInference(), T.CanonicalizeBindings()]
-    tail = [T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR()]
+    tail = [T.LegalizeOps(), T.AnnotateTIROpPattern(), T.FoldConstant(), T.FuseOps(), T.FuseTIR(),
+            T.AttachAttrLayoutFreeBuffers()]
     used = "NCHW"
     with tgt:
         mod = tvm.transform.Sequential(head)(mod)
@@ -205,7 +206,12 @@ def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_sche
             return mod, used
         from .schedules import apply_default_schedules
 
-        return apply_default_schedules(mod, tgt)
+        mod, used = apply_default_schedules(mod, tgt)
+        # weight packing blocks become separate functions on constants, folded right here
+        mod = relax.transform.SplitLayoutRewritePreproc()(mod)
+        mod = relax.transform.FoldConstant()(mod)
+        mod = relax.transform.DeadCodeElimination()(mod)
+        return mod, used
 
 
 def _scheduled(func: Any) -> bool:

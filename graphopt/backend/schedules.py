@@ -23,6 +23,7 @@ schedule rule.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -51,15 +52,17 @@ def vector_lanes(target: Any, bits: int = 32) -> int:
     return max(4, width // bits)
 
 
-def choose_register_tile(p: int, f: int, lanes: int, registers: int, max_tile_bytes: int = 1024
-                         ) -> tuple[int, int, int]:
+def choose_register_tile(p: int, f: int, lanes: int, registers: int, max_tile_bytes: int = 1024,
+                         k: int = 1, panel_bytes: int = 512 * 1024) -> tuple[int, int, int]:
     """Pick the register tile for a blocked spatial axis of extent ``p`` and a vector axis of
     extent ``f``: ``(xi, vw, fm)`` = ``xi`` rows times ``fm`` vectors of ``vw`` lanes.
 
     ``vw`` is a full vector where it divides ``f``, else a half or quarter vector (never an odd
     width: LLVM turns those into shuffles). Maximizes useful multiply-adds per load,
     ``xi*vw*fm / (xi + fm)``, within ``registers`` accumulators and ``max_tile_bytes``; ``xi``
-    divides ``p`` and ``vw*fm`` divides ``f``, so no tile needs a predicate.
+    divides ``p`` and ``vw*fm`` divides ``f``, so no tile needs a predicate. The weight panel
+    that one tile streams (``k`` reduction steps of ``vw*fm`` floats) must fit ``panel_bytes``
+    (about half an L2 cache) so consecutive tiles find it in cache.
     """
     best: tuple[float, int, int, int] = (-1.0, 1, 1, 1)
     for vw in (lanes, lanes // 2, lanes // 4):
@@ -68,6 +71,8 @@ def choose_register_tile(p: int, f: int, lanes: int, registers: int, max_tile_by
         for fm in _divisors(f // vw, 8):
             for xi in _divisors(p, 16):
                 if xi * fm > registers or xi * fm * vw * 4 > max_tile_bytes:
+                    continue
+                if fm > 1 and k * fm * vw * 4 > panel_bytes:
                     continue
                 score = xi * fm * vw / (xi + fm)
                 if score > best[0]:
@@ -151,8 +156,9 @@ class TiledReductionRule(_Rule):
 
     name = "tiled-reduction"
 
-    def __init__(self, registers: int | None = None) -> None:
+    def __init__(self, registers: int | None = None, pack_weights: bool = True) -> None:
         self.registers = registers
+        self.pack_weights = pack_weights
 
     def apply(self, sch: Any, target: Any) -> bool:  # noqa: C901 - one linear recipe
         from tvm import tirx
@@ -195,7 +201,15 @@ class TiledReductionRule(_Rule):
         vec_operands = [r for r in block.reads if _uses_var(r, vec_it.var) and not r.source.same_as(block.writes[0].source)]
         free = [it for it in others if int(it.dom) > 1 and not any(_uses_var(r, it.var) for r in vec_operands)]
         block_it = free[-1] if free else next((it for it in reversed(others) if int(it.dom) > 1), None)
-        xi, vw, fm = choose_register_tile(int(block_it.dom) if block_it else 1, int(vec_it.dom), lanes, registers)
+        # Grouped convolutions read input channel ``f // g * g + rc``: a vector tile must stay
+        # inside one group of ``g`` output channels for that read to be a broadcast.
+        f_extent = int(vec_it.dom)
+        for g in _group_divisors(block, vec_it.var):
+            f_extent = math.gcd(f_extent, g)
+        k = 1
+        for it in reduce:
+            k *= int(it.dom)
+        xi, vw, fm = choose_register_tile(int(block_it.dom) if block_it else 1, f_extent, lanes, registers, k=k)
         if vw < 4:
             return False
 
@@ -215,6 +229,11 @@ class TiledReductionRule(_Rule):
             except Exception:  # noqa: BLE001
                 pass
         main_rv = main.block_rv
+        # 1b. pack a constant weight panel-major ([f // tile, ..., f % tile]) so each tile
+        #     streams contiguous memory; power-of-two row strides otherwise alias in the caches.
+        #     The packing block is split out and constant-folded by Relax at compile time.
+        if self.pack_weights:
+            _pack_weight(sch, main_rv, vec_it.var, vw * fm)
         # 2. accumulate in a register tile; write back with the epilogue applied.
         wb = sch.cache_write(main_rv, 0, "local")
         last_epi = epilogue[-1].block_rv if epilogue else None
@@ -276,6 +295,60 @@ def _uses_var(region: Any, var: Any) -> bool:
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
     return any(any(v.same_as(var) for v in collect_vars_used_in_prim_expr(r.min)) for r in region.region)
+
+
+def _pack_weight(sch: Any, block_rv: Any, vec_var: Any, tile: int) -> bool:
+    """Re-layout the layout-free (constant) operand whose innermost index is ``vec_var``."""
+    from tvm import tirx
+
+    func = sch.mod["main"]
+    free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
+    if not free:
+        return False
+    block = sch.get(block_rv)
+    params = list(func.params)
+    for idx, r in enumerate(block.reads):
+        if r.source.same_as(block.writes[0].source) or not r.region:
+            continue
+        last = r.region[-1].min
+        if not (isinstance(last, tirx.Var) and last.same_as(vec_var)):
+            continue
+        # is it a layout-free parameter buffer?
+        name = getattr(r.source, "name", None)
+        if not any(params[int(i)].same_as(r.source) for i in free):
+            return False
+        ndim = len(r.region)
+        cache = sch.cache_read(block_rv, idx, "global")
+        sch.annotate(cache, "meta_schedule.layout_rewrite_preproc", True)
+
+        def index_map(*ax: Any) -> tuple[Any, ...]:
+            return (ax[-1] // tile, *ax[:-1], ax[-1] % tile)
+
+        sch.transform_layout(block_rv, ("read", idx), index_map)
+        logger.debug("packed weight %s (%d-d) by %d", name, ndim, tile)
+        return True
+    return False
+
+
+def _group_divisors(block: Any, var: Any) -> list[int]:
+    """Constant divisors ``c`` of ``floordiv(e, c)`` terms with ``e`` using ``var``, in the
+    block's reads of other buffers (the group size of a grouped convolution)."""
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+    found: list[int] = []
+
+    def visit(e: Any) -> None:
+        if isinstance(e.b, tirx.IntImm) and any(v.same_as(var) for v in collect_vars_used_in_prim_expr(e.a)):
+            found.append(int(e.b.value))
+
+    for r in block.reads:
+        if r.source.same_as(block.writes[0].source):
+            continue
+        for rg in r.region:
+            tvm_ffi.structural_walk(rg.min, (tirx.FloorDiv, visit), order="post")
+    return [g for g in found if g > 1]
 
 
 def _has_if_then_else(sch: Any, block: Any) -> bool:
