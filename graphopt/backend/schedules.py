@@ -399,18 +399,27 @@ class FallbackRule(_Rule):
 DEFAULT_RULES: tuple[_Rule, ...] = (InjectiveRule(), TiledReductionRule(), FallbackRule())
 
 
-def schedule_function(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
-    """Schedule one PrimFunc with the first rule that applies; return (func, rule name or None)."""
+def default_schedule(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
+    """The ``s_tir.Schedule`` (with its trace) of the first rule that applies, and its name;
+    (None, None) when none does."""
     from tvm import s_tir
 
     for rule in rules:
         sch = s_tir.Schedule(func)
         try:
             if rule.apply(sch, target):
-                return sch.mod["main"].with_attr("tirx.is_scheduled", True), rule.name
+                return sch, rule.name
         except Exception as exc:  # noqa: BLE001 - a rule that cannot apply falls through
             logger.debug("rule %s failed: %s", rule.name, exc)
-    return func, None
+    return None, None
+
+
+def schedule_function(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
+    """Schedule one PrimFunc with the first rule that applies; return (func, rule name or None)."""
+    sch, name = default_schedule(func, target, rules)
+    if sch is None:
+        return func, None
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True), name
 
 
 def apply_default_schedules(mod: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, dict[str, str]]:

@@ -66,6 +66,80 @@ def parse_rpc(spec: str) -> tuple[str, int, str]:
     return parts[0], int(parts[1]), parts[2]
 
 
+def register_intrinsics(device: str = "cpu") -> None:
+    """Register only the tensor intrinsics a device can use.
+
+    ``import tvm.s_tir.tensor_intrin`` registers every vendor's intrinsics, which takes about a
+    minute on a small machine (40 s of it CUDA's), and MetaSchedule does it in the tuning
+    process and again in every build worker, whose pool is restarted for each batch: with its
+    30 s build timeout every candidate then fails. The package is marked imported with just the
+    submodules this device needs.
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    name = "tvm.s_tir.tensor_intrin"
+    subs = ["cuda"] if device == "cuda" else ["x86", "arm_cpu"]
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None:
+            return
+        pkg = types.ModuleType(name)
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__spec__ = spec
+        pkg.__file__ = spec.origin
+        pkg.__package__ = name
+        sys.modules[name] = pkg
+        import tvm.s_tir
+
+        tvm.s_tir.tensor_intrin = pkg  # type: ignore[attr-defined]
+    for sub in subs:
+        importlib.import_module(f"{name}.{sub}")
+
+
+def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
+    """MetaSchedule build function for the worker processes (TVM's default, minus the
+    minute-long import of every vendor's tensor intrinsics)."""
+    register_intrinsics("cuda" if target.kind.name == "cuda" else "cpu")
+    from tvm.driver import build as tvm_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tvm_build(mod, target=target)
+
+
+def _commit_baseline(task: Any, tgt: Any, builder: Any, runner: Any, database: Any) -> float | None:
+    """Measure graphopt's default schedule of ``task`` and commit it as a tuning record, so the
+    database's best is never worse than the untuned build and the search starts from it.
+    Returns its latency in seconds (None if it could not be measured)."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules import default_schedule
+
+    mod = task.dispatched[0]
+    try:
+        sch, _ = default_schedule(mod["main"], tgt)
+        if sch is None:
+            return None
+        args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        built = builder.build([ms.builder.BuilderInput(sch.mod, tgt)])[0]
+        if built.error_msg:
+            return None
+        res = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type=tgt.kind.name,
+                                                args_info=args_info)])[0].result()
+        if res.error_msg or not res.run_secs:
+            return None
+        secs = [float(x) for x in res.run_secs]
+        workload = database.commit_workload(mod)
+        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, res.run_secs, tgt, args_info))
+        return sum(secs) / len(secs)
+    except Exception as exc:  # noqa: BLE001 - the baseline is an optimization, never a failure
+        logger.debug("baseline for %s not recorded: %s", task.task_name, _first_line(exc))
+        return None
+
+
 def _task_flops(task: Any) -> float:
     from tvm.s_tir.analysis import estimate_tir_flops
 
@@ -101,30 +175,33 @@ def tune(
         raise CompileError("--trials must be >= 0 and --minutes > 0")
     if target.is_cross and rpc is None:
         raise CompileError(f"tuning for {target.name} needs a device to measure on: give --rpc TRACKER:PORT:KEY")
+    register_intrinsics(target.device)
     tgt = target.tvm_target()
     database = open_database(target, cache_dir)
     workdir = cache_path(target, cache_dir)
     tasks = ms.relax_integration.extract_tasks(mod, tgt)
     tasks = [t for t in tasks if not t.mod.attrs.get("tirx.is_scheduled", False)]
     ranked = sorted(tasks, key=_task_flops, reverse=True)
-    in_cache = [_tuned(database, t) for t in ranked]
-    todo = [t for t, hit in zip(ranked, in_cache, strict=True) if not hit and _task_flops(t) > 0]
-    cached = sum(in_cache)
-    report: dict[str, Any] = {"tasks": len(ranked), "cached": cached, "tuned": [], "skipped": [],
+    ranked = [t for t in ranked if _task_flops(t) > 0]
+    # The plan depends on the budget and the model only, so compiling again with the same
+    # budget finds every planned task in the cache and measures nothing.
+    report: dict[str, Any] = {"tasks": len(ranked), "cached": 0, "tuned": [], "skipped": [],
                               "cache_dir": str(workdir), "trials": 0}
-    if not todo:
-        logger.info("tuning: all %d tasks found in the cache %s", len(ranked), workdir)
+    if trials:
+        per_task = max(min_trials, trials // max(1, len(ranked)))
+        n_fit = max(1, trials // per_task)
+        plan, report["skipped"] = ranked[:n_fit], [t.task_name for t in ranked[n_fit:]]
+    else:
+        plan = ranked
+        per_task = max(min_trials, min(64, int((minutes or 1) * 60 / max(1, len(ranked)) / 3.0)))
+    in_cache = [_tuned(database, t) for t in plan]
+    report["cached"] = sum(in_cache)
+    plan = [t for t, hit in zip(plan, in_cache, strict=True) if not hit]
+    if not plan:
+        logger.info("tuning: every planned task is in the cache %s", workdir)
         return database, report
     deadline = time.monotonic() + minutes * 60 if minutes else None
-    if trials:
-        per_task = max(min_trials, trials // len(todo))
-        n_fit = max(1, trials // per_task)
-        plan = todo[:n_fit]
-        report["skipped"] = [t.task_name for t in todo[n_fit:]]
-    else:
-        plan = todo
-        per_task = max(min_trials, min(64, int((minutes or 1) * 60 / max(1, len(todo)) / 3.0)))
-    runner: Any = "local"
+    runner: Any = ms.runner.LocalRunner(timeout_sec=60)
     if rpc is not None:
         host, port, key = parse_rpc(rpc)
         runner = ms.runner.RPCRunner(
@@ -132,6 +209,7 @@ def tune(
                                            session_timeout_sec=60),
             max_workers=1,
         )
+    builder = ms.builder.LocalBuilder(f_build=build_candidate, timeout_sec=120, max_workers=host_cores())
     try:
         import xgboost  # noqa: F401
 
@@ -156,13 +234,19 @@ def tune(
                     sec_per_trial = spent / done_trials
                     remaining = len(plan) - i
                     per_task = int(max(min_trials, min(256, left / remaining / max(sec_per_trial, 0.05))))
+            # a search population in proportion to the trials: the default (512 candidates,
+            # 4 genetic rounds) costs ~30 s per task before the first measurement here
+            strategy = ms.search_strategy.EvolutionarySearch(
+                population_size=max(64, min(512, 8 * per_task)), init_min_unmeasured=min(50, 4 * per_task),
+                genetic_num_iters=2 if per_task < 64 else 4)
             ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [task], work_dir=str(workdir), num_threads=host_cores(), seed=seed)
+                [task], work_dir=str(workdir), strategy=strategy, num_threads=host_cores(), seed=seed)
             t0 = time.monotonic()
+            _commit_baseline(task, tgt, builder, runner, database)
             try:
                 ms.tune.tune_tasks(
                     tasks=ctxs, task_weights=weights, work_dir=str(workdir), max_trials_global=per_task,
-                    max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), runner=runner,
+                    max_trials_per_task=per_task, num_trials_per_iter=min(64, per_task), builder=builder, runner=runner,
                     database=database, cost_model=cost_model, task_scheduler="round-robin",
                 )
             except Exception as exc:  # noqa: BLE001 - a failing task keeps its default schedule
