@@ -1,6 +1,7 @@
 """The ``graphopt`` command line.
 
-Commands: ``inspect``, ``optimize``, ``passes``, ``verify``. User errors print one line
+Commands: ``inspect``, ``optimize``, ``quantize``, ``compress``, ``compile``, ``bench``, ``passes``,
+``verify``. User errors print one line
 (``graphopt: error: ...``) and exit with code 2; a failed numerical verification exits 1.
 """
 
@@ -362,6 +363,84 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compile(args: argparse.Namespace) -> int:
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.runtime import parse_input_shapes
+
+    if args.trials and args.minutes:
+        raise GraphoptError("give --trials or --minutes, not both")
+    out = Path(args.output)
+    if out.suffix not in (".so", ".tar"):
+        raise GraphoptError(f"-o {args.output!r}: the output must end in .so (shared library) or .tar")
+    src = str(example_model_path()) if args.example else args.model
+    if src is None:
+        raise GraphoptError("give a model path or --example")
+    t0 = time.perf_counter()
+    cm = tvm_compile(src, args.target, input_shapes=parse_input_shapes(args.input_shape), trials=args.trials or 0,
+                     minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
+                     default_schedules=not args.naive, progress=not args.quiet)
+    cm.export(out)
+    counts: dict[str, int] = {}
+    for v in cm.info.schedules.values():
+        counts[v] = counts.get(v, 0) + 1
+    sched = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    tuning = cm.info.tuning
+    extra = ""
+    if tuning:
+        extra = (f"; tuned {len(tuning.get('tuned', []))} task(s) with {tuning.get('trials', 0)} trials, "
+                 f"{tuning.get('cached', 0)} from cache {tuning.get('cache_dir')}")
+        if tuning.get("skipped"):
+            extra += f", {len(tuning['skipped'])} kept default schedules"
+    print(f"wrote {out} (+ {out.name}.json) for {cm.target.name} in {time.perf_counter() - t0:.1f} s: "
+          f"kernels: {sched}{extra}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """ONNX Runtime vs a TVM build of the same model on the same inputs, interleaved."""
+    import statistics
+
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.backend import load_compiled
+    from graphopt.report import table
+    from graphopt.runtime import compare, ort_session, parse_input_shapes
+
+    m = _load(args.model, check=False)
+    if args.compiled:
+        cm = load_compiled(args.compiled)
+    else:
+        cm = tvm_compile(m, "host", input_shapes=parse_input_shapes(args.input_shape), progress=False)
+    from graphopt.backend import example_inputs
+
+    feed = example_inputs(cm.inputs, seed=args.seed)
+    sess = ort_session(m, optimize=True, threads=args.threads)
+    ref = sess.run(None, feed)
+    got = cm.run(feed)
+    names = [o.name for o in sess.get_outputs()]
+    c = compare(dict(zip(names, ref, strict=True)), dict(zip(names, got, strict=False)), rtol=1e-3, atol=1e-4)
+    vm = cm.vm()
+    args_tvm = cm._arguments(feed)
+    fn = vm["main"]
+    sess.run(None, feed)
+    fn(*args_tvm)
+    t_ort: list[float] = []
+    t_tvm: list[float] = []
+    for _ in range(args.rounds):
+        t = time.perf_counter()
+        sess.run(None, feed)
+        t_ort.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        fn(*args_tvm)
+        t_tvm.append(time.perf_counter() - t)
+    mo, mt = statistics.median(t_ort) * 1e3, statistics.median(t_tvm) * 1e3
+    print(table(["runtime", "median ms", "ratio vs ORT"],
+                [["onnxruntime (ENABLE_ALL, %d threads)" % args.threads, f"{mo:.3f}", "1.00"],
+                 [f"TVM {cm.target.name}" + (f" ({args.compiled})" if args.compiled else " (untuned)"),
+                  f"{mt:.3f}", f"{mt / mo:.2f}"]]))
+    print(f"outputs: max abs diff {c.max_abs:.2e}, cosine {c.cosine:.6f} ({'ok' if c.ok else 'MISMATCH'})")
+    return 0 if c.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -443,6 +522,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", help=".npz or directory of .npz samples")
     sp.add_argument("--no-check", action="store_true")
     sp.set_defaults(fn=cmd_compress)
+
+    sp = sub.add_parser("compile", help="compile with TVM for a CPU/GPU target and export a library",
+                        description="Compile a model with Apache TVM (Relax). The lossless pipeline runs first; "
+                        "kernels get graphopt's default schedules, or MetaSchedule-tuned ones with --trials/--minutes "
+                        "(cached per target, so compiling again is fast).")
+    sp.add_argument("model", nargs="?")
+    sp.add_argument("-o", "--output", required=True, help="OUT.so (shared library) or OUT.tar (object files)")
+    sp.add_argument("--target", default="host",
+                    help="host (this CPU), x86-64[-v2|-v3|-v4], aarch64 (cross), cuda[:sm_80|:sm_90], or a TVM "
+                    "target as JSON (default: host)")
+    sp.add_argument("--trials", type=int, help="MetaSchedule tuning budget in measured candidates")
+    sp.add_argument("--minutes", type=float, help="MetaSchedule tuning budget in minutes")
+    sp.add_argument("--cache", metavar="DIR", help="tuning database root (default: ~/.cache/graphopt/tvm)")
+    sp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on devices registered with a TVM RPC tracker")
+    sp.add_argument("--naive", action="store_true", help="no default schedules (TVM's plain loops; for comparison)")
+    sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
+    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    shape_arg(sp)
+    sp.set_defaults(fn=cmd_compile)
+
+    sp = sub.add_parser("bench", help="ONNX Runtime vs a TVM build of the model, same inputs, interleaved")
+    sp.add_argument("model")
+    sp.add_argument("--compiled", metavar="OUT.so", help="a library from `graphopt compile` (default: compile now)")
+    sp.add_argument("--rounds", type=int, default=30)
+    sp.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    sp.add_argument("--seed", type=int, default=0)
+    shape_arg(sp)
+    sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("passes", help="list registered passes and pipelines")
     sp.set_defaults(fn=cmd_passes)

@@ -126,6 +126,11 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
         graphopt.run_passes(m, graphopt.get_pipeline("default"), ctx)
     graphopt.run_passes(m, [graphopt.get_pass("sum-to-add", max_inputs=1 << 16), "dce"],
                         graphopt.PassContext(input_shapes=shapes))
+    # TVM's C/CUDA code generators use input names as parameter names verbatim ("gpu_0/data_0"
+    # breaks the CUDA source); inputs are positional in the build, so the copy gets identifiers.
+    for v in m.graph.inputs:
+        if v.name and not v.name.isidentifier():
+            v.name = m.graph.fresh_name("in_" + "".join(c if c.isalnum() else "_" for c in v.name))
     known = supported_ops()
     bad = [(n.name, n.op_type) for g in m.graph.all_graphs() for n in g.iter_nodes()
            if n.domain not in ("", "ai.onnx") or n.op_type not in known]
@@ -219,8 +224,16 @@ def _scheduled(func: Any) -> bool:
 
 
 def build(mod: Any, target: TargetSpec) -> Any:
-    """``relax.build`` for the target; one-line error on failure."""
+    """``relax.build`` for the target; one-line error on failure.
+
+    CUDA kernels are compiled by nvcc to a fatbin (PTX + cubin for the arch) embedded in the
+    module, so the library loads on a machine with only the NVIDIA driver.
+    """
     from tvm import relax
+
+    if target.device == "cuda":
+        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
+        import tvm.support.nvcc  # noqa: F401 - registers tvm_callback_cuda_compile
 
     try:
         return relax.build(mod, target=target.tvm_target())

@@ -1,0 +1,106 @@
+"""CUDA builds with graphopt's TVM backend: compile here, run on a machine with an NVIDIA GPU.
+
+  python benchmarks/tvm_cuda.py build OUTDIR [--arch sm_90]   # here (needs the tvm extra + nvcc)
+  python benchmarks/tvm_cuda.py run OUTDIR                     # on the GPU machine
+
+``build`` compiles the digits CNN and random-weight light squeezenet/shufflenet for CUDA (DLight
+default GPU schedules), exports ``.so`` libraries with their sidecars, and stores the inputs and
+ONNX Runtime (CPU) reference outputs. ``run`` needs only TVM's runtime (``TVM_USE_RUNTIME_LIB=1``
+works without the compiler library) and numpy: it loads each library on ``cuda(0)``, checks the
+outputs against the references and times it; it prints a table and writes ``results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def build(out: Path, arch: str) -> None:
+    import graphopt
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.runtime import ort_session
+    from graphopt.testing import randomize_weights
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import light_models
+
+    out.mkdir(parents=True, exist_ok=True)
+    models = {"digits_cnn": (graphopt.load(Path(graphopt.__file__).parent / "data" / "tinycnn.onnx"),
+                             {"input": [1, 1, 8, 8]})}
+    for name in ("squeezenet", "shufflenet"):
+        p = next(x for x in light_models() if name in str(x))
+        m = randomize_weights(graphopt.load(p))
+        graphopt.optimize(m)
+        models[name] = (m, None)
+    for name, (m, shapes) in models.items():
+        t = time.perf_counter()
+        cm = tvm_compile(m, f"cuda:{arch}", input_shapes=shapes, progress=False)
+        cm.export(out / f"{name}.so")
+        feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(i.dtype) for i in cm.inputs}
+        ref = ort_session(m, optimize=True).run(None, feed)
+        np.savez(out / f"{name}.npz", **{f"in_{k}": v for k, v in feed.items()},
+                 **{f"out_{i}": r for i, r in enumerate(ref)})
+        print(f"{name}: built in {time.perf_counter() - t:.1f} s")
+
+
+def run(out: Path) -> None:
+    import os
+
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    import ctypes
+
+    import tvm
+    from tvm import runtime
+
+    # the runtime-only import does not load the CUDA runtime module; load it (its libcudart
+    # must be on LD_LIBRARY_PATH)
+    cuda_rt = Path(tvm.__file__).parent / "lib" / "libtvm_runtime_cuda.so"
+    if cuda_rt.is_file():
+        ctypes.CDLL(str(cuda_rt), mode=ctypes.RTLD_GLOBAL)
+    import importlib.util
+
+    # graphopt's nvcc hook, loaded by path: the GPU machine needs no graphopt install
+    spec = importlib.util.spec_from_file_location(
+        "graphopt_cuda", Path(__file__).resolve().parents[1] / "graphopt" / "backend" / "cuda.py")
+    gcuda = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gcuda)
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        sys.exit("no CUDA device visible to TVM's runtime")
+    rows = []
+    for so in sorted(out.glob("*.so")):
+        meta = json.loads(Path(str(so) + ".json").read_text())
+        gcuda.install_load_hook(meta["target_config"].get("arch", "sm_90"))
+        data = np.load(so.with_suffix(".npz"))
+        t = time.perf_counter()
+        lib = runtime.load_module(str(so))
+        load_s = time.perf_counter() - t
+        from tvm.runtime.vm import VirtualMachine
+
+        vm = VirtualMachine(lib, dev)
+        args = [runtime.tensor(data[f"in_{i['name']}"], dev) for i in meta["inputs"]]
+        res = vm["main"](*args)
+        outs = [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
+        ref = data["out_0"]
+        err = float(np.abs(outs[0] - ref).max())
+        scale = float(np.abs(ref).max())
+        fe = vm.time_evaluator("main", dev, number=20, repeat=5)
+        ms = float(np.median(fe(*args).results)) * 1e3
+        rows.append({"model": so.stem, "target": meta["target"], "median_ms": ms, "max_abs_err": err,
+                     "ref_max": scale, "load_s": load_s})
+        print(f"{so.stem:12s} {meta['target']:12s} {ms:8.3f} ms  max|err| {err:.2e} (|ref| {scale:.2e})"
+              f"  load+nvcc {load_s:.1f} s")
+    (out / "results.json").write_text(json.dumps({"device": str(dev), "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
+        sys.exit(__doc__)
+    arch = sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "sm_90"
+    (build if sys.argv[1] == "build" else lambda o: run(o))(*([Path(sys.argv[2]), arch] if sys.argv[1] == "build"
+                                                             else [Path(sys.argv[2])]))
