@@ -365,6 +365,7 @@ class CompiledModel:
             }
             side_tmp = tmp + SIDECAR_SUFFIX
             Path(side_tmp).write_text(json.dumps(meta, indent=1, default=str))
+            os.chmod(tmp, 0o755 if path.suffix == ".so" else 0o644)
             os.replace(tmp, path)
             os.replace(side_tmp, str(path) + SIDECAR_SUFFIX)
         finally:
@@ -419,6 +420,10 @@ def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
                         cross_compiler="cross" if meta.get("cross") else None)
     if path.suffix == ".tar":
         raise CompileError("a .tar export must be linked on the target machine before loading; load a .so")
+    if target.device == "cuda":
+        from .cuda import install_load_hook
+
+        install_load_hook(str(target.config.get("arch", "sm_80")))
     try:
         module = tvm.runtime.load_module(str(path))
     except Exception as exc:  # noqa: BLE001

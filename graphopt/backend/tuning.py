@@ -32,6 +32,23 @@ from .targets import TargetSpec, _first_line, host_cores
 logger = logging.getLogger(__name__)
 
 
+def _task_logger(workdir: Path, name: str) -> logging.Logger:
+    """A logger writing MetaSchedule's per-task log to ``<cache>/logs/<task>.log``.
+
+    (MetaSchedule's own per-task loggers rebuild logging config from the handlers already on its
+    logger and fail when one has no name, as test runners' capture handlers do.)"""
+    log = logging.getLogger(f"graphopt.tuning.{name[:100]}")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    path = workdir / "logs" / f"{name[:100]}.log"
+    if not any(getattr(h, "baseFilename", None) == str(path) for h in log.handlers):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(h)
+    return log
+
+
 def default_cache_root() -> Path:
     """Root of graphopt's TVM tuning cache."""
     env = os.environ.get("GRAPHOPT_CACHE_DIR")
@@ -239,8 +256,11 @@ def tune(
             strategy = ms.search_strategy.EvolutionarySearch(
                 population_size=max(64, min(512, 8 * per_task)), init_min_unmeasured=min(50, 4 * per_task),
                 genetic_num_iters=2 if per_task < 64 else 4)
-            ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-                [task], work_dir=str(workdir), strategy=strategy, num_threads=host_cores(), seed=seed)
+            ctxs = [ms.TuneContext(mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+                                   search_strategy=strategy, task_name=task.task_name,
+                                   logger=_task_logger(workdir, task.task_name), rand_state=seed,
+                                   num_threads=host_cores()).clone()]
+            weights = [float(task.weight)]
             t0 = time.monotonic()
             _commit_baseline(task, tgt, builder, runner, database)
             try:

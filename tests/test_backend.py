@@ -1,0 +1,355 @@
+"""TVM backend: compile, run, export/reload, default schedules, tuning cache, RPC, cross builds.
+
+These need the ``tvm`` extra (``pip install ".[test,tvm]"``, what the README's test command and
+CI install). Builds are small (the digits CNN, a random-weight squeezenet) so the module takes
+about two minutes, most of it in the two tuning runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import FIXTURES, light_models, make_model, vi
+
+import graphopt
+from graphopt.errors import CompileError, InputSpecError
+from graphopt.runtime import ort_session
+
+tvm = pytest.importorskip("tvm", reason="the tvm extra is not installed")
+
+from graphopt.backend import compile as tvm_compile  # noqa: E402
+from graphopt.backend import load_compiled, resolve_target  # noqa: E402
+
+DIGITS = {"input": [1, 1, 8, 8]}
+
+
+def _ort(model, feed):
+    sess = ort_session(model if not isinstance(model, graphopt.Model) else graphopt.to_proto(model))
+    return sess.run(None, feed)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from graphopt.cli import example_model_path
+
+    return tvm_compile(example_model_path(), "host", input_shapes=DIGITS, progress=False)
+
+
+# -- targets ------------------------------------------------------------------------------------
+
+
+def test_target_presets_and_errors() -> None:
+    host = resolve_target("host")
+    assert host.config["kind"] == "llvm" and host.config["mcpu"] and host.config["num-cores"] >= 1
+    assert resolve_target("x86-64-v3").config["mcpu"] == "x86-64-v3"
+    a64 = resolve_target("aarch64")
+    assert a64.is_cross and a64.config["mtriple"].startswith("aarch64")
+    cu = resolve_target("cuda:sm_90")
+    assert cu.device == "cuda" and cu.config["arch"] == "sm_90"
+    custom = resolve_target('{"kind": "llvm", "mcpu": "skylake-avx512"}')
+    assert custom.config["mcpu"] == "skylake-avx512" and custom.tvm_target().kind.name == "llvm"
+    for bad in ("tpu", "cuda:ampere", '{"kind": "llvm"', '{"kind": "metal"}'):
+        with pytest.raises(CompileError):
+            resolve_target(bad)
+    assert resolve_target("host").key() == resolve_target("host").key() != resolve_target("x86-64").key()
+
+
+# -- compile and run ----------------------------------------------------------------------------
+
+
+def test_digits_cnn_matches_ort_and_keeps_accuracy(digits) -> None:
+    from graphopt.cli import example_model_path
+
+    data = np.load(FIXTURES / "digits_test.npz")
+    x, y = data["x"].astype(np.float32), data["y"]
+    sess = ort_session(str(example_model_path()))
+    hits_tvm = hits_ort = 0
+    for i in range(len(x)):
+        feed = {"input": x[i:i + 1]}
+        got = digits.run(feed)[0]
+        ref = sess.run(None, feed)[0]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+        hits_tvm += int(got.argmax() == y[i])
+        hits_ort += int(ref.argmax() == y[i])
+    assert hits_tvm == hits_ort and hits_tvm / len(x) > 0.98
+    # the heavy kernels got graphopt's schedules, nothing was left as naive loops
+    kinds = set(digits.info.schedules.values())
+    assert "naive" not in kinds and "tiled-reduction" in kinds, digits.info.schedules
+    assert digits.info.layout == "NHWC"
+    bench = digits.benchmark(rounds=5)
+    assert bench["median_ms"] > 0
+
+
+def test_export_and_reload_in_a_fresh_process(digits, tmp_path: Path) -> None:
+    out = digits.export(tmp_path / "digits.so")
+    assert out.is_file() and Path(str(out) + ".json").is_file()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp files left
+    feed = {"input": np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    np.savez(tmp_path / "in.npz", **feed)
+    code = (
+        "import numpy as np, sys; from graphopt.backend import load_compiled; "
+        f"m = load_compiled({str(out)!r}); x = dict(np.load({str(tmp_path / 'in.npz')!r})); "
+        f"np.save({str(tmp_path / 'out.npy')!r}, m.run(x)[0]); print(m)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "CompiledModel(host" in proc.stdout
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), digits.run(feed)[0], rtol=1e-6, atol=1e-6)
+    # loaded in this process too, with the signature from the sidecar
+    again = load_compiled(out)
+    assert [i.name for i in again.inputs] == ["input"] and again.inputs[0].shape == (1, 1, 8, 8)
+    with pytest.raises(InputSpecError):
+        again.run({"input": np.zeros((2, 1, 8, 8), np.float32)})
+    with pytest.raises(InputSpecError):
+        again.run({"image": feed["input"]})
+    os.unlink(str(out) + ".json")
+    with pytest.raises(CompileError, match="json"):
+        load_compiled(out)
+
+
+def test_real_model_squeezenet_default_schedules(tmp_path: Path) -> None:
+    from graphopt.testing import randomize_weights
+
+    m = randomize_weights(graphopt.load(next(p for p in light_models() if "squeezenet" in str(p))))
+    graphopt.optimize(m)
+    cm = tvm_compile(m, "host", progress=False)
+    feed = {cm.inputs[0].name: np.random.default_rng(0).standard_normal(cm.inputs[0].shape).astype(np.float32)}
+    ref = _ort(m, feed)[0]
+    got = cm.run(feed)[0]
+    assert got.shape == ref.shape == (1, 1000, 1, 1)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5 * float(np.abs(ref).max()))
+    convs = {k: v for k, v in cm.info.schedules.items() if "conv2d" in k}
+    assert len(convs) >= 10 and set(convs.values()) == {"tiled-reduction"}, cm.info.schedules
+    # the weight panels were packed at compile time (split out and constant-folded)
+    assert "naive" not in cm.info.schedules.values()
+
+
+def test_naive_build_is_available_and_equal(digits) -> None:
+    from graphopt.cli import example_model_path
+
+    naive = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, default_schedules=False, progress=False)
+    assert set(naive.info.schedules.values()) == {"naive"}
+    feed = {"input": np.random.default_rng(2).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(naive.run(feed)[0], digits.run(feed)[0], rtol=1e-5, atol=1e-5)
+
+
+def _shape_computed_model() -> onnx.ModelProto:
+    """Flatten whose target shape is computed at run time (Shape -> Slice -> ReduceProd ->
+    Concat -> Reshape), as exporters write it; TVM's frontend rejects it raw."""
+    rng = np.random.default_rng(0)
+    from onnx import helper
+
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Shape", ["r"], ["s"]),
+             helper.make_node("Slice", ["s", "one", "four", "zero"], ["chw"]),
+             helper.make_node("ReduceProd", ["chw"], ["p"], keepdims=1),
+             helper.make_node("Slice", ["s", "zero", "one", "zero"], ["b"]),
+             helper.make_node("Concat", ["b", "p"], ["shp"], axis=0),
+             helper.make_node("Reshape", ["r", "shp"], ["f"]),
+             helper.make_node("MatMul", ["f", "G"], ["y"])]
+    return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 10])],
+                      [("W", rng.standard_normal((4, 3, 3, 3)).astype(np.float32)),
+                       ("G", rng.standard_normal((256, 10)).astype(np.float32)),
+                       ("zero", np.array([0])), ("one", np.array([1])), ("four", np.array([4]))], opset=13)
+
+
+def test_model_tvm_rejects_raw_compiles_after_graphopt() -> None:
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    proto = _shape_computed_model()
+    onnx.checker.check_model(proto, full_check=True)
+    with pytest.raises(Exception, match="Reshape"):
+        mod = from_onnx(proto, shape_dict={"x": [1, 3, 8, 8]}, keep_params_in_input=False)
+        with tvm.target.Target({"kind": "llvm"}):
+            relax.build(relax.get_pipeline("zero")(mod), tvm.target.Target({"kind": "llvm"}))
+    cm = tvm_compile(graphopt.from_proto(proto), "host", input_shapes={"x": [2, 3, 8, 8]}, progress=False)
+    feed = {"x": np.random.default_rng(3).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    np.testing.assert_allclose(cm.run(feed)[0], _ort(proto, feed)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from graphopt.cli import example_model_path
+
+    # dynamic batch without a hint names the input and the dim
+    with pytest.raises(CompileError, match="input 'input' has dynamic dim 'batch'.*--input-shape"):
+        tvm_compile(example_model_path(), "host")
+    # an op TVM's frontend does not convert is named with its node
+    from onnx import helper
+
+    lstm = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=4, name="my_lstm")],
+                      [vi("x", [2, 1, 3])], [vi("y", [2, 1, 1, 4])],
+                      [("W", np.zeros((1, 16, 3), np.float32)), ("R", np.zeros((1, 16, 4), np.float32))])
+    with pytest.raises(CompileError, match="my_lstm.*LSTM"):
+        tvm_compile(graphopt.from_proto(lstm), "host")
+    # CUDA without nvcc
+    import graphopt.backend.targets as targets
+
+    monkeypatch.setattr(targets.shutil, "which", lambda name: None)
+    monkeypatch.setattr(targets.os.path, "exists", lambda p: False)
+    with pytest.raises(CompileError, match="nvcc"):
+        tvm_compile(example_model_path(), "cuda:sm_80", input_shapes=DIGITS)
+    # aarch64 shared library without the cross compiler: clear error, .tar still possible
+    cm = tvm_compile(example_model_path(), "aarch64", input_shapes=DIGITS, progress=False)
+    with pytest.raises(CompileError, match="aarch64-linux-gnu-gcc"):
+        cm.export(tmp_path / "m.so")
+    assert cm.export(tmp_path / "m.tar").is_file()
+    with pytest.raises(Exception, match="cannot run here"):
+        cm.run({"input": np.zeros((1, 1, 8, 8), np.float32)})
+
+
+# -- cross and GPU builds -----------------------------------------------------------------------
+
+
+def test_aarch64_cross_build(tmp_path: Path) -> None:
+    import shutil
+
+    from graphopt.cli import example_model_path
+
+    cm = tvm_compile(example_model_path(), "aarch64", input_shapes=DIGITS, progress=False)
+    tar = cm.export(tmp_path / "a64.tar")
+    assert tar.stat().st_size > 10_000
+    if shutil.which("aarch64-linux-gnu-gcc") is None:
+        pytest.skip("aarch64-linux-gnu-gcc absent (apt-get install gcc-aarch64-linux-gnu libc6-dev-arm64-cross)")
+    so = cm.export(tmp_path / "a64.so")
+    head = so.read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_cuda_build_artifact(tmp_path: Path) -> None:
+    from graphopt.backend.cuda import compile_cuda_source, nvcc_path
+    from graphopt.cli import example_model_path
+
+    if nvcc_path() is None:
+        pytest.skip("nvcc absent: CUDA builds need NVIDIA's CUDA toolkit")
+    cm = tvm_compile(example_model_path(), "cuda:sm_80", input_shapes=DIGITS, progress=False)
+    assert set(cm.info.schedules.values()) == {"dlight"}
+    so = cm.export(tmp_path / "cuda.so")
+    blob = so.read_bytes()
+    assert b"__global__" in blob and b"fused_conv2d" in blob  # kernels travel with the library
+    src = cm.module.mod.imports[0].imports[0].inspect_source("cuda")
+    fatbin = compile_cuda_source(src, "sm_80")  # what loading on a GPU machine does
+    assert len(fatbin) > 1000
+    # running needs a GPU: benchmarks/tvm_cuda.py ran these builds on an H100
+
+
+# -- tuning -------------------------------------------------------------------------------------
+
+
+def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
+    from graphopt.backend.tuning import open_database
+    from graphopt.cli import example_model_path
+
+    first = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
+                        progress=False)
+    rep = first.info.tuning
+    assert len(rep["tuned"]) == 1 and rep["trials"] == 8 and rep["cached"] == 0, rep
+    assert "tuned" in first.info.schedules.values()
+    db = open_database(resolve_target("host"), tmp_path, create=False)
+    assert db is not None and len(db) > 0  # records are on disk
+    t = time.perf_counter()
+    second = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
+                         progress=False)
+    assert second.info.tuning["trials"] == 0 and second.info.tuning["cached"] == 1, second.info.tuning
+    assert time.perf_counter() - t < 60  # generous: no measurement happens
+    feed = {"input": np.random.default_rng(4).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    ref = _ort(onnx.load(str(example_model_path())), feed)[0]
+    np.testing.assert_allclose(second.run(feed)[0], ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(CompileError):
+        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=-1, cache_dir=tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_rpc_tuning_on_loopback(tmp_path: Path) -> None:
+    pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the tvm extra)")
+    from graphopt.cli import example_model_path
+
+    port = _free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tracker = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1",
+                                "--port", str(port), "--port-end", str(port + 1)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = None
+    try:
+        time.sleep(3)
+        server = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}",
+                                   "--key", "loopback", "--host", "127.0.0.1"], env=env,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        from tvm import rpc
+
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                summary = rpc.connect_tracker("127.0.0.1", port).summary()
+                if any(q.get("free", 0) for k, q in summary["queue_info"].items() if k == "loopback"):
+                    break
+            except Exception:  # noqa: BLE001 - tracker still starting
+                pass
+            time.sleep(1)
+        cm = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
+                         rpc=f"127.0.0.1:{port}:loopback", progress=False)
+        assert len(cm.info.tuning["tuned"]) == 1, cm.info.tuning
+        logs = "".join(p.read_text() for p in (tmp_path).rglob("*.log"))
+        assert "GFLOPs" in logs  # candidates were measured (through the RPC server)
+    finally:
+        for p in (server, tracker):
+            if p is not None:
+                p.terminate()
+                p.wait(timeout=30)
+    with pytest.raises(CompileError, match="--rpc"):
+        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, rpc="localhost:port")
+
+
+# -- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_compile_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphopt.cli import example_model_path, main
+
+    out = tmp_path / "m.so"
+    assert main(["compile", "--example", "-o", str(out), "--input-shape", "input:1,1,8,8", "-q"]) == 0
+    assert out.is_file() and "tiled-reduction" in capsys.readouterr().out
+    assert main(["bench", str(example_model_path()), "--compiled", str(out), "--rounds", "5"]) == 0
+    text = capsys.readouterr().out
+    assert "onnxruntime" in text and "ratio vs ORT" in text and "(ok)" in text
+    for argv, msg in (
+        (["compile", "--example", "-o", str(out), "--target", "tpu"], "unknown target"),
+        (["compile", "--example", "-o", str(out)], "dynamic dim"),
+        (["compile", "--example", "-o", str(tmp_path / "m.bin"), "--input-shape", "input:1,1,8,8"], ".so"),
+        (["compile", "--example", "-o", str(out), "--input-shape", "input:1,1,8,8", "--rpc", "nohost"], "--rpc"),
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("graphopt: error:") and msg in err[0], err
+
+
+def test_sum_to_add_is_exact() -> None:
+    from onnx import helper
+
+    rng = np.random.default_rng(5)
+    proto = make_model([helper.make_node("Sum", ["a", "b"], ["s"]), helper.make_node("Sum", ["s", "a", "c"], ["y"])],
+                       [vi("a", [2, 3]), vi("b", [2, 3]), vi("c", [1, 3])], [vi("y", [2, 3])])
+    m = graphopt.from_proto(proto)
+    graphopt.run_passes(m, [graphopt.get_pass("sum-to-add")])
+    ops = [n.op_type for n in m.graph]
+    assert ops.count("Sum") == 1 and ops.count("Add") == 1  # only 2-input Sums by default
+    graphopt.run_passes(m, [graphopt.get_pass("sum-to-add", max_inputs=8)])
+    assert [n.op_type for n in m.graph] == ["Add", "Add", "Add"]
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    feed = {k: rng.standard_normal(s).astype(np.float32) for k, s in (("a", (2, 3)), ("b", (2, 3)), ("c", (1, 3)))}
+    np.testing.assert_allclose(_ort(m, feed)[0], _ort(proto, feed)[0], rtol=1e-6, atol=1e-6)
+    assert m.graph.outputs[0].name == "y"
