@@ -463,6 +463,12 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     except ImportError:
         raise CompileError('TVM is not installed; pip install "graphopt[tvm]"') from None
     spec = resolve_target(target)
+    if rpc is not None:
+        from .tuning import parse_rpc
+
+        parse_rpc(rpc)
+        if not (trials or minutes):
+            raise CompileError("--rpc measures tuning candidates on remote devices; give --trials or --minutes too")
     if spec.device == "cuda":
         check_toolchain(spec, for_export=False)
     t0 = time.perf_counter()
