@@ -255,7 +255,8 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
     assert len(rep["tuned"]) == 1 and rep["trials"] == 8 and rep["cached"] == 0, rep
     assert "tuned" in first.info.schedules.values()
     db = open_database(resolve_target("host"), tmp_path, create=False)
-    assert db is not None and len(db) > 0  # records are on disk
+    # records are on disk: 8 measured candidates plus graphopt's default schedule as a baseline
+    assert db is not None and len(db) >= 9, len(db)
     t = time.perf_counter()
     second = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
                          progress=False)

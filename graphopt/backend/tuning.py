@@ -140,11 +140,11 @@ def _commit_baseline(task: Any, tgt: Any, builder: Any, runner: Any, database: A
         sch, _ = default_schedule(mod["main"], tgt)
         if sch is None:
             return None
-        args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+        args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
         built = builder.build([ms.builder.BuilderInput(sch.mod, tgt)])[0]
         if built.error_msg:
             return None
-        res = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type=tgt.kind.name,
+        res = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type="cuda" if tgt.kind.name == "cuda" else "cpu",
                                                 args_info=args_info)])[0].result()
         if res.error_msg or not res.run_secs:
             return None

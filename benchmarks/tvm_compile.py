@@ -1,5 +1,8 @@
 """ONNX Runtime vs TVM builds from graphopt, side by side, one run (CPU, batch 1).
 
+(Named tvm_compile.py, not tvm.py: a script named tvm.py shadows the ``tvm`` package for every
+script run from this folder.)
+
 Columns per model: ONNX Runtime (ENABLE_ALL, 2 threads) latency; TVM untuned (TVM's own
 unscheduled kernels, ``--naive``); graphopt's default schedules (no tuning); MetaSchedule-tuned
 builds at the given budgets (graphopt defaults are the baseline records, so a tuned build is never
@@ -9,8 +12,8 @@ cores: a practical peak, below the data sheet's). All latencies are medians of i
 rounds (each round runs every build once), so compare ratios.
 
 Run (needs the tvm extra):
-  python benchmarks/tvm.py                                   # defaults + naive, all models
-  python benchmarks/tvm.py --tune digits_cnn:3 --tune squeezenet:15   # + tuned builds (minutes)
+  python benchmarks/tvm_compile.py                                   # defaults + naive, all models
+  python benchmarks/tvm_compile.py --tune digits_cnn:3 --tune squeezenet:15   # + tuned builds (minutes)
 Writes benchmarks/results/tvm.json and tvm.md.
 """
 
