@@ -6,7 +6,7 @@ script run from this folder.)
 Columns per model: ONNX Runtime (ENABLE_ALL, 2 threads) latency; TVM untuned (TVM's own
 unscheduled kernels, ``--naive``); graphopt's default schedules (no tuning); MetaSchedule-tuned
 builds at the given budgets (graphopt defaults are the baseline records, so a tuned build is never
-worse than the untuned one as measured by the tuner); tuning time; achieved GFLOP/s, also as a
+worse than the untuned one as the tuner measures it); tuning time; achieved GFLOP/s, also as a
 fraction of the machine's measured single-precision peak (numpy's SGEMM on a large matrix, all
 cores: a practical peak, below the data sheet's). All latencies are medians of interleaved
 rounds (each round runs every build once), so compare ratios.
