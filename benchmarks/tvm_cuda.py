@@ -20,6 +20,17 @@ from pathlib import Path
 import numpy as np
 
 
+def _strip_softmax(m) -> None:  # type: ignore[no-untyped-def]
+    """Compare logits, not a saturated softmax (random weights give one-hot outputs)."""
+    import graphopt
+
+    g = m.graph
+    for i, o in enumerate(list(g.outputs)):
+        if o.producer is not None and o.producer.op_type == "Softmax":
+            g.outputs[i] = o.producer.input(0)
+    graphopt.run_passes(m, ["dce"])
+
+
 def build(out: Path, arch: str) -> None:
     import graphopt
     from graphopt.backend import compile as tvm_compile
@@ -36,6 +47,7 @@ def build(out: Path, arch: str) -> None:
         p = next(x for x in light_models() if name in str(x))
         m = randomize_weights(graphopt.load(p))
         graphopt.optimize(m)
+        _strip_softmax(m)
         models[name] = (m, None)
     for name, (m, shapes) in models.items():
         t = time.perf_counter()
@@ -88,12 +100,13 @@ def run(out: Path) -> None:
         outs = [res.numpy()] if hasattr(res, "numpy") else [r.numpy() for r in res]
         ref = data["out_0"]
         err = float(np.abs(outs[0] - ref).max())
+        top1 = bool(np.argmax(outs[0]) == np.argmax(ref))
         scale = float(np.abs(ref).max())
         fe = vm.time_evaluator("main", dev, number=20, repeat=5)
         ms = float(np.median(fe(*args).results)) * 1e3
         rows.append({"model": so.stem, "target": meta["target"], "median_ms": ms, "max_abs_err": err,
-                     "ref_max": scale, "load_s": load_s})
-        print(f"{so.stem:12s} {meta['target']:12s} {ms:8.3f} ms  max|err| {err:.2e} (|ref| {scale:.2e})"
+                     "ref_max": scale, "top1_equal": top1, "load_s": load_s})
+        print(f"{so.stem:12s} {meta['target']:12s} {ms:8.3f} ms  max|err| {err:.2e} (|ref| {scale:.2e}) top-1 {'=' if top1 else 'DIFFERS'}"
               f"  load+nvcc {load_s:.1f} s")
     (out / "results.json").write_text(json.dumps({"device": str(dev), "rows": rows}, indent=1))
 

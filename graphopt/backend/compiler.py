@@ -204,8 +204,7 @@ def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_sche
             from tvm.s_tir import dlight as dl
 
             before = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and _scheduled(f)}
-            mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                          dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+            mod = dl.ApplyDefaultSchedule(*gpu_rules())(mod)
             used = {gv.name_hint: ("tuned" if gv.name_hint in before else "dlight" if _scheduled(f) else "naive")
                     for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
             return mod, used
@@ -217,6 +216,14 @@ def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_sche
         mod = relax.transform.FoldConstant()(mod)
         mod = relax.transform.DeadCodeElimination()(mod)
         return mod, used
+
+
+def gpu_rules() -> list[Any]:
+    """TVM's DLight rules for GPU kernels, in the order they are tried."""
+    from tvm.s_tir import dlight as dl
+
+    names = os.environ.get("GRAPHOPT_DLIGHT_RULES", "Matmul,GEMV,Reduction,GeneralReduction,Fallback")
+    return [getattr(dl.gpu, n)() for n in names.split(",") if n]
 
 
 def _scheduled(func: Any) -> bool:
