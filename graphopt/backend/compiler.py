@@ -495,7 +495,8 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     elif cache_dir is not None or _cache_has_records(spec, cache_dir):
         from .tuning import open_database
 
-        database = open_database(spec, cache_dir, create=False)
+        database = open_database(spec, cache_dir, create=False, best=True) or open_database(spec, cache_dir,
+                                                                                           create=False)
     t3 = time.perf_counter()
     mod, info.schedules = schedule(mod, spec, database=database, default_schedules=default_schedules)
     ex = build(mod, spec)

@@ -64,15 +64,62 @@ def cache_path(target: TargetSpec, cache_dir: str | os.PathLike[str] | None = No
     return root / target.key()
 
 
-def open_database(target: TargetSpec, cache_dir: str | os.PathLike[str] | None = None, *, create: bool = True) -> Any:
-    """The persistent MetaSchedule JSON database of ``target`` (None if absent and not ``create``)."""
+def open_database(target: TargetSpec, cache_dir: str | os.PathLike[str] | None = None, *, create: bool = True,
+                  best: bool = False) -> Any:
+    """The persistent MetaSchedule JSON database of ``target`` (None if absent and not ``create``).
+
+    ``best=True`` opens the compact copy holding only the best record per workload (written by
+    :func:`compact_database` after each tuning run): TVM parses every record's trace when it
+    opens a database, seconds for a full one, so compiles that only apply records use this.
+    """
     from tvm.s_tir import meta_schedule as ms
 
-    d = cache_path(target, cache_dir)
+    d = cache_path(target, cache_dir) / ("best" if best else "")
     if not create and not (d / "database_tuning_record.json").is_file():
         return None
     d.mkdir(parents=True, exist_ok=True)
     return ms.database.JSONDatabase(work_dir=str(d), module_equality="structural")
+
+
+def compact_database(database: Any, target: TargetSpec, cache_dir: str | os.PathLike[str] | None = None) -> Any:
+    """Rewrite ``<cache>/best`` with the fastest record of every workload in ``database``
+    (atomically: a fresh directory renamed into place); return it opened."""
+    import shutil
+    import tempfile as _tf
+
+    from tvm.s_tir import meta_schedule as ms
+
+    root = cache_path(target, cache_dir)
+    tmp = Path(_tf.mkdtemp(prefix=".best-", dir=root))
+    out = ms.database.JSONDatabase(work_dir=str(tmp), module_equality="structural")
+    best: dict[int, Any] = {}
+    keys: dict[int, Any] = {}
+    for rec in database.get_all_tuning_records():
+        secs = [float(x) for x in (rec.run_secs or [])]
+        if not secs:
+            continue
+        k = int(tvm_structural_hash(rec.workload.mod))
+        mean = sum(secs) / len(secs)
+        if k not in best or mean < best[k][0]:
+            best[k] = (mean, rec)
+            keys[k] = rec.workload.mod
+    for k, (_, rec) in best.items():
+        wl = out.commit_workload(keys[k])
+        out.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
+    del out
+    final = root / "best"
+    old = root / f".old-{os.getpid()}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return open_database(target, cache_dir, best=True)
+
+
+def tvm_structural_hash(obj: Any) -> int:
+    import tvm_ffi
+
+    return int(tvm_ffi.structural_hash(obj))
 
 
 def parse_rpc(spec: str) -> tuple[str, int, str]:
@@ -192,14 +239,14 @@ def tune(
         raise CompileError("--trials must be >= 0 and --minutes > 0")
     if target.is_cross and rpc is None:
         raise CompileError(f"tuning for {target.name} needs a device to measure on: give --rpc TRACKER:PORT:KEY")
-    register_intrinsics(target.device)
     tgt = target.tvm_target()
-    database = open_database(target, cache_dir)
+    # what is cached is read from the compact copy (fast); the full database only when tuning
+    database = open_database(target, cache_dir, best=True, create=False) or open_database(target, cache_dir)
     workdir = cache_path(target, cache_dir)
     tasks = ms.relax_integration.extract_tasks(mod, tgt)
     tasks = [t for t in tasks if not t.mod.attrs.get("tirx.is_scheduled", False)]
-    ranked = sorted(tasks, key=_task_flops, reverse=True)
-    ranked = [t for t in ranked if _task_flops(t) > 0]
+    flops = {id(t): _task_flops(t) for t in tasks}
+    ranked = sorted((t for t in tasks if flops[id(t)] > 0), key=lambda t: flops[id(t)], reverse=True)
     # The plan depends on the budget and the model only, so compiling again with the same
     # budget finds every planned task in the cache and measures nothing.
     report: dict[str, Any] = {"tasks": len(ranked), "cached": 0, "tuned": [], "skipped": [],
@@ -217,6 +264,8 @@ def tune(
     if not plan:
         logger.info("tuning: every planned task is in the cache %s", workdir)
         return database, report
+    database = open_database(target, cache_dir)
+    register_intrinsics(target.device)  # only now: it costs seconds
     deadline = time.monotonic() + minutes * 60 if minutes else None
     runner: Any = ms.runner.LocalRunner(timeout_sec=60)
     if rpc is not None:
@@ -285,9 +334,10 @@ def tune(
                 bar.set_postfix(task=task.task_name[:24], trials=per_task)
     except KeyboardInterrupt:
         logger.warning("tuning interrupted; %d finished tasks are saved in %s", len(report["tuned"]), workdir)
+        compact_database(database, target, cache_dir)
         raise
     finally:
         if bar is not None:
             bar.close()
     report["seconds"] = spent
-    return database, report
+    return compact_database(database, target, cache_dir), report
