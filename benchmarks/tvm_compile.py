@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import graphopt
 from graphopt.analysis import infer_shapes, model_stats
 from graphopt.backend import compile as tvm_compile
-from graphopt.runtime import ort_session
+from graphopt.runtime import interleaved_timings, ort_session
 from graphopt.testing import randomize_weights
 
 HERE = Path(__file__).resolve().parent
@@ -104,20 +103,14 @@ def main() -> None:
         feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(i.dtype) for i in cm.inputs}
         sess = ort_session(m, optimize=True, threads=2)
         ref = sess.run(None, feed)[0]
-        fns = {"ort": lambda: sess.run(None, feed)}
+        fns = {"ort": lambda sess=sess, feed=feed: sess.run(None, feed)}
         for k, b in builds.items():
             got = b.run(feed)[0]
             info[f"{k}_max_rel_err"] = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12))
-            vm_main, vm_args = b.vm()["main"], b._arguments(feed)
-            fns[k] = (lambda f, a: (lambda: f(*a)))(vm_main, vm_args)
-        for f in fns.values():
-            f()
-        times: dict[str, list[float]] = {k: [] for k in fns}
+            fn, fargs = b.vm()["main"], b._arguments(feed)
+            fns[k] = lambda f=fn, a=fargs: f(*a)
         rounds = args.rounds if args.no_naive else max(3, args.rounds // 4) if flops > 1e9 else args.rounds
-        for _ in range(rounds):
-            for k, f in fns.items():
-                times[k].append(_timed(f))
-        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        med = interleaved_timings(fns, rounds)
         for k, v in med.items():
             info[f"{k}_ms"] = round(v, 3)
             if k != "ort":

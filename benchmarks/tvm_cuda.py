@@ -114,6 +114,7 @@ def run(out: Path) -> None:
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
-    arch = sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "sm_90"
-    (build if sys.argv[1] == "build" else lambda o: run(o))(*([Path(sys.argv[2]), arch] if sys.argv[1] == "build"
-                                                             else [Path(sys.argv[2])]))
+    if sys.argv[1] == "build":
+        build(Path(sys.argv[2]), sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "sm_90")
+    else:
+        run(Path(sys.argv[2]))

@@ -92,8 +92,6 @@ def compile(model, target="host", **options):  # type: ignore[no-untyped-def]  #
     return _compile(model, target, **options)
 
 
-compile.__doc__ = "Compile a model with TVM for a target; see :func:`graphopt.backend.compiler.compile`."
-
 
 __all__ = [
     "Attr", "BisectResult", "Builder", "CompileError", "Const", "ExternalDataError", "Function", "Graph", "GraphoptError",

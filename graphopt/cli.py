@@ -398,12 +398,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """ONNX Runtime vs a TVM build of the same model on the same inputs, interleaved."""
-    import statistics
-
     from graphopt.backend import compile as tvm_compile
     from graphopt.backend import load_compiled
     from graphopt.report import table
-    from graphopt.runtime import compare, ort_session, parse_input_shapes
+    from graphopt.runtime import compare, interleaved_timings, ort_session, parse_input_shapes
 
     m = _load(args.model, check=False)
     if args.compiled:
@@ -418,21 +416,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     got = cm.run(feed)
     names = [o.name for o in sess.get_outputs()]
     c = compare(dict(zip(names, ref, strict=True)), dict(zip(names, got, strict=False)), rtol=1e-3, atol=1e-4)
-    vm = cm.vm()
-    args_tvm = cm._arguments(feed)
-    fn = vm["main"]
-    sess.run(None, feed)
-    fn(*args_tvm)
-    t_ort: list[float] = []
-    t_tvm: list[float] = []
-    for _ in range(args.rounds):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        t_ort.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        fn(*args_tvm)
-        t_tvm.append(time.perf_counter() - t)
-    mo, mt = statistics.median(t_ort) * 1e3, statistics.median(t_tvm) * 1e3
+    fn, args_tvm = cm.vm()["main"], cm._arguments(feed)
+    lat = interleaved_timings({"ort": lambda: sess.run(None, feed), "tvm": lambda: fn(*args_tvm)}, args.rounds)
+    mo, mt = lat["ort"], lat["tvm"]
     print(table(["runtime", "median ms", "ratio vs ORT"],
                 [["onnxruntime (ENABLE_ALL, %d threads)" % args.threads, f"{mo:.3f}", "1.00"],
                  [f"TVM {cm.target.name}" + (f" ({args.compiled})" if args.compiled else " (untuned)"),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,19 +104,23 @@ def make_inputs(
             raise InputSpecError(f"input {v.name!r} is not a tensor (sequence/map); give inputs explicitly")
         if v.dtype is None:
             raise InputSpecError(f"input {v.name!r} has no element type")
-        dt = np_dtype(v.dtype)
-        if dt.kind == "f":
-            arr = rng.standard_normal(shp).astype(dt)
-        elif dt.kind in "iu":
-            arr = rng.integers(0, 4, size=shp).astype(dt)
-        elif dt.kind == "b":
-            arr = rng.integers(0, 2, size=shp).astype(bool)
-        elif dt.kind in "OSU":
-            arr = np.full(shp, "a", dtype=object)
-        else:
-            arr = np.zeros(shp, dtype=dt)
-        out[v.name] = arr
+        out[v.name] = random_array(shp, np_dtype(v.dtype), rng)
     return out
+
+
+def random_array(shape: Sequence[int], dtype: Any, rng: np.random.Generator) -> np.ndarray:
+    """A random input array: floats ~ N(0,1); ints in [0, 4); bools random; strings "a"."""
+    dt = np.dtype(dtype)
+    shape = tuple(shape)
+    if dt.kind == "f":
+        return rng.standard_normal(shape).astype(dt)
+    if dt.kind in "iu":
+        return rng.integers(0, 4, size=shape).astype(dt)
+    if dt.kind == "b":
+        return rng.integers(0, 2, size=shape).astype(bool)
+    if dt.kind in "OSU":
+        return np.full(shape, "a", dtype=object)
+    return np.zeros(shape, dtype=dt)
 
 
 def _as_proto(model: Model | onnx.ModelProto) -> onnx.ModelProto:
@@ -521,16 +525,22 @@ def interleaved_latency(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarr
     One warm-up run each, then ``rounds`` rounds that run every session once in turn, so noise
     from a shared machine hits all of them alike: compare the ratios, not the absolute times.
     """
+    feeds = {k: {i.name: feed[i.name] for i in s.get_inputs() if i.name in feed} for k, s in sessions.items()}
+    return interleaved_timings({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}, rounds)
+
+
+def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30) -> dict[str, float]:
+    """Median latency in ms of each callable: one warm-up call each, then ``rounds`` rounds that
+    call every one in turn (noise on a shared machine hits them alike)."""
     import statistics
     import time
 
-    feeds = {k: {i.name: feed[i.name] for i in s.get_inputs() if i.name in feed} for k, s in sessions.items()}
-    for k, s in sessions.items():
-        s.run(None, feeds[k])
-    times: dict[str, list[float]] = {k: [] for k in sessions}
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
-        for k, s in sessions.items():
+        for k, f in fns.items():
             t = time.perf_counter()
-            s.run(None, feeds[k])
+            f()
             times[k].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -2,8 +2,8 @@
 
 The onnx package's light models (resnet50, squeezenet, shufflenet ...) store every weight as a
 ConstantOfShape fill with one value, so their outputs do not depend on the input (NOTES.md).
-:func:`randomize_weights` replaces those fills (and, with ``all_initializers``, float
-initializers) by random tensors scaled so activations keep a sane range through deep nets:
+:func:`randomize_weights` replaces those fills by random tensors scaled so activations keep a
+sane range through deep nets:
 He-normal convolution/Gemm weights and near-identity BatchNormalization parameters. Badly
 scaled random weights make activations explode or vanish, and denormal floats then distort
 timings by an order of magnitude.

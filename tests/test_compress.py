@@ -161,22 +161,11 @@ def test_prune_then_cluster_shrinks_and_options_validated(tmp_path: Path, exampl
 
 
 def _random_weights(path: Path) -> graphopt.Model:
-    """A light model with its ConstantOfShape weights replaced by random initializers
-    (NOTES.md: the originals are constant fills, so outputs would not depend on anything)."""
-    m = graphopt.load(path)
-    graphopt.run_passes(m, ["lift-initializer-inputs"])
-    rng = np.random.default_rng(0)
-    g = m.graph
-    for n in list(g):
-        fill = n.output(0).fill_value() if n.op_type == "ConstantOfShape" else None
-        if fill is not None:
-            shape = fill[0]
-            fan = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-            data = (rng.standard_normal(shape) * np.sqrt(2.0 / max(fan, 1))).astype(np.float32)
-            if len(shape) == 1:
-                data = np.abs(data) + 0.5  # BN scales / variances stay positive
-            g.replace_all_uses_with(n.output(0), g.add_initializer(n.output(0).name + "_rand", data))
-    graphopt.run_passes(m, ["dce"])
+    """A light model with random weights (NOTES.md: the originals are constant fills, so outputs
+    would not depend on anything), optimized."""
+    from graphopt.testing import randomize_weights
+
+    m = randomize_weights(graphopt.load(path))
     graphopt.optimize(m)
     return m
 

@@ -35,7 +35,7 @@ from graphopt.errors import CompileError, GraphoptError, InputSpecError, Runtime
 from graphopt.ir import Model
 from graphopt.ir.tensor import np_dtype
 
-from .targets import TargetSpec, _first_line, check_toolchain, resolve_target
+from .targets import TargetSpec, _first_line, _from_dict, check_toolchain, resolve_target
 
 logger = logging.getLogger(__name__)
 
@@ -193,8 +193,6 @@ def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_sche
     tgt = target.tvm_target()
     with tgt:
         if database is not None:
-            from tvm.s_tir import meta_schedule as ms
-
             with database:
                 mod = relax.transform.MetaScheduleApplyDatabase(enable_warning=False)(mod)
         if not default_schedules:
@@ -222,8 +220,7 @@ def gpu_rules() -> list[Any]:
     """TVM's DLight rules for GPU kernels, in the order they are tried."""
     from tvm.s_tir import dlight as dl
 
-    names = os.environ.get("GRAPHOPT_DLIGHT_RULES", "Matmul,GEMV,Reduction,GeneralReduction,Fallback")
-    return [getattr(dl.gpu, n)() for n in names.split(",") if n]
+    return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
 
 
 def _scheduled(func: Any) -> bool:
@@ -233,14 +230,10 @@ def _scheduled(func: Any) -> bool:
 def build(mod: Any, target: TargetSpec) -> Any:
     """``relax.build`` for the target; one-line error on failure.
 
-    CUDA kernels are compiled by nvcc to a fatbin (PTX + cubin for the arch) embedded in the
-    module, so the library loads on a machine with only the NVIDIA driver.
+    CUDA kernels stay CUDA C inside the module (TVM 0.27's wheel compiles them when the library
+    is loaded; see :mod:`graphopt.backend.cuda`).
     """
     from tvm import relax
-
-    if target.device == "cuda":
-        os.environ.setdefault("TVM_CUDA_COMPILE_MODE", "nvcc")
-        import tvm.support.nvcc  # noqa: F401 - registers tvm_callback_cuda_compile
 
     try:
         return relax.build(mod, target=target.tvm_target())
@@ -393,18 +386,11 @@ def _flatten(res: Any) -> list[np.ndarray]:
 
 
 def example_inputs(specs: Sequence[IOSpec], seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs matching ``specs`` (floats ~ N(0,1), integers in [0, 4))."""
+    """Random inputs matching ``specs`` (as :func:`graphopt.runtime.make_inputs` draws them)."""
+    from graphopt.runtime import random_array
+
     rng = np.random.default_rng(seed)
-    out = {}
-    for s in specs:
-        dt = np.dtype(s.dtype)
-        if dt.kind == "f":
-            out[s.name] = rng.standard_normal(s.shape).astype(dt)
-        elif dt.kind == "b":
-            out[s.name] = rng.integers(0, 2, size=s.shape).astype(bool)
-        else:
-            out[s.name] = rng.integers(0, 4, size=s.shape).astype(dt)
-    return out
+    return {s.name: random_array(s.shape, s.dtype, rng) for s in specs}
 
 
 def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
@@ -423,8 +409,7 @@ def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
         outputs = [IOSpec(o["name"], tuple(o["shape"]), o["dtype"]) for o in meta["outputs"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise CompileError(f"{str(side)!r} is not a graphopt compile sidecar: {exc}") from None
-    target = TargetSpec(meta["target"], meta["target_config"], device=meta.get("device", "cpu"),
-                        cross_compiler="cross" if meta.get("cross") else None)
+    target = _from_dict(dict(meta["target_config"]), name=meta["target"])
     if path.suffix == ".tar":
         raise CompileError("a .tar export must be linked on the target machine before loading; load a .so")
     if target.device == "cuda":
@@ -492,7 +477,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
 
         database, info.tuning = tune(mod, spec, trials=trials, minutes=minutes, cache_dir=cache_dir, rpc=rpc,
                                      progress=progress)
-    elif cache_dir is not None or _cache_has_records(spec, cache_dir):
+    else:  # apply what the cache holds for these workloads, if anything
         from .tuning import open_database
 
         database = open_database(spec, cache_dir, create=False, best=True) or open_database(spec, cache_dir,
@@ -505,13 +490,6 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     logger.info("compiled for %s in %.1f s (%s)", spec.name, t4 - t0,
                 ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()))
     return CompiledModel(ex, spec, inputs, outputs, info)
-
-
-def _cache_has_records(spec: TargetSpec, cache_dir: Any) -> bool:
-    from .tuning import cache_path
-
-    d = cache_path(spec, cache_dir)
-    return (d / "database_tuning_record.json").is_file()
 
 
 def _count(d: Mapping[str, str]) -> dict[str, int]:

@@ -162,8 +162,7 @@ class TiledReductionRule(_Rule):
         self.registers = registers
         self.pack_weights = pack_weights
 
-    def apply(self, sch: Any, target: Any) -> bool:  # noqa: C901 - one linear recipe
-        from tvm import tirx
+    def apply(self, sch: Any, target: Any) -> bool:
         from tvm.s_tir.dlight.analysis import normalize_prim_func
 
         infos = normalize_prim_func(sch)
