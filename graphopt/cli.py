@@ -308,7 +308,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     reports: list[tuple[str, Any]] = []
     if args.prune and args.structured:
         pr = get_pass("prune-channels", ratio=args.prune, importance=args.importance, recover=calib is not None,
-                      sensitivity=bool(args.sensitivity and calib is not None))
+                      sensitivity=bool(args.sensitivity and calib is not None), multiple_of=args.channel_multiple)
         passes.append(pr)
         reports.append(("prune-channels", pr))
     elif args.prune or args.nm:
@@ -317,7 +317,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         reports.append(("prune", pr))
     if args.lowrank or args.lowrank_flops:
         lr = get_pass("lowrank", energy=args.lowrank if args.lowrank else None, flops=args.lowrank_flops,
-                      activation_aware=args.activation_aware)
+                      activation_aware=args.activation_aware,
+                      conv={"tucker": True, "spatial": "spatial", "none": False}[args.lowrank_conv])
         passes.append(lr)
         reports.append(("lowrank", lr))
     if args.cluster:
@@ -378,7 +379,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     cm = tvm_compile(src, args.target, input_shapes=parse_input_shapes(args.input_shape), trials=args.trials or 0,
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
-                     default_schedules=not args.naive, progress=not args.quiet)
+                     default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache)
     cm.export(out)
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
@@ -391,6 +392,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
                  f"{tuning.get('cached', 0)} from cache {tuning.get('cache_dir')}")
         if tuning.get("skipped"):
             extra += f", {len(tuning['skipped'])} kept default schedules"
+    if cm.info.from_build_cache:
+        extra += "; the same build was in the cache (--no-build-cache rebuilds)"
     print(f"wrote {out} (+ {out.name}.json) for {cm.target.name} in {time.perf_counter() - t0:.1f} s: "
           f"kernels: {sched}{extra}")
     return 0
@@ -497,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sensitivity", action="store_true",
                     help="with --structured and --calibration: spread the ratio by per-layer sensitivity")
     sp.add_argument("--nm", metavar="N:M", help="N:M sparsity, e.g. 2:4")
+    sp.add_argument("--channel-multiple", type=int, default=1, metavar="Q",
+                    help="with --structured: keep a multiple of Q channels per layer (8 or 16 suit CPU kernels)")
     sp.add_argument("--cluster", type=int, metavar="K", help="k-means weight sharing with K centroids (2..256)")
     sp.add_argument("--cluster-init", default="kmeans++", choices=["kmeans++", "linear", "density"])
     sp.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
@@ -504,6 +509,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lowrank", type=float, metavar="ENERGY", help="SVD rank keeping this energy fraction (0..1]")
     sp.add_argument("--lowrank-flops", type=float, metavar="F", help="SVD rank by FLOPs budget fraction (0..1)")
     sp.add_argument("--activation-aware", action="store_true", help="whitened SVD on calibration inputs")
+    sp.add_argument("--lowrank-conv", default="tucker", choices=["tucker", "spatial", "none"],
+                    help="how --lowrank factors Conv layers: Tucker-2 (1x1, kxk, 1x1), spatial separation "
+                    "(kx1 then 1xk), or not at all (default: tucker)")
     sp.add_argument("--int8", action="store_true", help="static INT8 afterwards (needs --calibration)")
     sp.add_argument("--calibration", help=".npz or directory of .npz samples")
     sp.add_argument("--no-check", action="store_true")
@@ -523,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", metavar="DIR", help="tuning database root (default: ~/.cache/graphopt/tvm)")
     sp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on devices registered with a TVM RPC tracker")
     sp.add_argument("--naive", action="store_true", help="no default schedules (TVM's plain loops; for comparison)")
+    sp.add_argument("--no-build-cache", action="store_true",
+                    help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     shape_arg(sp)

@@ -418,11 +418,15 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
 # export
 # ---------------------------------------------------------------------------------------------
 class _Exporter:
-    def __init__(self, keep_external: bool, writer: Any = None) -> None:
+    def __init__(self, keep_external: bool, writer: Any = None, stub_over: int | None = None) -> None:
         self.keep_external = keep_external
         self.writer = writer
+        self.stub_over = stub_over
 
     def tensor(self, t: Tensor, name: str) -> TensorProto:
+        if self.stub_over is not None and t.size > self.stub_over:
+            # type and dims only: enough for shape inference, which never reads big weights
+            return TensorProto(name=name, data_type=t.dtype, dims=list(t.shape))
         if self.writer is not None:
             ext = self.writer(t, name)
             if ext is not None:
@@ -585,7 +589,7 @@ class _Exporter:
         return mp
 
 
-def to_proto(model: Model, *, keep_external: bool = False) -> onnx.ModelProto:
+def to_proto(model: Model, *, keep_external: bool = False, _stub_over: int | None = None) -> onnx.ModelProto:
     """Export the IR to a ``ModelProto``.
 
     With ``keep_external=False`` (default) external data is read and embedded, so the proto is
@@ -593,7 +597,7 @@ def to_proto(model: Model, *, keep_external: bool = False) -> onnx.ModelProto:
     ``model.base_dir``), which is what :func:`save` and :meth:`Model.copy` use.
     """
     with _gc_paused():
-        return _Exporter(keep_external).model(model)
+        return _Exporter(keep_external, stub_over=_stub_over).model(model)
 
 
 def _iter_tensor_protos(mp: onnx.ModelProto) -> Iterable[TensorProto]:

@@ -282,8 +282,11 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
                          progress=False)  # the interrupted budget: one task cached, one more to tune
     assert second.info.tuning["trials"] == 8 and second.info.tuning["cached"] == 1, second.info.tuning
     third = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
-                        progress=False)
+                        progress=False, build_cache=False)  # the tuning database alone, not the build cache
     assert third.info.tuning["trials"] == 0 and third.info.tuning["cached"] == 2, third.info.tuning
+    fourth = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
+                         progress=False)  # nothing changed since the second compile stored its build
+    assert fourth.info.from_build_cache
     feed = {"input": np.random.default_rng(4).standard_normal((1, 1, 8, 8)).astype(np.float32)}
     ref = _ort(onnx.load(str(example_model_path())), feed)[0]
     np.testing.assert_allclose(second.run(feed)[0], ref, rtol=1e-4, atol=1e-4)
@@ -295,6 +298,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_build_cache_makes_recompiling_a_load(tmp_path: Path) -> None:
+    """The same model, target and options compile once; the second compile loads the cached
+    library (no import/lower/build), gives the same outputs and exports like a fresh build. A
+    different option, or a tuning record added to the database, is a different build."""
+    from graphopt.cli import example_model_path
+
+    first = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, cache_dir=tmp_path, progress=False)
+    assert not first.info.from_build_cache
+    second = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, cache_dir=tmp_path, progress=False)
+    assert second.info.from_build_cache and "import_lower_s" not in second.info.times
+    x = {"input": np.random.default_rng(0).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    np.testing.assert_array_equal(first.run(x)[0], second.run(x)[0])
+    out = second.export(tmp_path / "again.so")
+    np.testing.assert_array_equal(load_compiled(out).run(x)[0], first.run(x)[0])
+    naive = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, cache_dir=tmp_path, progress=False,
+                        default_schedules=False)
+    assert not naive.info.from_build_cache
+    db = tmp_path / resolve_target("host").key() / "database_workload.json"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_text(db.read_text() + "\n" if db.exists() else "\n")  # the database changed
+    third = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, cache_dir=tmp_path, progress=False)
+    assert not third.info.from_build_cache
+    off = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, cache_dir=tmp_path, progress=False,
+                      build_cache=False)
+    assert not off.info.from_build_cache
 
 
 def test_rpc_tuning_on_loopback(tmp_path: Path) -> None:

@@ -120,6 +120,16 @@ def test_cli_compress_compositions(tmp_path: Path, example_path: Path) -> None:
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.onnx").exists()
     r = run(str(example_path), "-o", str(tmp_path / "y.onnx"))
     assert r.returncode == 2 and "nothing to do" in r.stderr
+    # calibration data that does not fit the model: one line, exit 2, nothing written
+    np.savez(tmp_path / "wrong_name.npz", image=np.zeros((4, 1, 8, 8), np.float32))
+    np.savez(tmp_path / "wrong_shape.npz", input=np.zeros((4, 3, 8, 8), np.float32))
+    for bad in ("wrong_name.npz", "wrong_shape.npz"):
+        r = run(str(example_path), "-o", str(tmp_path / "z.onnx"), "--prune", "0.5", "--structured",
+                "--calibration", str(tmp_path / bad))
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "input" in r.stderr and not (tmp_path / "z.onnx").exists()
+    r = run(str(example_path), "-o", str(tmp_path / "z.onnx"), "--prune", "1.5", "--structured")
+    assert r.returncode == 2 and "ratio" in r.stderr
 
 
 @pytest.mark.parametrize("mode,scope", [("magnitude", "global"), ("magnitude", "layer"), ("2:4", "global")])
@@ -193,28 +203,94 @@ def test_channel_pruning_digits_cnn_with_recovery(tmp_path: Path, example_path: 
     assert _acc(m2) < acc - 0.2
 
 
-@pytest.mark.parametrize("name", ["light_resnet50", "light_densenet121", "light_shufflenet", "light_inception_v1"])
+@pytest.mark.parametrize("name", ["light_resnet50", "light_densenet121", "light_shufflenet", "light_inception_v1",
+                                  "light_squeezenet"])
 def test_channel_pruning_keeps_real_architectures_valid(name: str) -> None:
+    from graphopt.analysis import infer_shapes, model_stats
     from helpers import DATA
 
     m = _random_weights(DATA / "light" / f"{name}.onnx")
     feeds = graphopt.make_inputs(m)
     before = graphopt.run_ort(m, feeds)
+    flops0 = model_stats(infer_shapes(m.copy())).flops
+    convs = sum(1 for n in m.graph if n.op_type == "Conv")
     p = graphopt.get_pass("prune-channels", ratio=0.5)
     graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(instruments=[graphopt.VerifyInstrument()]))
-    if name == "light_shufflenet":  # every conv is grouped or feeds a shuffle/branch: nothing qualifies
-        assert not p.report["pruned"] and p.report["skipped"]
-    else:
-        assert p.report["pruned"], p.report["skipped"]
     onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
     after = graphopt.run_ort(m, feeds)
     assert [a.shape for a in after.values()] == [b.shape for b in before.values()]
     assert all(np.isfinite(a).all() for a in after.values())
-    # residual groups, concatenations and channel shuffles are left alone, and said so
-    if name == "light_resnet50":  # residual groups: every conv feeding the same Add drops the same channels
+    flops1 = model_stats(infer_shapes(m.copy())).flops
+    if name == "light_shufflenet":  # grouped 1x1 convs read every unit: their channels must stay aligned
+        assert not p.report["pruned"] and "cannot change" in " ".join(p.report["skipped"].values())
+        return
+    # residual stages, concatenated branches (inception, fire modules) and dense blocks all prune
+    assert len(p.report["pruned"]) >= 0.85 * convs, (len(p.report["pruned"]), convs, p.report["skipped"])
+    assert flops1 < 0.42 * flops0, (flops0, flops1)
+    if name == "light_resnet50":  # every conv feeding the same Add drops the same channels
         assert p.report["multi_producer_groups"] >= 3
-    if name in ("light_resnet50", "light_densenet121", "light_shufflenet"):
-        assert any("aligned" in why or "group-1" in why for why in p.report["skipped"].values())
+    if name in ("light_densenet121", "light_inception_v1", "light_squeezenet"):
+        assert p.report["concat_groups"] >= 8
+
+
+def test_channel_pruning_is_exact_on_dead_channels() -> None:
+    """Filters that are exactly zero (with zero BN shift) carry nothing: pruning them through a
+    depthwise conv, a Concat, a per-channel Mul, a residual Add and a ReduceMean -> Gemm head must
+    leave the outputs unchanged, which checks every index the rewrite touches."""
+    rng = np.random.default_rng(3)
+
+    def conv_w(o: int, i: int, k: int, dead: list[int]) -> np.ndarray:
+        w = rng.standard_normal((o, i, k, k)).astype(np.float32) * 0.3
+        w[dead] = 0
+        return w
+
+    def bn(c: int, dead: list[int]) -> list[tuple[str, np.ndarray]]:
+        sc, b = rng.uniform(0.5, 1.5, c).astype(np.float32), rng.standard_normal(c).astype(np.float32) * 0.1
+        mean, var = rng.standard_normal(c).astype(np.float32) * 0.1, rng.uniform(0.5, 2, c).astype(np.float32)
+        b[dead], mean[dead] = 0, 0
+        return [("s", sc), ("b", b), ("m", mean), ("v", var)]
+
+    dead_a, dead_b, dead_c = [1, 4, 6, 7], [0, 2, 3, 5], [2, 3, 5, 6]  # 4 of 8 each: ratio 0.5 picks them
+    inits = [("wa", conv_w(8, 3, 3, dead_a)), ("wdw", rng.standard_normal((8, 1, 3, 3)).astype(np.float32)),
+             ("wb", conv_w(8, 3, 1, dead_b)), ("wc", conv_w(16, 16, 3, [])), ("wd", conv_w(8, 16, 1, dead_c)),
+             ("we", conv_w(8, 3, 1, dead_c)),
+             ("scale", rng.uniform(0.5, 2, (1, 8, 1, 1)).astype(np.float32)),
+             ("fc", rng.standard_normal((8, 10)).astype(np.float32)), ("fcb", rng.standard_normal(10).astype(np.float32))]
+    inits += [(f"bna_{k}", v) for k, v in bn(8, dead_a)]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="conv_a", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["a"] + [f"bna_{k}" for k in "sbmv"], ["a_bn"], name="bn_a"),
+        helper.make_node("Relu", ["a_bn"], ["a_r"], name="relu_a"),
+        helper.make_node("Conv", ["a_r", "wdw"], ["a_dw"], name="dw", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="conv_b"),
+        helper.make_node("Mul", ["b", "scale"], ["b_s"], name="scale_b"),
+        helper.make_node("Concat", ["a_dw", "b_s"], ["cat"], name="cat", axis=1),
+        helper.make_node("Conv", ["cat", "wc"], ["c"], name="conv_c", pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["c", "wd"], ["d"], name="conv_d"),
+        helper.make_node("Conv", ["x", "we"], ["e"], name="conv_e"),
+        helper.make_node("Add", ["d", "e"], ["res"], name="residual"),
+        helper.make_node("ReduceMean", ["res"], ["pooled"], name="gap", axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "fc"], ["mm"], name="head"),
+        helper.make_node("Add", ["mm", "fcb"], ["y"], name="head_bias"),
+    ]
+    mp = make_model(nodes, [vi("x", [2, 3, 12, 12])], [vi("y", [2, 10])], inits=inits)
+    m = graphopt.from_proto(mp)
+    p = graphopt.get_pass("prune-channels", ratio=0.5, recover=False)
+    graphopt.run_passes(m, [p, "dce"])
+    # conv_c is pruned too (16 -> 8): its dropped filters are live, so the test compares before that
+    assert {k: v for k, v in p.report["pruned"].items() if k != "conv_c"} == {
+        "conv_a": "4/8", "conv_b": "4/8", "conv_d": "4/8", "conv_e": "4/8"}
+    assert p.report["concat_groups"] == 2 and p.report["multi_producer_groups"] == 1
+    m_exact = graphopt.from_proto(mp)
+    graphopt.run_passes(m_exact, [graphopt.get_pass("prune-channels", ratio=0.5, recover=False,
+                                                    exclude_nodes=["conv_c"]), "dce"])
+    x = {"x": rng.standard_normal((2, 3, 12, 12)).astype(np.float32)}
+    assert graphopt.compare(graphopt.run_ort(mp, x), graphopt.run_ort(m_exact, x), rtol=1e-4, atol=1e-5).ok
+    onnx.checker.check_model(graphopt.to_proto(m_exact), full_check=True)
+    dw = next(n for n in m_exact.graph if n.name == "dw")
+    assert dw.attr("group") == 4 and dw.input(1).const_value().shape == (4, 1, 3, 3)
+    assert next(n for n in m_exact.graph if n.name == "conv_c").input(1).const_value().shape == (16, 8, 3, 3)
+    assert next(n for n in m_exact.graph if n.name == "head").input(1).const_value().shape == (4, 10)
 
 
 def test_channel_pruning_options() -> None:
@@ -317,3 +393,88 @@ def test_channel_pruning_sensitivity_spreads_the_target(example_path: Path) -> N
     assert _acc(m) >= 0.97
     with pytest.raises(GraphoptError, match="calibration"):
         graphopt.run_passes(graphopt.load(example_path), [graphopt.get_pass("prune-channels", sensitivity=True)])
+
+
+def test_spatial_separation_is_exact_on_separable_kernels() -> None:
+    """conv='spatial': a 5x5 kernel of separable rank 3 becomes 5x1 (3 ch) then 1x5, exactly, with
+    asymmetric strides and pads; at full rank any kernel is reproduced; too little gain is refused."""
+    rng = np.random.default_rng(7)
+    o, i, k, r = 32, 16, 5, 3
+    vert, horiz = rng.standard_normal((r, i, k)), rng.standard_normal((o, r, k))
+    w = np.einsum("ria,orb->oiab", vert, horiz).astype(np.float32)
+    b = rng.standard_normal(o).astype(np.float32)
+    node = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="c", strides=[2, 1], pads=[2, 1, 1, 2])
+    mp = make_model([node], [vi("x", [2, i, 15, 13])], [vi("y", [2, o, 7, 12])], inits=[("w", w), ("b", b)])
+    m = graphopt.from_proto(mp)
+    p = graphopt.get_pass("lowrank", conv="spatial", energy=0.999999)
+    assert graphopt.run_passes(m, [p])
+    assert p.report["conv_factored"] == {"c": 3}
+    convs = [n for n in m.graph if n.op_type == "Conv"]
+    assert [tuple(n.input(1).const_value().shape) for n in convs] == [(3, i, k, 1), (o, 3, 1, k)]
+    x = {"x": rng.standard_normal((2, i, 15, 13)).astype(np.float32)}
+    assert graphopt.compare(graphopt.run_ort(mp, x), graphopt.run_ort(m, x), rtol=1e-4, atol=1e-4).ok
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    # a random (full separable rank) kernel: exact at full rank, but then no FLOPs gain -> refused
+    w2 = rng.standard_normal((64, 32, 3, 3)).astype(np.float32)
+    mp2 = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="c", pads=[1, 1, 1, 1])],
+                     [vi("x", [1, 32, 9, 9])], [vi("y", [1, 64, 9, 9])], inits=[("w", w2)])
+    p2 = graphopt.get_pass("lowrank", conv="spatial", energy=1.0)
+    assert not graphopt.run_passes(graphopt.from_proto(mp2), [p2])
+    assert "would not cut FLOPs" in p2.report["skipped"]["c"]
+    m3 = graphopt.from_proto(mp2)
+    p3 = graphopt.get_pass("lowrank", conv="spatial", energy=1.0, min_gain=10.0)  # forced: full rank is exact
+    assert graphopt.run_passes(m3, [p3])
+    x3 = {"x": rng.standard_normal((1, 32, 9, 9)).astype(np.float32)}
+    assert graphopt.compare(graphopt.run_ort(mp2, x3), graphopt.run_ort(m3, x3), rtol=1e-3, atol=1e-3).ok
+    with pytest.raises(GraphoptError):
+        graphopt.get_pass("lowrank", conv="cp")
+
+
+RESNET = FIXTURES / "digits_resnet.onnx"
+
+
+def test_channel_pruning_trained_residual_net() -> None:
+    """The trained digits ResNet (residual stages with projection shortcuts, a ReduceMean head):
+    50% structured pruning with least-squares recovery stays within 1 point of fp32 (measured:
+    0.9956 -> 0.9911), every conv is pruned (three residual groups), FLOPs drop below 0.3x, and
+    the head's Gemm loses the matching rows. Rounding to 8-channel blocks keeps it within 1 point."""
+    from graphopt.analysis import infer_shapes, model_stats
+
+    m = graphopt.load(RESNET)
+    graphopt.optimize(m)
+    fp = _acc(m)
+    assert fp >= 0.98
+    flops0 = model_stats(infer_shapes(m.copy(), {"input": [1, 1, 8, 8]})).flops
+    base = m.copy()
+    p = graphopt.get_pass("prune-channels", ratio=0.5)
+    graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(calibration=CALIB))
+    assert len(p.report["pruned"]) == sum(1 for n in base.graph if n.op_type == "Conv") == 9
+    assert p.report["multi_producer_groups"] == 3 and not p.report["skipped"]
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    assert _acc(m) >= fp - 0.01
+    assert model_stats(infer_shapes(m.copy(), {"input": [1, 1, 8, 8]})).flops < 0.3 * flops0
+    head = next(n for n in m.graph if n.op_type == "Gemm")
+    assert head.input(1).const_value().shape == (10, 48)  # ReduceMean -> Gemm: 96 -> 48 features
+    m8 = base.copy()
+    p8 = graphopt.get_pass("prune-channels", ratio=0.5, multiple_of=8)
+    graphopt.run_passes(m8, [p8, "dce"], graphopt.PassContext(calibration=CALIB))
+    assert set(p8.report["pruned"].values()) == {"16/24", "24/48", "48/96"}
+    assert _acc(m8) >= fp - 0.01
+    with pytest.raises(GraphoptError, match="multiple_of"):
+        graphopt.get_pass("prune-channels", multiple_of=0)
+
+
+def test_prune_then_int8_on_trained_residual_net(tmp_path: Path) -> None:
+    """prune (50%, 8-channel blocks) -> int8 on the digits ResNet: within 1 point of fp32 and
+    over 6x smaller on disk (measured 0.9933 and 0.07x; the benchmark shows it 2.4x faster)."""
+    m = graphopt.load(RESNET)
+    graphopt.optimize(m)
+    graphopt.save(m, tmp_path / "fp32.onnx")
+    graphopt.run_passes(m, [graphopt.get_pass("prune-channels", ratio=0.5, multiple_of=8),
+                            graphopt.get_pass("quantize-static"), "dce", "compact-names"],
+                        graphopt.PassContext(calibration=CALIB))
+    graphopt.save(m, tmp_path / "pq.onnx")
+    onnx.checker.check_model(str(tmp_path / "pq.onnx"), full_check=True)
+    assert _acc(tmp_path / "pq.onnx") >= _acc(tmp_path / "fp32.onnx") - 0.01
+    assert (tmp_path / "pq.onnx").stat().st_size < (tmp_path / "fp32.onnx").stat().st_size / 6
+    assert sum(1 for n in m.graph if n.op_type == "QuantizeLinear") >= 3

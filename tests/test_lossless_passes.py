@@ -428,6 +428,35 @@ def test_transpose_sinks_through_reduction_and_reshapes_merge() -> None:
     assert red.attr("axes") == [2, 3]
 
 
+def test_transposes_sink_through_concat_split_and_pad() -> None:
+    """NHWC islands around Concat, Pad and Split (the shape TF/Keras exports have): the transposes
+    meet below them and cancel, exactly."""
+    to_nhwc, to_nchw = [0, 2, 3, 1], [0, 3, 1, 2]
+    mp = make_model([H("Transpose", ["a"], ["ta"], perm=to_nhwc), H("Transpose", ["b"], ["tb"], perm=to_nhwc),
+                     H("Concat", ["ta", "tb"], ["c"], axis=-1),  # channels-last concat
+                     H("Pad", ["c", "pads"], ["p"], mode="reflect"),  # pads given in NHWC order
+                     H("Relu", ["p"], ["r"]), H("Transpose", ["r"], ["y"], perm=to_nchw),
+                     H("Transpose", ["a"], ["ts"], perm=to_nhwc),
+                     H("Split", ["ts", "sizes"], ["s0", "s1"], axis=3),
+                     H("Transpose", ["s0"], ["y0"], perm=to_nchw), H("Sigmoid", ["s1"], ["g1"]),
+                     H("Transpose", ["g1"], ["y1"], perm=to_nchw)],
+                    [vi("a", [1, 3, 4, 5]), vi("b", [1, 2, 4, 5])],
+                    [vi("y", [1, 5, 6, 8]), vi("y0", [1, 1, 4, 5]), vi("y1", [1, 2, 4, 5])],
+                    inits=[("pads", np.array([0, 1, 2, 0, 0, 1, 1, 0], np.int64)),
+                           ("sizes", np.array([1, 2], np.int64))], opset=13)
+    m = optimize(mp, "default")
+    assert "Transpose" not in ops(m), ops(m)
+    pad = next(n for n in m.graph if n.op_type == "Pad")
+    assert pad.input(1).const_value().tolist() == [0, 0, 1, 2, 0, 0, 1, 1]
+    assert next(n for n in m.graph if n.op_type == "Concat").attr("axis") == 1
+    # a Split whose outputs do not all meet a Transpose keeps its transpose
+    keep = make_model([H("Transpose", ["a"], ["t"], perm=to_nhwc), H("Split", ["t", "sizes"], ["s0", "s1"], axis=3),
+                       H("Transpose", ["s0"], ["y0"], perm=to_nchw)],
+                      [vi("a", [1, 3, 4, 5])], [vi("y0", [1, 1, 4, 5]), vi("s1", [1, 4, 5, 2])],
+                      inits=[("sizes", np.array([1, 2], np.int64))], opset=13)
+    assert ops(optimize(keep, "default")).count("Transpose") == 2
+
+
 def test_scalar_at_gelu_tail_is_not_moved_into_weights() -> None:
     g = _gelu_model(17)
     mm = helper.make_node("MatMul", ["y", "w"], ["z"])

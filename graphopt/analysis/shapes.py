@@ -217,7 +217,7 @@ def _signature(model: Model) -> int:
 def _onnx_infer(model: Model) -> None:
     from graphopt.onnx_io import to_proto
 
-    mp = to_proto(model, keep_external=True)
+    mp = to_proto(model, keep_external=True, _stub_over=4096)  # weights' data is never needed
     # record every known type as value_info so onnx's inference starts from what we know
     known = {vi.name for vi in mp.graph.value_info} | {vi.name for vi in mp.graph.output}
     for n in model.graph.iter_nodes():

@@ -19,9 +19,11 @@ The flow (``graphopt.compile``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -61,6 +63,7 @@ class CompileInfo:
     layout: str = "NCHW"
     tuning: dict[str, Any] = field(default_factory=dict)
     times: dict[str, float] = field(default_factory=dict)
+    from_build_cache: bool = False
 
 
 # -- preparing and importing ------------------------------------------------------------------
@@ -261,6 +264,7 @@ class CompiledModel:
         self.outputs = outputs
         self.info = info
         self.path = path
+        self._library = path  # loaded from this library (not built in this process)
         self._vm: Any = None
 
     def __repr__(self) -> str:
@@ -338,8 +342,9 @@ class CompiledModel:
             raise CompileError(f"export path {str(path)!r} must end in .so or .tar")
         if path.suffix == ".so":
             check_toolchain(self.target, for_export=True)
-        if not hasattr(self.module, "export_library"):
-            raise CompileError("this build was loaded from disk; it is already exported")
+        if self._library is not None and self._library.suffix != path.suffix:
+            raise CompileError(f"this build was loaded from {str(self._library)!r}; it can only be copied "
+                               f"as a {self._library.suffix} file")
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
         os.close(fd)
@@ -350,7 +355,12 @@ class CompiledModel:
 
                 kwargs["fcompile"] = cc.cross_compiler(self.target.cross_compiler)
             try:
-                self.module.export_library(tmp, **kwargs)
+                if self._library is None:
+                    self.module.export_library(tmp, **kwargs)
+                else:  # loaded from a library (the build cache): the library is the export
+                    shutil.copyfile(self._library, tmp)
+            except OSError as exc:
+                raise CompileError(f"export failed: {exc}") from None
             except Exception as exc:  # noqa: BLE001
                 raise CompileError(f"export failed: {_first_line(exc)}") from None
             meta = {
@@ -440,6 +450,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     layout: bool = True,
     optimize: bool = True,
     progress: bool = True,
+    build_cache: bool = True,
 ) -> CompiledModel:
     """Compile an ONNX model (path or :class:`graphopt.Model`) for ``target`` with TVM.
 
@@ -449,6 +460,11 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     them without measuring. ``rpc="host:port:key"`` measures on devices registered with a TVM
     RPC tracker instead of locally. ``default_schedules=False`` builds TVM's unscheduled
     (naive) kernels, for comparison.
+
+    ``build_cache`` (CPU targets, not cross): the built library is kept in the cache too, keyed
+    by the prepared model, the target, the options, graphopt's backend code and the state of the
+    tuning database. Compiling the same model again with nothing changed loads it instead of
+    importing, lowering and building again (TVM's own steps take 10-30 s on real CNNs).
     """
     try:
         import tvm  # noqa: F401
@@ -466,6 +482,17 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     t0 = time.perf_counter()
     prepared, inputs = prepare(model, input_shapes, optimize=optimize)
     t1 = time.perf_counter()
+    cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
+        and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")
+    key = _build_key(prepared, inputs, spec, {"default_schedules": default_schedules, "layout": layout,
+                                               "trials": trials, "minutes": minutes}) if cacheable else ""
+    if cacheable:
+        hit = _cached_build(spec, cache_dir, key)
+        if hit is not None:
+            hit.info.from_build_cache = True
+            hit.info.times = {"prepare_s": t1 - t0, "load_cached_s": time.perf_counter() - t1}
+            logger.info("loaded the cached build for %s (%.1f s)", spec.name, time.perf_counter() - t0)
+            return hit
     mod = import_relax(prepared)
     outputs = _output_specs(mod, prepared)
     mod, used_layout = lower(mod, spec, layout=layout)
@@ -489,7 +516,78 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     info.times = {"prepare_s": t1 - t0, "import_lower_s": t2 - t1, "tune_s": t3 - t2, "schedule_build_s": t4 - t3}
     logger.info("compiled for %s in %.1f s (%s)", spec.name, t4 - t0,
                 ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()))
-    return CompiledModel(ex, spec, inputs, outputs, info)
+    compiled = CompiledModel(ex, spec, inputs, outputs, info)
+    if cacheable:
+        _store_build(compiled, spec, cache_dir, key)
+    return compiled
+
+
+# -- the build cache --------------------------------------------------------------------------
+
+
+def _builds_dir(spec: TargetSpec, cache_dir: str | os.PathLike[str] | None) -> Path:
+    from .tuning import cache_path
+
+    return cache_path(spec, cache_dir) / "builds"
+
+
+def _database_state(spec: TargetSpec, cache_dir: str | os.PathLike[str] | None) -> str:
+    """Names, sizes and mtimes of the tuning database files: changes whenever a record is added."""
+    from .tuning import cache_path
+
+    root = cache_path(spec, cache_dir)
+    if not root.is_dir():
+        return "empty"
+    parts = []
+    for f in sorted(root.rglob("*.json")):
+        rel = f.relative_to(root)
+        if rel.parts[0] in ("builds", "logs"):
+            continue
+        st = f.stat()
+        parts.append(f"{rel}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest() if parts else "empty"
+
+
+def _build_key(prepared: Model, inputs: Sequence[IOSpec], spec: TargetSpec, options: Mapping[str, Any]) -> str:
+    """Everything a build depends on except the database state (added at lookup/store time)."""
+    import tvm
+
+    from graphopt.onnx_io import to_proto
+
+    h = hashlib.sha256()
+    h.update(to_proto(prepared).SerializeToString(deterministic=True))
+    h.update(json.dumps({"inputs": [asdict(i) for i in inputs], "target": spec.config, "options": dict(options),
+                         "tvm": getattr(tvm, "__version__", "?")}, sort_keys=True, default=str).encode())
+    for f in sorted(Path(__file__).parent.glob("*.py")):  # graphopt's schedules and lowering
+        h.update(f.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def _cached_build(spec: TargetSpec, cache_dir: str | os.PathLike[str] | None, key: str) -> CompiledModel | None:
+    path = _builds_dir(spec, cache_dir) / f"{key}-{_database_state(spec, cache_dir)[:16]}.so"
+    if not path.is_file():
+        return None
+    try:
+        return load_compiled(path)
+    except CompileError as exc:  # a damaged entry is rebuilt, not fatal
+        logger.warning("ignoring the cached build %s: %s", path, exc)
+        return None
+
+
+def _store_build(compiled: CompiledModel, spec: TargetSpec, cache_dir: str | os.PathLike[str] | None,
+                 key: str) -> None:
+    """Export into the cache under the database state *after* tuning, which is what the next
+    compile of the same model finds (best effort: a failure only costs the next compile time)."""
+    d = _builds_dir(spec, cache_dir)
+    path = d / f"{key}-{_database_state(spec, cache_dir)[:16]}.so"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        for old in d.glob(f"{key}-*.so*"):  # older database states of this build are stale now
+            old.unlink()
+        compiled.export(path)
+        compiled.path = None  # where the user exports it is still theirs to choose
+    except (OSError, CompileError) as exc:
+        logger.warning("could not cache the build: %s", exc)
 
 
 def _count(d: Mapping[str, str]) -> dict[str, int]:

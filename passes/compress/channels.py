@@ -1,26 +1,36 @@
 """Structured channel pruning: remove whole output channels of Conv layers.
 
-Channels are pruned per *group*: the activations joined by channel-wise ops and by elementwise
-Add/Sub/Mul/Max/Min (residual connections) must keep the same channels, so every Conv producing
-one of them drops the same output channels, and every reader drops the matching input channels.
-A group with a single producer is the classic Conv -> BN -> Relu -> Conv unit:
+Channels are tracked through the graph as a *layout*: for every 4-D activation, which Conv
+produced each channel and at which filter index. Layouts pass unchanged through channel-wise ops
+(BatchNormalization, activations, pooling, GlobalAveragePool, spatial ReduceMean/Max with
+keepdims, per-channel constant Add/Mul/Sub/Div, depthwise Conv) and are concatenated by
+``Concat`` on the channel axis. Elementwise joins (residual Add/Sub/Mul/Max/Min/Sum) tie the
+Convs meeting at the same channel positions into one *group*: they must all keep the same
+filters. So residual stages (ResNet), concatenated branches (Inception, SqueezeNet's fire
+modules) and dense blocks (DenseNet, where every layer reads the concatenation of all earlier
+ones) are all pruned: a Conv's removed filters disappear from every tensor they reach, and each
+op downstream drops the matching positions:
 
-A prunable unit is a Conv (group = 1, constant weights) whose output reaches its readers only
-through channel-preserving ops - BatchNormalization (constant parameters), elementwise
-activations, pooling, GlobalAveragePool, per-channel constant Add/Mul/Sub/Div - and whose
-readers are Convs with group = 1 (input 0) or, after a flatten of a static [N, C, H, W] tensor,
-Gemm/MatMul layers. Everything in the unit is rewritten consistently: the producer's filters and
-bias, BN parameters, per-channel constants, and the readers' input channels (or the matching
-feature rows after a flatten).
+- the producer's filters and bias;
+- BatchNormalization parameters, per-channel constants and depthwise filters (their ``group``
+  shrinks with them) at those positions;
+- the input channels of every group-1 Conv reading them, and the matching feature rows of a
+  Gemm/MatMul reached through a flatten of a static [N, C, H, W] tensor or a spatial
+  ReduceMean/ReduceMax without keepdims.
 
-``Concat``, channel shuffles (Reshape/Transpose), depthwise/grouped readers, graph inputs and
-graph outputs make a group unprunable: its convolutions are left as they are and listed in
-``report["skipped"]`` (their channels must stay aligned with something graphopt cannot change).
+A group is left as it is, and listed in ``report["skipped"]`` with the reason, when its channels
+reach a graph output, a graph input, a grouped (non-depthwise) Conv, a channel shuffle or any
+other op that must keep its channels aligned, or when channels are joined out of order.
 
 Importance: ``l1`` (filter L1 norm) or ``activation`` (filter norm times the mean |activation|
 of the channel on calibration data, Wanda-style). Recovery: with calibration data, each
 reader Conv/Gemm is refit by least squares so that, on the calibration inputs, its output from
 the kept channels matches its original output. Lossy.
+
+``multiple_of=8`` (or 16) rounds every kept channel count to a multiple of the CPU kernels'
+channel block: ONNX Runtime's NCHWc convolutions and int8 kernels work in blocks of 8/16
+channels, and a partial block costs a whole one (measured on the digits ResNet: 12 of 24 kept
+channels ran slower than 16).
 """
 
 from __future__ import annotations
@@ -36,8 +46,16 @@ from graphopt.runtime import collect_values, load_calibration
 _STD = ("", "ai.onnx")
 CHANNEL_WISE = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
                           "Selu", "Softplus", "Gelu", "MaxPool", "AveragePool", "GlobalAveragePool",
-                          "GlobalMaxPool", "BatchNormalization", "Identity", "Dropout"})
+                          "GlobalMaxPool", "BatchNormalization", "Identity", "Dropout", "LpPool", "PRelu"})
 PER_CHANNEL_BINARY = frozenset({"Add", "Mul", "Sub", "Div"})
+ELEMENTWISE_JOIN = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Sum"})
+SPATIAL_REDUCE = frozenset({"ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2"})
+Layout = tuple[np.ndarray, np.ndarray]  # per channel: (root id, filter index within the root)
+
+
+def _channel_axis(arr: np.ndarray) -> int:
+    """Axis of a per-channel constant broadcast against [N, C, H, W] (shape [C,1,1] or [1,C,1,1])."""
+    return arr.ndim - 3
 
 
 def _per_channel_const(n: Node, c: int) -> int | None:
@@ -55,108 +73,237 @@ def _per_channel_const(n: Node, c: int) -> int | None:
     return None
 
 
-ELEMENTWISE_JOIN = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Sum"})
+def _prunable_conv(n: Node) -> bool:
+    return n.op_type == "Conv" and (n.attr("group", 1) or 1) == 1 and n.input(1) is not None \
+        and n.input(1).const_value() is not None
+
+
+def _depthwise(n: Node, c: int) -> bool:
+    """A depthwise Conv (one filter per input channel) is channel-wise: its filters follow the channels."""
+    w = n.input(1).const_value() if n.op_type == "Conv" and n.input(1) is not None else None
+    return w is not None and (n.attr("group", 1) or 1) == c == w.shape[0] and w.shape[1] == 1 and c > 1 \
+        and (n.input(2) is None or n.input(2).const_value() is not None)
+
+
+def _spatial_axes(n: Node) -> list[int] | None:
+    """Reduced axes of a Reduce* op over a 4-D tensor, if they are all spatial (2 and 3)."""
+    axes = n.attr("axes")
+    if axes is None and len(n.inputs) > 1 and n.input(1) is not None:
+        a = n.input(1).const_value()
+        axes = None if a is None else [int(x) for x in np.ravel(a)]
+    if not axes:
+        return None
+    axes = sorted(a % 4 for a in axes)
+    return axes if set(axes) <= {2, 3} else None
+
+
+def _desc(v: Value) -> str:
+    p = v.producer
+    return f"{p.op_type} {p.name!r}" if p is not None else f"graph input {v.name!r}"
 
 
 class Group:
-    """Values that must keep the same channels (joined by channel-wise ops and residual adds),
-    the Convs producing them, the ops carrying per-channel parameters, and the readers."""
+    """Convs whose filters must be pruned together, every activation carrying their channels
+    (with its layout), the ops with per-channel parameters on those activations, and the readers
+    whose input channels shrink."""
 
     def __init__(self) -> None:
-        self.values: list[Value] = []
+        self.roots: list[int] = []
         self.producers: list[Node] = []
-        self.param_ops: list[Node] = []
-        self.readers: list[tuple[Node, str, int]] = []
+        self.values: list[Value] = []
+        self.param_ops: list[tuple[Node, Value]] = []
+        self.readers: list[tuple[Node, str, int, Value]] = []  # node, "conv"|"fc", rows per channel, source
         self.flattens: list[Node] = []
+        self.layout: dict[int, Layout] = {}
         self.reason: str | None = None
+
+    @property
+    def key(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.producers)
+
+    def keep_mask(self, v: Value, keep: np.ndarray) -> np.ndarray:
+        """Positions of ``v``'s channels that stay when the group keeps filters ``keep``."""
+        src, pos = self.layout[id(v)]
+        return ~(np.isin(src, self.roots) & ~np.isin(pos, keep))
 
 
 def find_groups(graph: Graph) -> list[Group]:
-    """Channel groups of the main graph (union-find over 4-D activation values)."""
-    parent: dict[int, int] = {}
+    """Channel groups of the main graph, by propagating channel layouts in topological order."""
+    parent: list[int] = []
+    root_len: list[int] = []
+    root_conv: list[Node | None] = []
+    bad: dict[int, str] = {}
+    layout: dict[int, Layout] = {}
     vals: dict[int, Value] = {}
+    through: dict[int, str] = {}  # node id -> role of its data inputs ("pass", "param", "concat")
+    why_not: dict[int, str] = {}
+
+    def new_root(c: int, conv: Node | None = None, why: str | None = None) -> int:
+        r = len(parent)
+        parent.append(r)
+        root_len.append(c)
+        root_conv.append(conv)
+        if why:
+            bad[r] = why
+        return r
 
     def find(a: int) -> int:
-        while parent.setdefault(a, a) != a:
+        while parent[a] != a:
             parent[a] = parent[parent[a]]
             a = parent[a]
         return a
 
-    def union(a: Value, b: Value) -> None:
-        vals[id(a)], vals[id(b)] = a, b
-        ra, rb = find(id(a)), find(id(b))
-        if ra != rb:
-            parent[ra] = rb
+    def set_layout(v: Value, lay: Layout) -> None:
+        layout[id(v)] = lay
+        vals[id(v)] = v
 
-    def four_d(v: Value | None) -> bool:
-        return v is not None and v.shape is not None and len(v.shape) == 4 and not v.is_const()
+    def lay(v: Value | None) -> Layout | None:
+        if v is None or v.is_const() or v.shape is None or len(v.shape) != 4:
+            return None
+        if id(v) not in layout:
+            c = v.shape[1]
+            if not isinstance(c, int):
+                return None
+            r = new_root(c, why=f"joined with {_desc(v)}, whose channels graphopt cannot change")
+            set_layout(v, (np.full(c, r), np.arange(c)))
+        return layout[id(v)]
+
+    def mark(src: np.ndarray, why: str) -> None:
+        for r in np.unique(src):
+            bad.setdefault(find(int(r)), why)
+
+    def join(a: Layout, b: Layout, node: Node) -> None:
+        pairs = np.unique(np.stack([a[0], b[0]]), axis=1)
+        for ra, rb in pairs.T:
+            x, y = find(int(ra)), find(int(rb))
+            if x != y:
+                parent[x] = y
+                if x in bad:
+                    bad.setdefault(y, bad[x])
+        if (a[1] != b[1]).any() or len({root_len[int(r)] for r in np.unique(np.concatenate([a[0], b[0]]))}) > 1:
+            mark(a[0], f"{node.op_type} {node.name!r} joins channels out of order")
 
     for n in graph:
-        if n.domain not in _STD or not n.outputs:
+        if n.domain not in _STD or not n.outputs or n.output(0).shape is None or len(n.output(0).shape) != 4:
             continue
-        out = n.output(0)
-        if not four_d(out):
-            continue
-        if n.op_type == "Conv" and (n.attr("group", 1) or 1) == 1 and n.input(1) is not None \
-                and n.input(1).const_value() is not None:
-            vals[id(out)] = out
-            find(id(out))
-        elif n.op_type in CHANNEL_WISE and four_d(n.input(0)):
-            union(n.input(0), out)
-        elif n.op_type in PER_CHANNEL_BINARY | ELEMENTWISE_JOIN:
+        out, op = n.output(0), n.op_type
+        x = lay(n.input(0)) if n.inputs else None
+        if _prunable_conv(n) and x is not None:
+            c = n.input(1).const_value().shape[0]
+            set_layout(out, (np.full(c, new_root(c, conv=n)), np.arange(c)))
+        elif x is not None and op == "Conv" and _depthwise(n, len(x[0])):
+            set_layout(out, x)
+            through[id(n)] = "param"
+        elif x is not None and (op in CHANNEL_WISE or (op in SPATIAL_REDUCE and n.attr("keepdims", 1)
+                                                       and _spatial_axes(n))):
+            if op == "BatchNormalization" and any(i is None or i.const_value() is None for i in n.inputs[1:5]):
+                why_not[id(n)] = "its parameters are not constant"
+            elif op == "Clip" and any(i is not None and not i.is_const() for i in n.inputs[1:]):
+                why_not[id(n)] = "its bounds are not constant"
+            elif op == "PRelu" and (n.input(1).const_value() is None or n.input(1).const_value().size != 1):
+                why_not[id(n)] = "its slope is per channel"
+            else:
+                set_layout(out, x)
+                through[id(n)] = "param" if op == "BatchNormalization" else "pass"
+        elif op in PER_CHANNEL_BINARY | ELEMENTWISE_JOIN:
             data = [v for v in n.inputs if v is not None and not v.is_const()]
-            if data and all(four_d(v) for v in data):
-                for v in data:
-                    union(v, out)
-    groups: dict[int, Group] = {}
+            consts = [v for v in n.inputs if v is not None and v.is_const()]
+            lays = [lay(v) for v in data]
+            c = out.shape[1]
+            if not data or any(v is None for v in lays) or not isinstance(c, int):
+                continue
+            if any(len(v[0]) != c for v in lays):
+                for v in lays:
+                    mark(v[0], f"{op} {n.name!r} broadcasts over channels")
+                continue
+            if consts and (op not in PER_CHANNEL_BINARY or len(data) != 1 or _per_channel_const(n, c) is None):
+                mark(lays[0][0], f"{op} {n.name!r} has a constant that is not per channel")
+                continue
+            for other in lays[1:]:
+                join(lays[0], other, n)
+            set_layout(out, lays[0])
+            through[id(n)] = "param" if consts and consts[0].const_value().size > 1 else "pass"
+        elif op == "Concat" and (n.attr("axis", 0) or 0) % 4 == 1:
+            lays = [lay(v) for v in n.inputs]
+            if all(v is not None for v in lays):
+                set_layout(out, (np.concatenate([v[0] for v in lays]), np.concatenate([v[1] for v in lays])))
+                through[id(n)] = "concat"
+
+    readers: dict[int, list[tuple[Node, str, int, Value]]] = {}
+    params: dict[int, list[tuple[Node, Value]]] = {}
+    flattens: dict[int, list[Node]] = {}
     for vid, v in vals.items():
-        groups.setdefault(find(vid), Group()).values.append(v)
+        src = layout[vid][0]
+        if v.is_graph_output() or v.producer is None:
+            mark(src, "reaches a graph input or output")
+            continue
+        for r in v.consumers():
+            role = through.get(id(r))
+            if role is not None:
+                if role == "param":
+                    params.setdefault(vid, []).append((r, v))
+                continue
+            if _prunable_conv(r) and r.input(0) is v:
+                readers.setdefault(vid, []).append((r, "conv", 1, v))
+                continue
+            fc = _flatten_reader(r, v)
+            if fc is not None:
+                readers.setdefault(vid, []).append((fc[0], "fc", fc[1], v))
+                flattens.setdefault(vid, []).append(r)
+                continue
+            extra = f" ({why_not[id(r)]})" if id(r) in why_not else ""
+            mark(src, f"read by {r.op_type} {r.name!r}, which must keep its channels aligned{extra}")
+    groups: dict[int, Group] = {}
+    for r in range(len(parent)):
+        g = groups.setdefault(find(r), Group())
+        g.roots.append(r)
+        if root_conv[r] is not None:
+            g.producers.append(root_conv[r])
+        if r in bad and g.reason is None:
+            g.reason = bad[r]
+    for r, g in groups.items():
+        if r in bad:
+            g.reason = bad[r]
+    for vid, v in vals.items():
+        for cls in {find(int(r)) for r in np.unique(layout[vid][0])}:
+            g = groups[cls]
+            g.values.append(v)
+            g.layout[vid] = layout[vid]
+            g.readers.extend(readers.get(vid, []))
+            g.param_ops.extend(params.get(vid, []))
+            g.flattens.extend(flattens.get(vid, []))
     out_groups = []
     for g in groups.values():
-        members = {id(v) for v in g.values}
-        for v in g.values:
-            p = v.producer
-            if v.is_graph_output() or p is None:
-                g.reason = "reaches a graph input or output"
-                break
-            if p.op_type == "Conv" and (p.attr("group", 1) or 1) == 1 and p.input(1).const_value() is not None:
-                g.producers.append(p)
-            elif p.op_type == "BatchNormalization" and any(i is None or i.const_value() is None for i in p.inputs[1:5]):
-                g.reason = "BatchNormalization parameters are not constant"
-            elif p.op_type == "BatchNormalization" or (p.op_type in PER_CHANNEL_BINARY and any(
-                    i is not None and i.const_value() is not None and i.const_value().size > 1 for i in p.inputs)):
-                g.param_ops.append(p)
-            elif p.op_type == "Clip" and any(i is not None and not i.is_const() for i in p.inputs[1:]):
-                g.reason = "Clip bounds are not constant"
-            for r in v.consumers():
-                if all(id(o) in members for o in r.outputs if o.name) and r.op_type not in ("Conv",):
-                    continue  # an op inside the group
-                if r.op_type == "Conv" and (r.attr("group", 1) or 1) == 1 and r.input(0) is v \
-                        and r.input(1) is not None and r.input(1).const_value() is not None:
-                    g.readers.append((r, "conv", 1))
-                    continue
-                if r.op_type in ("Flatten", "Reshape") and v.shape is not None and \
-                        all(isinstance(d, int) for d in v.shape[1:]):
-                    o = r.output(0)
-                    _, c_, h_, w_ = v.shape
-                    tgt = r.input(1).const_value() if r.op_type == "Reshape" and r.input(1) is not None else None
-                    fc = o.consumers()[0] if len(o.consumers()) == 1 else None
-                    if o.shape is not None and len(o.shape) == 2 and o.shape[1] == c_ * h_ * w_ and fc is not None \
-                            and fc.op_type in ("Gemm", "MatMul") and fc.input(0) is o and not fc.attr("transA", 0) \
-                            and fc.input(1) is not None and fc.input(1).const_value() is not None \
-                            and (r.op_type == "Flatten" or (tgt is not None and int(np.ravel(tgt)[-1]) == -1)):
-                        g.readers.append((fc, "fc", h_ * w_))
-                        g.flattens.append(r)
-                        continue
-                g.reason = f"read by {r.op_type} {r.name!r}, which must keep its channels aligned"
-            if g.reason:
-                break
-        if not g.producers and not g.reason:
-            g.reason = "no Conv produces these channels"
+        if not g.producers:
+            continue
         if not g.readers and not g.reason:
             g.reason = "no reader whose input channels can shrink"
         out_groups.append(g)
     return out_groups
+
+
+def _flatten_reader(r: Node, v: Value) -> tuple[Node, int] | None:
+    """(Gemm/MatMul, rows per channel) if ``r`` flattens static [N, C, H, W] ``v`` (Flatten,
+    Reshape to [N, -1], or a spatial ReduceMean/Max without keepdims) straight into a
+    Gemm/MatMul with constant weights."""
+    if v.shape is None or not all(isinstance(d, int) for d in v.shape[1:]):
+        return None
+    _, c_, h_, w_ = v.shape
+    o = r.output(0) if r.outputs else None
+    fc = o.consumers()[0] if o is not None and len(o.consumers()) == 1 and not o.is_graph_output() else None
+    if fc is None or fc.op_type not in ("Gemm", "MatMul") or fc.input(0) is not o or fc.attr("transA", 0) \
+            or fc.input(1) is None or fc.input(1).const_value() is None or fc.input(1).const_value().ndim != 2:
+        return None
+    if r.op_type in SPATIAL_REDUCE and not r.attr("keepdims", 1) and _spatial_axes(r) == [2, 3] \
+            and r.input(0) is v:
+        return fc, 1
+    tgt = r.input(1).const_value() if r.op_type == "Reshape" and r.input(1) is not None else None
+    if r.op_type in ("Flatten", "Reshape") and r.input(0) is v and o.shape is not None and len(o.shape) == 2 \
+            and o.shape[1] == c_ * h_ * w_ \
+            and (r.op_type == "Flatten" and (r.attr("axis", 1) or 1) == 1
+                 or (tgt is not None and tgt.size == 2 and int(np.ravel(tgt)[-1]) in (-1, c_ * h_ * w_))):
+        return fc, h_ * w_
+    return None
 
 
 def _im2col(x: np.ndarray, node: Node) -> np.ndarray:
@@ -180,7 +327,7 @@ class ChannelPruning(Pass):
     name = "prune-channels"
     recursive = False
     default_options = {"ratio": 0.5, "importance": "l1", "recover": True, "min_channels": 4,
-                       "exclude_nodes": (), "max_samples": 256, "sensitivity": False}
+                       "exclude_nodes": (), "max_samples": 256, "sensitivity": False, "multiple_of": 1}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -189,6 +336,9 @@ class ChannelPruning(Pass):
             raise GraphoptError(f"ratio must be in (0, 1), got {r!r}")
         if self.options["importance"] not in ("l1", "activation"):
             raise GraphoptError("importance must be 'l1' or 'activation'")
+        q = self.options["multiple_of"]
+        if not isinstance(q, int) or q < 1:
+            raise GraphoptError(f"multiple_of must be a positive integer, got {q!r}")
         self.report: dict[str, Any] = {}
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
@@ -222,18 +372,20 @@ class ChannelPruning(Pass):
         acts: dict[str, np.ndarray] = {}
         targets: dict[str, np.ndarray] = {}
         if have_data:
-            names = sorted({g.values[0].name for g in groups} | {r.output(0).name for g in groups for r, _, _ in g.readers})
+            names = sorted({p.output(0).name for g in groups for p in g.producers}
+                           | {r.output(0).name for g in groups for r, _, _, _ in g.readers})
             acts = self._collect(names, ctx)
-            targets = {r.output(0).name: acts[r.output(0).name] for g in groups for r, _, _ in g.readers}
+            targets = {r.output(0).name: acts[r.output(0).name] for g in groups for r, _, _, _ in g.readers}
         recover = have_data and self.options["recover"]
         self._out_keep: dict[Node, np.ndarray] = {}
+        self._touched: list[Value] = []
         ratios = {id(g): self.options["ratio"] for g in groups}
         if self.options["sensitivity"]:
             if not have_data:
                 raise GraphoptError("sensitivity=True needs calibration data")
             ratios = self._spread(groups, ctx)
         # channels to keep, ranked on the original model for every group before any rewrite
-        plan: list[tuple[Group, np.ndarray, int]] = []
+        plan: list[tuple[frozenset[str], np.ndarray, int]] = []
         for g in groups:
             ws = [p.input(1).const_value() for p in g.producers]
             c = ws[0].shape[0]
@@ -241,33 +393,46 @@ class ChannelPruning(Pass):
                 skipped[", ".join(p.name for p in g.producers)] = "producers disagree on the channel count"
                 continue
             n_keep = max(self.options["min_channels"], int(round(c * (1 - ratios[id(g)]))))
+            q = self.options["multiple_of"]
+            if q > 1:  # kernels run in SIMD blocks of channels: a partial block costs a whole one
+                n_keep = max(q, int(round(n_keep / q)) * q)
             if n_keep >= c:
                 for p in g.producers:
                     skipped[p.name or "Conv"] = "too few channels to prune"
                 continue
-            score = sum(np.abs(w).reshape(c, -1).sum(1) / max(np.abs(w).reshape(c, -1).sum(1).max(), 1e-12)
-                        for w in ws)
-            if self.options["importance"] == "activation" and g.values[0].name in acts:
-                a = acts[g.values[0].name]
-                score = score * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
-            plan.append((g, np.sort(np.argsort(-score)[:n_keep]), c))
+            score = np.zeros(c)
+            for p, w in zip(g.producers, ws, strict=True):
+                norm = np.abs(w).reshape(c, -1).sum(1)
+                norm = norm / max(norm.max(), 1e-12)
+                a = acts.get(p.output(0).name)
+                if self.options["importance"] == "activation" and a is not None:
+                    norm = norm * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
+                score += norm
+            plan.append((g.key, np.sort(np.argsort(-score)[:n_keep]), c))
         done = {}
-        for g, k, c in plan:
+        for key, k, c in plan:
+            # the layouts change as groups are pruned (concatenations shrink): find them again
+            g = next((h for h in find_groups(graph) if h.key == key), None)
+            if g is None or g.reason:
+                for name in key:
+                    skipped[name] = g.reason if g is not None else "its channel group changed while pruning"
+                continue
             # progressive recovery: the readers' inputs as the model computes them *now*
             # (earlier groups already pruned), their outputs as the original model computed them
-            cur = self._collect([r.input(0).name for r, _, _ in g.readers], ctx) if recover else {}
+            cur = self._collect(sorted({r.input(0).name for r, _, _, _ in g.readers}), ctx) if recover else {}
             self._apply(graph, g, k, cur, targets if recover else {})
             for p in g.producers:
                 done[p.name or "Conv"] = f"{len(k)}/{c}"
-        for g in groups:  # shapes in the groups changed: forget them, re-infer
-            for v in g.values:
+        for v in self._touched:  # shapes of pruned activations changed: forget them, re-infer
+            if not v.is_graph_output() and not v.is_graph_input():
                 v.shape = None
-            for f in g.flattens:
-                f.output(0).shape = None
         infer_shapes(self.model, ctx.input_shapes or None)
         self.report = {**{k: v for k, v in self.report.items() if k == "sensitivity"},
                        "pruned": done, "skipped": skipped, "recovered": recover,
                        "groups": sum(1 for g in groups if any((p.name or "Conv") in done for p in g.producers)),
+                       "concat_groups": sum(1 for g in groups if any((p.name or "Conv") in done for p in g.producers)
+                                            and any(v.producer is not None and v.producer.op_type == "Concat"
+                                                    for v in g.values)),
                        "multi_producer_groups": sum(1 for g in groups if len(g.producers) > 1
                                                     and any((p.name or "Conv") in done for p in g.producers))}
         return bool(done)
@@ -300,7 +465,7 @@ class ChannelPruning(Pass):
             c = w.shape[0]
             k = np.sort(np.argsort(-np.abs(w).reshape(c, -1).sum(1))[:max(self.options["min_channels"],
                                                                              int(round(c * (1 - target))))])
-            self._out_keep = {}
+            self._out_keep, self._touched = {}, []
             self._apply(trial.graph, tg, k, {}, {})
             ts = ort_session(trial)
             errs = []
@@ -326,29 +491,37 @@ class ChannelPruning(Pass):
 
     def _apply(self, graph: Graph, g: Group, k: np.ndarray, cur: dict[str, np.ndarray],
                targets: dict[str, np.ndarray]) -> None:
-        def const(v: Value, arr: np.ndarray, tag: str) -> Value:
+        """Keep filters ``k`` of the group's producers and drop the matching positions downstream."""
+        def const(v: Value, arr: np.ndarray, tag: str = "_pruned") -> Value:
             return graph.add_initializer(v.name + tag, arr.astype(v.const_value().dtype))
 
-        c = g.producers[0].input(1).const_value().shape[0]
         for p in g.producers:
             self._out_keep[p] = k  # readers refit later compare against these channels only
-            p.set_input(1, const(p.input(1), p.input(1).const_value()[k], "_pruned"))
+            p.set_input(1, const(p.input(1), p.input(1).const_value()[k]))
             if p.input(2) is not None and p.input(2).const_value() is not None:
-                p.set_input(2, const(p.input(2), p.input(2).const_value()[k], "_pruned"))
-        for n in g.param_ops:
+                p.set_input(2, const(p.input(2), p.input(2).const_value()[k]))
+        for n, v in g.param_ops:
+            m = g.keep_mask(v, k)
+            if m.all():
+                continue
             if n.op_type == "BatchNormalization":
                 for i in range(1, 5):
-                    n.set_input(i, const(n.input(i), n.input(i).const_value()[k], "_pruned"))
+                    n.set_input(i, const(n.input(i), n.input(i).const_value()[m]))
+            elif n.op_type == "Conv":  # depthwise: one filter per channel, and as many groups
+                n.set_input(1, const(n.input(1), n.input(1).const_value()[m]))
+                if n.input(2) is not None:
+                    n.set_input(2, const(n.input(2), n.input(2).const_value()[m]))
+                n.set_attr("group", int(m.sum()))
             else:
-                ci = _per_channel_const(n, c)
-                if ci is None:
-                    continue
-                arr = n.input(ci).const_value()
-                if arr.size > 1:
-                    new_shape = list(arr.shape)
-                    new_shape[len(arr.shape) - 3 if len(arr.shape) >= 3 else 0] = len(k)
-                    n.set_input(ci, const(n.input(ci), arr.reshape(-1)[k].reshape(new_shape), "_pruned"))
-        for r, kind, hw in g.readers:
+                ci = _per_channel_const(n, len(m))
+                arr = n.input(ci).const_value() if ci is not None else None
+                if arr is not None and arr.size > 1:
+                    n.set_input(ci, const(n.input(ci), np.compress(m, arr, axis=_channel_axis(arr))))
+        for r, kind, hw, src in g.readers:
+            m = g.keep_mask(src, k)
+            if m.all():
+                continue
+            keep = np.flatnonzero(m)
             wr = r.input(1).const_value().astype(np.float64)
             x = cur.get(r.input(0).name)
             y = targets.get(r.output(0).name)
@@ -356,18 +529,27 @@ class ChannelPruning(Pass):
                 y = y[:, self._out_keep[r]]  # this reader's own outputs were already cut
             bias = r.input(2).const_value() if r.input(2) is not None and r.input(2).const_value() is not None else None
             if kind == "conv":
-                new = wr[:, k]
-                if x is not None and y is not None:
+                new = wr[:, keep]
+                if x is not None and y is not None and x.shape[1] == len(m):
                     yb = y - (bias.reshape(1, -1, 1, 1) if bias is not None else 0)
-                    new = self._refit_conv(r, x, k, wr, yb)
+                    new = self._refit_conv(r, x, keep, wr, yb)
             else:
-                rows = (k[:, None] * hw + np.arange(hw)[None, :]).reshape(-1)
+                rows = (keep[:, None] * hw + np.arange(hw)[None, :]).reshape(-1)
                 trans = r.op_type == "Gemm" and r.attr("transB", 0)
                 new = wr[:, rows] if trans else wr[rows]
                 if x is not None and y is not None:
                     yb = y - (bias.reshape(1, -1) if bias is not None else 0)
                     new = self._refit_fc(x, rows, yb, wr, trans)
             r.set_input(1, graph.add_initializer(r.input(1).name + "_pruned", new.astype(np.float32)))
+        for f in g.flattens:  # a Reshape to a static [N, C*H*W] gets the new feature count
+            tgt = f.input(1).const_value() if f.op_type == "Reshape" else None
+            if tgt is not None and int(tgt[-1]) != -1:
+                _, c_, h_, w_ = f.input(0).shape
+                new_t = np.array(tgt, dtype=np.int64)
+                new_t[-1] = int(g.keep_mask(f.input(0), k).sum()) * h_ * w_
+                f.set_input(1, graph.add_initializer(f.input(1).name + "_pruned", new_t))
+        self._touched.extend(g.values)
+        self._touched.extend(f.output(0) for f in g.flattens)
 
     @staticmethod
     def _refit_conv(r: Node, x: np.ndarray, k: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:

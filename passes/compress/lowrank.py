@@ -17,6 +17,10 @@ minimizes ||X W - X A B|| instead of ||W - A B|| (whitened SVD).
 Conv layers (``conv=True``): Tucker-2 - a 1x1 conv to r_i channels, the kxk core conv
 (r_i -> r_o, the original stride/pads/dilations) and a 1x1 conv back to O channels with the
 bias; ranks from each mode's energy (or the FLOPs budget). Exact at full rank.
+``conv="spatial"`` separates each kxk Conv (k > 1 in both directions) into a kx1 conv to r
+channels followed by a 1xk conv back to O channels (the vertical stride, pads and dilation go to
+the first, the horizontal ones to the second): the SVD of W arranged as [I*kh, O*kw], exact at
+full rank r = min(I*kh, O*kw), with r from the energy or the FLOPs budget.
 
 Applied only where it cuts FLOPs: r (K + N) < K N (times ``min_gain``). Layers that do not
 qualify are left as they are and listed in ``report["skipped"]``. Lossy.
@@ -57,6 +61,7 @@ class LowRankFactorization(Pass):
     recursive = False
     default_options = {"energy": 0.9, "flops": None, "max_error": None, "activation_aware": False,
                        "min_gain": 0.9, "min_size": 1024, "exclude_nodes": (), "conv": True}
+    #: ``conv``: True or "tucker" (Tucker-2), "spatial" (kx1 then 1xk), False (MatMul/Gemm only)
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -68,6 +73,8 @@ class LowRankFactorization(Pass):
         me = self.options["max_error"]
         if me is not None and me <= 0:
             raise GraphoptError(f"max_error must be > 0, got {me}")
+        if self.options["conv"] not in (True, False, "tucker", "spatial"):
+            raise GraphoptError(f"conv must be True, False, 'tucker' or 'spatial', got {self.options['conv']!r}")
         self.report: dict[str, Any] = {}
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
@@ -112,7 +119,8 @@ class LowRankFactorization(Pass):
             graph.remove(n)
             done[n.name or n.op_type] = r
             flops_after += r * (k + m)
-        conv_done = self._tucker(graph, skipped) if self.options["conv"] else {}
+        conv = self.options["conv"]
+        conv_done = self._spatial(graph, skipped) if conv == "spatial" else self._tucker(graph, skipped) if conv else {}
         self.report = {"factored": done, "conv_factored": conv_done, "skipped": skipped,
                        "matmul_flops_ratio": (flops_after / flops_before) if flops_before else 1.0}
         return bool(done or conv_done)
@@ -163,6 +171,51 @@ class LowRankFactorization(Pass):
             graph.replace_all_uses_with(n.output(0), c3.output(0))
             graph.remove(n)
             done[n.name or "Conv"] = (r_i, r_o)
+        return done
+
+    def _spatial(self, graph: Graph, skipped: dict[str, str]) -> dict[str, int]:
+        """kxk Conv -> kx1 (I -> r) then 1xk (r -> O): W[o, i, a, b] = sum_r V[r, i, a] H[o, r, b]."""
+        done: dict[str, int] = {}
+        excl = set(self.options["exclude_nodes"])
+        for n in list(graph):
+            if n.op_type != "Conv" or n.domain not in _STD or n.name in excl or (n.attr("group", 1) or 1) != 1:
+                continue
+            w = n.input(1).const_value() if n.input(1) is not None else None
+            if w is None or w.ndim != 4 or w.dtype != np.float32 or min(w.shape[2:]) < 2 \
+                    or w.size < self.options["min_size"] or isinstance(n.attr("auto_pad"), str) \
+                    and n.attr("auto_pad") not in ("NOTSET", ""):
+                continue
+            o, i, kh, kw = w.shape
+            sh, sw = n.attr("strides") or [1, 1]
+            dh, dw = n.attr("dilations") or [1, 1]
+            pt, pl, pb, pr = n.attr("pads") or [0, 0, 0, 0]
+            u, s, vt = np.linalg.svd(w.astype(np.float64).transpose(1, 2, 0, 3).reshape(i * kh, o * kw),
+                                     full_matrices=False)
+            per_r = i * kh * sw + o * kw  # MACs per output pixel and separable rank (the kx1 runs at sw x width)
+            if self.options["flops"] is not None:
+                r = max(1, int(self.options["flops"] * o * i * kh * kw / per_r))
+            else:
+                e = self.options["energy"] if self.options["energy"] is not None else 0.9
+                r = int(np.searchsorted(np.cumsum(s ** 2) / max(np.sum(s ** 2), 1e-30), e) + 1)
+            r = min(r, len(s))
+            if r * per_r >= self.options["min_gain"] * o * i * kh * kw:
+                skipped[n.name or "Conv"] = f"separable rank {r} would not cut FLOPs"
+                continue
+            root = np.sqrt(s[:r])
+            vert = (u[:, :r] * root).reshape(i, kh, r).transpose(2, 0, 1)[..., None]  # [r, I, kh, 1]
+            horiz = (root[:, None] * vt[:r]).reshape(r, o, kw).transpose(1, 0, 2)[:, :, None, :]  # [O, r, 1, kw]
+            name = n.name or "conv"
+            c1 = graph.make_node("Conv", [n.input(0), graph.add_initializer(name + "_v", vert.astype(np.float32))],
+                                 {"strides": [sh, 1], "pads": [pt, 0, pb, 0], "dilations": [dh, 1]},
+                                 before=n, name=graph.fresh_name(name + "_v"))
+            ins = [c1.output(0), graph.add_initializer(name + "_h", horiz.astype(np.float32))]
+            ins += [n.input(2)] if n.input(2) is not None else []
+            c2 = graph.make_node("Conv", ins, {"strides": [1, sw], "pads": [0, pl, 0, pr], "dilations": [1, dw]},
+                                 before=n, name=graph.fresh_name(name + "_h"))
+            c2.output(0).dtype, c2.output(0).shape = n.output(0).dtype, n.output(0).shape
+            graph.replace_all_uses_with(n.output(0), c2.output(0))
+            graph.remove(n)
+            done[n.name or "Conv"] = r
         return done
 
     # -- choosing the rank ----------------------------------------------------------------------

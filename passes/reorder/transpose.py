@@ -12,6 +12,12 @@ from moving transposes around without gain):
 
   * ``Reduce*(Transpose(x, p), axes)`` -> the reduction over ``p[axes]`` of x, then the
     Transpose (with keepdims=0 the Transpose loses the reduced axes, or disappears);
+  * ``Concat(Transpose(a, p), Transpose(b, p), ..., axis=k)`` -> ``Transpose(Concat(a, b, ...,
+    axis=p[k]), p)``: n transposes become one;
+  * ``Split(Transpose(x, p), axis=k)`` -> ``Split(x, axis=p[k])`` with the Transpose on each
+    output, when every output reaches a Transpose to cancel with;
+  * ``Pad(Transpose(x, p), pads)`` -> ``Transpose(Pad(x, pads permuted by p), p)`` (constant
+    pads, no ``axes`` input);
   * reshape-like ops (Reshape, Flatten, Squeeze, Unsqueeze) sink the same way through unary
     elementwise ops when another reshape-like op lies below, so ``fuse-layout`` merges them.
 
@@ -43,7 +49,7 @@ def reaches_transpose(v: Value, depth: int = 8) -> bool:
         n = cons[0]
         if n.op_type == "Transpose":
             return True
-        if n.op_type not in UNARY + BINARY or not n.outputs:
+        if n.op_type not in UNARY + BINARY + ("Pad",) or not n.outputs:
             return False
         v = n.output(0)
     return False
@@ -110,6 +116,82 @@ def _binary_const() -> Rule:
         return b.op("Transpose", y, perm=perm, name=t.name or None)
 
     return Rule("sink-transpose-const", pat, rewrite, where)
+
+
+def _concat() -> Rule:
+    pat = op("Concat", op("Transpose", Var("x"), name="t", single_use=False), variadic=True, name="c")
+
+    def where(m: Match) -> bool | str:
+        perm = m["t"].attr("perm")
+        prods = [v.producer if v is not None else None for v in m["c"].inputs]
+        if perm is None or len(prods) < 2:
+            return "needs two or more transposed inputs"
+        if any(p is None or p.op_type != "Transpose" or p.attr("perm") != perm for p in prods):
+            return "every input must be a Transpose with the same perm"
+        if all(p.output(0).num_uses == 1 for p in prods):
+            return True  # n transposes become one
+        return reaches_transpose(m["c"].output(0)) or "shared input transposes and no Transpose below"
+
+    def rewrite(m: Match, b: Any) -> Any:
+        c, perm = m["c"], list(m["t"].attr("perm"))
+        ins = [v.producer.input(0) for v in c.inputs]
+        y = b.op("Concat", *ins, axis=perm[c.attr("axis") % len(perm)], name=c.name or None)
+        return b.op("Transpose", y, perm=perm, name=m["t"].name or None)
+
+    return Rule("sink-transpose-concat", pat, rewrite, where)
+
+
+def _split() -> Rule:
+    pat = op("Split", op("Transpose", Var("x"), name="t", single_use=False), variadic=True, name="s")
+
+    def where(m: Match) -> bool | str:
+        if m["t"].attr("perm") is None:
+            return "perm must be known"
+        if not all(o.has_no_uses() or reaches_transpose(o) for o in m["s"].outputs):
+            return "not every output reaches a Transpose to cancel with"
+        return True
+
+    def rewrite(m: Match, b: Any) -> Any:
+        sp, perm = m["s"], list(m["t"].attr("perm"))
+        attrs = {k: sp.attr(k) for k in sp.attrs if k != "axis"}
+        outs = b.op("Split", m["x"], *sp.inputs[1:], num_outputs=len(sp.outputs), name=sp.name or None,
+                    axis=perm[(sp.attr("axis", 0) or 0) % len(perm)], **attrs)
+        outs = outs if isinstance(outs, list | tuple) else [outs]
+        return [b.op("Transpose", o, perm=perm) for o in outs]
+
+    return Rule("sink-transpose-split", pat, rewrite, where)
+
+
+def _pad() -> Rule:
+    pat = op("Pad", op("Transpose", Var("x"), name="t", single_use=False), variadic=True, name="pd")
+
+    def where(m: Match) -> bool | str:
+        pd, perm = m["pd"], m["t"].attr("perm")
+        if perm is None:
+            return "perm must be known"
+        if len(pd.inputs) > 3 and pd.input(3) is not None:
+            return "Pad with an axes input"
+        pads = pd.attr("pads") if pd.attr("pads") is not None else (
+            pd.input(1).const_value() if len(pd.inputs) > 1 and pd.input(1) is not None else None)
+        if pads is None or len(np.ravel(pads)) != 2 * len(perm):
+            return "pads must be constant"
+        return reaches_transpose(pd.output(0)) or "no Transpose below to cancel with"
+
+    def rewrite(m: Match, b: Any) -> Any:
+        pd, perm = m["pd"], list(m["t"].attr("perm"))
+        r = len(perm)
+        old = np.ravel(pd.attr("pads") if pd.attr("pads") is not None else pd.input(1).const_value()).astype(np.int64)
+        new = np.zeros_like(old)
+        for i in range(r):  # output axis i of the Transpose is axis perm[i] of x
+            new[perm[i]], new[r + perm[i]] = old[i], old[r + i]
+        attrs = {k: pd.attr(k) for k in pd.attrs if k != "pads"}
+        if pd.attr("pads") is not None:
+            y = b.op("Pad", m["x"], pads=[int(v) for v in new], name=pd.name or None, **attrs)
+        else:
+            y = b.op("Pad", m["x"], b.const(new, "pads"), *pd.inputs[2:], name=pd.name or None, **attrs)
+        return b.op("Transpose", y, perm=perm, name=m["t"].name or None)
+
+    return Rule("sink-transpose-pad", pat, rewrite, where)
 
 
 REDUCE = ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
@@ -194,4 +276,4 @@ class SinkTransposes(PatternPass):
     name = "sink-transposes"
 
     def rules(self) -> list[Rule]:
-        return [_binary_both(), _unary(), _binary_const(), _reduce(), _reshape_unary()]
+        return [_binary_both(), _unary(), _binary_const(), _reduce(), _concat(), _split(), _pad(), _reshape_unary()]
