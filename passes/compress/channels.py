@@ -14,13 +14,17 @@ op downstream drops the matching positions:
 - the producer's filters and bias;
 - BatchNormalization parameters, per-channel constants and depthwise filters (their ``group``
   shrinks with them) at those positions;
-- the input channels of every group-1 Conv reading them, and the matching feature rows of a
+- the input channels of every Conv reading them, and the matching feature rows of a
   Gemm/MatMul reached through a flatten of a static [N, C, H, W] tensor or a spatial
   ReduceMean/ReduceMax without keepdims.
 
+Grouped convolutions (ResNeXt, RegNet) are producers and readers too: their filters and input
+channels come in ``group`` contiguous slices, so a group of channels made or read by a grouped
+conv keeps the same number of filters in every slice (the best ones of each slice).
+
 A group is left as it is, and listed in ``report["skipped"]`` with the reason, when its channels
-reach a graph output, a graph input, a grouped (non-depthwise) Conv, a channel shuffle or any
-other op that must keep its channels aligned, or when channels are joined out of order.
+reach a graph output, a graph input, a channel shuffle, a grouped conv reading a concatenation,
+or any other op that must keep its channels aligned, or when channels are joined out of order.
 
 Importance: ``l1`` (filter L1 norm) or ``activation`` (filter norm times the mean |activation|
 of the channel on calibration data, Wanda-style). Recovery: with calibration data, each
@@ -74,8 +78,9 @@ def _per_channel_const(n: Node, c: int) -> int | None:
 
 
 def _prunable_conv(n: Node) -> bool:
-    return n.op_type == "Conv" and (n.attr("group", 1) or 1) == 1 and n.input(1) is not None \
-        and n.input(1).const_value() is not None
+    """A Conv with constant filters (any ``group``): its filters can be cut, its inputs narrowed."""
+    return n.op_type == "Conv" and n.input(1) is not None and n.input(1).const_value() is not None \
+        and n.input(1).const_value().ndim >= 3 and (n.input(2) is None or n.input(2).const_value() is not None)
 
 
 def _depthwise(n: Node, c: int) -> bool:
@@ -116,6 +121,7 @@ class Group:
         self.flattens: list[Node] = []
         self.layout: dict[int, Layout] = {}
         self.reason: str | None = None
+        self.slices = 1  # kept filters are spread evenly over this many contiguous slices
 
     @property
     def key(self) -> frozenset[str]:
@@ -136,6 +142,7 @@ def find_groups(graph: Graph) -> list[Group]:
     layout: dict[int, Layout] = {}
     vals: dict[int, Value] = {}
     through: dict[int, str] = {}  # node id -> role of its data inputs ("pass", "param", "concat")
+    slices: dict[int, set[int]] = {}  # root -> group counts of grouped convs making or reading it
     why_not: dict[int, str] = {}
 
     def new_root(c: int, conv: Node | None = None, why: str | None = None) -> int:
@@ -188,12 +195,15 @@ def find_groups(graph: Graph) -> list[Group]:
             continue
         out, op = n.output(0), n.op_type
         x = lay(n.input(0)) if n.inputs else None
-        if _prunable_conv(n) and x is not None:
-            c = n.input(1).const_value().shape[0]
-            set_layout(out, (np.full(c, new_root(c, conv=n)), np.arange(c)))
-        elif x is not None and op == "Conv" and _depthwise(n, len(x[0])):
+        if x is not None and op == "Conv" and _depthwise(n, len(x[0])):
             set_layout(out, x)
             through[id(n)] = "param"
+        elif _prunable_conv(n) and x is not None:
+            c = n.input(1).const_value().shape[0]
+            r = new_root(c, conv=n)
+            if (n.attr("group", 1) or 1) > 1:  # a grouped conv's filters come in `group` slices
+                slices.setdefault(r, set()).add(int(n.attr("group")))
+            set_layout(out, (np.full(c, r), np.arange(c)))
         elif x is not None and (op in CHANNEL_WISE or (op in SPATIAL_REDUCE and n.attr("keepdims", 1)
                                                        and _spatial_axes(n))):
             if op == "BatchNormalization" and any(i is None or i.const_value() is None for i in n.inputs[1:5]):
@@ -244,6 +254,13 @@ def find_groups(graph: Graph) -> list[Group]:
                     params.setdefault(vid, []).append((r, v))
                 continue
             if _prunable_conv(r) and r.input(0) is v:
+                grp = int(r.attr("group", 1) or 1)
+                if grp > 1:  # input slices of a grouped reader must shrink alike: one root, in order
+                    src_v, pos_v = layout[vid]
+                    if len(np.unique(src_v)) != 1 or (pos_v != np.arange(len(pos_v))).any():
+                        mark(src_v, f"grouped Conv {r.name!r} reads channels of several Convs")
+                        continue
+                    slices.setdefault(int(src_v[0]), set()).add(grp)
                 readers.setdefault(vid, []).append((r, "conv", 1, v))
                 continue
             fc = _flatten_reader(r, v)
@@ -264,6 +281,10 @@ def find_groups(graph: Graph) -> list[Group]:
     for r, g in groups.items():
         if r in bad:
             g.reason = bad[r]
+        need = set().union(*(slices.get(x, set()) for x in g.roots))
+        if len(need) > 1 and g.reason is None:
+            g.reason = f"grouped convs with different group counts {sorted(need)} share these channels"
+        g.slices = max(need) if need else 1
     for vid, v in vals.items():
         for cls in {find(int(r)) for r in np.unique(layout[vid][0])}:
             g = groups[cls]
@@ -393,8 +414,8 @@ class ChannelPruning(Pass):
                 skipped[", ".join(p.name for p in g.producers)] = "producers disagree on the channel count"
                 continue
             n_keep = max(self.options["min_channels"], int(round(c * (1 - ratios[id(g)]))))
-            q = self.options["multiple_of"]
-            if q > 1:  # kernels run in SIMD blocks of channels: a partial block costs a whole one
+            q = int(np.lcm(self.options["multiple_of"], g.slices))
+            if q > 1:  # SIMD blocks of channels (a partial block costs a whole one) / conv groups
                 n_keep = max(q, int(round(n_keep / q)) * q)
             if n_keep >= c:
                 for p in g.producers:
@@ -408,7 +429,13 @@ class ChannelPruning(Pass):
                 if self.options["importance"] == "activation" and a is not None:
                     norm = norm * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
                 score += norm
-            plan.append((g.key, np.sort(np.argsort(-score)[:n_keep]), c))
+            if g.slices > 1:  # grouped convs: the same number of filters from every slice
+                per, size = n_keep // g.slices, c // g.slices
+                keep = np.concatenate([j * size + np.argsort(-score[j * size:(j + 1) * size])[:per]
+                                       for j in range(g.slices)])
+            else:
+                keep = np.argsort(-score)[:n_keep]
+            plan.append((g.key, np.sort(keep), c))
         done = {}
         for key, k, c in plan:
             # the layouts change as groups are pruned (concatenations shrink): find them again
@@ -528,7 +555,12 @@ class ChannelPruning(Pass):
             if y is not None and r in self._out_keep:
                 y = y[:, self._out_keep[r]]  # this reader's own outputs were already cut
             bias = r.input(2).const_value() if r.input(2) is not None and r.input(2).const_value() is not None else None
-            if kind == "conv":
+            grp = int(r.attr("group", 1) or 1) if kind == "conv" else 1
+            if grp > 1:  # each group of filters reads its own slice of the input channels
+                o_per, i_per = wr.shape[0] // grp, wr.shape[1]
+                new = np.concatenate([wr[j * o_per:(j + 1) * o_per][:, m[j * i_per:(j + 1) * i_per]]
+                                      for j in range(grp)])
+            elif kind == "conv":
                 new = wr[:, keep]
                 if x is not None and y is not None and x.shape[1] == len(m):
                     yb = y - (bias.reshape(1, -1, 1, 1) if bias is not None else 0)
