@@ -487,18 +487,97 @@ def evaluate_nodes(
 
 
 def intermediate_session(model: Model, names: Sequence[str]) -> tuple[Any, list[str]]:
-    """An ORT session of ``model`` that also returns the values ``names`` (main graph values),
-    for calibration and per-layer analysis. Returns the session and the output names."""
+    """An ORT session of ``model`` that also returns the values ``names``, for calibration and
+    per-layer analysis. Returns the session and, in the session's output order, the name each
+    output stands for.
+
+    Values inside If/Loop bodies are brought out too: an If gets an extra output (the branch
+    that does not compute the value returns an empty tensor, which observers skip), a Loop an
+    extra scan output (the value of every iteration, stacked).
+    """
     from graphopt.onnx_io import to_proto
 
     mp = to_proto(model)
     have = {o.name for o in mp.graph.output}
-    for n in names:
-        if n not in have:
+    main = {o for n in mp.graph.node for o in n.output} | {i.name for i in mp.graph.input} | \
+        {t.name for t in mp.graph.initializer}
+    nested = [n for n in names if n not in main]
+    alias: dict[str, str] = {}
+    if nested:
+        dtypes = {v.name: v.dtype for g in model.graph.all_graphs()
+                  for v in list(g.inputs) + [o for n in g.iter_nodes() for o in n.outputs] if v.dtype is not None}
+        alias = {out: want for want, out in _expose(mp.graph, set(nested), dtypes, _Fresh(mp)).items()}
+    for n in list(names) + list(alias):
+        if n not in have and n in main | set(alias):
             mp.graph.output.add().name = n
             have.add(n)
     sess = ort_session(mp)
-    return sess, [o.name for o in sess.get_outputs()]
+    return sess, [alias.get(o.name, o.name) for o in sess.get_outputs()]
+
+
+class _Fresh:
+    """Names not used anywhere in a model proto."""
+
+    def __init__(self, mp: onnx.ModelProto) -> None:
+        self.used: set[str] = set()
+
+        def walk(g: onnx.GraphProto) -> None:
+            self.used.update(o for n in g.node for o in n.output)
+            self.used.update(i.name for i in g.input)
+            self.used.update(t.name for t in g.initializer)
+            for n in g.node:
+                for a in n.attribute:
+                    for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                        walk(sg)
+
+        walk(mp.graph)
+
+    def __call__(self, base: str) -> str:
+        name, k = base, 0
+        while name in self.used:
+            k += 1
+            name = f"{base}_{k}"
+        self.used.add(name)
+        return name
+
+
+def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fresh: _Fresh) -> dict[str, str]:
+    """Bring values of ``gp``'s nested If/Loop bodies out as outputs of the nodes holding them;
+    returns {wanted value: its name in ``gp``}."""
+    from onnx import helper
+
+    found: dict[str, str] = {}
+
+    def local(g: onnx.GraphProto) -> set[str]:
+        return {o for n in g.node for o in n.output} | {i.name for i in g.input}
+
+    for node in gp.node:
+        graphs = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
+        if node.op_type == "If" and {"then_branch", "else_branch"} <= set(graphs):
+            pairs = [(graphs["then_branch"], graphs["else_branch"]), (graphs["else_branch"], graphs["then_branch"])]
+            for branch, other in pairs:
+                hits = {w: w for w in wanted - set(found) if w in local(branch)}
+                hits.update({w: n for w, n in _expose(branch, wanted - set(found) - set(hits), dtypes, fresh).items()})
+                for w, inner in hits.items():
+                    et = dtypes.get(w, onnx.TensorProto.FLOAT)
+                    branch.output.append(helper.make_tensor_value_info(inner, et, None))
+                    empty = fresh(w + "__empty")
+                    other.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(
+                        empty, et, [0], [])))
+                    other.output.append(helper.make_tensor_value_info(empty, et, None))
+                    found[w] = fresh(w + "__if")
+                    node.output.append(found[w])
+        elif node.op_type == "Loop" and "body" in graphs:
+            body = graphs["body"]
+            hits = {w: w for w in wanted - set(found) if w in local(body)}
+            hits.update(_expose(body, wanted - set(found) - set(hits), dtypes, fresh))
+            for w, inner in hits.items():
+                scan = fresh(w + "__scan")
+                body.node.append(helper.make_node("Identity", [inner], [scan]))
+                body.output.append(helper.make_tensor_value_info(scan, dtypes.get(w, onnx.TensorProto.FLOAT), None))
+                found[w] = fresh(w + "__loop")
+                node.output.append(found[w])
+    return found
 
 
 def collect_values(model: Model, names: Sequence[str], samples: Sequence[Mapping[str, np.ndarray]]

@@ -319,27 +319,64 @@ def test_trained_transformer_int8_accuracy(tmp_path: Path, kind: str) -> None:
     assert int8 > 8000 and int8 > 4 * fl, (int8, fl)
 
 
-def test_if_body_weights_quantized_and_reported(tmp_path: Path) -> None:
+def test_if_and_loop_bodies_are_calibrated_and_quantized(tmp_path: Path) -> None:
+    """Activations inside If branches and a Loop body are calibrated (brought out of the bodies
+    by the calibration session) and get Q/DQ there, including a body reading an outer value;
+    the outputs stay close to float on both branches, and ORT fuses the bodies to integer ops."""
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((8, 8)).astype(np.float32)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w_in"], ["t"])], "then", [], [vi("t", [1, 8])],
+    w, w2 = rng.standard_normal((8, 8)).astype(np.float32), rng.standard_normal((8, 8)).astype(np.float32) * 0.3
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "w_in"], ["t0"], name="then_mm"),
+                                helper.make_node("Relu", ["t0"], ["t"])], "then", [], [vi("t", [1, 8])],
                                [onnx.numpy_helper.from_array(w, "w_in")])
     else_g = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "else", [], [vi("e", [1, 8])])
+    body = helper.make_graph([helper.make_node("MatMul", ["h", "w_loop"], ["h1"], name="loop_mm"),
+                              helper.make_node("Tanh", ["h1"], ["h2"]), helper.make_node("Identity", ["cond"], ["co"])],
+                             "body", [vi("i", [], onnx.TensorProto.INT64), vi("cond", [], onnx.TensorProto.BOOL),
+                                      vi("h", [1, 8])],
+                             [vi("co", [], onnx.TensorProto.BOOL), vi("h2", [1, 8])],
+                             [onnx.numpy_helper.from_array(w2, "w_loop")])
     mp = make_model([helper.make_node("MatMul", ["x0", "w0"], ["x"], name="outer_mm"),
-                     helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if")],
-                    [vi("x0", [1, 8]), vi("c", [], onnx.TensorProto.BOOL)], [vi("y", [1, 8])],
-                    inits=[("w0", rng.standard_normal((8, 8)).astype(np.float32))])
-    cal = [{"x0": rng.standard_normal((1, 8)).astype(np.float32), "c": np.array(True)} for _ in range(8)]
+                     helper.make_node("If", ["c"], ["y"], then_branch=then_g, else_branch=else_g, name="if"),
+                     helper.make_node("Loop", ["n", "", "y"], ["z"], body=body, name="loop")],
+                    [vi("x0", [1, 8]), vi("c", [], onnx.TensorProto.BOOL), vi("n", [], onnx.TensorProto.INT64)],
+                    [vi("z", [1, 8])], inits=[("w0", rng.standard_normal((8, 8)).astype(np.float32))])
+    cal = [{"x0": rng.standard_normal((1, 8)).astype(np.float32), "c": np.array(k % 2 == 0),
+            "n": np.array(3, np.int64)} for k in range(16)]
     m = graphopt.from_proto(mp)
     q = graphopt.get_pass("quantize-static")
     graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
-    assert q.report["subgraph_weight_only"] == 1
-    body = [n for n in m.graph if n.op_type == "If"][0].attr("then_branch")
-    assert [n.op_type for n in body] == ["DequantizeLinear", "MatMul"]
-    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    assert q.report["subgraph_quantized_nodes"] == 2 and q.report["quantized_nodes"] == 1
+    if_node = next(n for n in m.graph if n.op_type == "If")
+    then_ops = [n.op_type for n in if_node.attr("then_branch")]
+    # x is quantized in the main graph (outer_mm's output); the branch dequantizes it locally
+    assert then_ops.count("DequantizeLinear") == 3 and then_ops.count("QuantizeLinear") == 1, then_ops
+    loop_ops = [n.op_type for n in next(n for n in m.graph if n.op_type == "Loop").attr("body")]
+    assert loop_ops.count("QuantizeLinear") >= 1 and loop_ops.count("DequantizeLinear") >= 2, loop_ops
+    # the outer graph's own readers of x are not rewired into the body's Q/DQ
+    assert all(n.graph is m.graph for n in m.graph)
+    graphopt.save(m, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
     for c in (True, False):
-        f = {"x0": cal[0]["x0"], "c": np.array(c)}
-        assert graphopt.compare(graphopt.run_ort(mp, f), graphopt.run_ort(m, f), rtol=1, atol=1).cosine > 0.999
+        f = {"x0": cal[1]["x0"], "c": np.array(c), "n": np.array(3, np.int64)}
+        assert graphopt.compare(graphopt.run_ort(mp, f), graphopt.run_ort(tmp_path / "q.onnx", f),
+                                rtol=1, atol=1).cosine > 0.995
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    so.log_severity_level = 4
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+
+    def all_ops(g: onnx.GraphProto) -> list[str]:
+        out = []
+        for n in g.node:
+            out.append(n.op_type)
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    out += all_ops(a.g)
+        return out
+
+    assert all_ops(onnx.load(str(tmp_path / "ort.onnx")).graph).count("QLinearMatMul") >= 2
 
 
 def test_exclude_op_types() -> None:

@@ -29,9 +29,14 @@ sensitive nodes stay in float until the error fits the budget (automatic mixed p
 report gives each quantized activation's SQNR in dB.
 
 Refuses (raises) on a model with nothing quantizable, and on calibration data that does not
-match the model (names, ranks, fixed dims, dtypes, NaN/Inf, empty). Inside If/Loop/Scan bodies
-activations cannot be calibrated from outside, so their Conv/Gemm/MatMul weights are stored as
-int8 behind a DequantizeLinear (weight-only; ``report["subgraph_weight_only"]``). Lossy: measure accuracy with the report or your metric.
+match the model (names, ranks, fixed dims, dtypes, NaN/Inf, empty). Inside If and Loop bodies
+(nested too) the same selection runs, and the bodies' activations are calibrated like the main
+graph's: the calibration session brings them out as extra If outputs (only the branch taken
+contributes) or Loop scan outputs (every iteration contributes). Values a body reads from an
+outer scope get their Q/DQ inside the body, so the outer graph is untouched
+(``report["subgraph_quantized_nodes"]``). Scan bodies, and the ops in a body that this leaves
+out, get weight-only int8 (``report["subgraph_weight_only"]``). Lossy: measure accuracy with the
+report or your metric.
 """
 
 from __future__ import annotations
@@ -167,6 +172,19 @@ class QuantizeStatic(Pass):
         if not quant_nodes:
             raise GraphoptError(f"nothing to quantize: no {'/'.join(self.options['op_types'])} node with float "
                                 "inputs in the main graph")
+        bodies_plan: list[tuple[Graph, list[str]]] = []
+        if self.options["subgraph_weights"]:
+            for g in model.graph.all_graphs():
+                parent = g.parent
+                if g is graph or parent is None or parent.op_type not in ("If", "Loop"):
+                    continue
+                for n in g:
+                    if not n.name:
+                        n.name = g.fresh_name(n.op_type)
+                b_nodes, b_tensors = self._targets(g)
+                if b_nodes:
+                    bodies_plan.append((g, [n.name for n in b_nodes]))
+                    tensors = tensors + [v for v in b_tensors if all(v.name != t.name for t in tensors)]
         ranges = self._calibrate(model, tensors, samples)
         names = [n.name for n in quant_nodes]
         budget = self.options["max_error"]
@@ -175,6 +193,11 @@ class QuantizeStatic(Pass):
         else:
             chosen = names
         n_weights, n_tensors = self._rewrite(model, chosen, ranges)
+        sub_nodes = 0
+        for g, b_names in bodies_plan:
+            w_b, t_b = self._rewrite(model, b_names, ranges, graph=g)
+            n_weights, n_tensors, sub_nodes = n_weights + w_b, n_tensors + t_b, sub_nodes + len(b_names)
+        self.report["subgraph_quantized_nodes"] = sub_nodes
         self.report.update({
             "quantized_nodes": len(chosen), "kept_float": sorted(set(names) - set(chosen)),
             "quantized_tensors": n_tensors, "int8_weights": n_weights,
@@ -293,14 +316,28 @@ class QuantizeStatic(Pass):
         return out
 
     # -- rewriting ------------------------------------------------------------------------------
-    def _rewrite(self, model: Model, node_names: list[str], ranges: dict[str, tuple[float, float]]) -> tuple[int, int]:
-        """Insert Q/DQ and int8 weights for the named quantizable nodes; returns counts."""
-        graph = model.graph
+    def _rewrite(self, model: Model, node_names: list[str], ranges: dict[str, tuple[float, float]],
+                 graph: Graph | None = None) -> tuple[int, int]:
+        """Insert Q/DQ and int8 weights for the named quantizable nodes of ``graph`` (default:
+        the main graph); returns counts."""
+        graph = graph if graph is not None else model.graph
         if any(v is not None and v.dtype is None for n in graph if n.op_type in QUANT_OPS for v in n.inputs):
             from graphopt.analysis import infer_shapes
 
             infer_shapes(model)  # copies made for trials lose inferred types
         keep = set(node_names)
+        if graph is not model.graph:  # a body reading an outer, already dequantized value: a local DQ
+            for n in graph:  # copy, so ORT sees DQ -> op inside the body and fuses an integer kernel
+                if n.name not in keep or n.op_type not in QUANT_OPS:
+                    continue
+                for i in QUANT_OPS[n.op_type][0]:
+                    v = n.input(i)
+                    dq = v.producer if v is not None else None
+                    if dq is not None and dq.op_type == "DequantizeLinear" and dq.graph is not graph:
+                        local = graph.make_node("DequantizeLinear", list(dq.inputs), dict(
+                            (k, dq.attr(k)) for k in dq.attrs), before=n, name=graph.fresh_name(dq.name or "dq"))
+                        local.output(0).dtype, local.output(0).shape = v.dtype, v.shape
+                        n.set_input(i, local.output(0))
         quant_nodes, tensors = self._targets(graph, only=keep)
         tensors = [v for v in tensors if v.name in ranges]
         params = int8_sym_params if self.options["symmetric_activations"] else uint8_params
@@ -442,7 +479,8 @@ class QuantizeStatic(Pass):
                         obs.observe(n, arr)
                     else:
                         obs.observe_hist(n, arr)
-        return {n: obs.range(n, method, self.options["percentile"]) for n in names}
+        # a value inside an If branch that no calibration sample took was never seen: it stays float
+        return {n: obs.range(n, method, self.options["percentile"]) for n in names if n in obs.lo}
 
     @staticmethod
     def _insert_qdq(graph: Graph, v: Value, scale: np.float32, zp: np.uint8 | np.int8) -> Value:
@@ -460,7 +498,12 @@ class QuantizeStatic(Pass):
                              after=q)
         out = dq.output(0)
         out.dtype, out.shape = v.dtype, v.shape
-        graph.replace_all_uses_with(v, out)
+        if v.graph is graph:
+            graph.replace_all_uses_with(v, out)
+        else:  # a body reading an outer value: only this body's readers switch to the DQ
+            for node, i in v.uses:
+                if node.graph is graph and node is not q:
+                    node.set_input(i, out)
         q.set_input(0, v)  # the Q itself keeps reading the float value
         return out
 
