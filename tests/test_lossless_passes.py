@@ -457,6 +457,28 @@ def test_transposes_sink_through_concat_split_and_pad() -> None:
     assert ops(optimize(keep, "default")).count("Transpose") == 2
 
 
+def test_transpose_and_reshape_hoist_through_binary_ops() -> None:
+    """Transpose(Add(Transpose(a), b)) undone by the outer one: the pair cancels and only b is
+    transposed; the same for Reshape round trips around a Mul with a full-shape operand."""
+    mp = make_model([H("Transpose", ["a"], ["ta"], perm=[0, 2, 3, 1]), H("Add", ["ta", "b"], ["s"]),
+                     H("Transpose", ["s"], ["y"], perm=[0, 3, 1, 2]),
+                     H("Reshape", ["a", "flat"], ["f"]), H("Mul", ["c", "f"], ["mf"]),
+                     H("Reshape", ["mf", "back"], ["y2"])],
+                    [vi("a", [1, 3, 4, 5]), vi("b", [1, 4, 5, 3]), vi("c", [1, 60])],
+                    [vi("y", [1, 3, 4, 5]), vi("y2", [1, 3, 4, 5])],
+                    inits=[("flat", np.array([1, 60], np.int64)), ("back", np.array([1, 3, 4, 5], np.int64))])
+    m = optimize(mp, "default")
+    assert ops(m).count("Transpose") == 1 and ops(m).count("Reshape") == 1, ops(m)
+    mul = next(n for n in m.graph if n.op_type == "Mul")
+    assert mul.input(1).name == "a" and mul.input(0).producer.op_type == "Reshape"  # order kept
+    # broadcasting operand: no hoist (the reshape would not be exact)
+    bc = make_model([H("Reshape", ["a", "flat"], ["f"]), H("Mul", ["f", "c"], ["mf"]),
+                     H("Reshape", ["mf", "back"], ["y2"])],
+                    [vi("a", [1, 3, 4, 5]), vi("c", [1, 1])], [vi("y2", [1, 3, 4, 5])],
+                    inits=[("flat", np.array([1, 60], np.int64)), ("back", np.array([1, 3, 4, 5], np.int64))])
+    assert ops(optimize(bc, "default")).count("Reshape") == 2
+
+
 def test_scalar_at_gelu_tail_is_not_moved_into_weights() -> None:
     g = _gelu_model(17)
     mm = helper.make_node("MatMul", ["y", "w"], ["z"])

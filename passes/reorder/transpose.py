@@ -21,6 +21,12 @@ from moving transposes around without gain):
   * reshape-like ops (Reshape, Flatten, Squeeze, Unsqueeze) sink the same way through unary
     elementwise ops when another reshape-like op lies below, so ``fuse-layout`` merges them.
 
+Hoisting, for a binary op whose other operand has no transpose (or reshape) to sink with:
+  * ``Transpose(g(Transpose(a, p), b), q)`` with q undoing p -> ``g(a, Transpose(b, q))``: the
+    pair cancels and only b is transposed (same rank operands);
+  * ``Reshape(g(Reshape(a), b))`` back to a's static shape, b of g's full output shape ->
+    ``g(a, Reshape(b, shape(a)))`` (a constant b folds).
+
 Then ``fuse-layout`` composes the meeting transposes (and removes identity ones). Exact.
 """
 
@@ -233,6 +239,61 @@ def _reduce() -> Rule:
     return Rule("sink-transpose-reduce", pat, rewrite, where)
 
 
+def _hoist_transpose() -> Rule:
+    pat = op("Transpose", op(BINARY[:-1], op("Transpose", Var("a"), name="t1"), Var("b"), name="g",
+                             commutative=True), name="t2")
+
+    def where(m: Match) -> bool | str:
+        p, q = m["t1"].attr("perm"), m["t2"].attr("perm")
+        if p is None or q is None or [p[i] for i in q] != list(range(len(p))):
+            return "the outer Transpose does not undo the inner one"
+        b = m["b"]
+        if b.is_const():
+            return "constant operand: sinking handles it"
+        if b.rank is None or b.rank != len(p):
+            return "the other operand must have the same known rank"
+        if b.producer is not None and b.producer.op_type == "Transpose":
+            return "both operands transposed: sinking handles it"
+        return True
+
+    def rewrite(m: Match, b: Any) -> Any:
+        g = m["g"]
+        bt = b.op("Transpose", m["b"], perm=list(m["t2"].attr("perm")))
+        first = g.input(0) is m["t1"].output(0)
+        ins = (m["a"], bt) if first else (bt, m["a"])
+        return b.op(g.op_type, *ins, name=g.name or None, **{k: g.attr(k) for k in g.attrs})
+
+    return Rule("hoist-transpose-binary", pat, rewrite, where)
+
+
+def _hoist_reshape() -> Rule:
+    pat = op("Reshape", op(BINARY[:-1], op("Reshape", Var("a"), None, name="r1"), Var("b"), name="g",
+                           commutative=True), None, name="r2")
+
+    def where(m: Match) -> bool | str:
+        a, bv, g, r2 = m["a"], m["b"], m["g"], m["r2"]
+        sa, sb, sg, so = a.static_shape(), bv.static_shape(), g.output(0).static_shape(), r2.output(0).static_shape()
+        if sa is None or sb is None or sg is None or so is None:
+            return "static shapes needed"
+        if tuple(so) != tuple(sa):
+            return "the outer Reshape does not restore the inner one's input shape"
+        if tuple(sb) != tuple(sg):
+            return "the other operand broadcasts"
+        if bv.producer is not None and bv.producer.op_type == "Reshape":
+            return "both operands reshaped: sinking handles it"
+        return True
+
+    def rewrite(m: Match, b: Any) -> Any:
+        g = m["g"]
+        shape = b.const(np.array(m["a"].static_shape(), np.int64), "shape")
+        br = b.op("Reshape", m["b"], shape)
+        first = g.input(0) is m["r1"].output(0)
+        ins = (m["a"], br) if first else (br, m["a"])
+        return b.op(g.op_type, *ins, name=g.name or None, **{k: g.attr(k) for k in g.attrs})
+
+    return Rule("hoist-reshape-binary", pat, rewrite, where)
+
+
 def reaches_reshape(v: Value, depth: int = 8) -> bool:
     """True if a Reshape is reached from ``v`` through single-reader unary elementwise ops."""
     for _ in range(depth):
@@ -276,4 +337,5 @@ class SinkTransposes(PatternPass):
     name = "sink-transposes"
 
     def rules(self) -> list[Rule]:
-        return [_binary_both(), _unary(), _binary_const(), _reduce(), _concat(), _split(), _pad(), _reshape_unary()]
+        return [_binary_both(), _unary(), _binary_const(), _reduce(), _concat(), _split(), _pad(), _reshape_unary(),
+                _hoist_transpose(), _hoist_reshape()]
