@@ -327,6 +327,29 @@ def test_build_cache_makes_recompiling_a_load(tmp_path: Path) -> None:
     assert not off.info.from_build_cache
 
 
+def test_grouped_conv_widths_padded_to_whole_vectors() -> None:
+    """ShuffleNet-style grouped 1x1 convs with 34-wide groups: the compile pads each group to
+    whole vectors (exact: zero filters, sliced off again) and the build matches ORT."""
+    from graphopt.backend.compiler import pad_group_widths
+
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((136, 34, 1, 1)).astype(np.float32) * 0.2
+    b = rng.standard_normal(136).astype(np.float32)
+    mp = make_model([onnx.helper.make_node("Conv", ["x", "w", "b"], ["c"], group=4, name="gconv"),
+                     onnx.helper.make_node("Relu", ["c"], ["y"])],
+                    [vi("x", [1, 136, 14, 14])], [vi("y", [1, 136, 14, 14])], inits=[("w", w), ("b", b)])
+    feed = {"x": rng.standard_normal((1, 136, 14, 14)).astype(np.float32)}
+    m = graphopt.from_proto(mp)
+    assert pad_group_widths(m, 16) == 1
+    conv = next(n for n in m.graph if n.op_type == "Conv")
+    assert conv.input(1).const_value().shape == (4 * 48, 34, 1, 1) and conv.attr("group") == 4
+    np.testing.assert_allclose(graphopt.run_ort(m, feed)["y"], _ort(mp, feed)[0], rtol=1e-5, atol=1e-5)
+    assert pad_group_widths(graphopt.from_proto(mp), 2) == 0  # 34 is already whole 2-lane vectors
+    cm = tvm_compile(graphopt.from_proto(mp), "host", progress=False, build_cache=False)
+    assert cm.info.rewrites == {"padded_group_convs": 1}
+    np.testing.assert_allclose(cm.run(feed)[0], _ort(mp, feed)[0], rtol=1e-4, atol=1e-4)
+
+
 def test_rpc_tuning_on_loopback(tmp_path: Path) -> None:
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the tvm extra)")
     from graphopt.cli import example_model_path
