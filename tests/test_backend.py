@@ -339,14 +339,24 @@ def test_grouped_conv_widths_padded_to_whole_vectors() -> None:
                      onnx.helper.make_node("Relu", ["c"], ["y"])],
                     [vi("x", [1, 136, 14, 14])], [vi("y", [1, 136, 14, 14])], inits=[("w", w), ("b", b)])
     feed = {"x": rng.standard_normal((1, 136, 14, 14)).astype(np.float32)}
-    m = graphopt.from_proto(mp)
-    assert pad_group_widths(m, 16) == 1
-    conv = next(n for n in m.graph if n.op_type == "Conv")
-    assert conv.input(1).const_value().shape == (4 * 48, 34, 1, 1) and conv.attr("group") == 4
-    np.testing.assert_allclose(graphopt.run_ort(m, feed)["y"], _ort(mp, feed)[0], rtol=1e-5, atol=1e-5)
+    for opset in (9, 17):  # Slice-1 takes its bounds as attributes
+        mp_o = make_model(list(mp.graph.node), list(mp.graph.input), list(mp.graph.output),
+                          inits=[("w", w), ("b", b)], opset=opset)
+        m = graphopt.from_proto(mp_o)
+        assert pad_group_widths(m, 16) == 1
+        conv = next(n for n in m.graph if n.op_type == "Conv")
+        assert conv.input(1).const_value().shape == (4 * 48, 34, 1, 1) and conv.attr("group") == 4
+        onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+        np.testing.assert_allclose(graphopt.run_ort(m, feed)["y"], _ort(mp, feed)[0], rtol=1e-5, atol=1e-5)
+    # a plain conv with 1000 outputs (SqueezeNet's classifier): 8-lane -> 1008 channels, 16-lane
+    w2 = rng.standard_normal((1000, 8, 1, 1)).astype(np.float32)
+    m2 = graphopt.from_proto(make_model([onnx.helper.make_node("Conv", ["x", "w"], ["y"])], [vi("x", [1, 8, 3, 3])],
+                                        [vi("y", [1, 1000, 3, 3])], inits=[("w", w2)]))
+    assert pad_group_widths(m2, 16) == 1
+    assert next(n for n in m2.graph if n.op_type == "Conv").input(1).const_value().shape[0] == 1008
     assert pad_group_widths(graphopt.from_proto(mp), 2) == 0  # 34 is already whole 2-lane vectors
     cm = tvm_compile(graphopt.from_proto(mp), "host", progress=False, build_cache=False)
-    assert cm.info.rewrites == {"padded_group_convs": 1}
+    assert cm.info.rewrites == {"padded_convs": 1}
     np.testing.assert_allclose(cm.run(feed)[0], _ort(mp, feed)[0], rtol=1e-4, atol=1e-4)
 
 

@@ -116,14 +116,24 @@ def supported_ops() -> set[str]:
     return set(onnx_frontend._get_convert_map())
 
 
-def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5) -> int:
-    """Give grouped convolutions whole vectors per group: zero filters pad each group's outputs
-    to a multiple of ``lanes`` (at most ``max_growth`` more work), and per-group Slices + a Concat
-    drop the padding again. Exact. Returns how many convs changed.
+def _lanes_used(width: int, lanes: int) -> int:
+    """The vector width the default schedules can use for ``width`` outputs (a divisor of it)."""
+    v = lanes
+    while v > 2 and width % v:
+        v //= 2
+    return v if width % v == 0 else 1
 
-    Why: a vector of outputs must stay inside one group (the lanes share one input channel), so
-    ShuffleNet's 34-wide groups got 2-lane tiles. Padded to 48 they get full 16-lane tiles:
-    ShuffleNet's untuned build went from 4.1x to 2.8x of ORT on this machine.
+
+def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain: float = 1.2) -> int:
+    """Give convolutions whole vectors of output channels, per group: zero filters pad each
+    group's outputs to a multiple of ``lanes``, and a Split (plus a Concat for several groups)
+    drops the padding again. Exact. Applied where the vectors gained outweigh the padded work by
+    ``min_gain``, with at most ``max_growth`` more work. Returns how many convs changed.
+
+    Why: the default schedules vectorize output channels and a vector must stay inside one
+    group (its lanes share one input channel), so ShuffleNet's 34-wide groups got 2-lane tiles
+    (16-lane once padded to 48: ShuffleNet's untuned build went from 4.1x to 2.0x of ORT), and
+    SqueezeNet's 1000-class conv got 8-lane ones (1008 channels: 16 lanes).
     """
     graph = model.graph
     changed = 0
@@ -132,11 +142,13 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5) -> int:
             continue
         groups = int(n.attr("group", 1) or 1)
         w = n.input(1).const_value() if n.input(1) is not None else None
-        if groups <= 1 or w is None or w.ndim != 4 or w.shape[1] == 1 or w.shape[0] % groups:
-            continue  # not grouped, or depthwise (one input channel per group: channel-wise)
+        if w is None or w.ndim != 4 or w.shape[0] % groups or (groups > 1 and w.shape[1] == 1):
+            continue  # depthwise (one input channel per group) is channel-wise: nothing to pad
         width = w.shape[0] // groups
         padded = -(-width // lanes) * lanes
         if width % lanes == 0 or padded > max_growth * width:
+            continue
+        if (width / _lanes_used(width, lanes)) / (padded / lanes) < min_gain:
             continue
         bias = n.input(2).const_value() if len(n.inputs) > 2 and n.input(2) is not None else None
         if len(n.inputs) > 2 and n.input(2) is not None and bias is None:
@@ -153,16 +165,20 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5) -> int:
             ins.append(graph.add_initializer(base + "_bpad", bp))
         conv = graph.make_node("Conv", ins, {k: n.attr(k) for k in n.attrs}, before=n,
                                name=graph.fresh_name(base + "_padded"))
-        axis = graph.add_initializer(graph.fresh_name(base + "_axis"), np.array([1], np.int64))
-        parts = []
-        for k in range(groups):
-            start = graph.add_initializer(graph.fresh_name(base + "_start"), np.array([k * padded], np.int64))
-            end = graph.add_initializer(graph.fresh_name(base + "_end"), np.array([k * padded + width], np.int64))
-            parts.append(graph.make_node("Slice", [conv.output(0), start, end, axis], before=n,
-                                         name=graph.fresh_name(base + "_group")).output(0))
-        cat = graph.make_node("Concat", parts, {"axis": 1}, before=n, name=graph.fresh_name(base + "_groups"))
-        cat.output(0).dtype, cat.output(0).shape = n.output(0).dtype, n.output(0).shape
-        graph.replace_all_uses_with(n.output(0), cat.output(0))
+        # one Split into [width, padding] per group keeps every opset (and TVM's converter) happy
+        sizes = [width, padded - width] * groups
+        if (model.opset("") or 1) < 13:  # Split-2/11: sizes are an attribute
+            split = graph.make_node("Split", [conv.output(0)], {"axis": 1, "split": sizes}, num_outputs=len(sizes),
+                                    before=n, name=graph.fresh_name(base + "_unpad"))
+        else:
+            sv = graph.add_initializer(graph.fresh_name(base + "_sizes"), np.array(sizes, np.int64))
+            split = graph.make_node("Split", [conv.output(0), sv], {"axis": 1}, num_outputs=len(sizes), before=n,
+                                    name=graph.fresh_name(base + "_unpad"))
+        parts = [split.output(2 * k) for k in range(groups)]
+        out = parts[0] if groups == 1 else graph.make_node("Concat", parts, {"axis": 1}, before=n,
+                                                          name=graph.fresh_name(base + "_groups")).output(0)
+        out.dtype, out.shape = n.output(0).dtype, n.output(0).shape
+        graph.replace_all_uses_with(n.output(0), out)
         graph.remove(n)
         changed += 1
     return changed
@@ -539,7 +555,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
 
         lanes = vector_lanes(spec.tvm_target())
     prepared, inputs = prepare(model, input_shapes, optimize=optimize)
-    padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # CPU default schedules: whole vectors
+    padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # whole vectors of output channels
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
         and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")
@@ -558,7 +574,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     t2 = time.perf_counter()
     info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout)
     if padded:
-        info.rewrites["padded_group_convs"] = padded
+        info.rewrites["padded_convs"] = padded
     database = None
     if trials or minutes:
         from .tuning import tune
