@@ -15,10 +15,8 @@ What it does:
     for Conv and Gemm, per tensor for MatMul) behind a DequantizeLinear, and biases as int32 with
     scale = input scale * weight scale, zero point 0 - the form ORT turns into QLinearConv,
     QGemm and QLinearMatMul;
-  * leaves depthwise convolutions' compute in float by default (``skip_depthwise``): on x86,
-    ORT's int8 depthwise kernels plus the Q/DQ around them measured slower than fp32. Their
-    weights are still stored as int8 behind a DequantizeLinear (``depthwise_weight_only``), so
-    the file shrinks anyway;
+  * leaves depthwise convolutions in float by default (``skip_depthwise``): on x86, ORT's
+    int8 depthwise kernels plus the Q/DQ around them measured slower than fp32;
   * raises the opset to 13 with onnx's version converter when per-channel weights need it (and
     says so), weights stored as ``Constant`` nodes and shared weights are handled.
 
@@ -86,7 +84,6 @@ class QuantizeStatic(Pass):
         "exclude_nodes": (),
         "max_samples": 256,
         "skip_depthwise": True,
-        "depthwise_weight_only": True,
         "max_error": None,
         "metric": None,
         "sensitivity": False,
@@ -207,8 +204,6 @@ class QuantizeStatic(Pass):
             "calibration_samples": len(samples), "method": self.options["method"], "float_subgraphs": bodies,
             "sqnr_db": self._sqnr(tensors, ranges, model, samples, chosen),
         })
-        if self.options["skip_depthwise"] and self.options["depthwise_weight_only"]:
-            self.report["depthwise_weight_only"] = self._depthwise_weights(graph)
         if bodies and self.options["subgraph_weights"]:
             self.report["subgraph_weight_only"] = self._subgraph_weights(model)
             log.info("quantize-static: %d weights inside If/Loop/Scan bodies stored as int8 (weight-only: "
@@ -216,21 +211,6 @@ class QuantizeStatic(Pass):
         elif bodies:
             log.warning("quantize-static: %d If/Loop/Scan bodies stay in float", bodies)
         return True
-
-    def _depthwise_weights(self, graph: Graph) -> int:
-        """Depthwise convs left in float (for speed) still store int8 weights behind a
-        DequantizeLinear (per channel): the file shrinks, compute stays float."""
-        cache: dict[tuple[int, int | None], Value] = {}
-        for n in list(graph):
-            if n.op_type != "Conv" or n.domain not in _STD or not self._depthwise(n) \
-                    or n.name in set(self.options["exclude_nodes"]):
-                continue
-            w = n.input(1)
-            arr = w.const_value() if w is not None else None
-            if arr is None or arr.dtype != np.float32:
-                continue
-            n.set_input(1, self._int8_weight(graph, n, w, cache))
-        return len(cache)
 
     def _subgraph_weights(self, model: Model) -> int:
         """Weight-only int8 (DequantizeLinear of int8 weights) for Conv/Gemm/MatMul inside bodies."""
