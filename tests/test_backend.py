@@ -360,6 +360,22 @@ def test_grouped_conv_widths_padded_to_whole_vectors() -> None:
     np.testing.assert_allclose(cm.run(feed)[0], _ort(mp, feed)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_tvm_thread_pool_uses_every_physical_core() -> None:
+    """TVM halves the hardware threads on x86 (one thread on a 2-vCPU machine); importing
+    graphopt.backend sizes the pool to the physical cores, unless the user set TVM_NUM_THREADS."""
+    from graphopt.backend.targets import host_cores
+
+    code = ("import graphopt.backend, tvm; "
+            "print(tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) == host_cores()
+    env["TVM_NUM_THREADS"] = "1"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert int(out.stdout.split()[-1]) == 1  # the user's choice wins
+
+
 def test_rpc_tuning_on_loopback(tmp_path: Path) -> None:
     pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado (in the tvm extra)")
     from graphopt.cli import example_model_path
