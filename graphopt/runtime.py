@@ -608,9 +608,15 @@ def interleaved_latency(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarr
     return interleaved_timings({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}, rounds)
 
 
-def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30) -> dict[str, float]:
+def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, settle: int = 1) -> dict[str, float]:
     """Median latency in ms of each callable: one warm-up call each, then ``rounds`` rounds that
-    call every one in turn (noise on a shared machine hits them alike)."""
+    call every one in turn (noise on a shared machine hits them alike).
+
+    Each turn first makes ``settle`` untimed calls: runtimes keep their worker threads spinning
+    for a while after a run (ONNX Runtime and TVM both do), and on a machine with few cores those
+    threads would steal the next callable's cores. The untimed call absorbs that, so every timed
+    call sees the machine the way a deployment running only that model does.
+    """
     import statistics
     import time
 
@@ -619,6 +625,8 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30) 
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
+            for _ in range(settle):
+                f()
             t = time.perf_counter()
             f()
             times[k].append(time.perf_counter() - t)
