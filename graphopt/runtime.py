@@ -608,14 +608,16 @@ def interleaved_latency(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarr
     return interleaved_timings({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}, rounds)
 
 
-def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, settle: int = 1) -> dict[str, float]:
+def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, settle_s: float = 0.02
+                        ) -> dict[str, float]:
     """Median latency in ms of each callable: one warm-up call each, then ``rounds`` rounds that
     call every one in turn (noise on a shared machine hits them alike).
 
-    Each turn first makes ``settle`` untimed calls: runtimes keep their worker threads spinning
-    for a while after a run (ONNX Runtime and TVM both do), and on a machine with few cores those
-    threads would steal the next callable's cores. The untimed call absorbs that, so every timed
-    call sees the machine the way a deployment running only that model does.
+    Each turn first calls the callable, untimed, for ``settle_s`` seconds (at least once).
+    Runtimes keep their worker threads spinning for a while after a run (ONNX Runtime and TVM
+    both do), and on a machine with few cores those threads steal the next callable's cores:
+    measured here, a 0.02 ms TVM model took 16 ms right after an ORT run. The settle time lets
+    them park, so every timed call sees the machine as a deployment running only that model.
     """
     import statistics
     import time
@@ -625,7 +627,9 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, 
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            for _ in range(settle):
+            t0 = time.perf_counter()
+            f()
+            while time.perf_counter() - t0 < settle_s:
                 f()
             t = time.perf_counter()
             f()
