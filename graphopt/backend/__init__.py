@@ -9,7 +9,7 @@ assumes two hyperthreads per core), which on a 2-vCPU machine is one thread. Imp
 package sets ``TVM_NUM_THREADS`` to the physical cores available to the process
 (:func:`host_cores`), unless the variable is already set. TVM reads it when its thread pool starts, so
 this must happen before TVM first runs a parallel kernel in the process. Measured: SqueezeNet
-went from 10.5 to 5.8 ms.
+went from 10.5 to 5.8 ms. ``TVM_BIND_THREADS`` defaults to 0 for the same reason: see below.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import os as _os
 from .targets import host_cores as _host_cores
 
 _os.environ.setdefault("TVM_NUM_THREADS", str(_host_cores()))
+# and TVM pins its workers to cores, which on a shared machine (another runtime's threads, other
+# processes) can leave a worker waiting behind whatever runs on its core: a 0.02 ms model took
+# 5.7 ms in 2 of 3 runs next to ONNX Runtime here, never unpinned. graphopt leaves placement to the OS.
+_os.environ.setdefault("TVM_BIND_THREADS", "0")
 
 from .compiler import (  # noqa: E402 - after the thread setting
     CompiledModel, CompileInfo, IOSpec, compile, example_inputs, load_compiled, prepare)

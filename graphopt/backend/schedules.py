@@ -105,7 +105,7 @@ def _is_spatial_block(sch: Any, block: Any) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
-def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 2048) -> None:
+def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 1 << 15) -> None:
     """Fuse a spatial loop nest; vectorize its innermost contiguous part, parallelize the rest."""
     loops = sch.get_loops(block)
     if not loops:
@@ -158,9 +158,11 @@ class TiledReductionRule(_Rule):
 
     name = "tiled-reduction"
 
-    def __init__(self, registers: int | None = None, pack_weights: bool = True) -> None:
+    def __init__(self, registers: int | None = None, pack_weights: bool = True,
+                 min_parallel_work: int = 1 << 19) -> None:
         self.registers = registers
         self.pack_weights = pack_weights
+        self.min_parallel_work = min_parallel_work  # multiply-adds below which a kernel stays serial
 
     def apply(self, sch: Any, target: Any) -> bool:
         from tvm.s_tir.dlight.analysis import normalize_prim_func
@@ -264,7 +266,11 @@ class TiledReductionRule(_Rule):
                 outer_loops.append(lp)
         sch.reorder(*outer_loops, *red_loops, *([p_i] if p_i is not None else []), f_m, f_i)
         outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
-        sch.parallel(outer)
+        work = 1
+        for it in iters:
+            work *= int(it.dom)
+        if work >= self.min_parallel_work:  # tiny kernels: waking a worker costs more than it saves
+            sch.parallel(outer)
         sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
         if last_epi is not None and not epi_inlined:
             sch.reverse_compute_at(last_epi, outer, preserve_unit_loops=True)
