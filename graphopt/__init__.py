@@ -92,7 +92,6 @@ def compile(model, target="host", **options):  # type: ignore[no-untyped-def]  #
     return _compile(model, target, **options)
 
 
-
 __all__ = [
     "Attr", "BisectResult", "Builder", "CompileError", "Const", "ExternalDataError", "Function", "Graph", "GraphoptError",
     "InputSpecError", "Instrument", "InvalidModelError", "Match", "Model", "ModelLoadError", "Node",

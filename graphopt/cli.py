@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -286,10 +287,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from graphopt.analysis import infer_shapes, model_stats
     from graphopt.onnx_io import save
     from graphopt.report import human, table
-    from graphopt.runtime import compare, load_calibration, make_inputs, run_ort
+    from graphopt.runtime import compare, load_calibration, make_inputs
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
     if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8 or args.prune or args.nm):
@@ -339,8 +339,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
             pal = get_pass("palettize", max_values=args.cluster)
             passes.append(pal)  # keep the cluster palette in the int8 weights: indices + int8 codebook
             reports.append(("palettize", pal))
-    import tempfile
-
     feeds = calib[:16] if calib else [make_inputs(original, seed=k) for k in range(4)]
     ctx = PassContext(calibration=calib)
     stages: list[list[Any]] = []
@@ -357,8 +355,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         final = _stage(model, out, feeds, write=False)
         stages.append(_stage_row("total (written file)", first, final, feeds[0]))
     cos, top1 = 1.0, []
-    for f in feeds:
-        c = compare(run_ort(original, f), run_ort(str(out), f), rtol=1e9, atol=1e9)
+    for a, b in zip(first.outputs, final.outputs, strict=True):  # the lossless pipeline's model vs the file
+        c = compare(a, b, rtol=1e9, atol=1e9)
         cos = min(cos, c.cosine)
         if c.top1 is not None:
             top1.append(c.top1)
@@ -380,14 +378,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 class _Stage:
     """A snapshot of the model between compression passes: its file and what it measures."""
 
-    def __init__(self, path: Path, size: int, params: int, flops: int, outputs: list[list[np.ndarray]]) -> None:
+    def __init__(self, path: Path, size: int, params: int, flops: int, outputs: list[dict[str, np.ndarray]]) -> None:
         self.path, self.size, self.params, self.flops, self.outputs = path, size, params, flops, outputs
 
 
 def _stage(model: Any, path: Path, feeds: list[dict[str, Any]], write: bool = True) -> _Stage:
     from graphopt.analysis import infer_shapes, model_stats
     from graphopt.onnx_io import save
-    from graphopt.runtime import resolve_input_shapes, run_ort
+    from graphopt.runtime import ort_session, resolve_input_shapes, run_ort
     from graphopt.transform import run_passes
 
     snap = model.copy()
@@ -396,7 +394,8 @@ def _stage(model: Any, path: Path, feeds: list[dict[str, Any]], write: bool = Tr
         save(snap, path)
     infer_shapes(snap, resolve_input_shapes(snap))  # symbolic dims -> 1, so FLOPs are concrete
     st = model_stats(snap)
-    outs = [list(run_ort(str(path), f).values()) for f in feeds]
+    sess = ort_session(str(path))
+    outs = [run_ort(str(path), f, session=sess) for f in feeds]
     return _Stage(path, path.stat().st_size, st.params, st.flops, outs)
 
 
@@ -404,11 +403,11 @@ def _stage_row(name: str, a: _Stage, b: _Stage, feed: dict[str, Any]) -> list[An
     """One report row: the pass's result and what it changed against the stage before it."""
     from graphopt.report import human
 
-    num = sum(float(np.sum((x - y) ** 2)) for oa, ob in zip(a.outputs, b.outputs, strict=True)
-              for x, y in zip(oa, ob, strict=True))
-    den = sum(float(np.sum(x ** 2)) for oa in a.outputs for x in oa)
+    pairs = [(list(oa.values()), list(ob.values())) for oa, ob in zip(a.outputs, b.outputs, strict=True)]
+    num = sum(float(np.sum((x - y) ** 2)) for oa, ob in pairs for x, y in zip(oa, ob, strict=True))
+    den = sum(float(np.sum(x ** 2)) for oa, _ in pairs for x in oa)
     agree = [float(np.argmax(oa[0], -1).ravel()[0] == np.argmax(ob[0], -1).ravel()[0])
-             for oa, ob in zip(a.outputs, b.outputs, strict=True) if oa[0].ndim >= 1 and oa[0].size > 1]
+             for oa, ob in pairs if oa[0].ndim >= 1 and oa[0].size > 1]
     la = lb = None
     try:
         la, lb = _latency_pair(str(a.path), str(b.path), feed, rounds=15)

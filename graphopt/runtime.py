@@ -506,42 +506,19 @@ def intermediate_session(model: Model, names: Sequence[str]) -> tuple[Any, list[
     if nested:
         dtypes = {v.name: v.dtype for g in model.graph.all_graphs()
                   for v in list(g.inputs) + [o for n in g.iter_nodes() for o in n.outputs] if v.dtype is not None}
-        alias = {out: want for want, out in _expose(mp.graph, set(nested), dtypes, _Fresh(mp)).items()}
+        # fresh names come from the model's own scope (the proto has exactly the model's names)
+        alias = {out: want for want, out in _expose(mp.graph, set(nested), dtypes, model.graph.fresh_name).items()}
+    visible = main | set(alias)
     for n in list(names) + list(alias):
-        if n not in have and n in main | set(alias):
+        if n not in have and n in visible:
             mp.graph.output.add().name = n
             have.add(n)
     sess = ort_session(mp)
     return sess, [alias.get(o.name, o.name) for o in sess.get_outputs()]
 
 
-class _Fresh:
-    """Names not used anywhere in a model proto."""
-
-    def __init__(self, mp: onnx.ModelProto) -> None:
-        self.used: set[str] = set()
-
-        def walk(g: onnx.GraphProto) -> None:
-            self.used.update(o for n in g.node for o in n.output)
-            self.used.update(i.name for i in g.input)
-            self.used.update(t.name for t in g.initializer)
-            for n in g.node:
-                for a in n.attribute:
-                    for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                        walk(sg)
-
-        walk(mp.graph)
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 0
-        while name in self.used:
-            k += 1
-            name = f"{base}_{k}"
-        self.used.add(name)
-        return name
-
-
-def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fresh: _Fresh) -> dict[str, str]:
+def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fresh: Callable[[str], str]
+            ) -> dict[str, str]:
     """Bring values of ``gp``'s nested If/Loop bodies out as outputs of the nodes holding them;
     returns {wanted value: its name in ``gp``}."""
     from onnx import helper
@@ -557,7 +534,7 @@ def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fr
             pairs = [(graphs["then_branch"], graphs["else_branch"]), (graphs["else_branch"], graphs["then_branch"])]
             for branch, other in pairs:
                 hits = {w: w for w in wanted - set(found) if w in local(branch)}
-                hits.update({w: n for w, n in _expose(branch, wanted - set(found) - set(hits), dtypes, fresh).items()})
+                hits.update(_expose(branch, wanted - set(found) - set(hits), dtypes, fresh))
                 for w, inner in hits.items():
                     et = dtypes.get(w, onnx.TensorProto.FLOAT)
                     branch.output.append(helper.make_tensor_value_info(inner, et, None))

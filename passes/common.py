@@ -25,3 +25,11 @@ def reduce_axes(n: Node) -> list[int] | None:
         v = n.input(1).const_value()
         axes = None if v is None else [int(a) for a in np.ravel(v)]
     return None if axes is None else list(axes)
+
+
+def is_depthwise(n: Node) -> bool:
+    """A Conv with constant filters and one input channel per group (group > 1)."""
+    if n.op_type != "Conv" or (n.attr("group", 1) or 1) <= 1 or n.input(1) is None:
+        return False
+    w = n.input(1).const_value()
+    return w is not None and w.ndim >= 3 and w.shape[1] == 1

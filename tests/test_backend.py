@@ -277,7 +277,6 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
     db = open_database(resolve_target("host"), tmp_path, create=False)
     # records are on disk: 8 measured candidates plus graphopt's default schedule as a baseline
     assert db is not None and len(db) >= 9, len(db)
-    t = time.perf_counter()
     second = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
                          progress=False)  # the interrupted budget: one task cached, one more to tune
     assert second.info.tuning["trials"] == 8 and second.info.tuning["cached"] == 1, second.info.tuning

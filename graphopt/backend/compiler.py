@@ -116,14 +116,6 @@ def supported_ops() -> set[str]:
     return set(onnx_frontend._get_convert_map())
 
 
-def _lanes_used(width: int, lanes: int) -> int:
-    """The vector width the default schedules can use for ``width`` outputs (a divisor of it)."""
-    v = lanes
-    while v > 2 and width % v:
-        v //= 2
-    return v if width % v == 0 else 1
-
-
 def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain: float = 1.2) -> int:
     """Give convolutions whole vectors of output channels, per group: zero filters pad each
     group's outputs to a multiple of ``lanes``, and a Split (plus a Concat for several groups)
@@ -135,6 +127,8 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain
     (16-lane once padded to 48: ShuffleNet's untuned build went from 4.1x to 2.0x of ORT), and
     SqueezeNet's 1000-class conv got 8-lane ones (1008 channels: 16 lanes).
     """
+    from .schedules import vector_width
+
     graph = model.graph
     changed = 0
     for n in list(graph):
@@ -148,7 +142,7 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain
         padded = -(-width // lanes) * lanes
         if width % lanes == 0 or padded > max_growth * width:
             continue
-        if (width / _lanes_used(width, lanes)) / (padded / lanes) < min_gain:
+        if (width / max(vector_width(width, lanes), 1)) / (padded / lanes) < min_gain:  # vectors per group
             continue
         bias = n.input(2).const_value() if len(n.inputs) > 2 and n.input(2) is not None else None
         if len(n.inputs) > 2 and n.input(2) is not None and bias is None:
@@ -640,8 +634,13 @@ def _build_key(prepared: Model, inputs: Sequence[IOSpec], spec: TargetSpec, opti
     return h.hexdigest()[:32]
 
 
+def _build_path(spec: TargetSpec, cache_dir: str | os.PathLike[str] | None, key: str) -> Path:
+    """Where the build with ``key`` lives for the tuning database as it is now."""
+    return _builds_dir(spec, cache_dir) / f"{key}-{_database_state(spec, cache_dir)[:16]}.so"
+
+
 def _cached_build(spec: TargetSpec, cache_dir: str | os.PathLike[str] | None, key: str) -> CompiledModel | None:
-    path = _builds_dir(spec, cache_dir) / f"{key}-{_database_state(spec, cache_dir)[:16]}.so"
+    path = _build_path(spec, cache_dir, key)
     if not path.is_file():
         return None
     try:
@@ -655,8 +654,8 @@ def _store_build(compiled: CompiledModel, spec: TargetSpec, cache_dir: str | os.
                  key: str) -> None:
     """Export into the cache under the database state *after* tuning, which is what the next
     compile of the same model finds (best effort: a failure only costs the next compile time)."""
-    d = _builds_dir(spec, cache_dir)
-    path = d / f"{key}-{_database_state(spec, cache_dir)[:16]}.so"
+    path = _build_path(spec, cache_dir, key)
+    d = path.parent
     try:
         d.mkdir(parents=True, exist_ok=True)
         for old in d.glob(f"{key}-*.so*"):  # older database states of this build are stale now

@@ -52,6 +52,12 @@ def vector_lanes(target: Any, bits: int = 32) -> int:
     return max(4, width // bits)
 
 
+def vector_width(f: int, lanes: int) -> int:
+    """The widest vector the register tiles use for ``f`` output channels: a full, half or
+    quarter vector that divides ``f``, else 2 lanes; 0 if none does."""
+    return next((vw for vw in (lanes, lanes // 2, lanes // 4, 2) if vw >= 2 and f % vw == 0), 0)
+
+
 def choose_register_tile(p: int, f: int, lanes: int, registers: int, max_tile_bytes: int = 1024,
                          k: int = 1, panel_bytes: int = 512 * 1024) -> tuple[int, int, int]:
     """Pick the register tile for a blocked spatial axis of extent ``p`` and a vector axis of
@@ -266,10 +272,7 @@ class TiledReductionRule(_Rule):
                 outer_loops.append(lp)
         sch.reorder(*outer_loops, *red_loops, *([p_i] if p_i is not None else []), f_m, f_i)
         outer = sch.fuse(*outer_loops) if len(outer_loops) > 1 else outer_loops[0]
-        work = 1
-        for it in iters:
-            work *= int(it.dom)
-        if work >= self.min_parallel_work:  # tiny kernels: waking a worker costs more than it saves
+        if math.prod(int(it.dom) for it in iters) >= self.min_parallel_work:  # tiny kernels: waking a worker costs more than it saves
             sch.parallel(outer)
         sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
         if last_epi is not None and not epi_inlined:

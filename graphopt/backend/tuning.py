@@ -93,7 +93,6 @@ def compact_database(database: Any, target: TargetSpec, cache_dir: str | os.Path
     tmp = Path(_tf.mkdtemp(prefix=".best-", dir=root))
     out = ms.database.JSONDatabase(work_dir=str(tmp), module_equality="structural")
     best: dict[int, Any] = {}
-    keys: dict[int, Any] = {}
     for rec in database.get_all_tuning_records():
         secs = [float(x) for x in (rec.run_secs or [])]
         if not secs:
@@ -102,9 +101,8 @@ def compact_database(database: Any, target: TargetSpec, cache_dir: str | os.Path
         mean = sum(secs) / len(secs)
         if k not in best or mean < best[k][0]:
             best[k] = (mean, rec)
-            keys[k] = rec.workload.mod
-    for k, (_, rec) in best.items():
-        wl = out.commit_workload(keys[k])
+    for _, rec in best.values():
+        wl = out.commit_workload(rec.workload.mod)
         out.commit_tuning_record(ms.database.TuningRecord(rec.trace, wl, rec.run_secs, rec.target, rec.args_info))
     del out
     final = root / "best"

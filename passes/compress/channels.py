@@ -47,6 +47,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from graphopt import GraphoptError, Graph, Node, Pass, PassContext, Value, register_pass
 from graphopt.runtime import collect_values, load_calibration
 
+from ..common import is_depthwise, reduce_axes
+
 _STD = ("", "ai.onnx")
 CHANNEL_WISE = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
                           "Selu", "Softplus", "Gelu", "MaxPool", "AveragePool", "GlobalAveragePool",
@@ -84,18 +86,15 @@ def _prunable_conv(n: Node) -> bool:
 
 
 def _depthwise(n: Node, c: int) -> bool:
-    """A depthwise Conv (one filter per input channel) is channel-wise: its filters follow the channels."""
-    w = n.input(1).const_value() if n.op_type == "Conv" and n.input(1) is not None else None
-    return w is not None and (n.attr("group", 1) or 1) == c == w.shape[0] and w.shape[1] == 1 and c > 1 \
+    """A depthwise Conv with one filter per channel (of ``c``) is channel-wise: its filters
+    follow the channels."""
+    return is_depthwise(n) and (n.attr("group", 1) or 1) == c == n.input(1).const_value().shape[0] \
         and (n.input(2) is None or n.input(2).const_value() is not None)
 
 
 def _spatial_axes(n: Node) -> list[int] | None:
     """Reduced axes of a Reduce* op over a 4-D tensor, if they are all spatial (2 and 3)."""
-    axes = n.attr("axes")
-    if axes is None and len(n.inputs) > 1 and n.input(1) is not None:
-        a = n.input(1).const_value()
-        axes = None if a is None else [int(x) for x in np.ravel(a)]
+    axes = reduce_axes(n)
     if not axes:
         return None
     axes = sorted(a % 4 for a in axes)
@@ -276,11 +275,8 @@ def find_groups(graph: Graph) -> list[Group]:
         g.roots.append(r)
         if root_conv[r] is not None:
             g.producers.append(root_conv[r])
-        if r in bad and g.reason is None:
-            g.reason = bad[r]
-    for r, g in groups.items():
-        if r in bad:
-            g.reason = bad[r]
+    for r, g in groups.items():  # the class root's reason first, else any member's
+        g.reason = bad.get(r) or next((bad[x] for x in g.roots if x in bad), None)
         need = set().union(*(slices.get(x, set()) for x in g.roots))
         if len(need) > 1 and g.reason is None:
             g.reason = f"grouped convs with different group counts {sorted(need)} share these channels"
@@ -408,34 +404,12 @@ class ChannelPruning(Pass):
         # channels to keep, ranked on the original model for every group before any rewrite
         plan: list[tuple[frozenset[str], np.ndarray, int]] = []
         for g in groups:
-            ws = [p.input(1).const_value() for p in g.producers]
-            c = ws[0].shape[0]
-            if any(w.shape[0] != c for w in ws):
-                skipped[", ".join(p.name for p in g.producers)] = "producers disagree on the channel count"
-                continue
-            n_keep = max(self.options["min_channels"], int(round(c * (1 - ratios[id(g)]))))
-            q = int(np.lcm(self.options["multiple_of"], g.slices))
-            if q > 1:  # SIMD blocks of channels (a partial block costs a whole one) / conv groups
-                n_keep = max(q, int(round(n_keep / q)) * q)
-            if n_keep >= c:
+            keep, c, why = self._keep(g, ratios[id(g)], acts)
+            if keep is None:
                 for p in g.producers:
-                    skipped[p.name or "Conv"] = "too few channels to prune"
+                    skipped[p.name or "Conv"] = why
                 continue
-            score = np.zeros(c)
-            for p, w in zip(g.producers, ws, strict=True):
-                norm = np.abs(w).reshape(c, -1).sum(1)
-                norm = norm / max(norm.max(), 1e-12)
-                a = acts.get(p.output(0).name)
-                if self.options["importance"] == "activation" and a is not None:
-                    norm = norm * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
-                score += norm
-            if g.slices > 1:  # grouped convs: the same number of filters from every slice
-                per, size = n_keep // g.slices, c // g.slices
-                keep = np.concatenate([j * size + np.argsort(-score[j * size:(j + 1) * size])[:per]
-                                       for j in range(g.slices)])
-            else:
-                keep = np.argsort(-score)[:n_keep]
-            plan.append((g.key, np.sort(keep), c))
+            plan.append((g.key, keep, c))
         done = {}
         for key, k, c in plan:
             # the layouts change as groups are pruned (concatenations shrink): find them again
@@ -464,10 +438,41 @@ class ChannelPruning(Pass):
                                                     and any((p.name or "Conv") in done for p in g.producers))}
         return bool(done)
 
+    def _keep(self, g: Group, ratio: float, acts: dict[str, np.ndarray]) -> tuple[np.ndarray | None, int, str]:
+        """The filters group ``g`` keeps at ``ratio`` (sorted), its channel count, and why not
+        when it cannot be pruned. Importance: summed normalized filter L1 norms of the
+        producers, times the mean |activation| per channel with ``importance='activation'``."""
+        ws = [p.input(1).const_value() for p in g.producers]
+        c = ws[0].shape[0]
+        if any(w.shape[0] != c for w in ws):
+            return None, c, "producers disagree on the channel count"
+        n_keep = max(self.options["min_channels"], int(round(c * (1 - ratio))))
+        q = int(np.lcm(self.options["multiple_of"], g.slices))
+        if q > 1:  # SIMD blocks of channels (a partial block costs a whole one) / conv groups
+            n_keep = max(q, int(round(n_keep / q)) * q)
+        if n_keep >= c:
+            return None, c, "too few channels to prune"
+        score = np.zeros(c)
+        for p, w in zip(g.producers, ws, strict=True):
+            norm = np.abs(w).reshape(c, -1).sum(1)
+            norm = norm / max(norm.max(), 1e-12)
+            a = acts.get(p.output(0).name)
+            if self.options["importance"] == "activation" and a is not None:
+                norm = norm * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
+            score += norm
+        if g.slices > 1:  # grouped convs: the same number of filters from every slice
+            per, size = n_keep // g.slices, c // g.slices
+            keep = np.concatenate([j * size + np.argsort(-score[j * size:(j + 1) * size])[:per]
+                                   for j in range(g.slices)])
+        else:
+            keep = np.argsort(-score)[:n_keep]
+        return np.sort(keep), c, ""
+
     def _spread(self, groups: list[Group], ctx: PassContext) -> dict[int, float]:
         """Per-group ratios: prune each group alone (on a copy) at the target ratio, measure the
         relative output error on calibration data, and give less sensitive groups more pruning -
         ratios proportional to 1/sqrt(error), scaled so their channel-weighted mean is the target."""
+        from graphopt.analysis import infer_shapes
         from graphopt.runtime import ort_session
 
         assert self.model is not None
@@ -478,20 +483,13 @@ class ChannelPruning(Pass):
         target = self.options["ratio"]
         sens: dict[int, float] = {}
         for g in groups:
-            names = {p.name for p in g.producers}
             trial = self.model.copy()
-            from graphopt.analysis import infer_shapes
-
             infer_shapes(trial, ctx.input_shapes or None)
-            tg = next((h for h in find_groups(trial.graph) if {p.name for p in h.producers} == names
-                       and not h.reason), None)
-            if tg is None:
+            tg = next((h for h in find_groups(trial.graph) if h.key == g.key and not h.reason), None)
+            k = self._keep(tg, target, {})[0] if tg is not None else None
+            if k is None:
                 sens[id(g)] = 1.0
                 continue
-            w = tg.producers[0].input(1).const_value()
-            c = w.shape[0]
-            k = np.sort(np.argsort(-np.abs(w).reshape(c, -1).sum(1))[:max(self.options["min_channels"],
-                                                                             int(round(c * (1 - target))))])
             self._out_keep, self._touched = {}, []
             self._apply(trial.graph, tg, k, {}, {})
             ts = ort_session(trial)
@@ -572,7 +570,7 @@ class ChannelPruning(Pass):
                 if x is not None and y is not None:
                     yb = y - (bias.reshape(1, -1) if bias is not None else 0)
                     new = self._refit_fc(x, rows, yb, wr, trans)
-            r.set_input(1, graph.add_initializer(r.input(1).name + "_pruned", new.astype(np.float32)))
+            r.set_input(1, const(r.input(1), new))
         for f in g.flattens:  # a Reshape to a static [N, C*H*W] gets the new feature count
             tgt = f.input(1).const_value() if f.op_type == "Reshape" else None
             if tgt is not None and int(tgt[-1]) != -1:

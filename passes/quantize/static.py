@@ -50,6 +50,7 @@ import onnx
 from graphopt import GraphoptError, Graph, Model, Node, Pass, PassContext, Value, register_pass
 from graphopt.runtime import intermediate_session, load_calibration
 
+from ..common import is_depthwise
 from .calibrate import METHODS, RangeObserver, int8_sym_params, int8_weight, uint8_params
 
 log = logging.getLogger(__name__)
@@ -108,8 +109,8 @@ class QuantizeStatic(Pass):
         ops = set(self.options["op_types"]) - set(self.options["exclude_op_types"])
         quant_nodes = [n for n in graph if n.op_type in ops and n.op_type in QUANT_OPS and n.domain in _STD
                        and n.name not in excl and _float(n.input(0)) and (only is None or n.name in only)
-                       and not (self.options["skip_depthwise"] and self._depthwise(n))]
-        self.report["kept_float_depthwise"] = sum(1 for n in graph if n.op_type == "Conv" and self._depthwise(n)) \
+                       and not (self.options["skip_depthwise"] and is_depthwise(n))]
+        self.report["kept_float_depthwise"] = sum(1 for n in graph if is_depthwise(n)) \
             if self.options["skip_depthwise"] else 0
         chosen: dict[int, Value] = {}
         for n in quant_nodes:
@@ -165,9 +166,10 @@ class QuantizeStatic(Pass):
             self.report["equalized"] = CrossLayerEqualization().apply(model, ctx)
         infer_shapes(model)  # dtypes decide what is quantizable
         graph = model.graph
-        for n in graph:  # trials work on copies and find nodes by name
-            if not n.name:
-                n.name = graph.fresh_name(n.op_type)
+        for g in graph.all_graphs():  # trials work on copies and find nodes by name
+            for n in g:
+                if not n.name:
+                    n.name = g.fresh_name(n.op_type)
         quant_nodes, tensors = self._targets(graph)
         if not quant_nodes:
             raise GraphoptError(f"nothing to quantize: no {'/'.join(self.options['op_types'])} node with float "
@@ -178,13 +180,11 @@ class QuantizeStatic(Pass):
                 parent = g.parent
                 if g is graph or parent is None or parent.op_type not in ("If", "Loop"):
                     continue
-                for n in g:
-                    if not n.name:
-                        n.name = g.fresh_name(n.op_type)
                 b_nodes, b_tensors = self._targets(g)
                 if b_nodes:
                     bodies_plan.append((g, [n.name for n in b_nodes]))
-                    tensors = tensors + [v for v in b_tensors if all(v.name != t.name for t in tensors)]
+                    have = {t.name for t in tensors}
+                    tensors = tensors + [v for v in b_tensors if v.name not in have]
         ranges = self._calibrate(model, tensors, samples)
         names = [n.name for n in quant_nodes]
         budget = self.options["max_error"]
@@ -414,16 +414,6 @@ class QuantizeStatic(Pass):
                                    (base - shift).astype(np.float32))
         n.set_input(b_idx, nb)
         self.report["bias_corrected"] = self.report.get("bias_corrected", 0) + 1
-
-    @staticmethod
-    def _depthwise(n: Node) -> bool:
-        """Depthwise Conv (group == input channels > 1): ORT's int8 kernels lose to fp32 there."""
-        if n.op_type != "Conv":
-            return False
-        g = n.attr("group", 1) or 1
-        w = n.input(1)
-        ws = w.const_value().shape if w is not None and w.const_value() is not None else None
-        return g > 1 and ws is not None and ws[1] == 1
 
     @staticmethod
     def _axis(n: Node, w: Value) -> int | None:

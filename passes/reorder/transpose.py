@@ -97,6 +97,13 @@ def _binary_both() -> Rule:
     return Rule("sink-transpose-binary", pat, rewrite, where)
 
 
+def _rebuild_binary(b: Any, g: Any, inner: Any, a: Value, other: Value) -> Value:
+    """Binary op ``g`` again, reading ``a`` where it read ``inner``'s output and ``other`` for
+    its other operand, in the original operand order (Sub, Div, Pow care)."""
+    ins = (a, other) if g.input(0) is inner.output(0) else (other, a)
+    return b.op(g.op_type, *ins, name=g.name or None, **{k: g.attr(k) for k in g.attrs})
+
+
 def _binary_const() -> Rule:
     pat = op(BINARY[:-1], op("Transpose", Var("a"), name="t"), Const("c"), name="g", commutative=True)
 
@@ -116,9 +123,7 @@ def _binary_const() -> Rule:
         c = c.reshape((1,) * (len(perm) - c.ndim) + c.shape)
         inv = list(np.argsort(perm))
         cp = np.transpose(c, inv)
-        first_is_t = g.input(0) is t.output(0)
-        ins = (m["a"], b.const(cp, "operand")) if first_is_t else (b.const(cp, "operand"), m["a"])
-        y = b.op(g.op_type, *ins, name=g.name or None, **{k: g.attr(k) for k in g.attrs})
+        y = _rebuild_binary(b, g, t, m["a"], b.const(cp, "operand"))
         return b.op("Transpose", y, perm=perm, name=t.name or None)
 
     return Rule("sink-transpose-const", pat, rewrite, where)
@@ -259,9 +264,7 @@ def _hoist_transpose() -> Rule:
     def rewrite(m: Match, b: Any) -> Any:
         g = m["g"]
         bt = b.op("Transpose", m["b"], perm=list(m["t2"].attr("perm")))
-        first = g.input(0) is m["t1"].output(0)
-        ins = (m["a"], bt) if first else (bt, m["a"])
-        return b.op(g.op_type, *ins, name=g.name or None, **{k: g.attr(k) for k in g.attrs})
+        return _rebuild_binary(b, g, m["t1"], m["a"], bt)
 
     return Rule("hoist-transpose-binary", pat, rewrite, where)
 
@@ -287,9 +290,7 @@ def _hoist_reshape() -> Rule:
         g = m["g"]
         shape = b.const(np.array(m["a"].static_shape(), np.int64), "shape")
         br = b.op("Reshape", m["b"], shape)
-        first = g.input(0) is m["r1"].output(0)
-        ins = (m["a"], br) if first else (br, m["a"])
-        return b.op(g.op_type, *ins, name=g.name or None, **{k: g.attr(k) for k in g.attrs})
+        return _rebuild_binary(b, g, m["r1"], m["a"], br)
 
     return Rule("hoist-reshape-binary", pat, rewrite, where)
 
