@@ -79,6 +79,62 @@ def resnet18_like(path: Path, width: int = 32) -> None:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
 
 
+def mobilenetv2_like(path: Path, width: float = 1.0) -> None:
+    """A MobileNetV2-shaped CNN at 224x224 (inverted residuals with expansion 6, depthwise 3x3,
+    ReLU6 as Clip, BN after each conv), random weights with trained-looking BN statistics."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits = [], []
+    k = [0]
+
+    def conv_bn(x: str, cin: int, cout: int, ksz: int, stride: int, relu6: bool, group: int = 1) -> str:
+        k[0] += 1
+        p = f"l{k[0]}_"
+        fan = cin // group * ksz * ksz
+        inits.extend([numpy_helper.from_array((rng.standard_normal((cout, cin // group, ksz, ksz)) * np.sqrt(2 / fan))
+                                              .astype(np.float32), p + "w"),
+                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "s"),
+                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "b"),
+                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "m"),
+                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "v")])
+        nodes.append(helper.make_node("Conv", [x, p + "w"], [p + "c"], strides=[stride, stride],
+                                      pads=[ksz // 2] * 4, group=group))
+        nodes.append(helper.make_node("BatchNormalization", [p + "c", p + "s", p + "b", p + "m", p + "v"], [p + "bn"]))
+        if relu6:
+            nodes.append(helper.make_node("Clip", [p + "bn", "zero", "six"], [p + "r"]))
+            return p + "r"
+        return p + "bn"
+
+    inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"),
+              numpy_helper.from_array(np.array(6, np.float32), "six")]
+    ch = lambda c: max(8, int(c * width + 4) // 8 * 8)  # noqa: E731
+    x, cin = conv_bn("input", 3, ch(32), 3, 2, True), ch(32)
+    for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                       (6, 160, 3, 2), (6, 320, 1, 1)]:
+        for i in range(n):
+            stride = s if i == 0 else 1
+            hid = cin * t
+            h = conv_bn(x, cin, hid, 1, 1, True) if t != 1 else x
+            h = conv_bn(h, hid, hid, 3, stride, True, group=hid)
+            h = conv_bn(h, hid, ch(c), 1, 1, False)
+            if stride == 1 and cin == ch(c):
+                k[0] += 1
+                nodes.append(helper.make_node("Add", [h, x], [f"add{k[0]}"]))
+                h = f"add{k[0]}"
+            x, cin = h, ch(c)
+    x = conv_bn(x, cin, 1280, 1, 1, True)
+    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
+    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
+    inits.append(numpy_helper.from_array((rng.standard_normal((1280, 1000)) * 0.03).astype(np.float32), "fc_w"))
+    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc_b"))
+    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["output"]))
+    g = helper.make_graph(nodes, "mobilenetv2_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                   ["batch", 3, 224, 224])],
+                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1000])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
 class Reader:
     """onnxruntime.quantization CalibrationDataReader over a list of feeds."""
 
@@ -104,6 +160,8 @@ def main() -> None:
         dd = Path(d)
         resnet18_like(dd / "resnet18_like_224.onnx")
         cases.insert(2, ("resnet18-like 224x224 (generated)", dd / "resnet18_like_224.onnx", "input", None))
+        mobilenetv2_like(dd / "mobilenetv2_like_224.onnx")
+        cases.insert(3, ("mobilenetv2-like 224x224 (generated)", dd / "mobilenetv2_like_224.onnx", "input", None))
         for name, path, inp, _ in cases:
             m = graphopt.load(path)
             shape = [d if isinstance(d, int) else 1 for d in m.graph.inputs[0].shape]

@@ -585,7 +585,7 @@ def interleaved_latency(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarr
     return interleaved_timings({k: (lambda s=s, f=feeds[k]: s.run(None, f)) for k, s in sessions.items()}, rounds)
 
 
-def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, settle_s: float = 0.02
+def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, settle_s: float = 0.15
                         ) -> dict[str, float]:
     """Median latency in ms of each callable: one warm-up call each, then ``rounds`` rounds that
     call every one in turn (noise on a shared machine hits them alike).
@@ -595,6 +595,10 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, 
     both do), and on a machine with few cores those threads steal the next callable's cores:
     measured here, a 0.02 ms TVM model took 16 ms right after an ORT run. The settle time lets
     them park, so every timed call sees the machine as a deployment running only that model.
+    It must outlast ORT's spin phase: on Skylake-family CPUs, where ``pause`` takes ~140 cycles,
+    that phase lasts tens of milliseconds. With 20 ms of settling, a 4.2 ms ResNet-18 measured
+    8.5 ms, and its int8 build 6.8 ms instead of 2.6 ms; 100 ms or more matches each model
+    timed alone.
     """
     import statistics
     import time

@@ -394,7 +394,76 @@ def test_symmetric_activations(tmp_path: Path, example_path: Path) -> None:
     graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=_calib()))
     graphopt.save(m, tmp_path / "s8.onnx")
     onnx.checker.check_model(str(tmp_path / "s8.onnx"), full_check=True)
-    zps = [t for t in onnx.load(str(tmp_path / "s8.onnx")).graph.initializer if t.name.endswith("_zero_point")
-           and not t.dims]
+    mp = onnx.load(str(tmp_path / "s8.onnx"))
+    zp_names = {n.input[2] for n in mp.graph.node if n.op_type == "QuantizeLinear"}
+    zps = [t for t in mp.graph.initializer if t.name in zp_names]
     assert zps and all(t.data_type == onnx.TensorProto.INT8 for t in zps)
     assert _accuracy(tmp_path / "s8.onnx") >= 0.985
+
+
+def _mobilenetv3_block(opset: int) -> tuple[onnx.ModelProto, list[dict]]:
+    """Conv -> hard-swish -> depthwise conv -> hard-swish -> squeeze-excite (ReduceMean, two 1x1
+    convs, HardSigmoid gate, Mul) -> 1x1 conv, as torch exports MobileNetV3: hard-swish as the
+    HardSwish op at opset >= 14, as HardSigmoid * x below."""
+    rng = np.random.default_rng(3)
+    inits = [("w1", rng.standard_normal((16, 8, 1, 1)).astype(np.float32) * 0.4),
+             ("b1", rng.standard_normal(16).astype(np.float32) * 0.1),
+             ("wd", rng.standard_normal((16, 1, 3, 3)).astype(np.float32) * 0.4),
+             ("bd", rng.standard_normal(16).astype(np.float32) * 0.1),
+             ("ws1", rng.standard_normal((4, 16, 1, 1)).astype(np.float32) * 0.4),
+             ("ws2", rng.standard_normal((16, 4, 1, 1)).astype(np.float32) * 0.4),
+             ("w3", rng.standard_normal((8, 16, 1, 1)).astype(np.float32) * 0.3)]
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"])]
+
+    def hswish(x: str, y: str) -> None:
+        if opset >= 14:
+            nodes.append(helper.make_node("HardSwish", [x], [y]))
+        else:
+            nodes.extend([helper.make_node("HardSigmoid", [x], [y + "_g"], alpha=1 / 6, beta=0.5),
+                          helper.make_node("Mul", [x, y + "_g"], [y])])
+
+    hswish("c1", "h1")
+    nodes.append(helper.make_node("Conv", ["h1", "wd", "bd"], ["d"], group=16, pads=[1, 1, 1, 1]))
+    hswish("d", "h2")
+    if opset >= 18:
+        inits.append(("axes", np.array([2, 3], np.int64)))
+        nodes.append(helper.make_node("ReduceMean", ["h2", "axes"], ["m"], keepdims=1))
+    else:
+        nodes.append(helper.make_node("ReduceMean", ["h2"], ["m"], axes=[2, 3], keepdims=1))
+    nodes += [helper.make_node("Conv", ["m", "ws1"], ["s1"]), helper.make_node("Relu", ["s1"], ["s1r"]),
+              helper.make_node("Conv", ["s1r", "ws2"], ["s2"]),
+              helper.make_node("HardSigmoid", ["s2"], ["gate"], alpha=0.2, beta=0.5),
+              helper.make_node("Mul", ["h2", "gate"], ["se"]), helper.make_node("Conv", ["se", "w3"], ["y"])]
+    mp = make_model(nodes, [vi("x", [1, 8, 12, 12])], [vi("y", [1, 8, 12, 12])], inits, opset=opset)
+    cal = [{"x": rng.standard_normal((1, 8, 12, 12)).astype(np.float32)} for _ in range(16)]
+    return mp, cal
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_hard_swish_and_squeeze_excite_stay_integer(tmp_path: Path, opset: int) -> None:
+    """ORT has no integer HardSigmoid/HardSwish or ReduceMean: graphopt rewrites them into forms
+    it runs as QLinearAdd / QLinearMul / QLinearGlobalAveragePool, so a MobileNetV3 block is
+    integer from the first QuantizeLinear to the last DequantizeLinear."""
+    import onnxruntime as ort
+
+    mp, cal = _mobilenetv3_block(opset)
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
+    graphopt.save(m, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    assert q.report["int8_hardsigmoid"] == 3 and q.report["pooled_reduce_means"] == 1
+    assert q.report["decomposed_hardswish"] == (2 if opset >= 14 else 0)
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    so.log_severity_level = 4
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 5, ops  # the depthwise conv too
+    assert ops.count("QLinearMul") == 3 and ops.count("QLinearAdd") == 3 and "QLinearGlobalAveragePool" in ops, ops
+    float_ops = {"Conv", "HardSigmoid", "HardSwish", "Mul", "Add", "ReduceMean", "GlobalAveragePool"}
+    assert not float_ops & set(ops), ops
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
+    ref = graphopt.run_ort(mp, cal[0])["y"]
+    got = graphopt.run_ort(tmp_path / "q.onnx", cal[0])["y"]
+    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.06
