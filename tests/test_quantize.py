@@ -467,3 +467,41 @@ def test_hard_swish_and_squeeze_excite_stay_integer(tmp_path: Path, opset: int) 
     ref = graphopt.run_ort(mp, cal[0])["y"]
     got = graphopt.run_ort(tmp_path / "q.onnx", cal[0])["y"]
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.06
+
+
+def test_residual_block_and_mean_head_stay_integer(tmp_path: Path) -> None:
+    """Add -> Relu is quantized after the Relu only (ORT then runs QLinearAdd; a Q/DQ between them
+    would requantize), and a ReduceMean head without keepdims becomes GlobalAveragePool +
+    Flatten (QLinearGlobalAveragePool): the whole net is integer."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    inits = [("w0", rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3),
+             ("w1", rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2),
+             ("w2", rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2),
+             ("fc", rng.standard_normal((10, 8)).astype(np.float32) * 0.3), ("fcb", np.zeros(10, np.float32))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1] * 4), helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1"], ["c1"], pads=[1] * 4), helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["c2"], pads=[1] * 4), helper.make_node("Add", ["c2", "r0"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r2"]),
+             helper.make_node("ReduceMean", ["r2"], ["m"], axes=[2, 3], keepdims=0),
+             helper.make_node("Gemm", ["m", "fc", "fcb"], ["y"], transB=1)]
+    mp = make_model(nodes, [vi("x", [1, 3, 16, 16])], [vi("y", [1, 10])], inits, opset=13)
+    cal = [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
+    graphopt.save(m, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    assert q.report["pooled_reduce_means"] == 1
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    so.log_severity_level = 4
+    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1 and "QGemm" in ops, ops
+    assert "QLinearGlobalAveragePool" in ops and not {"Add", "Relu", "ReduceMean", "Gemm"} & set(ops), ops
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops
+    for c in cal[:4]:
+        ref, got = graphopt.run_ort(mp, c)["y"], graphopt.run_ort(tmp_path / "q.onnx", c)["y"]
+        assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.05

@@ -69,29 +69,31 @@ class QuantizeDynamic(Pass):
             axis = 1 if self.options["per_channel"] else None
             if id(b) not in cache:
                 q, s = int8_weight(w, axis)
-                qv = graph.add_initializer(b.name + "_quantized", q)
-                sv = graph.add_initializer(b.name + "_scale", np.asarray(s, np.float32))
-                zv = graph.add_initializer(b.name + "_zero_point", np.zeros(np.shape(s), np.int8))
+                tag = graph.fresh_name("w")  # short names: see QuantizeStatic._insert_qdq
+                qv = graph.add_initializer(tag + "_q", q)
+                sv = graph.add_initializer(tag + "_s", np.asarray(s, np.float32))
+                zv = graph.add_initializer(tag + "_z", np.zeros(np.shape(s), np.int8))
                 cache[id(b)] = (qv, sv, zv)
             qv, sv, zv = cache[id(b)]
+            tag = qv.name[:-2]
             out = n.output(0)
             if self.options["mode"] == "weight-only":
                 attrs = {"axis": 1} if axis is not None else {}
                 dq = graph.make_node("DequantizeLinear", [qv, sv, zv], attrs, before=n,
-                                     name=graph.fresh_name(n.name + "_weight_DequantizeLinear"))
+                                     name=graph.fresh_name(tag + "_DQ"))
                 dq.output(0).dtype = onnx.TensorProto.FLOAT
                 n.set_input(1, dq.output(0))
             else:
                 dql = graph.make_node("DynamicQuantizeLinear", [x], num_outputs=3, before=n,
-                                      name=graph.fresh_name(n.name + "_DynamicQuantizeLinear"))
+                                      name=graph.fresh_name(tag + "_DQL"))
                 xq, xs, xz = dql.outputs
                 mmi = graph.make_node("MatMulInteger", [xq, qv, xz, zv], before=n,
-                                      name=graph.fresh_name(n.name + "_MatMulInteger"))
+                                      name=graph.fresh_name(tag + "_MMI"))
                 cast = graph.make_node("Cast", [mmi.output(0)], {"to": onnx.TensorProto.FLOAT}, before=n,
-                                       name=graph.fresh_name(n.name + "_Cast"))
-                scale = graph.make_node("Mul", [xs, sv], before=n, name=graph.fresh_name(n.name + "_scale_Mul"))
+                                       name=graph.fresh_name(tag + "_cast"))
+                scale = graph.make_node("Mul", [xs, sv], before=n, name=graph.fresh_name(tag + "_smul"))
                 y = graph.make_node("Mul", [cast.output(0), scale.output(0)], before=n,
-                                    name=graph.fresh_name(n.name + "_output_Mul"))
+                                    name=graph.fresh_name(tag + "_mul"))
                 y.output(0).dtype, y.output(0).shape = out.dtype, out.shape
                 graph.replace_all_uses_with(out, y.output(0))
                 graph.remove(n)

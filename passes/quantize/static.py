@@ -85,21 +85,26 @@ def _hard_sigmoid_params(n: Node) -> tuple[float, float] | None:
 
 
 def spatial_means_to_pooling(graph: Graph) -> int:
-    """``ReduceMean`` over every spatial axis with ``keepdims=1`` -> ``GlobalAveragePool`` (the
-    same op, exactly), which ONNX Runtime runs in int8 (QLinearGlobalAveragePool) while it has
-    no integer ReduceMean: squeeze-excite blocks then stay integer."""
+    """``ReduceMean`` over every spatial axis -> ``GlobalAveragePool`` (the same op, exactly;
+    followed by ``Flatten`` for ``keepdims=0``), which ONNX Runtime runs in int8
+    (QLinearGlobalAveragePool) while it has no integer ReduceMean: squeeze-excite blocks and
+    classifier heads then stay integer."""
     count = 0
     for n in list(graph):
         if n.op_type != "ReduceMean" or n.domain not in _STD or not _float(n.input(0)) or n.input(0).shape is None:
             continue
         rank = len(n.input(0).shape)
         axes = reduce_axes(n)
-        if rank < 3 or axes is None or sorted(a % rank for a in axes) != list(range(2, rank)) \
-                or n.attr("keepdims", 1) != 1:
+        if rank < 3 or axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):
             continue
         gap = graph.make_node("GlobalAveragePool", [n.input(0)], before=n, name=graph.fresh_name(n.name or "gap"))
-        gap.output(0).dtype, gap.output(0).shape = n.output(0).dtype, n.output(0).shape
-        graph.replace_all_uses_with(n.output(0), gap.output(0))
+        gap.output(0).dtype, gap.output(0).shape = n.output(0).dtype, list(n.input(0).shape[:2]) + [1] * (rank - 2)
+        out = gap.output(0)
+        if n.attr("keepdims", 1) == 0:  # [N, C, 1, 1] -> [N, C]
+            flat = graph.make_node("Flatten", [out], {"axis": 1}, before=n, name=graph.fresh_name(n.name or "flatten"))
+            out = flat.output(0)
+            out.dtype, out.shape = n.output(0).dtype, n.output(0).shape
+        graph.replace_all_uses_with(n.output(0), out)
         graph.remove(n)
         count += 1
     return count
@@ -195,8 +200,16 @@ class QuantizeStatic(Pass):
             if n.op_type == "Mul" and len(data) != 2:
                 continue  # a Mul by a float constant has no integer kernel
             if data and all(id(v) in chosen or id(v) in fixed for v in data) and _float(n.output(0)):
-                added = id(n.output(0)) not in chosen  # else an integer op reads it anyway
-                chosen[id(n.output(0))] = n.output(0)
+                out = n.output(0)
+                readers = out.consumers()
+                if n.op_type not in ("Relu", "Clip") and len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") \
+                        and not out.is_graph_output() and id(out) not in chosen:
+                    # Add -> Relu: quantize after the Relu only; ORT drops a Relu before a Q whose
+                    # range starts at 0 and runs QLinearAdd (a Q/DQ between them requantizes)
+                    fixed.add(id(out))
+                    continue
+                added = id(out) not in chosen  # else an integer op reads it anyway
+                chosen[id(out)] = out
                 followers.append((n, added))
         # ... but only where an integer op reads the result: no Q/DQ "ping-pong" into float ops
         qset = set(quant_nodes)
@@ -590,20 +603,22 @@ class QuantizeStatic(Pass):
 
     @staticmethod
     def _insert_qdq(graph: Graph, v: Value, scale: np.float32, zp: np.uint8 | np.int8) -> Value:
-        # short generated names ("q__12_scale"...): exporters' value names run to 60+ characters,
+        # short generated names ("q__12_s"...): exporters' value names run to 60+ characters,
         # and repeated over the Q, DQ, scale and zero point they outweighed the int8 weights of
         # small models (MobileNet-style at 64x64: 64 KB of names against 85 KB of tensors)
         base = graph.fresh_name("q")
-        s = graph.add_initializer(base + "_scale", np.array(scale, np.float32))
-        z = graph.add_initializer(base + "_zero_point", np.array(zp))
+        s = graph.add_initializer(base + "_s", np.array(scale, np.float32))
+        z = graph.add_initializer(base + "_z", np.array(zp))
         where = {"after": v.producer} if v.producer is not None and v.producer.graph is graph else {}
         if not where:
             first = next(iter(graph), None)
             where = {"before": first} if first is not None else {}
-        q = graph.make_node("QuantizeLinear", [v, s, z], name=graph.fresh_name(base + "_QuantizeLinear"), **where)
+        q = graph.make_node("QuantizeLinear", [v, s, z], name=graph.fresh_name(base + "_Q"),
+                            output_names=[base + "_q"], **where)
         q.output(0).dtype = onnx.TensorProto.INT8 if np.asarray(zp).dtype == np.int8 else onnx.TensorProto.UINT8
         q.output(0).shape = v.shape
-        dq = graph.make_node("DequantizeLinear", [q.output(0), s, z], name=graph.fresh_name(base + "_DequantizeLinear"),
+        dq = graph.make_node("DequantizeLinear", [q.output(0), s, z], name=graph.fresh_name(base + "_DQ"),
+                             output_names=[base + "_dq"],
                              after=q)
         out = dq.output(0)
         out.dtype, out.shape = v.dtype, v.shape
@@ -629,15 +644,15 @@ class QuantizeStatic(Pass):
     @staticmethod
     def _dq_const(graph: Graph, n: Node, base: str, q: np.ndarray, scale: np.ndarray, zp: np.ndarray,
                   axis: int | None) -> Value:
-        qv = graph.add_initializer(base + "_quantized", q)
-        sv = graph.add_initializer(base + "_scale", np.asarray(scale, np.float32))
+        qv = graph.add_initializer(base + "_q", q)
+        sv = graph.add_initializer(base + "_s", np.asarray(scale, np.float32))
         # the zero point is optional and 0 by default: all-zero ones (symmetric weights, int32
         # biases) of convolutions are left out - per channel they cost 1-4 bytes per output
         # channel. (ORT fuses QLinearConv without them, but not QGemm: Gemm/MatMul keep them.)
-        zv = graph.add_initializer(base + "_zero_point", zp) if np.any(zp) or n.op_type != "Conv" else None
+        zv = graph.add_initializer(base + "_z", zp) if np.any(zp) or (n.op_type != "Conv" and q.dtype != np.int32) else None
         attrs = {"axis": axis} if axis is not None and np.ndim(scale) == 1 else {}
         dq = graph.make_node("DequantizeLinear", [qv, sv] + ([zv] if zv is not None else []), attrs,
-                             name=graph.fresh_name(base + "_DequantizeLinear"), before=n)
+                             name=graph.fresh_name(base + "_DQ"), output_names=[base + "_dq"], before=n)
         out = dq.output(0)
         out.dtype, out.shape = onnx.TensorProto.FLOAT, q.shape
         return out
