@@ -359,6 +359,27 @@ def test_grouped_conv_widths_padded_to_whole_vectors() -> None:
     np.testing.assert_allclose(cm.run(feed)[0], _ort(mp, feed)[0], rtol=1e-4, atol=1e-4)
 
 
+def test_grouped_convs_densified_exactly() -> None:
+    """For CUDA targets grouped (not depthwise) convs become block-diagonal dense ones: exact under
+    ORT, group 1, and depthwise convs left alone."""
+    from graphopt.backend.compiler import densify_grouped_convs
+
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((24, 6, 3, 3)).astype(np.float32) * 0.2
+    wd = rng.standard_normal((24, 1, 3, 3)).astype(np.float32)
+    mp = make_model([onnx.helper.make_node("Conv", ["x", "w"], ["c"], group=4, pads=[1] * 4, name="gconv"),
+                     onnx.helper.make_node("Conv", ["c", "wd"], ["y"], group=24, pads=[1] * 4, name="dw")],
+                    [vi("x", [1, 24, 10, 10])], [vi("y", [1, 24, 10, 10])], inits=[("w", w), ("wd", wd)])
+    m = graphopt.from_proto(mp)
+    assert densify_grouped_convs(m) == 1
+    convs = {n.name: n for n in m.graph if n.op_type == "Conv"}
+    assert convs["gconv"].attr("group") == 1 and convs["gconv"].input(1).const_value().shape == (24, 24, 3, 3)
+    assert convs["dw"].attr("group") == 24
+    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    feed = {"x": rng.standard_normal((1, 24, 10, 10)).astype(np.float32)}
+    np.testing.assert_allclose(graphopt.run_ort(m, feed)["y"], _ort(mp, feed)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_tvm_thread_pool_uses_every_physical_core() -> None:
     """TVM halves the hardware threads on x86 (one thread on a 2-vCPU machine); importing
     graphopt.backend sizes the pool to the physical cores, unless the user set TVM_NUM_THREADS."""

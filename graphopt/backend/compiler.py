@@ -26,7 +26,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +116,40 @@ def supported_ops() -> set[str]:
     return set(onnx_frontend._get_convert_map())
 
 
+def _const_weight_convs(graph: Any) -> Iterator[tuple[Any, int, np.ndarray | None]]:
+    """(node, group, constant weight or None) for every standard Conv of ``graph`` (a snapshot:
+    the caller may rewrite them)."""
+    for n in list(graph):
+        if n.op_type == "Conv" and n.domain in ("", "ai.onnx"):
+            yield n, int(n.attr("group", 1) or 1), (n.input(1).const_value() if n.input(1) is not None else None)
+
+
+def densify_grouped_convs(model: Model, max_groups: int = 8) -> int:
+    """Grouped (not depthwise) convolutions with at most ``max_groups`` groups become ordinary
+    ones with block-diagonal weights. Exact; ``groups`` times the multiply-adds of those convs.
+
+    Why: used for CUDA targets. In session 2, ShuffleNet's CUDA build (DLight schedules)
+    computed wrong values from its first group-4 1x1 convolution on, while the CPU build of the
+    same Relax module was right; dense convolutions were right on the GPU. Not yet re-checked on
+    a GPU with this rewrite (no GPU was lent since) - ``benchmarks/tvm_cuda.py run`` compares
+    with ORT. Returns how many convs changed.
+    """
+    graph = model.graph
+    changed = 0
+    for n, groups, w in _const_weight_convs(graph):
+        if groups <= 1 or groups > max_groups or w is None or w.ndim < 3 or w.shape[0] % groups or w.shape[1] == 1:
+            continue
+        cout, cin_g = w.shape[0], w.shape[1]
+        dense = np.zeros((cout, cin_g * groups) + w.shape[2:], w.dtype)
+        step = cout // groups
+        for k in range(groups):
+            dense[k * step:(k + 1) * step, k * cin_g:(k + 1) * cin_g] = w[k * step:(k + 1) * step]
+        n.set_input(1, graph.add_initializer((n.name or "conv") + "_dense_w", dense))
+        n.set_attr("group", 1)
+        changed += 1
+    return changed
+
+
 def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain: float = 1.2) -> int:
     """Give convolutions whole vectors of output channels, per group: zero filters pad each
     group's outputs to a multiple of ``lanes``, and a Split (plus a Concat for several groups)
@@ -131,11 +165,7 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain
 
     graph = model.graph
     changed = 0
-    for n in list(graph):
-        if n.op_type != "Conv" or n.domain not in ("", "ai.onnx"):
-            continue
-        groups = int(n.attr("group", 1) or 1)
-        w = n.input(1).const_value() if n.input(1) is not None else None
+    for n, groups, w in _const_weight_convs(graph):
         if w is None or w.ndim != 4 or w.shape[0] % groups or (groups > 1 and w.shape[1] == 1):
             continue  # depthwise (one input channel per group) is channel-wise: nothing to pad
         width = w.shape[0] // groups
@@ -550,6 +580,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
         lanes = vector_lanes(spec.tvm_target())
     prepared, inputs = prepare(model, input_shapes, optimize=optimize)
     padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # whole vectors of output channels
+    densified = densify_grouped_convs(prepared) if spec.device == "cuda" else 0
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
         and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")
@@ -569,6 +600,8 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout)
     if padded:
         info.rewrites["padded_convs"] = padded
+    if densified:
+        info.rewrites["densified_grouped_convs"] = densified
     database = None
     if trials or minutes:
         from .tuning import tune
