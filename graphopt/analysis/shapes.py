@@ -136,6 +136,10 @@ def _copy_types(g: Graph, gp: onnx.GraphProto) -> None:
             if vi is not None:
                 tp = vi.type
                 if tp.HasField("tensor_type"):
+                    shp = o.shape
+                    if o.dtype is not None and shp is not None and len(tp.tensor_type.shape.dim) == len(shp) \
+                            and all(type(d) is int for d in shp):
+                        continue  # fully known, same rank: _merge would keep every dim as it is
                     _merge(o, tp)
         if n.attrs:
             subs = n.subgraphs()
@@ -208,10 +212,20 @@ def infer_shapes(
 
 
 def _signature(model: Model) -> int:
-    return sum(1 for g in model.graph.all_graphs() for n in g.iter_nodes() for o in n.outputs
-               if o.dtype is not None) * 100_003 + sum(
-        sum(1 for d in o.shape if isinstance(d, int)) + 1
-        for g in model.graph.all_graphs() for n in g.iter_nodes() for o in n.outputs if o.shape is not None)
+    """How much is known (typed values, known dims): grows whenever inference learns something."""
+    typed = dims = 0
+    for g in model.graph.all_graphs():
+        for n in g.iter_nodes():
+            for o in n.outputs:
+                if o.dtype is not None:
+                    typed += 1
+                shp = o.shape
+                if shp is not None:
+                    dims += 1
+                    for d in shp:
+                        if type(d) is int:
+                            dims += 1
+    return typed * 100_003 + dims
 
 
 def _onnx_infer(model: Model) -> None:
