@@ -259,6 +259,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      max_error=args.max_error, sensitivity=args.sensitivity, equalize=args.equalize,
                      bias_correction=args.bias_correction, symmetric_activations=args.symmetric)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
+    if args.compact_names:
+        run_passes(model, [get_pass("compact-names")])
     save(model, out)
     after = out.stat().st_size
     worst, cos, top1 = 0.0, 1.0, []
@@ -553,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bias-correction", action="store_true",
                     help="correct biases for the expected shift of quantized weights")
     sp.add_argument("--no-optimize", action="store_true", help="skip the lossless default pipeline first")
+    sp.add_argument("--compact-names", action="store_true",
+                    help="short names for internal values and nodes (inputs/outputs keep theirs): smaller files")
     sp.add_argument("--report", help="write a report (.md or .json)")
     sp.add_argument("--no-check", action="store_true")
     sp.set_defaults(fn=cmd_quantize)

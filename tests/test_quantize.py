@@ -104,6 +104,14 @@ def test_cli_quantize(tmp_path: Path, example_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "quantized_nodes" in r.stdout and "top-1 agreement" in r.stdout
     assert _accuracy(out) > 0.98
+    small = tmp_path / "q_small.onnx"  # same quantization, short internal names: smaller, same outputs
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(example_path), "-o", str(small),
+                        "--calibration", str(FIXTURES / "digits_calib.npz"), "--method", "percentile",
+                        "--compact-names"], cwd=tempfile.gettempdir(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert small.stat().st_size < out.stat().st_size
+    np.testing.assert_array_equal(graphopt.run_ort(small, {"input": DIGITS["x"][:64]})["logits"],
+                                  graphopt.run_ort(out, {"input": DIGITS["x"][:64]})["logits"])
     bad = tmp_path / "bad.npz"
     np.savez(bad, image=CALIB[:4])
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "quantize", str(example_path), "-o", str(tmp_path / "b.onnx"),
