@@ -445,11 +445,42 @@ class QuantizeStatic(Pass):
                 xs = float(x.producer.input(1).const_value())
                 ws = wdq.producer.input(1).const_value().astype(np.float64)
                 bscale = (xs * ws).astype(np.float32)
-                bq = np.round(b.const_value().astype(np.float64) / np.maximum(bscale, 1e-30)).astype(np.int32)
+                bq = np.round(b.const_value().astype(np.float64) / np.maximum(bscale, 1e-30))
+                lim = np.iinfo(np.int32).max
+                over = np.abs(bq) > lim
+                if np.any(over) and bscale.ndim == 1 and bq.shape == bscale.shape and wdq.num_uses == 1:
+                    # channels whose weights are tiny next to their bias (a near-zero BN gamma):
+                    # coarser weight steps there cost nothing visible, and the bias then fits
+                    self._widen_weight_scales(graph, wdq, w, over, np.abs(b.const_value()) / (xs * lim / 2))
+                    ws = wdq.producer.input(1).const_value().astype(np.float64)
+                    bscale = (xs * ws).astype(np.float32)
+                    bq = np.round(b.const_value().astype(np.float64) / np.maximum(bscale, 1e-30))
+                if np.any(np.abs(bq) > lim):  # a bias far above what x_scale * w_scale can count
+                    log.warning("quantize-static: node %r: %d bias values exceed int32 at scale x_scale*w_scale "
+                                "and are clipped (that output channel saturates)", n.name, int(np.sum(np.abs(bq) > lim)))
+                    self.report["bias_clipped"] = self.report.get("bias_clipped", 0) + int(np.sum(np.abs(bq) > lim))
+                bq = np.clip(bq, -lim, lim).astype(np.int32)
                 if bscale.ndim == 0 or bq.shape == bscale.shape:
                     n.set_input(b_idx, self._dq_const(graph, n, graph.fresh_name("b"), bq, bscale, np.zeros(bscale.shape, np.int32),
                                                       0 if bscale.ndim else None))
         return n_weights, len(tensors)
+
+    def _widen_weight_scales(self, graph: Graph, wdq: Value, w: Value, channels: np.ndarray,
+                             min_scale: np.ndarray) -> None:
+        """Raise the per-channel weight scale of ``channels`` to at least ``min_scale`` and
+        requantize them (new initializers; the DequantizeLinear reads them)."""
+        dq = wdq.producer
+        axis = dq.attr("axis", 1)
+        q = dq.input(0).const_value().copy()
+        sc = dq.input(1).const_value().astype(np.float32).copy()
+        wf = np.moveaxis(w.const_value().astype(np.float64), axis, 0)
+        qm = np.moveaxis(q, axis, 0)
+        for c in np.flatnonzero(channels):
+            sc[c] = max(float(sc[c]), float(min_scale[c]))
+            qm[c] = np.clip(np.round(wf[c] / sc[c]), -127, 127).astype(q.dtype)
+        dq.set_input(0, graph.add_initializer(dq.input(0).name, np.moveaxis(qm, 0, axis)))
+        dq.set_input(1, graph.add_initializer(dq.input(1).name, sc))
+        self.report["widened_weight_scales"] = self.report.get("widened_weight_scales", 0) + int(channels.sum())
 
     def _int8_hard_sigmoids(self, graph: Graph) -> int:
         """Integer HardSigmoid for ONNX Runtime, which has no kernel for it (nor HardSwish).
