@@ -95,7 +95,8 @@ def spatial_means_to_pooling(graph: Graph) -> int:
             continue
         rank = len(n.input(0).shape)
         axes = reduce_axes(n)
-        if rank < 3 or axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):
+        if rank < 4 or axes is None or sorted(a % rank for a in axes) != list(range(2, rank)):  # images only:
+            # a transformer's [batch, tokens, hidden] mean would fit the form too, but is no pooling
             continue
         gap = graph.make_node("GlobalAveragePool", [n.input(0)], before=n, name=graph.fresh_name(n.name or "gap"))
         gap.output(0).dtype, gap.output(0).shape = n.output(0).dtype, list(n.input(0).shape[:2]) + [1] * (rank - 2)
