@@ -27,112 +27,113 @@ HERE = Path(__file__).resolve().parent
 FIX = HERE.parent / "tests" / "fixtures"
 
 
+class ConvBnNet:
+    """Builds the generated benchmark CNNs: Conv + BatchNormalization (+ activation) layers with
+    random He-scaled weights and trained-looking BN statistics, from one seeded generator."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.k = 0
+
+    def fresh(self) -> int:
+        self.k += 1
+        return self.k
+
+    def tensor(self, arr: np.ndarray, name: str) -> None:
+        from onnx import numpy_helper
+
+        self.inits.append(numpy_helper.from_array(np.asarray(arr, np.float32), name))
+
+    def conv_bn(self, x: str, cin: int, cout: int, ksz: int, stride: int, act: str | None, group: int = 1) -> str:
+        """``act``: None, "relu" or "relu6" (Clip to [0, 6], as torch exports ReLU6)."""
+        from onnx import helper
+
+        p, rng = f"l{self.fresh()}_", self.rng
+        self.tensor(rng.standard_normal((cout, cin // group, ksz, ksz)) * np.sqrt(2 / (cin // group * ksz * ksz)), p + "w")
+        self.tensor(rng.uniform(0.5, 1.5, cout), p + "s")
+        self.tensor(rng.uniform(-0.1, 0.1, cout), p + "b")
+        self.tensor(rng.uniform(-0.1, 0.1, cout), p + "m")
+        self.tensor(rng.uniform(0.5, 1.5, cout), p + "v")
+        attrs = {"group": group} if group != 1 else {}
+        self.nodes += [helper.make_node("Conv", [x, p + "w"], [p + "c"], strides=[stride, stride], pads=[ksz // 2] * 4,
+                                        **attrs),
+                       helper.make_node("BatchNormalization", [p + "c", p + "s", p + "b", p + "m", p + "v"], [p + "bn"])]
+        if act == "relu":
+            self.nodes.append(helper.make_node("Relu", [p + "bn"], [p + "r"]))
+        elif act == "relu6":
+            if not any(i.name == "six" for i in self.inits):
+                self.tensor(np.array(0), "zero")
+                self.tensor(np.array(6), "six")
+            self.nodes.append(helper.make_node("Clip", [p + "bn", "zero", "six"], [p + "r"]))
+        return p + "r" if act else p + "bn"
+
+    def classifier(self, x: str, cin: int, scale: float) -> None:
+        """GlobalAveragePool -> Flatten ("flat"), and the weights "fc_w" [cin, 1000] / "fc_b"."""
+        from onnx import helper
+
+        self.nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"]), helper.make_node("Flatten", ["gap"], ["flat"])]
+        self.tensor(self.rng.standard_normal((cin, 1000)) * scale, "fc_w")
+        self.tensor(np.zeros(1000), "fc_b")
+
+    def save(self, path: Path, name: str) -> None:
+        from onnx import TensorProto, helper
+
+        g = helper.make_graph(self.nodes, name, [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                               ["batch", 3, 224, 224])],
+                              [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1000])], self.inits)
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+
+
 def resnet18_like(path: Path, width: int = 32) -> None:
     """A ResNet-18-shaped CNN at 224x224 (BasicBlocks, widths w..8w, BN after each conv),
     random weights with trained-looking BN statistics; written to ``path``."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    k = [0]
-
-    def conv_bn(x: str, cin: int, cout: int, ksz: int, stride: int, relu: bool) -> str:
-        k[0] += 1
-        p = f"l{k[0]}_"
-        fan = cin * ksz * ksz
-        inits.extend([numpy_helper.from_array((rng.standard_normal((cout, cin, ksz, ksz)) * np.sqrt(2 / fan))
-                                              .astype(np.float32), p + "w"),
-                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "s"),
-                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "b"),
-                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "m"),
-                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "v")])
-        nodes.append(helper.make_node("Conv", [x, p + "w"], [p + "c"], strides=[stride, stride],
-                                      pads=[ksz // 2] * 4))
-        nodes.append(helper.make_node("BatchNormalization", [p + "c", p + "s", p + "b", p + "m", p + "v"], [p + "bn"]))
-        if relu:
-            nodes.append(helper.make_node("Relu", [p + "bn"], [p + "r"]))
-            return p + "r"
-        return p + "bn"
-
-    x = conv_bn("input", 3, width, 7, 2, True)
-    nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
+    net = ConvBnNet()
+    x = net.conv_bn("input", 3, width, 7, 2, "relu")
+    net.nodes.append(helper.make_node("MaxPool", [x], ["pool"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]))
     x, cin = "pool", width
     for stage, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
         for blk in range(2):
             stride = 2 if stage > 0 and blk == 0 else 1
-            h = conv_bn(x, cin, cout, 3, stride, True)
-            h = conv_bn(h, cout, cout, 3, 1, False)
-            sc = conv_bn(x, cin, cout, 1, stride, False) if (stride != 1 or cin != cout) else x
-            k[0] += 1
-            nodes.append(helper.make_node("Add", [h, sc], [f"add{k[0]}"]))
-            nodes.append(helper.make_node("Relu", [f"add{k[0]}"], [f"out{k[0]}"]))
-            x, cin = f"out{k[0]}", cout
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
-    inits.append(numpy_helper.from_array((rng.standard_normal((cin, 1000)) * 0.05).astype(np.float32), "fc_w"))
-    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc_b"))
-    nodes.append(helper.make_node("MatMul", ["flat", "fc_w"], ["fc"]))
-    nodes.append(helper.make_node("Add", ["fc", "fc_b"], ["output"]))
-    g = helper.make_graph(nodes, "resnet18_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                                ["batch", 3, 224, 224])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1000])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+            h = net.conv_bn(x, cin, cout, 3, stride, "relu")
+            h = net.conv_bn(h, cout, cout, 3, 1, None)
+            sc = net.conv_bn(x, cin, cout, 1, stride, None) if (stride != 1 or cin != cout) else x
+            k = net.fresh()
+            net.nodes += [helper.make_node("Add", [h, sc], [f"add{k}"]), helper.make_node("Relu", [f"add{k}"], [f"out{k}"])]
+            x, cin = f"out{k}", cout
+    net.classifier(x, cin, 0.05)
+    net.nodes += [helper.make_node("MatMul", ["flat", "fc_w"], ["fc"]), helper.make_node("Add", ["fc", "fc_b"], ["output"])]
+    net.save(path, "resnet18_like")
 
 
 def mobilenetv2_like(path: Path, width: float = 1.0) -> None:
     """A MobileNetV2-shaped CNN at 224x224 (inverted residuals with expansion 6, depthwise 3x3,
     ReLU6 as Clip, BN after each conv), random weights with trained-looking BN statistics."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper
 
-    rng = np.random.default_rng(0)
-    nodes, inits = [], []
-    k = [0]
-
-    def conv_bn(x: str, cin: int, cout: int, ksz: int, stride: int, relu6: bool, group: int = 1) -> str:
-        k[0] += 1
-        p = f"l{k[0]}_"
-        fan = cin // group * ksz * ksz
-        inits.extend([numpy_helper.from_array((rng.standard_normal((cout, cin // group, ksz, ksz)) * np.sqrt(2 / fan))
-                                              .astype(np.float32), p + "w"),
-                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "s"),
-                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "b"),
-                      numpy_helper.from_array(rng.uniform(-0.1, 0.1, cout).astype(np.float32), p + "m"),
-                      numpy_helper.from_array(rng.uniform(0.5, 1.5, cout).astype(np.float32), p + "v")])
-        nodes.append(helper.make_node("Conv", [x, p + "w"], [p + "c"], strides=[stride, stride],
-                                      pads=[ksz // 2] * 4, group=group))
-        nodes.append(helper.make_node("BatchNormalization", [p + "c", p + "s", p + "b", p + "m", p + "v"], [p + "bn"]))
-        if relu6:
-            nodes.append(helper.make_node("Clip", [p + "bn", "zero", "six"], [p + "r"]))
-            return p + "r"
-        return p + "bn"
-
-    inits += [numpy_helper.from_array(np.array(0, np.float32), "zero"),
-              numpy_helper.from_array(np.array(6, np.float32), "six")]
+    net = ConvBnNet()
     ch = lambda c: max(8, int(c * width + 4) // 8 * 8)  # noqa: E731
-    x, cin = conv_bn("input", 3, ch(32), 3, 2, True), ch(32)
+    x, cin = net.conv_bn("input", 3, ch(32), 3, 2, "relu6"), ch(32)
     for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                        (6, 160, 3, 2), (6, 320, 1, 1)]:
         for i in range(n):
             stride = s if i == 0 else 1
             hid = cin * t
-            h = conv_bn(x, cin, hid, 1, 1, True) if t != 1 else x
-            h = conv_bn(h, hid, hid, 3, stride, True, group=hid)
-            h = conv_bn(h, hid, ch(c), 1, 1, False)
+            h = net.conv_bn(x, cin, hid, 1, 1, "relu6") if t != 1 else x
+            h = net.conv_bn(h, hid, hid, 3, stride, "relu6", group=hid)
+            h = net.conv_bn(h, hid, ch(c), 1, 1, None)
             if stride == 1 and cin == ch(c):
-                k[0] += 1
-                nodes.append(helper.make_node("Add", [h, x], [f"add{k[0]}"]))
-                h = f"add{k[0]}"
+                k = net.fresh()
+                net.nodes.append(helper.make_node("Add", [h, x], [f"add{k}"]))
+                h = f"add{k}"
             x, cin = h, ch(c)
-    x = conv_bn(x, cin, 1280, 1, 1, True)
-    nodes.append(helper.make_node("GlobalAveragePool", [x], ["gap"]))
-    nodes.append(helper.make_node("Flatten", ["gap"], ["flat"]))
-    inits.append(numpy_helper.from_array((rng.standard_normal((1280, 1000)) * 0.03).astype(np.float32), "fc_w"))
-    inits.append(numpy_helper.from_array(np.zeros(1000, np.float32), "fc_b"))
-    nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["output"]))
-    g = helper.make_graph(nodes, "mobilenetv2_like", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
-                                                                                   ["batch", 3, 224, 224])],
-                          [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 1000])], inits)
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    x = net.conv_bn(x, cin, 1280, 1, 1, "relu6")
+    net.classifier(x, 1280, 0.03)
+    net.nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["output"]))
+    net.save(path, "mobilenetv2_like")
 
 
 class Reader:

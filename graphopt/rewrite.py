@@ -170,8 +170,7 @@ class Match:
 class _Failure:
     """Deepest reason a match failed, for explanations."""
 
-    def __init__(self, on: bool = True) -> None:
-        self.on = on  # off: the greedy driver only needs yes/no, not the formatted reasons
+    def __init__(self) -> None:
         self.depth = -1
         self.reason = "no rule for this op type"
 
@@ -181,7 +180,6 @@ class _Failure:
             self.reason = reason
 
 
-_QUIET = _Failure(on=False)
 _State = tuple[dict[str, Any], list[Node]]
 
 
@@ -206,30 +204,30 @@ def _match_input(p: Any, v: Value | None, st: _State, fail: _Failure, d: int, pa
         yield from _match_input(p.inner, v, st, fail, d, path)
         return
     if v is None:
-        fail.on and fail.note(_score(st, d), f"{path}: input is absent")
+        fail.note(_score(st, d), f"{path}: input is absent")
         return
     if isinstance(p, Var):
         b, nodes = st
         if p.name in b:
             if b[p.name] is not v:
-                fail.on and fail.note(_score(st, d), f"{path}: {p.name!r} must be the same value as before, got {_vname(v)}")
+                fail.note(_score(st, d), f"{path}: {p.name!r} must be the same value as before, got {_vname(v)}")
                 return
             yield st
             return
         if p.const and not v.is_const() and v.fill_value() is None:
             why = "a graph input (overridable)" if v.const is not None else (
                 f"produced by {v.producer.op_type}" if v.producer is not None else "a graph input")
-            fail.on and fail.note(_score(st, d), f"{path}: {p.name!r} must be constant, but {_vname(v)} is {why}")
+            fail.note(_score(st, d), f"{path}: {p.name!r} must be constant, but {_vname(v)} is {why}")
             return
         if p.dtype is not None and v.dtype not in p.dtype:
-            fail.on and fail.note(_score(st, d), f"{path}: {p.name!r} has dtype {dtype_name(v.dtype)}, needs one of "
+            fail.note(_score(st, d), f"{path}: {p.name!r} has dtype {dtype_name(v.dtype)}, needs one of "
                          f"{[dtype_name(t) for t in p.dtype]}")
             return
         if p.rank is not None and v.rank != p.rank:
-            fail.on and fail.note(_score(st, d), f"{path}: {p.name!r} has rank {v.rank}, needs {p.rank}")
+            fail.note(_score(st, d), f"{path}: {p.name!r} has rank {v.rank}, needs {p.rank}")
             return
         if p.check is not None and not p.check(v):
-            fail.on and fail.note(_score(st, d), f"{path}: {p.name!r} ({_vname(v)}) fails its check")
+            fail.note(_score(st, d), f"{path}: {p.name!r} ({_vname(v)}) fails its check")
             return
         nb = dict(b)
         nb[p.name] = v
@@ -248,44 +246,44 @@ def _match_input(p: Any, v: Value | None, st: _State, fail: _Failure, d: int, pa
 def _match_node(p: OpPattern, v: Value, st: _State, fail: _Failure, d: int, path: str,
                 *, inner: bool) -> Iterator[_State]:
     n = v.producer
-    want = "|".join(p.op_types) if fail.on else ""
+    want = "|".join(p.op_types)
     if n is None:
-        fail.on and fail.note(_score(st, d), f"{path}: expected {want}, but {_vname(v)} is a graph input or constant")
+        fail.note(_score(st, d), f"{path}: expected {want}, but {_vname(v)} is a graph input or constant")
         return
     if v.index != p.output:
-        fail.on and fail.note(_score(st, d), f"{path}: expected output {p.output} of {want}, got output {v.index}")
+        fail.note(_score(st, d), f"{path}: expected output {p.output} of {want}, got output {v.index}")
         return
     if n.op_type not in p.op_types or n.domain not in ((p.domain,) if p.domain else ("", "ai.onnx")):
-        fail.on and fail.note(_score(st, d), f"{path}: expected {want}, got {n.domain + '::' if n.domain else ''}{n.op_type}")
+        fail.note(_score(st, d), f"{path}: expected {want}, got {n.domain + '::' if n.domain else ''}{n.op_type}")
         return
     if inner and (p.single_use if p.single_use is not None else True):
         if v.num_uses != 1 or v.is_graph_output():
-            fail.on and fail.note(_score(st, d + 1), f"{path}: {n.op_type} {n.name!r} output {_vname(v)} has {v.num_uses} readers"
+            fail.note(_score(st, d + 1), f"{path}: {n.op_type} {n.name!r} output {_vname(v)} has {v.num_uses} readers"
                              f"{' and is a graph output' if v.is_graph_output() else ''} (needs a single use)")
             return
     yield from _match_node_body(p, n, st, fail, d + 1, path)
 
 
 def _match_node_body(p: OpPattern, n: Node, st: _State, fail: _Failure, d: int, path: str) -> Iterator[_State]:
-    label = (f"{n.op_type} {n.name!r}" if n.name else n.op_type) if fail.on else ""
+    label = f"{n.op_type} {n.name!r}" if n.name else n.op_type
     b, nodes = st
     if any(x is n for x in nodes):
-        fail.on and fail.note(_score(st, d), f"{label}: node reached twice")
+        fail.note(_score(st, d), f"{label}: node reached twice")
         return
     for k, want in p.attrs.items():
         have = n.attr(k)
         ok = want(have) if callable(want) else (have == want or (have is None and want is None))
         if not ok:
-            fail.on and fail.note(_score(st, d), f"{label}: attribute {k}={have!r} does not satisfy {want if not callable(want) else 'check'}")
+            fail.note(_score(st, d), f"{label}: attribute {k}={have!r} does not satisfy {want if not callable(want) else 'check'}")
             return
     if p.check is not None and not p.check(n):
-        fail.on and fail.note(_score(st, d), f"{label}: node check failed")
+        fail.note(_score(st, d), f"{label}: node check failed")
         return
     ins = list(n.inputs)
     while ins and ins[-1] is None:
         ins.pop()
     if len(ins) > len(p.inputs) and not p.variadic:
-        fail.on and fail.note(_score(st, d), f"{label}: has {len(ins)} inputs, pattern allows {len(p.inputs)}")
+        fail.note(_score(st, d), f"{label}: has {len(ins)} inputs, pattern allows {len(p.inputs)}")
         return
     orders = [list(range(len(p.inputs)))]
     if p.commutative and len(p.inputs) == 2:
@@ -302,18 +300,18 @@ def _match_inputs(p: OpPattern, vals: list[Value | None], st: _State, fail: _Fai
     if k == len(p.inputs):
         yield st
         return
-    for st2 in _match_input(p.inputs[k], vals[k], st, fail, d, f"{label} input {k}" if fail.on else ""):
+    for st2 in _match_input(p.inputs[k], vals[k], st, fail, d, f"{label} input {k}"):
         yield from _match_inputs(p, vals, st2, fail, d, label, k + 1)
 
 
 def match(pattern: OpPattern, node: Node, fail: _Failure | None = None) -> Match | None:
     """Match ``pattern`` with ``node`` as its root; the first consistent match or None."""
-    fail = fail if fail is not None else _QUIET
+    fail = fail or _Failure()
     if node.op_type not in pattern.op_types:
-        fail.on and fail.note(0, f"root: expected {'|'.join(pattern.op_types)}, got {node.op_type}")
+        fail.note(0, f"root: expected {'|'.join(pattern.op_types)}, got {node.op_type}")
         return None
     if node.domain not in ((pattern.domain,) if pattern.domain else ("", "ai.onnx")):
-        fail.on and fail.note(0, f"root: domain {node.domain!r} is not {pattern.domain!r}")
+        fail.note(0, f"root: domain {node.domain!r} is not {pattern.domain!r}")
         return None
     for b, nodes in _match_node_body(pattern, node, ({}, []), fail, 0, "root"):
         return Match(node, b, nodes)
@@ -411,7 +409,7 @@ class Rule:
         if verdict is True or verdict is None:
             return m
         if fail is not None:
-            fail.on and fail.note(10**12, f"matched, but refused: {verdict if isinstance(verdict, str) else 'condition failed'}")
+            fail.note(10**12, f"matched, but refused: {verdict if isinstance(verdict, str) else 'condition failed'}")
         return None
 
     def __repr__(self) -> str:

@@ -25,6 +25,18 @@ def _calib(n: int = 64) -> list[dict]:
     return [{"input": CALIB[i:i + 1]} for i in range(n)]
 
 
+def _ort_graph(path: Path) -> onnx.GraphProto:
+    """The graph ONNX Runtime runs for the model at ``path`` (after its own optimizer, which is
+    where QDQ groups become QLinearConv/QGemm...)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(path.with_name(path.stem + "_ort.onnx"))
+    so.log_severity_level = 4
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return onnx.load(so.optimized_model_filepath).graph
+
+
 def _accuracy(path_or_model) -> float:
     pred = graphopt.run_ort(path_or_model, {"input": DIGITS["x"]})["logits"].argmax(1)
     return float((pred == DIGITS["y"]).mean())
@@ -49,17 +61,11 @@ def test_digits_cnn_int8_keeps_accuracy_and_shrinks(tmp_path: Path, example_path
 
 
 def test_ort_runs_integer_kernels(tmp_path: Path, example_path: Path) -> None:
-    import onnxruntime as ort
-
     m = graphopt.load(example_path)
     graphopt.optimize(m)
     graphopt.run_passes(m, ["quantize-static", "dce"], graphopt.PassContext(calibration=_calib(16)))
     graphopt.save(m, tmp_path / "q.onnx")
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    so.log_severity_level = 4
-    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    ops = [n.op_type for n in _ort_graph(tmp_path / "q.onnx").node]
     assert ops.count("QLinearConv") == 3 and ops.count("QGemm") == 2, ops
     assert "Conv" not in ops and "Relu" not in ops  # Relu folded into the integer conv
 
@@ -187,8 +193,6 @@ MODELS = Path(__file__).resolve().parents[1] / "benchmarks" / "models"
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight-only"])
 def test_dynamic_and_weight_only_on_transformer(tmp_path: Path, mode: str) -> None:
-    import onnxruntime as ort
-
     src = MODELS / "encoder_op17.onnx"
     m = graphopt.load(src)
     graphopt.optimize(m)
@@ -203,11 +207,7 @@ def test_dynamic_and_weight_only_on_transformer(tmp_path: Path, mode: str) -> No
     c = graphopt.compare(graphopt.run_ort(src, x), graphopt.run_ort(tmp_path / "q.onnx", x), rtol=1, atol=1)
     assert c.cosine > 0.999 and c.top1 == 1.0, (c.cosine, c.top1)
     if mode == "dynamic":
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-        so.log_severity_level = 4
-        ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
-        ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+        ops = [n.op_type for n in _ort_graph(tmp_path / "q.onnx").node]
         assert "MatMulIntegerToFloat" in ops or "DynamicQuantizeMatMul" in ops, ops
 
 
@@ -368,13 +368,6 @@ def test_if_and_loop_bodies_are_calibrated_and_quantized(tmp_path: Path) -> None
         f = {"x0": cal[1]["x0"], "c": np.array(c), "n": np.array(3, np.int64)}
         assert graphopt.compare(graphopt.run_ort(mp, f), graphopt.run_ort(tmp_path / "q.onnx", f),
                                 rtol=1, atol=1).cosine > 0.995
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    so.log_severity_level = 4
-    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
-
     def all_ops(g: onnx.GraphProto) -> list[str]:
         out = []
         for n in g.node:
@@ -384,7 +377,7 @@ def test_if_and_loop_bodies_are_calibrated_and_quantized(tmp_path: Path) -> None
                     out += all_ops(a.g)
         return out
 
-    assert all_ops(onnx.load(str(tmp_path / "ort.onnx")).graph).count("QLinearMatMul") >= 2
+    assert all_ops(_ort_graph(tmp_path / "q.onnx")).count("QLinearMatMul") >= 2
 
 
 def test_exclude_op_types() -> None:
@@ -452,8 +445,6 @@ def test_hard_swish_and_squeeze_excite_stay_integer(tmp_path: Path, opset: int) 
     """ORT has no integer HardSigmoid/HardSwish or ReduceMean: graphopt rewrites them into forms
     it runs as QLinearAdd / QLinearMul / QLinearGlobalAveragePool, so a MobileNetV3 block is
     integer from the first QuantizeLinear to the last DequantizeLinear."""
-    import onnxruntime as ort
-
     mp, cal = _mobilenetv3_block(opset)
     m = graphopt.from_proto(mp)
     q = graphopt.get_pass("quantize-static")
@@ -462,11 +453,7 @@ def test_hard_swish_and_squeeze_excite_stay_integer(tmp_path: Path, opset: int) 
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
     assert q.report["int8_hardsigmoid"] == 3 and q.report["pooled_reduce_means"] == 1
     assert q.report["decomposed_hardswish"] == (2 if opset >= 14 else 0)
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    so.log_severity_level = 4
-    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    ops = [n.op_type for n in _ort_graph(tmp_path / "q.onnx").node]
     assert ops.count("QLinearConv") == 5, ops  # the depthwise conv too
     assert ops.count("QLinearMul") == 3 and ops.count("QLinearAdd") == 3 and "QLinearGlobalAveragePool" in ops, ops
     float_ops = {"Conv", "HardSigmoid", "HardSwish", "Mul", "Add", "ReduceMean", "GlobalAveragePool"}
@@ -481,8 +468,6 @@ def test_residual_block_and_mean_head_stay_integer(tmp_path: Path) -> None:
     """Add -> Relu is quantized after the Relu only (ORT then runs QLinearAdd; a Q/DQ between them
     would requantize), and a ReduceMean head without keepdims becomes GlobalAveragePool +
     Flatten (QLinearGlobalAveragePool): the whole net is integer."""
-    import onnxruntime as ort
-
     rng = np.random.default_rng(5)
     inits = [("w0", rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3),
              ("w1", rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2),
@@ -502,11 +487,7 @@ def test_residual_block_and_mean_head_stay_integer(tmp_path: Path) -> None:
     graphopt.save(m, tmp_path / "q.onnx")
     onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
     assert q.report["pooled_reduce_means"] == 1
-    so = ort.SessionOptions()
-    so.optimized_model_filepath = str(tmp_path / "ort.onnx")
-    so.log_severity_level = 4
-    ort.InferenceSession(str(tmp_path / "q.onnx"), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(str(tmp_path / "ort.onnx")).graph.node]
+    ops = [n.op_type for n in _ort_graph(tmp_path / "q.onnx").node]
     assert ops.count("QLinearConv") == 3 and ops.count("QLinearAdd") == 1 and "QGemm" in ops, ops
     assert "QLinearGlobalAveragePool" in ops and not {"Add", "Relu", "ReduceMean", "Gemm"} & set(ops), ops
     assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1, ops

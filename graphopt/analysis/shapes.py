@@ -136,10 +136,6 @@ def _copy_types(g: Graph, gp: onnx.GraphProto) -> None:
             if vi is not None:
                 tp = vi.type
                 if tp.HasField("tensor_type"):
-                    shp = o.shape
-                    if o.dtype is not None and shp is not None and len(tp.tensor_type.shape.dim) == len(shp) \
-                            and all(type(d) is int for d in shp):
-                        continue  # fully known, same rank: _merge would keep every dim as it is
                     _merge(o, tp)
         if n.attrs:
             subs = n.subgraphs()
@@ -159,6 +155,9 @@ def _merge(v: Value, tp: onnx.TypeProto) -> None:
         v.dtype = tt.elem_type
     if not tt.HasField("shape"):
         return
+    shp = v.shape
+    if shp is not None and len(tt.shape.dim) == len(shp) and all(type(d) is int for d in shp):
+        return  # every dim already known: the merge below would keep them all
     from graphopt.onnx_io import shape_from_proto
 
     dims = shape_from_proto(tt.shape)

@@ -128,11 +128,11 @@ def densify_grouped_convs(model: Model, max_groups: int = 8) -> int:
     """Grouped (not depthwise) convolutions with at most ``max_groups`` groups become ordinary
     ones with block-diagonal weights. Exact; ``groups`` times the multiply-adds of those convs.
 
-    Why: used for CUDA targets. In session 2, ShuffleNet's CUDA build (DLight schedules)
-    computed wrong values from its first group-4 1x1 convolution on, while the CPU build of the
-    same Relax module was right; dense convolutions were right on the GPU. Not yet re-checked on
-    a GPU with this rewrite (no GPU was lent since) - ``benchmarks/tvm_cuda.py run`` compares
-    with ORT. Returns how many convs changed.
+    Why: used for CUDA targets. ShuffleNet's CUDA build (DLight schedules) was seen computing
+    wrong values from its first group-4 1x1 convolution on, while the CPU build of the same
+    Relax module was right and dense convolutions were right on the GPU. Not yet re-checked on
+    a GPU with this rewrite: ``benchmarks/tvm_cuda.py run`` compares with ORT. Returns how many
+    convs changed.
     """
     graph = model.graph
     changed = 0

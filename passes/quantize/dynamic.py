@@ -49,7 +49,7 @@ class QuantizeDynamic(Pass):
             raise GraphoptError("quantize-dynamic needs opset >= 11 (DynamicQuantizeLinear)")
         excl = set(self.options["exclude_nodes"])
         done = 0
-        cache: dict[int, tuple[Any, Any, Any]] = {}
+        cache: dict[int, tuple[str, Any, Any, Any]] = {}
         for n in graph:
             if n.domain not in _STD or n.name in excl:
                 continue
@@ -73,9 +73,8 @@ class QuantizeDynamic(Pass):
                 qv = graph.add_initializer(tag + "_q", q)
                 sv = graph.add_initializer(tag + "_s", np.asarray(s, np.float32))
                 zv = graph.add_initializer(tag + "_z", np.zeros(np.shape(s), np.int8))
-                cache[id(b)] = (qv, sv, zv)
-            qv, sv, zv = cache[id(b)]
-            tag = qv.name[:-2]
+                cache[id(b)] = (tag, qv, sv, zv)
+            tag, qv, sv, zv = cache[id(b)]
             out = n.output(0)
             if self.options["mode"] == "weight-only":
                 attrs = {"axis": 1} if axis is not None else {}

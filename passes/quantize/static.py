@@ -76,6 +76,15 @@ def _float(v: Value | None) -> bool:
     return v is not None and v.dtype == onnx.TensorProto.FLOAT
 
 
+def _activation_after(v: Value) -> Value | None:
+    """The output of the Relu/Clip that is ``v``'s only reader, if so: quantizing there instead
+    lets ORT fold the activation into the integer op before it (QLinearConv, QLinearAdd...)."""
+    readers = v.consumers()
+    if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and not v.is_graph_output():
+        return readers[0].output(0)
+    return None
+
+
 def _hard_sigmoid_params(n: Node) -> tuple[float, float] | None:
     """``(alpha, beta)`` of a HardSigmoid with a positive slope, else None."""
     if n.op_type != "HardSigmoid" or n.domain not in _STD:
@@ -180,34 +189,29 @@ class QuantizeStatic(Pass):
                     chosen[id(v)] = v
             if w is not None and (n.input(w) is None or not n.input(w).is_const()) and n.op_type != "MatMul":
                 continue
-            out = n.output(0)
-            readers = out.consumers()
-            if len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") and not out.is_graph_output():
-                out = readers[0].output(0)  # quantize after the activation: ORT fuses Conv+Relu+Q
+            out = _activation_after(n.output(0)) or n.output(0)
             if _float(out):
                 chosen[id(out)] = out
         # extend through ops that stay in int8 (in topological order) ...
         followers: list[tuple[Node, bool]] = []
-        fixed: set[int] = set()  # HardSigmoid outputs of quantized values: int8 with a fixed range
+        # values integer inside ORT without a Q/DQ of their own: HardSigmoid outputs (a fixed range,
+        # see _int8_hard_sigmoids) and follower outputs quantized after the Relu/Clip reading them
+        implicit: set[int] = set()
         for n in graph:
             if n.domain not in _STD or n.name in excl:
                 continue
             if _hard_sigmoid_params(n) is not None and id(n.input(0)) in chosen and _float(n.output(0)):
-                fixed.add(id(n.output(0)))
+                implicit.add(id(n.output(0)))
                 continue
             if n.op_type not in INT8_FOLLOWERS:
                 continue
             data = [v for v in n.inputs if v is not None and not v.is_const()]
             if n.op_type == "Mul" and len(data) != 2:
                 continue  # a Mul by a float constant has no integer kernel
-            if data and all(id(v) in chosen or id(v) in fixed for v in data) and _float(n.output(0)):
+            if data and all(id(v) in chosen or id(v) in implicit for v in data) and _float(n.output(0)):
                 out = n.output(0)
-                readers = out.consumers()
-                if n.op_type not in ("Relu", "Clip") and len(readers) == 1 and readers[0].op_type in ("Relu", "Clip") \
-                        and not out.is_graph_output() and id(out) not in chosen:
-                    # Add -> Relu: quantize after the Relu only; ORT drops a Relu before a Q whose
-                    # range starts at 0 and runs QLinearAdd (a Q/DQ between them requantizes)
-                    fixed.add(id(out))
+                if n.op_type not in ("Relu", "Clip") and id(out) not in chosen and _activation_after(out) is not None:
+                    implicit.add(id(out))  # Add -> Relu: a Q/DQ between them would only requantize
                     continue
                 added = id(out) not in chosen  # else an integer op reads it anyway
                 chosen[id(out)] = out
@@ -271,12 +275,14 @@ class QuantizeStatic(Pass):
             chosen = self._mixed_precision(model, names, ranges, samples, budget)
         else:
             chosen = names
-        n_weights, n_tensors = self._rewrite(model, chosen, ranges)
+        n_weights, n_tensors, n_hs = self._rewrite(model, chosen, ranges)
         sub_nodes = 0
         for g, b_names in bodies_plan:
-            w_b, t_b = self._rewrite(model, b_names, ranges, graph=g)
-            n_weights, n_tensors, sub_nodes = n_weights + w_b, n_tensors + t_b, sub_nodes + len(b_names)
+            w_b, t_b, hs_b = self._rewrite(model, b_names, ranges, graph=g)
+            n_weights, n_tensors, n_hs = n_weights + w_b, n_tensors + t_b, n_hs + hs_b
+            sub_nodes += len(b_names)
         self.report["subgraph_quantized_nodes"] = sub_nodes
+        self.report["int8_hardsigmoid"] = n_hs
         self.report.update({
             "quantized_nodes": len(chosen), "kept_float": sorted(set(names) - set(chosen)),
             "quantized_tensors": n_tensors, "int8_weights": n_weights,
@@ -396,9 +402,9 @@ class QuantizeStatic(Pass):
 
     # -- rewriting ------------------------------------------------------------------------------
     def _rewrite(self, model: Model, node_names: list[str], ranges: dict[str, tuple[float, float]],
-                 graph: Graph | None = None) -> tuple[int, int]:
+                 graph: Graph | None = None) -> tuple[int, int, int]:
         """Insert Q/DQ and int8 weights for the named quantizable nodes of ``graph`` (default:
-        the main graph); returns counts."""
+        the main graph); returns counts (int8 weights, quantized tensors, integer HardSigmoids)."""
         graph = graph if graph is not None else model.graph
         if any(v is not None and v.dtype is None for n in graph if n.op_type in QUANT_OPS for v in n.inputs):
             from graphopt.analysis import infer_shapes
@@ -423,7 +429,6 @@ class QuantizeStatic(Pass):
         for v in tensors:
             self._insert_qdq(graph, v, *params(*ranges[v.name]))
         n_hs = self._int8_hard_sigmoids(graph)
-        self.report["int8_hardsigmoid"] = n_hs + (self.report.get("int8_hardsigmoid", 0) if graph is not model.graph else 0)
         wcache: dict[tuple[int, int | None], Value] = {}
         n_weights = 0
         for n in quant_nodes:
@@ -443,28 +448,37 @@ class QuantizeStatic(Pass):
             x = n.input(acts[0])
             if b is not None and b.const_value() is not None and x is not None and x.producer is not None \
                     and x.producer.op_type == "DequantizeLinear":
-                xs = float(x.producer.input(1).const_value())
-                ws = wdq.producer.input(1).const_value().astype(np.float64)
-                bscale = (xs * ws).astype(np.float32)
-                bq = np.round(b.const_value().astype(np.float64) / np.maximum(bscale, 1e-30))
-                lim = np.iinfo(np.int32).max
-                over = np.abs(bq) > lim
-                if np.any(over) and bscale.ndim == 1 and bq.shape == bscale.shape and wdq.num_uses == 1:
-                    # channels whose weights are tiny next to their bias (a near-zero BN gamma):
-                    # coarser weight steps there cost nothing visible, and the bias then fits
-                    self._widen_weight_scales(graph, wdq, w, over, np.abs(b.const_value()) / (xs * lim / 2))
-                    ws = wdq.producer.input(1).const_value().astype(np.float64)
-                    bscale = (xs * ws).astype(np.float32)
-                    bq = np.round(b.const_value().astype(np.float64) / np.maximum(bscale, 1e-30))
-                if np.any(np.abs(bq) > lim):  # a bias far above what x_scale * w_scale can count
-                    log.warning("quantize-static: node %r: %d bias values exceed int32 at scale x_scale*w_scale "
-                                "and are clipped (that output channel saturates)", n.name, int(np.sum(np.abs(bq) > lim)))
-                    self.report["bias_clipped"] = self.report.get("bias_clipped", 0) + int(np.sum(np.abs(bq) > lim))
-                bq = np.clip(bq, -lim, lim).astype(np.int32)
+                bscale, bq = self._int32_bias(graph, n, w, wdq, b.const_value(),
+                                              float(x.producer.input(1).const_value()))
                 if bscale.ndim == 0 or bq.shape == bscale.shape:
                     n.set_input(b_idx, self._dq_const(graph, n, graph.fresh_name("b"), bq, bscale, np.zeros(bscale.shape, np.int32),
                                                       0 if bscale.ndim else None))
-        return n_weights, len(tensors)
+        return n_weights, len(tensors), n_hs
+
+    def _int32_bias(self, graph: Graph, n: Node, w: Value, wdq: Value, bias: np.ndarray, xs: float
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scale, int32 values)`` of ``n``'s bias at scale x_scale * w_scale, the form ORT's
+        integer kernels take. A channel whose bias does not fit int32 there has weights tiny next to
+        it (a near-zero BN gamma folded in): its weight scale is widened until the bias fits, which
+        costs nothing visible; where the weight is shared that is not possible and the bias is
+        clipped, with a warning."""
+        lim = np.iinfo(np.int32).max
+
+        def at_scale() -> tuple[np.ndarray, np.ndarray]:
+            scale = (xs * wdq.producer.input(1).const_value().astype(np.float64)).astype(np.float32)
+            return scale, np.round(bias.astype(np.float64) / np.maximum(scale, 1e-30))
+
+        bscale, bq = at_scale()
+        over = np.abs(bq) > lim
+        if over.any() and bscale.ndim == 1 and bq.shape == bscale.shape and wdq.num_uses == 1:
+            self._widen_weight_scales(graph, wdq, w, over, np.abs(bias) / (xs * lim / 2))
+            bscale, bq = at_scale()
+            over = np.abs(bq) > lim
+        if over.any():
+            log.warning("quantize-static: node %r: %d bias values exceed int32 at scale x_scale*w_scale and are "
+                        "clipped (that output channel saturates)", n.name, int(over.sum()))
+            self.report["bias_clipped"] = self.report.get("bias_clipped", 0) + int(over.sum())
+        return bscale, np.clip(bq, -lim, lim).astype(np.int32)
 
     def _widen_weight_scales(self, graph: Graph, wdq: Value, w: Value, channels: np.ndarray,
                              min_scale: np.ndarray) -> None:
@@ -509,24 +523,20 @@ class QuantizeStatic(Pass):
             alpha, beta = ab
             k = beta / alpha
             base = graph.fresh_name("hsig")
-            if ab not in consts:  # shared by every HardSigmoid with these parameters
-                consts[ab] = (graph.add_initializer(base + "_offset_quantized", np.array(255 if k >= 0 else 0, np.uint8)),
-                              graph.add_initializer(base + "_offset_scale", np.array(abs(k) / 255 or 1.0, np.float32)),
-                              graph.add_initializer(base + "_offset_zero_point", np.array(0 if k >= 0 else 255, np.uint8)),
-                              graph.add_initializer(base + "_scale", np.array(1.0 / alpha / 255.0, np.float32)),
-                              graph.add_initializer(base + "_scale_out", np.array(1.0 / 255.0, np.float32)),
-                              graph.add_initializer(base + "_zero_point", np.array(0, np.uint8)))
-            kq, ks, kz, qs, dqs, z = consts[ab]
-            kdq = graph.make_node("DequantizeLinear", [kq, ks, kz], before=n, name=graph.fresh_name(base + "_offset"))
-            add = graph.make_node("Add", [x, kdq.output(0)], before=n, name=graph.fresh_name(base + "_add"))
-            q = graph.make_node("QuantizeLinear", [add.output(0), qs, z], before=n,
-                                name=graph.fresh_name(base + "_QuantizeLinear"))
-            dq = graph.make_node("DequantizeLinear", [q.output(0), dqs, z], before=n,
-                                 name=graph.fresh_name(base + "_DequantizeLinear"))
-            for v, dt in ((kdq.output(0), onnx.TensorProto.FLOAT), (add.output(0), onnx.TensorProto.FLOAT),
-                          (q.output(0), onnx.TensorProto.UINT8), (dq.output(0), onnx.TensorProto.FLOAT)):
-                v.dtype = dt
-                v.shape = x.shape if v is not kdq.output(0) else []
+            if ab not in consts:  # shared by every HardSigmoid with these parameters (ORT copies DQs)
+                offset = self._dq_const(graph, n, base + "_offset", np.array(255 if k >= 0 else 0, np.uint8),
+                                        np.array(abs(k) / 255 or 1.0, np.float32),
+                                        np.array(0 if k >= 0 else 255, np.uint8), None)
+                consts[ab] = (offset, graph.add_initializer(base + "_s", np.array(1.0 / alpha / 255.0, np.float32)),
+                              graph.add_initializer(base + "_s_out", np.array(1.0 / 255.0, np.float32)),
+                              graph.add_initializer(base + "_z", np.array(0, np.uint8)))
+            offset, qs, dqs, z = consts[ab]
+            add = graph.make_node("Add", [x, offset], before=n, name=graph.fresh_name(base + "_add"))
+            q = graph.make_node("QuantizeLinear", [add.output(0), qs, z], before=n, name=graph.fresh_name(base + "_Q"))
+            dq = graph.make_node("DequantizeLinear", [q.output(0), dqs, z], before=n, name=graph.fresh_name(base + "_DQ"))
+            for v, dt in ((add.output(0), onnx.TensorProto.FLOAT), (q.output(0), onnx.TensorProto.UINT8),
+                          (dq.output(0), onnx.TensorProto.FLOAT)):
+                v.dtype, v.shape = dt, x.shape
             graph.replace_all_uses_with(n.output(0), dq.output(0))
             graph.remove(n)
             count += 1
