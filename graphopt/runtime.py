@@ -537,7 +537,11 @@ def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fr
                 hits.update(_expose(branch, wanted - set(found) - set(hits), dtypes, fresh))
                 for w, inner in hits.items():
                     et = dtypes.get(w, onnx.TensorProto.FLOAT)
-                    branch.output.append(helper.make_tensor_value_info(inner, et, None))
+                    # through an Identity: a value that is already a branch output, listed twice
+                    # among the outputs, makes ORT return a freed buffer (garbage) for the If
+                    out = fresh(w + "__out")
+                    branch.node.append(helper.make_node("Identity", [inner], [out]))
+                    branch.output.append(helper.make_tensor_value_info(out, et, None))
                     empty = fresh(w + "__empty")
                     other.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(
                         empty, et, [0], [])))
