@@ -124,32 +124,6 @@ def _const_weight_convs(graph: Any) -> Iterator[tuple[Any, int, np.ndarray | Non
             yield n, int(n.attr("group", 1) or 1), (n.input(1).const_value() if n.input(1) is not None else None)
 
 
-def densify_grouped_convs(model: Model, max_groups: int = 8) -> int:
-    """Grouped (not depthwise) convolutions with at most ``max_groups`` groups become ordinary
-    ones with block-diagonal weights. Exact; ``groups`` times the multiply-adds of those convs.
-
-    Why: used for CUDA targets. ShuffleNet's CUDA build (DLight schedules) was seen computing
-    wrong values from its first group-4 1x1 convolution on, while the CPU build of the same
-    Relax module was right and dense convolutions were right on the GPU. Not yet re-checked on
-    a GPU with this rewrite: ``benchmarks/tvm_cuda.py run`` compares with ORT. Returns how many
-    convs changed.
-    """
-    graph = model.graph
-    changed = 0
-    for n, groups, w in _const_weight_convs(graph):
-        if groups <= 1 or groups > max_groups or w is None or w.ndim < 3 or w.shape[0] % groups or w.shape[1] == 1:
-            continue
-        cout, cin_g = w.shape[0], w.shape[1]
-        dense = np.zeros((cout, cin_g * groups) + w.shape[2:], w.dtype)
-        step = cout // groups
-        for k in range(groups):
-            dense[k * step:(k + 1) * step, k * cin_g:(k + 1) * cin_g] = w[k * step:(k + 1) * step]
-        n.set_input(1, graph.add_initializer((n.name or "conv") + "_dense_w", dense))
-        n.set_attr("group", 1)
-        changed += 1
-    return changed
-
-
 def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain: float = 1.2) -> int:
     """Give convolutions whole vectors of output channels, per group: zero filters pad each
     group's outputs to a multiple of ``lanes``, and a Split (plus a Concat for several groups)
@@ -281,10 +255,14 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, st
     return mod, used
 
 
-def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_schedules: bool = True
-             ) -> tuple[Any, dict[str, str]]:
-    """Apply tuned records from ``database``, then default schedules to what is left."""
-    from tvm import relax, tirx
+def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_schedules: bool = True,
+             avoid: Mapping[str, set[str]] | None = None) -> tuple[Any, dict[str, str]]:
+    """Apply tuned records from ``database``, then default schedules to what is left.
+
+    For CUDA the default schedules are TVM's DLight rules, tried in order per function;
+    ``avoid`` names rules not to use for given functions (see :func:`_fix_gpu_hazards`).
+    """
+    from tvm import relax, s_tir, tirx
 
     tgt = target.tvm_target()
     with tgt:
@@ -295,12 +273,28 @@ def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_sche
             return mod, {gv.name_hint: ("tuned" if _scheduled(f) else "naive")
                          for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
         if target.device == "cuda":
-            from tvm.s_tir import dlight as dl
-
-            before = {gv.name_hint for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc) and _scheduled(f)}
-            mod = dl.ApplyDefaultSchedule(*gpu_rules())(mod)
-            used = {gv.name_hint: ("tuned" if gv.name_hint in before else "dlight" if _scheduled(f) else "naive")
-                    for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
+            used = {}
+            for gv, f in list(mod.functions_items()):
+                if not isinstance(f, tirx.PrimFunc):
+                    continue
+                name = gv.name_hint
+                if _scheduled(f) and name not in (avoid or {}):
+                    used[name] = "tuned"
+                    continue
+                skip = (avoid or {}).get(name, set())
+                for rule in gpu_rules():
+                    rname = type(rule).__name__
+                    if rname in skip:
+                        continue
+                    space = rule.apply(f.without_attr("tirx.is_scheduled") if _scheduled(f) else f, tgt, False)
+                    if space is None:
+                        continue
+                    sch = space if isinstance(space, s_tir.Schedule) else space[0]
+                    mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+                    used[name] = f"dlight:{rname}"
+                    break
+                else:
+                    used[name] = "naive"
             return mod, used
         from .schedules import apply_default_schedules
 
@@ -317,6 +311,42 @@ def gpu_rules() -> list[Any]:
     from tvm.s_tir import dlight as dl
 
     return [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+
+
+def _fix_gpu_hazards(mod: Any, pristine: Mapping[str, Any], used: dict[str, str], ex: Any, target: TargetSpec
+                     ) -> tuple[Any, Any, dict[str, str], list[str]]:
+    """Rebuild kernels that share thread-private memory across threads (wrong on a GPU; see
+    :mod:`graphopt.backend.gpucheck`), each scheduled again by the next DLight rule that
+    applies, until the generated CUDA C is clean. Returns the module, the executable, the
+    schedules used and the functions rescheduled; raises if a kernel stays hazardous."""
+    from .gpucheck import cuda_sources, kernel_function, private_memory_hazards
+
+    avoid: dict[str, set[str]] = {}
+    fixed: list[str] = []
+    for _ in range(len(gpu_rules())):
+        hazards = private_memory_hazards(cuda_sources(ex))
+        if not hazards:
+            return mod, ex, used, fixed
+        for kernel, arrays in hazards.items():
+            fn = kernel_function(kernel, list(pristine))
+            if fn is None:
+                raise CompileError(f"CUDA kernel {kernel} shares thread-private memory ({', '.join(arrays)}) "
+                                   "across threads and graphopt cannot tell which function made it")
+            rule = used.get(fn, "")
+            avoid.setdefault(fn, set()).add(rule.split(":", 1)[1] if rule.startswith("dlight:") else "")
+            logger.info("kernel %s (%s) indexes thread-private %s by thread; scheduling it again without %s",
+                        kernel, fn, ", ".join(arrays), rule)
+            mod[fn] = pristine[fn]
+            fixed.append(fn)
+        mod, again = schedule(mod, target, avoid=avoid)
+        used = {**used, **{fn: again[fn] for fn in avoid}}
+        ex = build(mod, target)
+    hazards = private_memory_hazards(cuda_sources(ex))
+    if hazards:
+        k = next(iter(hazards))
+        raise CompileError(f"CUDA kernel {k} shares thread-private memory across threads under every DLight "
+                           "rule (it would compute wrong values on a GPU)")
+    return mod, ex, used, fixed
 
 
 def _scheduled(func: Any) -> bool:
@@ -359,6 +389,9 @@ class CompiledModel:
         self.path = path
         self._library = path  # loaded from this library (not built in this process)
         self._vm: Any = None
+        #: the scheduled Relax IRModule that was built (None for a loaded library); for
+        #: inspection, and for :func:`graphopt.backend.gpucheck.run_on_cpu` on GPU builds
+        self.ir_module: Any = None
 
     def __repr__(self) -> str:
         sig = ", ".join(f"{i.name}:{list(i.shape)}" for i in self.inputs)
@@ -389,6 +422,12 @@ class CompiledModel:
     def _arguments(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[Any]:
         import tvm
 
+        dev = self._device()
+        return [tvm.runtime.tensor(a, dev) for a in self.checked_inputs(inputs)]
+
+    def checked_inputs(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The inputs in the compiled model's order, contiguous; raises :class:`InputSpecError`
+        when names, count, shapes or dtypes do not match what the model was compiled for."""
         if isinstance(inputs, Mapping):
             missing = [i.name for i in self.inputs if i.name not in inputs]
             extra = sorted(set(inputs) - {i.name for i in self.inputs})
@@ -400,14 +439,13 @@ class CompiledModel:
             if len(arrays) != len(self.inputs):
                 raise InputSpecError(f"expected {len(self.inputs)} inputs, got {len(arrays)}")
         out = []
-        dev = self._device()
         for spec, a in zip(self.inputs, arrays, strict=True):
             a = np.asarray(a)
             if tuple(a.shape) != tuple(spec.shape):
                 raise InputSpecError(f"input {spec.name!r} has shape {list(a.shape)}; compiled for {list(spec.shape)}")
             if a.dtype != np.dtype(spec.dtype):
                 raise InputSpecError(f"input {spec.name!r} has dtype {a.dtype}; compiled for {spec.dtype}")
-            out.append(tvm.runtime.tensor(np.ascontiguousarray(a), dev))
+            out.append(np.ascontiguousarray(a))
         return out
 
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -580,7 +618,6 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
         lanes = vector_lanes(spec.tvm_target())
     prepared, inputs = prepare(model, input_shapes, optimize=optimize)
     padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # whole vectors of output channels
-    densified = densify_grouped_convs(prepared) if spec.device == "cuda" else 0
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
         and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")
@@ -600,8 +637,6 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout)
     if padded:
         info.rewrites["padded_convs"] = padded
-    if densified:
-        info.rewrites["densified_grouped_convs"] = densified
     database = None
     if trials or minutes:
         from .tuning import tune
@@ -614,13 +649,19 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
         database = open_database(spec, cache_dir, create=False, best=True) or open_database(spec, cache_dir,
                                                                                            create=False)
     t3 = time.perf_counter()
+    pristine = {gv.name_hint: f for gv, f in mod.functions_items()} if spec.device == "cuda" else {}
     mod, info.schedules = schedule(mod, spec, database=database, default_schedules=default_schedules)
     ex = build(mod, spec)
+    if spec.device == "cuda":
+        mod, ex, info.schedules, fixed = _fix_gpu_hazards(mod, pristine, info.schedules, ex, spec)
+        if fixed:
+            info.rewrites["rescheduled_gpu_kernels"] = len(set(fixed))
     t4 = time.perf_counter()
     info.times = {"prepare_s": t1 - t0, "import_lower_s": t2 - t1, "tune_s": t3 - t2, "schedule_build_s": t4 - t3}
     logger.info("compiled for %s in %.1f s (%s)", spec.name, t4 - t0,
                 ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()))
     compiled = CompiledModel(ex, spec, inputs, outputs, info)
+    compiled.ir_module = mod
     if cacheable:
         _store_build(compiled, spec, cache_dir, key)
     return compiled

@@ -109,7 +109,10 @@ def resolve_target(spec: str | dict[str, Any] | TargetSpec = "host") -> TargetSp
         arch = low.split(":", 1)[1] if ":" in low else "sm_80"
         if not arch.startswith("sm_") or not arch[3:].isdigit():
             raise CompileError(f"bad CUDA architecture {arch!r}; use e.g. cuda:sm_80 or cuda:sm_90", field="target")
-        return _from_dict({"kind": "cuda", "arch": arch}, name=f"cuda:{arch}")
+        # limits every NVIDIA GPU since Kepler has (48 KiB is the static shared-memory limit);
+        # without them TVM warns and assumes the same
+        return _from_dict({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
+                           "max_threads_per_block": 1024, "thread_warp_size": 32}, name=f"cuda:{arch}")
     raise CompileError(
         f"unknown target {spec!r}; use host, {', '.join(X86_LEVELS)}, aarch64, cuda[:sm_XX] "
         "or a TVM target dict/JSON such as '{\"kind\": \"llvm\", \"mcpu\": \"znver4\"}'",
