@@ -8,6 +8,9 @@ Importing this package registers them and the named pipelines:
   to a fixpoint, then memory-aware scheduling.
 * ``fold-only`` - constant folding and DCE.
 * ``cleanup`` - no-op elimination, CSE and DCE.
+* ``memory`` - ``default``, then patch-based inference (``tile-spatial``: the peak-memory
+  stretch of a CNN computed in bands of rows) and scheduling again. Exact; trades nodes and
+  some recomputed halo rows for a lower peak.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .fusion.layout import FuseLayoutChains
 from .fusion.pad_conv import FusePadIntoConv
 from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
+from .reorder.tiling import SpatialTiling
 from .reorder.transpose import SinkTransposes
 from .compress.channels import ChannelPruning
 from .compress.cluster import Palettize, WeightClustering
@@ -72,9 +76,17 @@ register_pipeline("default", default_pipeline)
 register_pipeline("fold-only", fold_only_pipeline)
 register_pipeline("cleanup", cleanup_pipeline)
 
+
+def memory_pipeline() -> Pipeline:
+    """The default pipeline, then band-wise computation of the peak-memory stretch, rescheduled."""
+    return Pipeline([default_pipeline(), SpatialTiling(), MemoryAwareSchedule()], name="memory")
+
+
+register_pipeline("memory", memory_pipeline)
+
 __all__ = [
     "AlgebraicReorder", "ChannelPruning", "CommonSubexpressionElimination", "CompactNames", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
     "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
     "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "Palettize", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes", "SumToAdd",
-    "cleanup_pipeline", "default_pipeline", "fold_only_pipeline",
+    "SpatialTiling", "cleanup_pipeline", "default_pipeline", "fold_only_pipeline", "memory_pipeline",
 ]
