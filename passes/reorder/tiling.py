@@ -362,6 +362,7 @@ class SpatialTiling(Pass):
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         self.report: dict[str, Any] = {}
+        self.why = ""
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         model = self.model
@@ -386,7 +387,10 @@ class SpatialTiling(Pass):
             regions.append({**desc, "bands": bands, "peak_after": peak})
             log.info("tile-spatial: %s in %d bands: peak %d -> %d bytes", desc["region"], bands, current, peak)
             current = peak
+        if not regions:
+            log.info("tile-spatial: nothing banded (%s)", self.why)
         self.report = {"peak_before": start, "peak_after": current, "regions": regions,
+                       "why_not": "" if regions else self.why,
                        "flops_before": flops0, "extra_flops": (model_stats(model).flops - flops0) if regions else 0}
         return bool(regions)
 
@@ -401,7 +405,13 @@ class SpatialTiling(Pass):
         left = [c for c, (k, _) in enumerate(cuts) if k < p]
         right = [c for c, (k, _) in enumerate(cuts) if k >= p]
         if not left or not right:
+            self.why = f"no point before and after the peak at {prof.peak_at} where a single 4-D tensor is live"
             return None
+        (ka, entry), (kb, _) = cuts[left[-1]], cuts[right[0]]
+        region = _compute_nodes(order[ka + 1:kb + 1])
+        vals = {id(entry)} | {id(o) for n in region for o in n.outputs}
+        self.why = next((f"{n.name or n.op_type}: {w}" for n in region if (w := _tileable(n, vals))),
+                        f"no band count lowers the peak at {prof.peak_at} by {self.options['min_gain']:.0%}")
         found: list[tuple[int, tuple[int, int, int, dict[str, Any]]]] = []
         widen = int(self.options["max_widen"])
         facts = _Facts()
