@@ -2,6 +2,7 @@
 
   python benchmarks/tvm_cuda.py build OUTDIR [--arch sm_90]   # here (needs the tvm extra + nvcc)
   python benchmarks/tvm_cuda.py run OUTDIR                     # on the GPU machine
+  python benchmarks/tvm_cuda.py check [--arch sm_90]          # here: every light model, no GPU
 
 ``build`` compiles the digits CNN and random-weight light squeezenet/shufflenet for CUDA (DLight
 default GPU schedules), exports ``.so`` libraries with their sidecars, and stores the inputs and
@@ -10,6 +11,9 @@ ONNX Runtime (CPU) reference outputs. It also checks each build without a GPU
 serially on the CPU equal ORT. ``run`` needs only TVM's runtime (``TVM_USE_RUNTIME_LIB=1``
 works without the compiler library) and numpy: it loads each library on ``cuda(0)``, checks the
 outputs against the references and times it; it prints a table and writes ``results.json``.
+``check`` builds all of the onnx package's light models for CUDA here and checks each build
+without a GPU (private-memory hazards in the CUDA C; kernels run serially on the CPU vs ORT);
+it writes ``benchmarks/results/tvm_cuda_check.json``.
 """
 
 from __future__ import annotations
@@ -122,7 +126,46 @@ def run(out: Path) -> None:
     (out / "results.json").write_text(json.dumps({"device": str(dev), "rows": rows}, indent=1))
 
 
+def check(arch: str) -> None:
+    import graphopt
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.backend.gpucheck import cuda_sources, private_memory_hazards, run_on_cpu
+    from graphopt.runtime import ort_session
+    from graphopt.testing import randomize_weights
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from helpers import light_models
+
+    rows = []
+    print("| model | build s | kernels | rescheduled | hazards | serial CPU run vs ORT (max rel. error) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for p in light_models():
+        m = randomize_weights(graphopt.load(p))
+        graphopt.optimize(m)
+        _strip_softmax(m)
+        t = time.perf_counter()
+        cm = tvm_compile(m, f"cuda:{arch}", progress=False)
+        built = time.perf_counter() - t
+        hazards = private_memory_hazards(cuda_sources(cm.module))
+        feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(i.dtype) for i in cm.inputs}
+        ref = ort_session(m).run(None, {v.name: feed[i.name] for v, i in
+                                        zip([v for v in m.graph.inputs if v.const is None], cm.inputs, strict=True)})[0]
+        got = run_on_cpu(cm, feed)[0]
+        rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+        rows.append({"model": p.stem, "build_s": built, "kernels": len(cm.info.schedules),
+                     "rescheduled": cm.info.rewrites.get("rescheduled_gpu_kernels", 0), "hazards": len(hazards),
+                     "max_rel_err": rel})
+        print(f"| {p.stem} | {built:.1f} | {len(cm.info.schedules)} | {rows[-1]['rescheduled']} | {len(hazards)} | "
+              f"{rel:.1e} |", flush=True)
+    out = Path(__file__).resolve().parent / "results" / "tvm_cuda_check.json"
+    out.write_text(json.dumps({"arch": arch, "rows": rows}, indent=1) + "\n")
+
+
 if __name__ == "__main__":
+    arch = sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "sm_90"
+    if len(sys.argv) >= 2 and sys.argv[1] == "check":
+        check(arch)
+        sys.exit(0)
     if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
     if sys.argv[1] == "build":
