@@ -15,7 +15,8 @@ from graphopt.testing import randomize_weights
 from helpers import light_models, make_model, vi
 
 
-def _stem_net(opset: int = 17, *, ceil: int = 0, include_pad: int = 1, dilation: int = 1) -> onnx.ModelProto:
+def _stem_net(opset: int = 17, *, ceil: int = 0, include_pad: int = 1, dilation: int = 1, batch: int | str = 1
+              ) -> onnx.ModelProto:
     """A CNN whose peak is at full resolution: 7x7/2 conv, Relu, 3x3/2 max pool, a BN'd 3x3 conv
     (dilated if asked), an inception-style pair of branches joined on channels, a residual Add,
     a padded average pool and a classifier head (global pool, Gemm)."""
@@ -51,7 +52,7 @@ def _stem_net(opset: int = 17, *, ceil: int = 0, include_pad: int = 1, dilation:
              ("mean", r.standard_normal(16).astype(np.float32)), ("var", r.uniform(0.5, 2, 16).astype(np.float32)),
              ("wa", w(8, 16, 1, 1)), ("wb", w(8, 16, 5, 5)), ("chan", r.uniform(0.5, 2, (1, 16, 1, 1)).astype(np.float32)),
              ("wf", w(10, 16)), ("bf", np.zeros(10, np.float32))]
-    return make_model(nodes, [vi("x", [1, 3, 96, 96])], [vi("y", [1, 10])], inits=inits, opset=opset)
+    return make_model(nodes, [vi("x", [batch, 3, 96, 96])], [vi("y", [batch, 10])], inits=inits, opset=opset)
 
 
 def _run(mp: onnx.ModelProto, m: graphopt.Model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,6 +87,19 @@ def test_bands_are_exact_and_lower_the_peak(tmp_path: Path, opset: int, ceil: in
         x = np.random.default_rng(seed).standard_normal((1, 3, 96, 96)).astype(np.float32)
         want, got = _run(mp, m, x)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_symbolic_batch_is_banded_and_runs_at_any_batch() -> None:
+    """Exporters leave the batch symbolic; rows, not the batch, are banded, so the banded
+    model keeps the symbolic batch and is exact at batch 3."""
+    mp = _stem_net(batch="N")
+    m = graphopt.from_proto(mp)
+    tp = graphopt.get_pass("tile-spatial")
+    assert graphopt.run_passes(m, [tp]) and tp.report["peak_after"] <= 0.6 * tp.report["peak_before"]
+    assert graphopt.to_proto(m).graph.input[0].type.tensor_type.shape.dim[0].dim_param == "N"
+    x = np.random.default_rng(4).standard_normal((3, 3, 96, 96)).astype(np.float32)
+    want, got = _run(mp, m, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_light_inception_and_resnet_peaks_halved() -> None:

@@ -40,6 +40,8 @@ from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
 from graphopt.analysis import infer_shapes, model_stats, peak_memory
 from graphopt.ir import np_dtype
 
+from .schedule import _sizes
+
 log = logging.getLogger(__name__)
 
 POINTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSigmoid", "HardSwish", "Elu", "Selu",
@@ -50,9 +52,13 @@ BINARY = frozenset({"Add", "Mul", "Sub", "Div", "Max", "Min", "Sum", "Pow"})
 WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool"})
 
 
-def _shape4(v: Value | None) -> tuple[int, ...] | None:
-    s = v.static_shape() if v is not None else None
-    return tuple(s) if s is not None and len(s) == 4 else None
+def _shape4(v: Value | None) -> tuple[Any, ...] | None:
+    """A 4-D shape whose channels, rows and columns are known; the batch may be symbolic
+    (exporters' dynamic batch), and bands never depend on it."""
+    s = v.shape if v is not None else None
+    if s is None or len(s) != 4 or not all(isinstance(d, int) for d in s[1:]):
+        return None
+    return tuple(s)
 
 
 def _resident(v: Value) -> bool:
@@ -162,9 +168,16 @@ def _compute_nodes(nodes: list[Node]) -> list[Node]:
     return [n for n in nodes if not all(_resident(o) for o in n.outputs if o.name)]
 
 
-def _row_bytes(v: Value) -> int:
+def _row_bytes(v: Value, sizes: dict[str, int] | None = None) -> int:
+    """Bytes of one row of ``v``: from ``sizes`` (symbolic dims resolved, as schedule-memory
+    sizes values) when given, else from the shape with a symbolic batch counted as 1."""
     shape = _shape4(v)
-    return int(np.prod(shape)) // shape[2] * np_dtype(v.dtype).itemsize
+    if sizes is not None and v.name in sizes:
+        return sizes[v.name] // shape[2]
+    n = 1
+    for d in shape:
+        n *= d if isinstance(d, int) else 1
+    return n // shape[2] * np_dtype(v.dtype).itemsize
 
 
 Key = tuple[Any, ...]
@@ -173,7 +186,8 @@ Key = tuple[Any, ...]
 class _Facts:
     """Memoized per-value and per-node facts for planning (the search plans thousands of times)."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: dict[str, int] | None = None) -> None:
+        self.sizes = sizes
         self._h: dict[int, int] = {}
         self._rb: dict[int, int] = {}
         self._res: dict[int, bool] = {}
@@ -186,7 +200,7 @@ class _Facts:
 
     def row_bytes(self, v: Value) -> int:
         if id(v) not in self._rb:
-            self._rb[id(v)] = _row_bytes(v)
+            self._rb[id(v)] = _row_bytes(v, self.sizes)
         return self._rb[id(v)]
 
     def resident(self, v: Value) -> bool:
@@ -363,15 +377,17 @@ class SpatialTiling(Pass):
         super().__init__(**options)
         self.report: dict[str, Any] = {}
         self.why = ""
+        self._sizes: dict[str, int] = {}
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         model = self.model
         if model is None or len(graph) < 3:
             return False
-        if any(o.name and o.static_shape() is None for n in graph for o in n.outputs):
+        if any(o.name and o.shape is None for n in graph for o in n.outputs):
             infer_shapes(model)
         opset = model.opset("")
-        start = peak_memory(graph).peak_bytes
+        self._sizes = _sizes(model, ctx)  # symbolic dims from the context's shapes, or 1
+        start = peak_memory(graph, sizes=self._sizes).peak_bytes
         flops0 = model_stats(model).flops
         regions: list[dict[str, Any]] = []
         current = start
@@ -387,6 +403,7 @@ class SpatialTiling(Pass):
             regions.append({**desc, "bands": bands, "peak_after": peak})
             log.info("tile-spatial: %s in %d bands: peak %d -> %d bytes", desc["region"], bands, current, peak)
             current = peak
+            self._sizes = _sizes(model, ctx)
         if not regions:
             log.info("tile-spatial: nothing banded (%s)", self.why)
         self.report = {"peak_before": start, "peak_after": current, "regions": regions,
@@ -396,7 +413,7 @@ class SpatialTiling(Pass):
 
     def _best_tiling(self, graph: Graph, current: int) -> tuple[int, tuple[int, int, int, dict[str, Any]]] | None:
         order = graph.nodes
-        prof = peak_memory(graph, order)
+        prof = peak_memory(graph, order, sizes=self._sizes)
         names = [n.name or n.op_type for n in order]
         if prof.peak_at not in names:
             return None
@@ -414,7 +431,7 @@ class SpatialTiling(Pass):
                         f"no band count lowers the peak at {prof.peak_at} by {self.options['min_gain']:.0%}")
         found: list[tuple[int, tuple[int, int, int, dict[str, Any]]]] = []
         widen = int(self.options["max_widen"])
-        facts = _Facts()
+        facts = _Facts(self._sizes)
         t = prof.timeline
         before_max = [0] * (len(t) + 1)  # before_max[x]: max of t[:x]
         for x, v in enumerate(t):
