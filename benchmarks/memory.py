@@ -82,12 +82,9 @@ def tile_row(p: Path) -> dict:
     import graphopt.passes as gp
     from graphopt.analysis import peak_memory
     from graphopt.runtime import interleaved_timings, ort_session
-    from graphopt.testing import randomize_weights
+    from graphopt.testing import logits_outputs, randomize_weights
 
-    m = randomize_weights(graphopt.load(p))
-    for i, o in enumerate(list(m.graph.outputs)):  # logits: random weights saturate a softmax
-        if o.producer is not None and o.producer.op_type == "Softmax":
-            m.graph.outputs[i] = o.producer.input(0)
+    m = logits_outputs(randomize_weights(graphopt.load(p)))
     graphopt.run_passes(m, [gp.default_pipeline()])
     base = m.copy()
     tp = graphopt.get_pass("tile-spatial")

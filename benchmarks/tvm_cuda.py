@@ -26,23 +26,24 @@ from pathlib import Path
 import numpy as np
 
 
-def _strip_softmax(m) -> None:  # type: ignore[no-untyped-def]
-    """Compare logits, not a saturated softmax (random weights give one-hot outputs)."""
-    import graphopt
+def _check_without_gpu(cm, m, feed: dict) -> tuple[int, float, list]:  # type: ignore[no-untyped-def]
+    """For a CUDA build ``cm`` of ``m``: the kernels with private-memory hazards in its CUDA C,
+    the max relative error of its kernels run serially on the CPU against ORT, and ORT's
+    outputs (``feed`` is keyed by the build's input names; ORT gets them in order)."""
+    from graphopt.backend.gpucheck import cuda_sources, private_memory_hazards, run_on_cpu
+    from graphopt.runtime import ort_session
 
-    g = m.graph
-    for i, o in enumerate(list(g.outputs)):
-        if o.producer is not None and o.producer.op_type == "Softmax":
-            g.outputs[i] = o.producer.input(0)
-    graphopt.run_passes(m, ["dce"])
+    names = [v.name for v in m.graph.inputs if v.const is None]
+    ref = ort_session(m, optimize=True).run(None, {n: feed[i.name] for n, i in zip(names, cm.inputs, strict=True)})
+    got = run_on_cpu(cm, feed)[0]
+    rel = float(np.abs(got - ref[0]).max() / max(float(np.abs(ref[0]).max()), 1e-12))
+    return len(private_memory_hazards(cuda_sources(cm.module))), rel, ref
 
 
 def build(out: Path, arch: str) -> None:
     import graphopt
     from graphopt.backend import compile as tvm_compile
-    from graphopt.backend.gpucheck import cuda_sources, private_memory_hazards, run_on_cpu
-    from graphopt.runtime import ort_session
-    from graphopt.testing import randomize_weights
+    from graphopt.testing import logits_outputs, randomize_weights
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers import light_models
@@ -52,26 +53,18 @@ def build(out: Path, arch: str) -> None:
                              {"input": [1, 1, 8, 8]})}
     for name in ("squeezenet", "shufflenet"):
         p = next(x for x in light_models() if name in str(x))
-        m = randomize_weights(graphopt.load(p))
-        graphopt.optimize(m)
-        _strip_softmax(m)
-        models[name] = (m, None)
+        models[name] = (logits_outputs(graphopt.optimize(randomize_weights(graphopt.load(p)))), None)
     for name, (m, shapes) in models.items():
         t = time.perf_counter()
         cm = tvm_compile(m, f"cuda:{arch}", input_shapes=shapes, progress=False)
         cm.export(out / f"{name}.so")
+        built = time.perf_counter() - t
         feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(i.dtype) for i in cm.inputs}
-        ref = ort_session(m, optimize=True).run(None, feed)
+        hazards, rel, ref = _check_without_gpu(cm, m, feed)
         np.savez(out / f"{name}.npz", **{f"in_{k}": v for k, v in feed.items()},
                  **{f"out_{i}": r for i, r in enumerate(ref)})
-        built = time.perf_counter() - t
-        # no GPU needed: the generated CUDA C has no thread-private sharing, and the kernels'
-        # loop nests run serially on the CPU equal ORT
-        hazards = private_memory_hazards(cuda_sources(cm.module))
-        emu = run_on_cpu(cm, feed)[0]
-        rel = float(np.abs(emu - ref[0]).max() / max(np.abs(ref[0]).max(), 1e-12))
         print(f"{name}: built in {built:.1f} s; {cm.info.rewrites.get('rescheduled_gpu_kernels', 0)} kernels "
-              f"rescheduled; private-memory hazards {len(hazards)}; serial run on the CPU vs ORT: "
+              f"rescheduled; private-memory hazards {hazards}; serial run on the CPU vs ORT: "
               f"max relative error {rel:.1e}")
 
 
@@ -129,9 +122,7 @@ def run(out: Path) -> None:
 def check(arch: str) -> None:
     import graphopt
     from graphopt.backend import compile as tvm_compile
-    from graphopt.backend.gpucheck import cuda_sources, private_memory_hazards, run_on_cpu
-    from graphopt.runtime import ort_session
-    from graphopt.testing import randomize_weights
+    from graphopt.testing import logits_outputs, randomize_weights
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from helpers import light_models
@@ -140,22 +131,16 @@ def check(arch: str) -> None:
     print("| model | build s | kernels | rescheduled | hazards | serial CPU run vs ORT (max rel. error) |")
     print("|---|---:|---:|---:|---:|---:|")
     for p in light_models():
-        m = randomize_weights(graphopt.load(p))
-        graphopt.optimize(m)
-        _strip_softmax(m)
+        m = logits_outputs(graphopt.optimize(randomize_weights(graphopt.load(p))))
         t = time.perf_counter()
         cm = tvm_compile(m, f"cuda:{arch}", progress=False)
         built = time.perf_counter() - t
-        hazards = private_memory_hazards(cuda_sources(cm.module))
         feed = {i.name: np.random.default_rng(0).standard_normal(i.shape).astype(i.dtype) for i in cm.inputs}
-        ref = ort_session(m).run(None, {v.name: feed[i.name] for v, i in
-                                        zip([v for v in m.graph.inputs if v.const is None], cm.inputs, strict=True)})[0]
-        got = run_on_cpu(cm, feed)[0]
-        rel = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+        hazards, rel, _ = _check_without_gpu(cm, m, feed)
         rows.append({"model": p.stem, "build_s": built, "kernels": len(cm.info.schedules),
-                     "rescheduled": cm.info.rewrites.get("rescheduled_gpu_kernels", 0), "hazards": len(hazards),
+                     "rescheduled": cm.info.rewrites.get("rescheduled_gpu_kernels", 0), "hazards": hazards,
                      "max_rel_err": rel})
-        print(f"| {p.stem} | {built:.1f} | {len(cm.info.schedules)} | {rows[-1]['rescheduled']} | {len(hazards)} | "
+        print(f"| {p.stem} | {built:.1f} | {len(cm.info.schedules)} | {rows[-1]['rescheduled']} | {hazards} | "
               f"{rel:.1e} |", flush=True)
     out = Path(__file__).resolve().parent / "results" / "tvm_cuda_check.json"
     out.write_text(json.dumps({"arch": arch, "rows": rows}, indent=1) + "\n")
@@ -169,6 +154,6 @@ if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in ("build", "run"):
         sys.exit(__doc__)
     if sys.argv[1] == "build":
-        build(Path(sys.argv[2]), sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "sm_90")
+        build(Path(sys.argv[2]), arch)
     else:
         run(Path(sys.argv[2]))

@@ -525,23 +525,27 @@ def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fr
 
     found: dict[str, str] = {}
 
-    def local(g: onnx.GraphProto) -> set[str]:
-        return {o for n in g.node for o in n.output} | {i.name for i in g.input}
+    def hits_in(g: onnx.GraphProto) -> dict[str, str]:  # wanted values made in g or in its bodies
+        made = {o for n in g.node for o in n.output} | {i.name for i in g.input}
+        hits = {w: w for w in wanted - set(found) if w in made}
+        hits.update(_expose(g, wanted - set(found) - set(hits), dtypes, fresh))
+        return hits
+
+    def add_output(g: onnx.GraphProto, inner: str, name: str, et: int) -> None:
+        # through an Identity: a value that is already an output of ``g``, listed twice among
+        # the outputs, makes ORT return a freed buffer (garbage) for the node's own output
+        out = fresh(name)
+        g.node.append(helper.make_node("Identity", [inner], [out]))
+        g.output.append(helper.make_tensor_value_info(out, et, None))
 
     for node in gp.node:
         graphs = {a.name: a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH}
         if node.op_type == "If" and {"then_branch", "else_branch"} <= set(graphs):
             pairs = [(graphs["then_branch"], graphs["else_branch"]), (graphs["else_branch"], graphs["then_branch"])]
             for branch, other in pairs:
-                hits = {w: w for w in wanted - set(found) if w in local(branch)}
-                hits.update(_expose(branch, wanted - set(found) - set(hits), dtypes, fresh))
-                for w, inner in hits.items():
+                for w, inner in hits_in(branch).items():
                     et = dtypes.get(w, onnx.TensorProto.FLOAT)
-                    # through an Identity: a value that is already a branch output, listed twice
-                    # among the outputs, makes ORT return a freed buffer (garbage) for the If
-                    out = fresh(w + "__out")
-                    branch.node.append(helper.make_node("Identity", [inner], [out]))
-                    branch.output.append(helper.make_tensor_value_info(out, et, None))
+                    add_output(branch, inner, w + "__out", et)
                     empty = fresh(w + "__empty")
                     other.node.append(helper.make_node("Constant", [], [empty], value=helper.make_tensor(
                         empty, et, [0], [])))
@@ -549,13 +553,8 @@ def _expose(gp: onnx.GraphProto, wanted: set[str], dtypes: Mapping[str, int], fr
                     found[w] = fresh(w + "__if")
                     node.output.append(found[w])
         elif node.op_type == "Loop" and "body" in graphs:
-            body = graphs["body"]
-            hits = {w: w for w in wanted - set(found) if w in local(body)}
-            hits.update(_expose(body, wanted - set(found) - set(hits), dtypes, fresh))
-            for w, inner in hits.items():
-                scan = fresh(w + "__scan")
-                body.node.append(helper.make_node("Identity", [inner], [scan]))
-                body.output.append(helper.make_tensor_value_info(scan, dtypes.get(w, onnx.TensorProto.FLOAT), None))
+            for w, inner in hits_in(graphs["body"]).items():  # a scan output: every iteration's value
+                add_output(graphs["body"], inner, w + "__scan", dtypes.get(w, onnx.TensorProto.FLOAT))
                 found[w] = fresh(w + "__loop")
                 node.output.append(found[w])
     return found

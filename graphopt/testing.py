@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: give models realistic random weights.
+"""Helpers for tests and benchmarks: give models realistic random weights, compare logits.
 
 The onnx package's light models (resnet50, squeezenet, shufflenet ...) store every weight as a
 ConstantOfShape fill with one value, so their outputs do not depend on the input (NOTES.md).
@@ -56,5 +56,19 @@ def randomize_weights(model: Model, *, seed: int = 0) -> Model:
         out = n.output(0)
         data = random_tensor(tuple(fill[0]), _role(out), rng)
         g.replace_all_uses_with(out, g.add_initializer(out.name + "_rand", data))
+    graphopt.run_passes(model, ["dce"])
+    return model
+
+
+def logits_outputs(model: Model) -> Model:
+    """Make every graph output that a Softmax produces the Softmax's input instead (the
+    Softmax is dropped), in place, and return ``model``. With random weights a classifier's
+    softmax saturates to one-hot outputs, which hide every numerical difference."""
+    import graphopt
+
+    g = model.graph
+    for i, o in enumerate(list(g.outputs)):
+        if o.producer is not None and o.producer.op_type == "Softmax":
+            g.outputs[i] = o.producer.input(0)
     graphopt.run_passes(model, ["dce"])
     return model

@@ -6,7 +6,10 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import Node
+from graphopt import Model, Node, PassContext
+from graphopt.analysis import infer_shapes
+from graphopt.ir import np_dtype
+from graphopt.runtime import resolve_input_shapes
 
 
 def same_dim(a: Any, b: Any) -> bool:
@@ -33,3 +36,36 @@ def is_depthwise(n: Node) -> bool:
         return False
     w = n.input(1).const_value()
     return w is not None and w.ndim >= 3 and w.shape[1] == 1
+
+
+def activation_sizes(model: Model, ctx: PassContext) -> dict[str, int]:
+    """Bytes of every activation of the main graph, from the shape annotations (inferred here if
+    missing) with symbolic dims replaced by the context's input shapes (or 1). The sizes the
+    memory passes (``schedule-memory``, ``tile-spatial``) measure peaks with."""
+    g = model.graph
+    if any(o.name and o.shape is None for n in g for o in n.outputs):
+        infer_shapes(model)
+    try:
+        resolved = resolve_input_shapes(model, ctx.input_shapes)
+    except Exception:  # noqa: BLE001
+        resolved = {}
+    symbols: dict[str, int] = {}
+    for v in g.inputs:
+        if v.name in resolved and v.shape is not None:
+            for d, x in zip(v.shape, resolved[v.name], strict=False):
+                if isinstance(d, str):
+                    symbols[d] = x
+    out: dict[str, int] = {}
+    for v in list(g.inputs) + [o for n in g for o in n.outputs]:
+        if v.shape is None or not v.dtype or any(d is None for d in v.shape):
+            continue
+        if v.fill_value() is not None:
+            continue  # ConstantOfShape fills are folded by runtimes at load: resident, not activations
+        n = 1
+        for d in v.shape:
+            n *= d if isinstance(d, int) else symbols.get(d, 1)
+        try:
+            out[v.name] = n * np_dtype(v.dtype).itemsize
+        except Exception:  # noqa: BLE001
+            pass
+    return out

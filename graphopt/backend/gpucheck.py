@@ -33,29 +33,25 @@ _LOCAL_ARRAY = re.compile(r'^\s*(?:alignas\(\d+\)\s+)?(?:float|double|half|int|i
 _INT_DEF = re.compile(r'\b(?:int|int64_t|long long|unsigned|uint)\s+(\w+)\s*=\s*([^;]+);')
 
 
+def _closing(text: str, i: int, open_: str, close: str) -> int:
+    """Index just past the ``close`` that balances an ``open_`` already read before ``i``."""
+    depth = 1
+    while depth and i < len(text):
+        depth += (text[i] == open_) - (text[i] == close)
+        i += 1
+    return i
+
+
 def kernel_bodies(cuda_source: str) -> dict[str, str]:
     """``{kernel name: body}`` for every ``__global__`` function defined in ``cuda_source``."""
-    out: dict[str, str] = {}
-    for m in _KERNEL.finditer(cuda_source):
-        i, depth = m.end(), 1
-        while depth and i < len(cuda_source):
-            c = cuda_source[i]
-            depth += (c == "{") - (c == "}")
-            i += 1
-        out[m.group(1)] = cuda_source[m.end():i - 1]
-    return out
+    return {m.group(1): cuda_source[m.end():_closing(cuda_source, m.end(), "{", "}") - 1]
+            for m in _KERNEL.finditer(cuda_source)}
 
 
 def _subscripts(body: str, name: str) -> list[str]:
-    res = []
-    for m in re.finditer(r"\b" + re.escape(name) + r"\[", body):
-        i, depth = m.end(), 1
-        while depth and i < len(body):
-            c = body[i]
-            depth += (c == "[") - (c == "]")
-            i += 1
-        res.append(body[m.end():i - 1])
-    return res
+    """The subscript expressions of every ``name[...]`` in ``body``."""
+    return [body[m.end():_closing(body, m.end(), "[", "]") - 1]
+            for m in re.finditer(r"\b" + re.escape(name) + r"\[", body)]
 
 
 def private_memory_hazards(cuda_source: str) -> dict[str, list[str]]:

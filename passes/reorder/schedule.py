@@ -16,44 +16,12 @@ import heapq
 import logging
 from typing import Any
 
-from graphopt import Graph, Model, Node, Pass, PassContext, Value, register_pass
-from graphopt.analysis import infer_shapes, peak_memory
-from graphopt.ir import np_dtype
-from graphopt.runtime import resolve_input_shapes
+from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
+from graphopt.analysis import peak_memory
+
+from ..common import activation_sizes
 
 log = logging.getLogger(__name__)
-
-
-def _sizes(model: Model, ctx: PassContext) -> dict[str, int]:
-    """Bytes of every activation, from the shape annotations (inferred here if missing) with
-    symbolic dims replaced by the context's input shapes (or 1)."""
-    g = model.graph
-    if any(o.name and o.shape is None for n in g for o in n.outputs):
-        infer_shapes(model)
-    try:
-        resolved = resolve_input_shapes(model, ctx.input_shapes)
-    except Exception:  # noqa: BLE001
-        resolved = {}
-    symbols: dict[str, int] = {}
-    for v in g.inputs:
-        if v.name in resolved and v.shape is not None:
-            for d, x in zip(v.shape, resolved[v.name], strict=False):
-                if isinstance(d, str):
-                    symbols[d] = x
-    out: dict[str, int] = {}
-    for v in list(g.inputs) + [o for n in g for o in n.outputs]:
-        if v.shape is None or not v.dtype or any(d is None for d in v.shape):
-            continue
-        if v.fill_value() is not None:
-            continue  # ConstantOfShape fills are folded by runtimes at load: resident, not activations
-        n = 1
-        for d in v.shape:
-            n *= d if isinstance(d, int) else symbols.get(d, 1)
-        try:
-            out[v.name] = n * np_dtype(v.dtype).itemsize
-        except Exception:  # noqa: BLE001
-            pass
-    return out
 
 
 def greedy_order(graph: Graph, size: dict[str, int], *, lifo: bool = False) -> list[Node]:
@@ -145,7 +113,7 @@ class MemoryAwareSchedule(Pass):
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         if len(graph) < 3 or self.model is None:
             return False
-        size = _sizes(self.model, ctx)
+        size = activation_sizes(self.model, ctx)
         before_order = graph.nodes
         before = peak_memory(graph, before_order, sizes=size).peak_bytes
         after, order = before, before_order

@@ -32,15 +32,16 @@ adds nodes and some compute, a trade for memory-bound targets.
 from __future__ import annotations
 
 import logging
+from itertools import accumulate
 from typing import Any
 
 import numpy as np
 
 from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
-from graphopt.analysis import infer_shapes, model_stats, peak_memory
+from graphopt.analysis import model_stats, peak_memory
 from graphopt.ir import np_dtype
 
-from .schedule import _sizes
+from ..common import activation_sizes
 
 log = logging.getLogger(__name__)
 
@@ -75,18 +76,21 @@ def _rows_constant(v: Value) -> bool:
     return len(shape) < 2 or shape[-2] == 1
 
 
-def _window(n: Node) -> tuple[int, int, int, int, int] | None:
-    """(kernel rows, stride, dilation, top pad, bottom pad) of a 2-D Conv/pool, or None."""
+Axis = tuple[int, int, int, int]  # kernel, stride, dilation, begin pad
+
+
+def _window(n: Node) -> tuple[Axis, Axis] | None:
+    """(rows, columns) of a 2-D Conv/pool window, each (kernel, stride, dilation, begin pad),
+    or None when it is not 2-D or its pads are implicit (SAME_*)."""
     if n.op_type == "Conv":
         w = _shape4(n.input(1))
         if w is None:
             return None
-        k = w[2]
+        ks = w[2:]
     else:
         ks = n.attr("kernel_shape")
         if not ks or len(ks) != 2:
             return None
-        k = int(ks[0])
     auto = n.attr("auto_pad", "NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     if auto not in ("NOTSET", "VALID"):
@@ -96,7 +100,14 @@ def _window(n: Node) -> tuple[int, int, int, int, int] | None:
     dil = list(n.attr("dilations") or [1, 1])
     if len(pads) != 4 or len(strides) != 2 or len(dil) != 2:
         return None
-    return k, int(strides[0]), int(dil[0]), int(pads[0]), int(pads[2])
+    return tuple((int(ks[a]), int(strides[a]), int(dil[a]), int(pads[a])) for a in (0, 1))  # type: ignore[return-value]
+
+
+def _span(o0: int, o1: int, axis: Axis) -> tuple[int, int]:
+    """Input positions ``[start, end)`` (unclipped: may reach into the pads) that outputs
+    ``[o0, o1)`` of a window along ``axis`` read."""
+    k, s, d, p = axis
+    return o0 * s - p, (o1 - 1) * s - p + (k - 1) * d + 1
 
 
 def _tileable(n: Node, region_values: set[int]) -> str | None:
@@ -121,8 +132,9 @@ def _tileable(n: Node, region_values: set[int]) -> str | None:
             return "ceil_mode with count_include_pad"
         return None
     if op in POINTWISE:
-        return None if len(acts) == 1 and all(_resident(v) or v is acts[0] for v in n.inputs if v is not None) \
-            and (op != "PRelu" or _rows_constant(n.input(1))) else "per-pixel op with activation parameters"
+        if len(acts) != 1 or acts[0] is not n.input(0) or (op == "PRelu" and not _rows_constant(n.input(1))):
+            return "per-pixel op with parameters that are activations or vary along the rows"
+        return None
     if op in BINARY:
         consts = [v for v in n.inputs if v is not None and _resident(v)]
         if not all(_rows_constant(c) for c in consts):
@@ -188,30 +200,25 @@ class _Facts:
 
     def __init__(self, sizes: dict[str, int] | None = None) -> None:
         self.sizes = sizes
-        self._h: dict[int, int] = {}
-        self._rb: dict[int, int] = {}
-        self._res: dict[int, bool] = {}
-        self._win: dict[int, tuple[int, int, int, int, int] | None] = {}
+        self._memo: dict[tuple[str, int], Any] = {}
+
+    def _get(self, kind: str, obj: Any, fn: Any) -> Any:
+        key = (kind, id(obj))
+        if key not in self._memo:
+            self._memo[key] = fn(obj)
+        return self._memo[key]
 
     def rows(self, v: Value) -> int:
-        if id(v) not in self._h:
-            self._h[id(v)] = _shape4(v)[2]
-        return self._h[id(v)]
+        return self._get("rows", v, lambda x: _shape4(x)[2])
 
     def row_bytes(self, v: Value) -> int:
-        if id(v) not in self._rb:
-            self._rb[id(v)] = _row_bytes(v, self.sizes)
-        return self._rb[id(v)]
+        return self._get("row_bytes", v, lambda x: _row_bytes(x, self.sizes))
 
     def resident(self, v: Value) -> bool:
-        if id(v) not in self._res:
-            self._res[id(v)] = _resident(v)
-        return self._res[id(v)]
+        return self._get("resident", v, _resident)
 
-    def window(self, n: Node) -> tuple[int, int, int, int, int] | None:
-        if id(n) not in self._win:
-            self._win[id(n)] = _window(n) if n.op_type in WINDOWED else None
-        return self._win[id(n)]
+    def window(self, n: Node) -> tuple[Axis, Axis] | None:
+        return self._get("window", n, lambda x: _window(x) if x.op_type in WINDOWED else None)
 
 
 def plan_bands(nodes: list[Node], entry: Value, exit_: Value, bands: int, facts: _Facts | None = None
@@ -240,8 +247,8 @@ def plan_bands(nodes: list[Node], entry: Value, exit_: Value, bands: int, facts:
                 if v is None or f.resident(v):
                     continue
                 if win is not None:
-                    k, st, d, pt, _ = win
-                    lo, hi = max(0, o0 * st - pt), min(f.rows(v), (o1 - 1) * st - pt + (k - 1) * d + 1)
+                    lo, hi = _span(o0, o1, win[0])
+                    lo, hi = max(0, lo), min(f.rows(v), hi)
                 else:
                     lo, hi = o0, o1
                 req[(ni, ii)] = (lo, hi)
@@ -291,7 +298,8 @@ def planned_peak(steps: list[tuple[str, Any, list[Key], Key, int]], entry_bytes:
     for k, (_, _, _, out, nbytes) in enumerate(steps):
         live += nbytes
         peak = max(peak, live)
-        frees[last.get(out, len(steps))] = frees.get(last.get(out, len(steps)), 0) + nbytes
+        dies = last.get(out, len(steps))
+        frees[dies] = frees.get(dies, 0) + nbytes
         live -= frees.pop(k, 0)
     return peak
 
@@ -330,21 +338,15 @@ def tile_region(graph: Graph, nodes: list[Node], entry: Value, exit_: Value, ban
             args = [v if v is None or _resident(v) else vals[next(it)] for v in n.inputs]
             attrs = {a: n.attr(a) for a in n.attrs}
             if n.op_type in WINDOWED:
-                kk, st, d, pt, _ = _window(n)
-                h_in = _shape4(n.input(0))[2]
-                pads = list(attrs.get("pads") or [0, 0, 0, 0]) if attrs.get("auto_pad", "NOTSET") in ("NOTSET", b"NOTSET") \
-                    else [0, 0, 0, 0]
-                pads[0] = max(0, pt - o0 * st)
-                pads[2] = max(0, (o1 - 1) * st - pt + (kk - 1) * d + 1 - h_in)
-                # columns: the end pad that gives the original width without ceil_mode
-                kw = _shape4(n.input(1))[3] if n.op_type == "Conv" else int(n.attr("kernel_shape")[1])
-                sw = int((n.attr("strides") or [1, 1])[1])
-                dw = int((n.attr("dilations") or [1, 1])[1])
-                w_in, w_out = _shape4(n.input(0))[3], _shape4(n.output(0))[3]
-                pads[3] = max(0, (w_out - 1) * sw - pads[1] + (kw - 1) * dw + 1 - w_in)
-                attrs["pads"] = pads
+                # pads only where the band's windows reach past the input; the end pads give
+                # exactly the band's rows and the original columns, so ceil_mode goes
+                rows_axis, cols_axis = _window(n)
+                _, h_in, w_in = _shape4(n.input(0))[1:]
+                top, bottom = _span(o0, o1, rows_axis)
+                left, right = _span(0, _shape4(n.output(0))[3], cols_axis)
+                attrs["pads"] = [max(0, -top), max(0, -left), max(0, bottom - h_in), max(0, right - w_in)]
                 attrs.pop("auto_pad", None)
-                attrs.pop("ceil_mode", None)  # the band's pads give exactly its rows and columns
+                attrs.pop("ceil_mode", None)
             node = graph.make_node(n.op_type, args, attrs, domain=n.domain,
                                    name=graph.fresh_name(f"{n.name or n.op_type}_{tag}"), before=anchor)
             ref = n.output(0)
@@ -383,10 +385,8 @@ class SpatialTiling(Pass):
         model = self.model
         if model is None or len(graph) < 3:
             return False
-        if any(o.name and o.shape is None for n in graph for o in n.outputs):
-            infer_shapes(model)
         opset = model.opset("")
-        self._sizes = _sizes(model, ctx)  # symbolic dims from the context's shapes, or 1
+        self._sizes = activation_sizes(model, ctx)  # infers shapes if needed; symbols from ctx, or 1
         start = peak_memory(graph, sizes=self._sizes).peak_bytes
         flops0 = model_stats(model).flops
         regions: list[dict[str, Any]] = []
@@ -395,15 +395,12 @@ class SpatialTiling(Pass):
             best = self._best_tiling(graph, current)
             if best is None:
                 break
-            peak, (i, j, bands, desc) = best
-            order = graph.nodes
-            cuts = _cuts(graph, order)
-            (ka, entry), (kb, exit_) = cuts[i], cuts[j]
-            tile_region(graph, _compute_nodes(order[ka + 1:kb + 1]), entry, exit_, bands, opset)
+            peak, nodes, entry, exit_, bands, desc = best
+            tile_region(graph, nodes, entry, exit_, bands, opset)
             regions.append({**desc, "bands": bands, "peak_after": peak})
             log.info("tile-spatial: %s in %d bands: peak %d -> %d bytes", desc["region"], bands, current, peak)
             current = peak
-            self._sizes = _sizes(model, ctx)
+            self._sizes = activation_sizes(model, ctx)
         if not regions:
             log.info("tile-spatial: nothing banded (%s)", self.why)
         self.report = {"peak_before": start, "peak_after": current, "regions": regions,
@@ -411,7 +408,10 @@ class SpatialTiling(Pass):
                        "flops_before": flops0, "extra_flops": (model_stats(model).flops - flops0) if regions else 0}
         return bool(regions)
 
-    def _best_tiling(self, graph: Graph, current: int) -> tuple[int, tuple[int, int, int, dict[str, Any]]] | None:
+    def _best_tiling(self, graph: Graph, current: int
+                     ) -> tuple[int, list[Node], Value, Value, int, dict[str, Any]] | None:
+        """The cheapest banding of a region around the peak that lowers it enough, as
+        (peak, region nodes, entry, exit, bands, description); None (and ``self.why``) if none."""
         order = graph.nodes
         prof = peak_memory(graph, order, sizes=self._sizes)
         names = [n.name or n.op_type for n in order]
@@ -424,43 +424,37 @@ class SpatialTiling(Pass):
         if not left or not right:
             self.why = f"no point before and after the peak at {prof.peak_at} where a single 4-D tensor is live"
             return None
-        (ka, entry), (kb, _) = cuts[left[-1]], cuts[right[0]]
-        region = _compute_nodes(order[ka + 1:kb + 1])
-        vals = {id(entry)} | {id(o) for n in region for o in n.outputs}
-        self.why = next((f"{n.name or n.op_type}: {w}" for n in region if (w := _tileable(n, vals))),
-                        f"no band count lowers the peak at {prof.peak_at} by {self.options['min_gain']:.0%}")
-        found: list[tuple[int, tuple[int, int, int, dict[str, Any]]]] = []
+        self.why = f"no band count lowers the peak at {prof.peak_at} by {self.options['min_gain']:.0%}"
+        found: list[tuple[int, list[Node], Value, Value, int, dict[str, Any]]] = []
         widen = int(self.options["max_widen"])
         facts = _Facts(self._sizes)
-        t = prof.timeline
-        before_max = [0] * (len(t) + 1)  # before_max[x]: max of t[:x]
-        for x, v in enumerate(t):
-            before_max[x + 1] = max(before_max[x], v)
-        after_max = [0] * (len(t) + 1)  # after_max[x]: max of t[x:]
-        for x in range(len(t) - 1, -1, -1):
-            after_max[x] = max(after_max[x + 1], t[x])
+        # liveness outside a region is unchanged (its ends are single-value cuts)
+        before_max = [0, *accumulate(prof.timeline, max)]  # before_max[x]: max of timeline[:x]
+        after_max = [*accumulate(reversed(prof.timeline), max)][::-1] + [0]  # max of timeline[x:]
         for i in range(left[-1], max(left[-1] - widen, 0) - 1, -1):
             for j in range(right[0], min(right[0] + widen, len(cuts) - 1) + 1):
                 (ka, entry), (kb, exit_) = cuts[i], cuts[j]
                 nodes = _compute_nodes(order[ka + 1:kb + 1])
                 vals = {id(entry)} | {id(o) for n in nodes for o in n.outputs}
-                if any(_tileable(n, vals) for n in nodes):
+                bad = next(((n, w) for n in nodes if (w := _tileable(n, vals))), None)
+                if bad is not None:
+                    if (i, j) == (left[-1], right[0]):
+                        self.why = f"{bad[0].name or bad[0].op_type}: {bad[1]}"
                     break  # a wider region holds the same node
-                # outside the region liveness is unchanged (its ends are single-value cuts)
                 outside = max(before_max[ka + 1], after_max[kb + 1])
                 for bands in self.options["bands"]:
-                    if bands > _shape4(exit_)[2]:
+                    if bands > facts.rows(exit_):
                         continue
                     peak = max(outside, planned_peak(plan_bands(nodes, entry, exit_, bands, facts),
                                                      facts.rows(entry) * facts.row_bytes(entry)))
                     if peak < current * (1 - float(self.options["min_gain"])):
                         desc = {"region": f"{nodes[0].name or nodes[0].op_type} .. {nodes[-1].name or nodes[-1].op_type}",
                                 "nodes": len(nodes)}
-                        found.append((peak, (i, j, bands, desc)))
+                        found.append((peak, nodes, entry, exit_, bands, desc))
         if not found:
             return None
         # the cheapest candidate (fewest bands, then fewest nodes) within ``slack`` of the lowest
         # peak: every band adds nodes and halo rows, and small convs run slower
         low = min(f[0] for f in found)
         ok = [f for f in found if f[0] <= low * (1 + float(self.options["slack"]))]
-        return min(ok, key=lambda f: (f[1][2], f[1][3]["nodes"], f[0]))
+        return min(ok, key=lambda f: (f[4], f[5]["nodes"], f[0]))
