@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.corpus import main
+
+sys.exit(main())
