@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from graphopt.errors import NumericalMismatchError, VerificationError
-from graphopt.ir.core import Model
+from graphopt.ir.core import Model, Value
 from graphopt.transform import Instrument, Pass, PassContext, PassRecord
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,14 @@ class SnapshotInstrument(Instrument):
         self._k += 1
 
 
+def _all_values(model: Model) -> Iterator[Value]:
+    for g in model.all_graphs():
+        yield from g.inputs
+        yield from g.initializers.values()
+        for n in g.iter_nodes():
+            yield from n.outputs
+
+
 class StatsInstrument(Instrument):
     """Fills nodes, params, bytes and FLOPs of each :class:`PassRecord` (shapes inferred on a
     copy so the model itself is not annotated)."""
@@ -189,22 +197,33 @@ class StatsInstrument(Instrument):
         self._last: tuple[int, int, int, int] | None = None
 
     def _measure(self, model: Model) -> tuple[int, int, int, int]:
+        """Stats of ``model`` as it stands. Shapes are inferred on the model itself and every
+        value's type is put back afterwards (copying a model with 50 MB of weights after every
+        pass cost more than the passes); the size is the serialized size with large initializers
+        counted by their payload instead of serializing them."""
         from graphopt.analysis import infer_shapes, model_stats
         from graphopt.onnx_io import to_proto
 
         from graphopt.runtime import resolve_input_shapes
 
-        m = model.copy()
+        saved = [(v, v.dtype, v.shape, v.type_proto, v._type_sig) for v in _all_values(model)]
         try:
-            shapes = resolve_input_shapes(m, self.input_shapes)
-        except Exception:  # noqa: BLE001 - stats are best effort when inputs are unusual
-            shapes = None
-        infer_shapes(m, shapes)
-        st = model_stats(m)
-        size = to_proto(model, keep_external=True).ByteSize() + sum(
-            v.const.nbytes for g in model.all_graphs() for v in g.initializers.values()
-            if v.const is not None and v.const.is_external
-        )
+            try:
+                shapes = resolve_input_shapes(model, self.input_shapes)
+            except Exception:  # noqa: BLE001 - stats are best effort when inputs are unusual
+                shapes = None
+            infer_shapes(model, shapes)
+            st = model_stats(model)
+        finally:
+            for v, dt, shp, tp, sig in saved:
+                v.dtype, v.shape, v.type_proto, v._type_sig = dt, shp, tp, sig
+        stub = 4096
+        size = to_proto(model, keep_external=True, _stub_over=stub).ByteSize()
+        for g in model.all_graphs():
+            for v in g.initializers.values():
+                if v.const is not None and v.const.size > stub:
+                    n = v.const.nbytes  # the raw_data field: tag, length varint, payload
+                    size += 1 + (n.bit_length() + 6) // 7 + n
         return st.compute_nodes, st.params, size, st.flops
 
     def enter(self, model: Model, ctx: PassContext) -> None:

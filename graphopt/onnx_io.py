@@ -130,6 +130,21 @@ def _set_props(target: Any, props: dict[str, str]) -> None:
 # ---------------------------------------------------------------------------------------------
 # import
 # ---------------------------------------------------------------------------------------------
+def _proto_node_names(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """Every node name in ``nodes`` and in their subgraphs (one namespace in ONNX's checker)."""
+    out: set[str] = set()
+    stack = [nodes]
+    while stack:
+        for n in stack.pop():
+            out.add(n.name)
+            for a in n.attribute:
+                if a.type == AttributeProto.GRAPH:
+                    stack.append(a.g.node)
+                elif a.type == AttributeProto.GRAPHS:
+                    stack.extend(g.node for g in a.graphs)
+    return out
+
+
 class _Importer:
     def __init__(self, model_proto: onnx.ModelProto, base_dir: str | None) -> None:
         self.mp = model_proto
@@ -137,6 +152,24 @@ class _Importer:
         self.names = NameScope()
         self.domains: set[str] = {o.domain for o in model_proto.opset_import}
         self.function_keys = {(f.domain, f.name) for f in model_proto.functions}
+        # Node names seen so far in the current namespace (the model, or one function body), and
+        # every node name the proto holds there: a repeated name (legal ONNX; spox writes them) is
+        # given a fresh one that no node in the proto uses, so graphopt's IR keeps names unique.
+        self.node_names: set[str] = set()
+        self.proto_node_names: set[str] = set()
+        self.renamed_nodes = 0
+
+    def _node_name(self, name: str) -> str:
+        if not name:
+            return name
+        if name in self.node_names:
+            i = 1
+            while f"{name}__{i}" in self.node_names or f"{name}__{i}" in self.proto_node_names:
+                i += 1
+            name = f"{name}__{i}"
+            self.renamed_nodes += 1
+        self.node_names.add(name)
+        return name
 
     def _check_domain(self, np_: onnx.NodeProto, domains: set[str], where: str) -> None:
         d = np_.domain
@@ -216,7 +249,7 @@ class _Importer:
         pairs: list[tuple[onnx.NodeProto, Node]] = []
         for np_ in gp.node:
             self._check_domain(np_, domains, where)
-            node = Node(np_.op_type, domain=np_.domain, name=np_.name, outputs=0)
+            node = Node(np_.op_type, domain=np_.domain, name=self._node_name(np_.name), outputs=0)
             node.overload = np_.overload
             node.doc_string = np_.doc_string
             if np_.metadata_props:
@@ -293,8 +326,9 @@ class _Importer:
         domains = {o.domain for o in fp.opset_import} or self.domains
         g = Graph(fp.name)
         g._names = NameScope()  # function bodies have their own namespace
-        saved = self.names
+        saved = self.names, self.node_names, self.proto_node_names
         self.names = g._names
+        self.node_names, self.proto_node_names = set(), _proto_node_names(fp.node)
         try:
             gp = onnx.GraphProto()
             gp.name = fp.name
@@ -306,7 +340,7 @@ class _Importer:
             gp.value_info.extend(fp.value_info)
             body = self.graph(gp, [], domains, where=f"function {fp.domain}::{fp.name}")
         finally:
-            self.names = saved
+            self.names, self.node_names, self.proto_node_names = saved
         f = Function(fp.domain, fp.name, body, overload=fp.overload)
         f.opset_imports = {o.domain: o.version for o in fp.opset_import}
         f.attributes = list(fp.attribute)
@@ -317,7 +351,10 @@ class _Importer:
 
     def model(self) -> Model:
         mp = self.mp
+        self.node_names, self.proto_node_names = set(), _proto_node_names(mp.graph.node)
         graph = self.graph(mp.graph, [], self.domains)
+        if self.renamed_nodes:
+            log.info("renamed %d repeated node names (NAME -> NAME__k) to keep names unique", self.renamed_nodes)
         m = Model(graph, ir_version=mp.ir_version, opset_imports={o.domain: o.version for o in mp.opset_import})
         m.producer_name = mp.producer_name
         m.producer_version = mp.producer_version

@@ -14,9 +14,10 @@ from graphopt.runtime import resolve_input_shapes
 
 def same_dim(a: Any, b: Any) -> bool:
     """Two dims are provably equal: equal ints, or the same named symbol (onnx's generated
-    ``unk__N`` names are not trusted across values)."""
+    ``unk__N`` names are not trusted across values; a negative int - PaddlePaddle's ``-1`` for
+    "any size" - is unknown, not a size)."""
     if isinstance(a, int) and isinstance(b, int):
-        return a == b
+        return a == b and a >= 0
     return isinstance(a, str) and a == b and not a.startswith("unk__")
 
 

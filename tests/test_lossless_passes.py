@@ -535,3 +535,131 @@ def test_compact_names_keeps_interface_and_numbers(tmp_path: Path) -> None:
     assert (tmp_path / "c.onnx").stat().st_size < src.stat().st_size
     x = make_inputs(m, {"input": [3, 1, 8, 8]})
     assert np.array_equal(graphopt.run_ort(src, x)["logits"], graphopt.run_ort(tmp_path / "c.onnx", x)["logits"])
+
+
+# -- real-model shapes (issue 13): repeated names, dynamic dims, LSTM tails, detection heads ----
+def _names(m: graphopt.Model) -> list[str]:
+    return [n.name for g in m.graph.all_graphs() for n in g.iter_nodes() if n.name]
+
+
+def test_repeated_node_names_survive_the_default_pipeline() -> None:
+    # spox writes the same name on many nodes (legal ONNX); the IR's verifier wants them unique
+    then = helper.make_graph([H("Constant", [], ["k"], name="anon", value=helper.make_tensor("v", 1, [1], [2.0])),
+                              H("Mul", ["x", "k"], ["t_out"], name="anon")], "then", [], [vi("t_out", ["n", 4])])
+    other = helper.make_graph([H("Neg", ["x"], ["e_out"], name="anon")], "else", [], [vi("e_out", ["n", 4])])
+    # (ONNX Runtime accepts repeats among Constant nodes of a graph and across graphs, as spox writes them)
+    mp = make_model([H("Constant", [], ["c1"], name="anon", value=helper.make_tensor("v", 1, [1], [1.0])),
+                     H("Constant", [], ["c2"], name="anon", value=helper.make_tensor("v", 1, [1], [3.0])),
+                     H("Add", ["c1", "c2"], ["c"]), H("Mul", ["x", "c"], ["a"]),
+                     H("ReduceSum", ["flag"], ["s"], keepdims=0), H("Greater", ["s", "zero"], ["cond"]),
+                     H("If", ["cond"], ["b"], name="anon__1", then_branch=then, else_branch=other),
+                     H("Add", ["a", "b"], ["y"])],
+                    [vi("x", ["n", 4]), vi("flag", [2])], [vi("y", ["n", 4])], inits=[("zero", np.float32(0))])
+    onnx.checker.check_model(mp, full_check=True)  # the input is valid ONNX
+    m0 = graphopt.from_proto(mp)
+    names = _names(m0)
+    assert len(names) == len(set(names)) and names.count("anon") == 1  # unique on import
+    assert all(n == "anon" or n.startswith("anon__") for n in names)  # each derived from the original
+    m = optimize(mp, "default", {"x": [3, 4], "flag": [2]})  # VerifyInstrument: no "used twice" after any pass
+    assert len(_names(m)) == len(set(_names(m)))
+    assert sum(n.op_type == "Constant" for g in m.graph.all_graphs() for n in g.iter_nodes()) <= 1
+
+
+def test_reshape_target_with_one_unknown_entry_becomes_minus_one() -> None:
+    # target = [dim 0 of another tensor, 2, 3]: a valid Reshape keeps the count, so -1 is exact
+    mp = make_model([H("MatMul", ["x", "w"], ["h"]), H("Shape", ["z"], ["sz"]),
+                     H("Gather", ["sz", "zero"], ["b"], axis=0), H("Unsqueeze", ["b", "ax0"], ["bu"]),
+                     H("Concat", ["bu", "two", "three"], ["tgt"], axis=0), H("Reshape", ["h", "tgt"], ["r"]),
+                     H("Add", ["r", "z3"], ["y"])],
+                    [vi("x", ["n", 8]), vi("z", ["m", 4]), vi("z3", [1, 2, 3])], [vi("y", ["m", 2, 3])],
+                    inits=[("w", rnd(8, 6)), ("zero", np.array(0, np.int64)), ("ax0", np.array([0], np.int64)),
+                           ("two", np.array([2], np.int64)), ("three", np.array([3], np.int64))])
+    m = optimize(mp, "default", {"x": [3, 8], "z": [3, 4], "z3": [1, 2, 3]})
+    assert sorted(ops(m)) == ["Add", "MatMul", "Reshape"], ops(m)
+    r = next(n for n in m.graph if n.op_type == "Reshape")
+    assert r.input(1).const_value().tolist() == [-1, 2, 3]
+
+
+def test_lstm_style_tail_collapses() -> None:
+    # ddddocr's CRNN tail: Y [seq, 2, 1, H] -> Transpose(0,2,1,3) -> Reshape [0, 0, -1] -> Reshape [-1, 2H]
+    # -> Gemm -> Reshape(Concat(Shape(.)[0], [1], [-1]))
+    mp = make_model([H("Transpose", ["y4"], ["t"], perm=[0, 2, 1, 3]), H("Reshape", ["t", "s0"], ["h"]),
+                     H("Shape", ["h"], ["sh"]), H("Gather", ["sh", "zero"], ["seq"], axis=0),
+                     H("Unsqueeze", ["seq", "ax0"], ["sequ"]), H("Reshape", ["h", "s1"], ["h2"]),
+                     H("Gemm", ["h2", "w", "b"], ["g"], transB=1),
+                     H("Concat", ["sequ", "one", "m1"], ["tgt"], axis=0), H("Reshape", ["g", "tgt"], ["out"])],
+                    [vi("y4", ["seq", 2, 1, 5])], [vi("out", ["seq", 1, 7])],
+                    inits=[("s0", np.array([0, 0, -1], np.int64)), ("zero", np.array(0, np.int64)),
+                           ("ax0", np.array([0], np.int64)), ("s1", np.array([-1, 10], np.int64)),
+                           ("w", rnd(7, 10)), ("b", rnd(7)), ("one", np.array([1], np.int64)),
+                           ("m1", np.array([-1], np.int64))])
+    m = optimize(mp, "default", {"y4": [6, 2, 1, 5]})
+    assert ops(m) == ["Reshape", "Gemm", "Reshape"], ops(m)  # no Transpose, no shape computation
+    assert m.graph.nodes[-1].input(1).const_value().tolist() == [-1, 1, 7]
+
+
+def test_paddle_minus_one_dims_are_not_sizes() -> None:
+    # PaddlePaddle declares dynamic dims as -1; Shape of such a value must not fold to -1 entries
+    # (that made a Reshape with two -1s, which neither the checker nor ONNX Runtime accepts)
+    mp = make_model([H("Relu", ["x"], ["r"]), H("Shape", ["r"], ["s"]),
+                     H("Slice", ["s", "st", "en", "ax"], ["nc"]), H("Concat", ["nc", "m1"], ["tgt"], axis=0),
+                     H("Reshape", ["r", "tgt"], ["y"])],
+                    [vi("x", [-1, 4, -1, -1])], [vi("y", [-1, 4, -1])],
+                    inits=[("st", np.array([0], np.int64)), ("en", np.array([2], np.int64)),
+                           ("ax", np.array([0], np.int64)), ("m1", np.array([-1], np.int64))], opset=13)
+    m = graphopt.from_proto(mp)
+    graphopt.run_passes(m, "default", graphopt.PassContext(instruments=[graphopt.VerifyInstrument()]))
+    out = graphopt.to_proto(m)
+    onnx.checker.check_model(out, full_check=True)
+    x = {"x": rnd(2, 4, 3, 5)}
+    assert compare(graphopt.run_ort(mp, x), graphopt.run_ort(out, x), rtol=0, atol=0).ok
+    r = next(n for n in m.graph if n.op_type == "Reshape")
+    assert r.input(1).const_value().tolist() == [0, 4, -1]  # the batch copied, not written as -1
+
+
+def test_unit_transpose_next_to_reshape_becomes_a_reshape() -> None:
+    mp = make_model([H("Transpose", ["x"], ["t"], perm=[0, 2, 1, 3]), H("Reshape", ["t", "s"], ["y"])],
+                    [vi("x", ["s", 3, 1, 4])], [vi("y", ["s", 12])], inits=[("s", np.array([0, -1], np.int64))])
+    m = optimize(mp, "default", {"x": [5, 3, 1, 4]})
+    assert ops(m) == ["Reshape"]
+    # a Transpose that really moves data stays
+    mp2 = make_model([H("Transpose", ["x"], ["t"], perm=[0, 2, 1, 3]), H("Reshape", ["t", "s"], ["y"])],
+                     [vi("x", ["s", 3, 2, 4])], [vi("y", ["s", 24])], inits=[("s", np.array([0, -1], np.int64))])
+    assert ops(optimize(mp2, "default", {"x": [5, 3, 2, 4]})) == ["Transpose", "Reshape"]
+
+
+def test_slices_of_disjoint_axes_merge() -> None:
+    # YOLOv5's Focus: rows then columns, four ways, concatenated
+    big = np.iinfo(np.int64).max
+    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    mp = make_model([H("Slice", ["x", "z", "e", "a2", "s2"], ["r0"]), H("Slice", ["x", "o", "e", "a2", "s2"], ["r1"]),
+                     H("Slice", ["r0", "z", "e", "a3", "s2"], ["p00"]), H("Slice", ["r0", "o", "e", "a3", "s2"], ["p01"]),
+                     H("Slice", ["r1", "z", "e", "a3", "s2"], ["p10"]), H("Slice", ["r1", "o", "e", "a3", "s2"], ["p11"]),
+                     H("Concat", ["p00", "p10", "p01", "p11"], ["y"], axis=1)],
+                    [vi("x", [1, 3, 8, 8])], [vi("y", [1, 12, 4, 4])],
+                    inits=[("z", i64(0)), ("o", i64(1)), ("e", i64(big)), ("a2", i64(2)), ("a3", i64(3)), ("s2", i64(2))])
+    m = optimize(mp, "default")
+    assert ops(m).count("Slice") == 4 and all(n.input(0).name == "x" for n in m.graph if n.op_type == "Slice")
+    # the same axis twice is not merged
+    mp2 = make_model([H("Slice", ["x", "z", "e", "a2", "s2"], ["r0"]), H("Slice", ["r0", "o", "e", "a2", "s2"], ["y"])],
+                     [vi("x", [1, 3, 8, 8])], [vi("y", [1, 3, 2, 8])],
+                     inits=[("z", i64(0)), ("o", i64(1)), ("e", i64(big)), ("a2", i64(2)), ("s2", i64(2))])
+    assert ops(optimize(mp2, "default")) == ["Slice", "Slice"]
+
+
+def test_squeeze_unsqueeze_pairs_and_unit_reductions() -> None:
+    # silero's tail: Unsqueeze(Squeeze(h, 0), 0) next to another reader of the Squeeze, and a
+    # ReduceMean over an axis of size 1 followed by Unsqueeze
+    mp = make_model([H("Squeeze", ["h", "ax0"], ["hs"]), H("Unsqueeze", ["hs", "ax0"], ["hu"]),
+                     H("Concat", ["hu", "c"], ["state"], axis=0), H("Relu", ["hs"], ["r"]),
+                     H("ReduceMean", ["r"], ["mean"], axes=[1], keepdims=0), H("Unsqueeze", ["mean", "ax1"], ["p"]),
+                     H("ReduceMax", ["p"], ["y"], axes=[1], keepdims=1)],
+                    [vi("h", [1, 3, 1]), vi("c", [1, 3, 1])], [vi("state", [2, 3, 1]), vi("y", [3, 1])],
+                    inits=[("ax0", np.array([0], np.int64)), ("ax1", np.array([1], np.int64))], opset=17)
+    m = optimize(mp, "default")
+    assert sorted(ops(m)) == ["Concat", "Relu", "Squeeze"], ops(m)
+    cat = next(n for n in m.graph if n.op_type == "Concat")
+    assert cat.input(0).name == "h"
+    # a reduction over a real axis stays
+    mp2 = make_model([H("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)], [vi("x", [2, 3])], [vi("y", [2])], opset=17)
+    assert ops(optimize(mp2, "default")) == ["ReduceMean"]

@@ -156,16 +156,19 @@ def _merge(v: Value, tp: onnx.TypeProto) -> None:
     if not tt.HasField("shape"):
         return
     shp = v.shape
-    if shp is not None and len(tt.shape.dim) == len(shp) and all(type(d) is int for d in shp):
+    if shp is not None and len(tt.shape.dim) == len(shp) and all(type(d) is int and d >= 0 for d in shp):
         return  # every dim already known: the merge below would keep them all
     from graphopt.onnx_io import shape_from_proto
 
-    dims = shape_from_proto(tt.shape)
+    # a negative dim (PaddlePaddle's -1, propagated by onnx's inference) is unknown, not a size
+    dims = tuple(None if type(d) is int and d < 0 else d for d in shape_from_proto(tt.shape))
     if v.shape is None or len(v.shape) != len(dims):
-        v.shape = tuple(dims)
+        v.shape = dims
         return
     merged = []
     for a, b in zip(v.shape, dims, strict=True):
+        if type(a) is int and a < 0:
+            a = None
         merged.append(a if isinstance(a, int) else b if isinstance(b, int) else a if a is not None else b)
     v.shape = tuple(merged)
 
@@ -276,7 +279,7 @@ def _propagate(n: Node, known: dict[int, np.ndarray]) -> None:
     try:
         if op == "Shape":
             x = n.input(0)
-            if x is not None and x.shape is not None and all(isinstance(d, int) for d in x.shape):
+            if x is not None and x.shape is not None and all(isinstance(d, int) and d >= 0 for d in x.shape):
                 shp = np.array(x.shape, dtype=np.int64)
                 start, end = n.attr("start", 0), n.attr("end", None)
                 known[id(o)] = shp[start:end]
@@ -370,7 +373,7 @@ def _symbolic_reshape(in_shape: tuple, target: np.ndarray, allowzero: int) -> tu
     out: list = [in_shape[i] if i in copied else t for i, t in enumerate(tgt)]
     if -1 in tgt:
         rest = [d for i, d in enumerate(in_shape) if i not in copied]
-        if not all(isinstance(d, int) for d in rest):
+        if not all(isinstance(d, int) and d >= 0 for d in rest):
             return None
         explicit = int(np.prod([t for t in tgt if t > 0]))
         out[tgt.index(-1)] = int(np.prod(rest)) // explicit if explicit else 0
@@ -380,7 +383,7 @@ def _symbolic_reshape(in_shape: tuple, target: np.ndarray, allowzero: int) -> tu
 def _shape_from_values(n: Node, vals: list[np.ndarray | None]) -> None:
     o = n.outputs[0]
     op = n.op_type
-    if o.shape is not None and all(isinstance(d, int) for d in o.shape):
+    if o.shape is not None and all(isinstance(d, int) and d >= 0 for d in o.shape):
         return
     x = n.input(0)
     if op == "Reshape" and vals[1] is not None and x is not None:

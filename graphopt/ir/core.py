@@ -153,8 +153,9 @@ class Value:
         return None if self.shape is None else len(self.shape)
 
     def static_shape(self) -> tuple[int, ...] | None:
-        """The shape if every dimension is a known integer, else None."""
-        if self.shape is None or not all(isinstance(d, int) for d in self.shape):
+        """The shape if every dimension is a known size, else None (a negative int - PaddlePaddle
+        writes ``-1`` for "any size" - is not a size)."""
+        if self.shape is None or not all(isinstance(d, int) and d >= 0 for d in self.shape):
             return None
         return tuple(int(d) for d in self.shape)  # type: ignore[arg-type]
 

@@ -72,6 +72,11 @@ def _fill_apply(node: Node, scalars: list[Any]) -> Any:
     return None
 
 
+def _known(d: Any) -> bool:
+    """A dim that is a size: an int >= 0 (PaddlePaddle's ``-1`` dim values mean "any size")."""
+    return isinstance(d, int) and d >= 0
+
+
 def _nbytes(a: Any) -> int:
     return int(a.nbytes) if isinstance(a, np.ndarray) and a.dtype != object else 0
 
@@ -117,10 +122,10 @@ class ConstantFolding(Pass):
                 return None
             dims = list(x.shape)
             if op == "Size":
-                return np.array(int(np.prod(dims)), np.int64) if all(isinstance(d, int) for d in dims) else None
+                return np.array(int(np.prod(dims)), np.int64) if all(_known(d) for d in dims) else None
             start, end = node.attr("start", 0), node.attr("end", None)
             sel = dims[start:end]
-            return np.array(sel, np.int64) if all(isinstance(d, int) for d in sel) else None
+            return np.array(sel, np.int64) if all(_known(d) for d in sel) else None
         if op in ("Gather", "Slice"):
             src = node.input(0)
             sh = src.producer if src is not None else None
@@ -145,7 +150,7 @@ class ConstantFolding(Pass):
                 step = int(np.ravel(args[3])[0]) if len(args) > 3 and args[3] is not None else 1
                 pick = idx[int(np.ravel(args[0])[0]):int(np.ravel(args[1])[0]):step]
             chosen = [dims[int(i)] for i in np.ravel(pick)]
-            if not all(isinstance(d, int) for d in chosen):
+            if not all(_known(d) for d in chosen):
                 return None
             return np.array(chosen, np.int64).reshape(np.shape(pick))
         return None
