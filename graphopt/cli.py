@@ -245,11 +245,14 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         samples = load_calibration(args.calibration, model)
     original = model.copy()
     before = Path(args.model).stat().st_size
+    deq = get_pass("dequantize-integer")
+    if args.requantize:  # integer ops back to float first, so the lossless pipeline sees float ops
+        run_passes(model, [deq])
     if not args.no_optimize:
         run_passes(model, get_pipeline("default"))
     if args.dynamic or args.weight_only:
         q = get_pass("quantize-dynamic", mode="weight-only" if args.weight_only else "dynamic",
-                     per_channel=not args.per_tensor,
+                     per_channel=not args.per_tensor, requantize=args.requantize,
                      exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else ())
     else:
         q = get_pass("quantize-static", method=args.method, per_channel=not args.per_tensor,
@@ -257,7 +260,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      exclude_nodes=tuple(args.exclude_nodes.split(",")) if args.exclude_nodes else (),
                      exclude_op_types=tuple(args.exclude_ops.split(",")) if args.exclude_ops else (),
                      max_error=args.max_error, sensitivity=args.sensitivity, equalize=args.equalize,
-                     bias_correction=args.bias_correction, symmetric_activations=args.symmetric)
+                     bias_correction=args.bias_correction, symmetric_activations=args.symmetric,
+                     requantize=args.requantize, by_latency=args.by_latency)
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
     if args.compact_names:
         run_passes(model, [get_pass("compact-names")])
@@ -269,7 +273,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
         if c.top1 is not None:
             top1.append(c.top1)
-    rows = [[k, v] for k, v in q.report.items() if k not in ("sqnr_db", "sensitivity")]
+    rows = [[f"input ({k})", v] for k, v in getattr(deq, "report", {}).items() if args.requantize]
+    rows += [[k, v] for k, v in q.report.items() if k not in ("sqnr_db", "sensitivity", "latency_decisions")]
+    for d in q.report.get("latency_decisions", []):
+        rows.append([f"region {d['region']} ({d['nodes']} nodes, {d['first']} .. {d['last']})",
+                     f"{d['kept']}: {d['ms_int8']:.3f} ms all int8, {d['ms_region_float']:.3f} ms with it in float"])
     if q.report.get("sqnr_db"):
         worst_sqnr = sorted(q.report["sqnr_db"].items(), key=lambda kv: kv[1])[:3]
         rows.append(["lowest SQNR (dB)", ", ".join(f"{k}: {v}" for k, v in worst_sqnr)])
@@ -554,6 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--equalize", action="store_true", help="cross-layer equalization before quantizing")
     sp.add_argument("--bias-correction", action="store_true",
                     help="correct biases for the expected shift of quantized weights")
+    sp.add_argument("--requantize", action="store_true",
+                    help="for an already-quantized model: dequantize its integer weights (ConvInteger, "
+                         "MatMulInteger, DynamicQuantizeLSTM, QDQ) and quantize it again")
+    sp.add_argument("--by-latency", action="store_true",
+                    help="time the model under ONNX Runtime with each int8 region taken back to float and keep "
+                         "float where that is faster (reported per region)")
     sp.add_argument("--no-optimize", action="store_true", help="skip the lossless default pipeline first")
     sp.add_argument("--compact-names", action="store_true",
                     help="short names for internal values and nodes (inputs/outputs keep theirs): smaller files")

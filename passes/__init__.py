@@ -40,6 +40,7 @@ from .compress.lowrank import LowRankFactorization
 from .compress.prune import MagnitudePruning
 from .quantize.dynamic import QuantizeDynamic
 from .quantize.equalize import CrossLayerEqualization
+from .quantize.requantize import DequantizeInteger
 from .quantize.static import QuantizeStatic
 
 

@@ -35,7 +35,8 @@ class QuantizeDynamic(Pass):
 
     name = "quantize-dynamic"
     recursive = False
-    default_options = {"mode": "dynamic", "per_channel": True, "exclude_nodes": (), "min_weight_elements": 1}
+    default_options = {"mode": "dynamic", "per_channel": True, "exclude_nodes": (), "min_weight_elements": 1,
+                       "requantize": False}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -47,6 +48,12 @@ class QuantizeDynamic(Pass):
         opset = self.model.opset("") if self.model is not None else None
         if (opset or 0) < 11:
             raise GraphoptError("quantize-dynamic needs opset >= 11 (DynamicQuantizeLinear)")
+        if self.model is not None and graph is self.model.graph:  # an already-quantized model: say what it is, or undo it on request
+            from .requantize import DequantizeInteger, refuse_if_quantized
+
+            if not self.options["requantize"]:
+                refuse_if_quantized(self.model, "dynamic quantization")
+            DequantizeInteger().apply(self.model, ctx)
         excl = set(self.options["exclude_nodes"])
         done = 0
         cache: dict[int, tuple[str, Any, Any, Any]] = {}

@@ -68,7 +68,14 @@ QUANT_OPS: dict[str, tuple[tuple[int, ...], int | None, int | None]] = {
 }
 #: ops ORT runs in int8 when their input is quantized: their outputs get quantized too
 INT8_FOLLOWERS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "Relu", "Clip", "Concat", "Add",
-                            "Mul", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze"})
+                            "Mul", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze",
+                            # QLinearSigmoid / QLinearLeakyRelu (SiLU = x * Sigmoid(x) stays integer
+                            # with the Mul), and ops ORT runs on the uint8 data as they are
+                            "Sigmoid", "LeakyRelu", "Resize", "Split", "Slice", "Gather"})
+#: ops whose output ORT keeps integer only with the input's scale and zero point (it drops their
+#: Q/DQ pair): their output range is the input's, as ORT's quantizer does too
+SAME_PARAMS = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Resize", "Split",
+                         "Slice", "Gather"})
 _STD = ("", "ai.onnx")
 
 
@@ -163,6 +170,12 @@ class QuantizeStatic(Pass):
         "exclude_op_types": (),
         "subgraph_weights": True,
         "symmetric_activations": False,
+        "requantize": False,
+        "by_latency": False,
+        "latency_rounds": 10,
+        "latency_regions": 8,
+        "latency_margin": 0.02,
+        "timer": None,
     }
 
     def __init__(self, **options: Any) -> None:
@@ -203,28 +216,34 @@ class QuantizeStatic(Pass):
             if _hard_sigmoid_params(n) is not None and id(n.input(0)) in chosen and _float(n.output(0)):
                 implicit.add(id(n.output(0)))
                 continue
-            if n.op_type not in INT8_FOLLOWERS:
+            if n.op_type not in INT8_FOLLOWERS or (n.op_type == "Resize" and n.attr("mode", "nearest") != "nearest"):
                 continue
-            data = [v for v in n.inputs if v is not None and not v.is_const()]
+            # the values it computes on (shapes, indices, scales and sizes are not data)
+            data = [v for v in n.inputs if v is not None and not v.is_const() and v.dtype in (None, onnx.TensorProto.FLOAT)]
             if n.op_type == "Mul" and len(data) != 2:
                 continue  # a Mul by a float constant has no integer kernel
-            if data and all(id(v) in chosen or id(v) in implicit for v in data) and _float(n.output(0)):
-                out = n.output(0)
-                if n.op_type not in ("Relu", "Clip") and id(out) not in chosen and _activation_after(out) is not None:
+            outs = [o for o in n.outputs if _float(o)]
+            if data and outs and len(outs) == len(n.outputs) and all(id(v) in chosen or id(v) in implicit
+                                                                     for v in data):
+                out = outs[0]
+                if len(outs) == 1 and n.op_type not in ("Relu", "Clip") and id(out) not in chosen \
+                        and _activation_after(out) is not None:
                     implicit.add(id(out))  # Add -> Relu: a Q/DQ between them would only requantize
                     continue
-                added = id(out) not in chosen  # else an integer op reads it anyway
-                chosen[id(out)] = out
+                added = any(id(o) not in chosen for o in outs)  # else an integer op reads them anyway
+                for o in outs:
+                    chosen[id(o)] = o
                 followers.append((n, added))
         # ... but only where an integer op reads the result: no Q/DQ "ping-pong" into float ops
         qset = set(quant_nodes)
         kept: set[Node] = set()
         for n, added in reversed(followers):
-            readers = n.output(0).consumers()
+            readers = [r for o in n.outputs for r in o.consumers()]
             if not added or any(r in qset or r in kept for r in readers):
                 kept.add(n)
             else:
-                chosen.pop(id(n.output(0)), None)
+                for o in n.outputs:
+                    chosen.pop(id(o), None)
         return quant_nodes, list(chosen.values())
 
     # -- main -----------------------------------------------------------------------------------
@@ -233,6 +252,17 @@ class QuantizeStatic(Pass):
             raise GraphoptError("quantize-static needs calibration data (PassContext(calibration=...) or "
                                 "--calibration DATA)")
         samples = load_calibration(ctx.calibration, model)[: self.options["max_samples"]]
+        from .requantize import DequantizeInteger, describe_quantization, refuse_if_quantized
+
+        if not self.options["requantize"]:
+            refuse_if_quantized(model, "static quantization")
+        elif describe_quantization(model)["quantized"]:
+            self.report["quantized_before"] = describe_quantization(model)["summary"]
+            deq = DequantizeInteger()
+            deq.apply(model, ctx)
+            self.report["dequantized"] = deq.report["dequantized"]
+            if deq.report["left"]:
+                self.report["left_integer"] = deq.report["left"]
         bodies = sum(1 for n in model.graph.all_nodes() if n.subgraphs())
         opset = model.opset("") or 0
         if self.options["per_channel"] and opset < 13:
@@ -254,9 +284,6 @@ class QuantizeStatic(Pass):
         _, pre = self._targets(graph)
         self.report["decomposed_hardswish"] = decompose_hard_swish(graph, {v.name for v in pre})
         quant_nodes, tensors = self._targets(graph)
-        if not quant_nodes:
-            raise GraphoptError(f"nothing to quantize: no {'/'.join(self.options['op_types'])} node with float "
-                                "inputs in the main graph")
         bodies_plan: list[tuple[Graph, list[str]]] = []
         if self.options["subgraph_weights"]:
             for g in model.graph.all_graphs():
@@ -268,6 +295,10 @@ class QuantizeStatic(Pass):
                     bodies_plan.append((g, [n.name for n in b_nodes]))
                     have = {t.name for t in tensors}
                     tensors = tensors + [v for v in b_tensors if v.name not in have]
+        if not quant_nodes and not bodies_plan:
+            where = "the main graph or its If/Loop bodies" if bodies else "the model"
+            raise GraphoptError(f"nothing to quantize: no {'/'.join(self.options['op_types'])} node with float "
+                                f"inputs in {where}")
         ranges = self._calibrate(model, tensors, samples)
         names = [n.name for n in quant_nodes]
         budget = self.options["max_error"]
@@ -275,6 +306,8 @@ class QuantizeStatic(Pass):
             chosen = self._mixed_precision(model, names, ranges, samples, budget)
         else:
             chosen = names
+        if self.options["by_latency"] and chosen:
+            chosen = self._by_latency(model, chosen, ranges, samples)
         n_weights, n_tensors, n_hs = self._rewrite(model, chosen, ranges)
         sub_nodes = 0
         for g, b_names in bodies_plan:
@@ -369,6 +402,114 @@ class QuantizeStatic(Pass):
             raise GraphoptError(f"cannot meet max_error={budget:g}: even with every layer in float the error is {err:g}")
         return chosen
 
+    # -- latency-driven placement ----------------------------------------------------------------
+    def _regions(self, graph: Graph, names: list[str], count: int) -> list[list[str]]:
+        """The quantized nodes grouped into about ``count`` regions: the connected int8 stretches
+        (nodes joined by a quantized tensor, through the integer followers between them), the
+        largest split in topological order and the smallest merged with their neighbours."""
+        _, tensors = self._targets(graph, only=set(names))
+        order = {n.name: k for k, n in enumerate(graph)}
+        parent: dict[str, str] = {n: n for n in names}
+
+        def find(a: str) -> str:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        def link(a: str, b: str) -> None:
+            parent.setdefault(a, a)
+            parent.setdefault(b, b)
+            parent[find(a)] = find(b)
+
+        chosen = set(names)
+
+        def integer(e: Node) -> bool:  # runs in int8 in the quantized model
+            return e.graph is graph and bool(e.name) and (e.name in chosen or e.op_type in INT8_FOLLOWERS)
+
+        for v in tensors:  # a quantized tensor joins its integer producer and integer readers
+            ends = [e for e in ([v.producer] if v.producer is not None else []) + v.consumers() if integer(e)]
+            for e in ends[1:]:
+                link(ends[0].name, e.name)
+        for n in graph:  # and a layer its fused activation
+            if n.name in chosen:
+                act = _activation_after(n.output(0))
+                if act is not None and act.producer is not None and act.producer.name:
+                    link(n.name, act.producer.name)
+        groups: dict[str, list[str]] = {}
+        for n in sorted(names, key=lambda k: order.get(k, 0)):
+            groups.setdefault(find(n), []).append(n)
+        regions = sorted(groups.values(), key=lambda r: order.get(r[0], 0))
+        while len(regions) < count:
+            big = max(range(len(regions)), key=lambda i: len(regions[i]))
+            r = regions[big]
+            if len(r) < 2:
+                break
+            regions[big: big + 1] = [r[: len(r) // 2], r[len(r) // 2:]]
+        while len(regions) > count:  # merge the smallest adjacent pair
+            i = min(range(len(regions) - 1), key=lambda k: len(regions[k]) + len(regions[k + 1]))
+            regions[i: i + 2] = [regions[i] + regions[i + 1]]
+        return regions
+
+    def _default_timer(self, models: dict[str, Model], feed: dict[str, np.ndarray]) -> dict[str, float]:
+        """Median ORT latency (ms; all graph optimizations, as deployed) of each model, timed
+        interleaved and settled (:func:`graphopt.runtime.interleaved_latency`)."""
+        from graphopt.runtime import interleaved_latency, ort_session
+
+        sessions = {k: ort_session(m, optimize=True) for k, m in models.items()}
+        return interleaved_latency(sessions, feed, rounds=self.options["latency_rounds"])
+
+    def _by_latency(self, model: Model, names: list[str], ranges: dict[str, tuple[float, float]],
+                    samples: list[dict[str, np.ndarray]]) -> list[str]:
+        """Keep int8 only where it pays on ONNX Runtime: time the model all int8, all float and
+        with each region taken back to float (one interleaved run), and keep in float every
+        region whose float form made the model faster; then check the result against both.
+
+        The timer is ``options["timer"]`` (``timer(models, feed) -> {name: ms}``; tests inject
+        one) or ORT on the first calibration sample."""
+        timer = self.options["timer"] or self._default_timer
+        regions = self._regions(model.graph, names, int(self.options["latency_regions"]))
+        saved = dict(self.report)
+        base = model.copy()
+
+        def variant(keep: list[str]) -> Model:
+            m = base.copy()
+            if keep:
+                self._rewrite(m, keep, ranges)
+            return m
+
+        models = {"float": base.copy(), "int8": variant(names)}
+        for k, r in enumerate(regions):
+            drop = set(r)
+            models[f"region{k}"] = variant([n for n in names if n not in drop])
+        feed = samples[0]
+        t = timer(models, feed)
+        margin = float(self.options["latency_margin"])
+        decisions, keep = [], list(names)
+        for k, r in enumerate(regions):
+            faster_in_float = t[f"region{k}"] < t["int8"] * (1 - margin)
+            decisions.append({"region": k, "nodes": len(r), "first": r[0], "last": r[-1],
+                              "ms_int8": round(t["int8"], 4), "ms_region_float": round(t[f"region{k}"], 4),
+                              "kept": "float" if faster_in_float else "int8"})
+            if faster_in_float:
+                keep = [n for n in keep if n not in set(r)]
+        final = {"int8": t["int8"], "float": t["float"]}
+        if len(keep) not in (0, len(names)):  # a mix: check it against all-int8 and all-float
+            t2 = timer({"float": base.copy(), "int8": variant(names), "mixed": variant(keep)}, feed)
+            final = {"int8": t2["int8"], "float": t2["float"], "mixed": t2["mixed"]}
+            if t2["mixed"] > t2["int8"] * (1 - margin):  # no better than all int8 in the second run
+                keep = list(names) if t2["int8"] <= t2["float"] else []
+        elif not keep and t["int8"] < t["float"] * (1 - margin):
+            keep = list(names)  # every region alone looked faster in float, the whole is not
+        self.report.clear()
+        self.report.update(saved)
+        self.report["latency_decisions"] = decisions
+        self.report["latency_ms"] = {k: round(v, 4) for k, v in final.items()}
+        self.report["latency_kept_float"] = sorted(set(names) - set(keep))
+        log.info("quantize-static: by latency, %d of %d quantizable nodes stay int8 (%d regions)",
+                 len(keep), len(names), len(regions))
+        return keep
+
     def _sqnr(self, tensors: list[Value], ranges: dict[str, tuple[float, float]], model: Model,
               samples: list[dict[str, np.ndarray]], chosen: list[str]) -> dict[str, float]:
         """Signal-to-quantization-noise ratio (dB) of each quantized activation on calibration data."""
@@ -425,6 +566,14 @@ class QuantizeStatic(Pass):
                         n.set_input(i, local.output(0))
         quant_nodes, tensors = self._targets(graph, only=keep)
         tensors = [v for v in tensors if v.name in ranges]
+        quantized = {v.name for v in tensors}
+        ranges = dict(ranges)
+        for n in graph:  # in topological order, so chains of them share one range
+            x = n.input(0) if n.op_type in SAME_PARAMS and n.domain in _STD and n.inputs else None
+            if x is not None and x.name in quantized:
+                for o in n.outputs:
+                    if o.name in quantized:
+                        ranges[o.name] = ranges[x.name]
         params = int8_sym_params if self.options["symmetric_activations"] else uint8_params
         for v in tensors:
             self._insert_qdq(graph, v, *params(*ranges[v.name]))
