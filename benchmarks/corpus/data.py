@@ -454,7 +454,7 @@ def _render_line(rng: np.random.Generator, text: str, size: tuple[int, int] = (2
     ImageDraw.Draw(img).text((mx - x0, my - y0), text, font=font, fill=fg)
     if rng.random() < 0.3:
         img = img.filter(ImageFilter.GaussianBlur(0.6))
-    a = np.asarray(img).astype(np.float32) + rng.normal(0, 4, (h, w, 3))
+    a = np.asarray(img).astype(np.float32) + 4 * rng.standard_normal((h, w, 3), np.float32)
     return np.clip(a, 0, 255).astype(np.uint8)
 
 
@@ -609,7 +609,10 @@ def _render_page(rng: np.random.Generator, w: int = 800, h: int = 608, layout: b
     y = bb[3] + 20
     if layout:
         tfont = _pick_font(rng, 26, 34, bold=True)
-        bb = put_line(margin, y, _zen()[rng.integers(len(_zen()))].rstrip(".!"), tfont)
+        title = _zen()[rng.integers(len(_zen()))].rstrip(".!").split()
+        while len(title) > 1 and d.textlength(" ".join(title), font=tfont) > w - 2 * margin:
+            title.pop()
+        bb = put_line(margin, y, " ".join(title), tfont)
         blocks.append((*bb[:4], "title"))
         y = bb[3] + 20
     bottom = h - 50
@@ -669,7 +672,7 @@ def _render_page(rng: np.random.Generator, w: int = 800, h: int = 608, layout: b
     ffont = _pick_font(rng, 11, 13, bold=False)
     bb = put_line(w // 2 - 10, h - 30, str(rng.integers(1, 300)), ffont, fill=(90, 90, 90))
     blocks.append((*bb[:4], "footer"))
-    a = np.asarray(page).astype(np.float32) + rng.normal(0, 3, (h, w, 3))
+    a = np.asarray(page).astype(np.float32) + 3 * rng.standard_normal((h, w, 3), np.float32)
     return _Page(np.clip(a, 0, 255).astype(np.uint8), lines, blocks)
 
 
@@ -725,10 +728,6 @@ class DetTask(_BoxTask):
                   min(prob.shape[1], x1 + dist) * sx, min(prob.shape[0], y1 + dist) * sy, 0)
             boxes.append(tuple(float(v) for v in bx[:4]) + (0,))
         return boxes
-
-    def evaluate(self, run, n=None):
-        r = super().evaluate(run, n)
-        return r
 
     def _score(self, preds, truths):
         return super()._score(preds, [t["boxes"] for t in truths])
@@ -1101,7 +1100,7 @@ class VadTask(Task):
                 act[a:b] = True
         snr = rng.uniform(10, 25)
         p_speech = np.mean(clean[np.repeat(act, 160)] ** 2) if act.any() else 1e-4
-        noise = rng.normal(0, 1, n).astype(np.float32)
+        noise = rng.standard_normal(n, np.float32)
         if rng.random() < 0.5:  # brown-ish noise
             noise = np.cumsum(noise)
             noise -= np.convolve(noise, np.ones(400) / 400, "same")
@@ -1161,7 +1160,10 @@ class VadTask(Task):
         return self._split_feeds("calib", n, min(n, 4))
 
     def eval_feeds(self, n: int | None = None) -> list[Feeds]:
-        return self._split_feeds("eval", 32 if n is None else n, min(self.n_eval, 32 if n is None else n))
+        """``n`` (default 32) windows of the eval clips with their fp32 stream state: for
+        ``graphopt verify --inputs``; :meth:`evaluate` streams the whole clips."""
+        n = 32 if n is None else n
+        return self._split_feeds("eval", n, min(self.n_eval, n))
 
     def truths(self, n=None):
         return [self.clip("eval", i).labels for i in range(self._n("eval", n))]
@@ -1198,7 +1200,25 @@ def _first(it, n: int) -> list:
 @functools.lru_cache(maxsize=1)
 def _real_files(per_type: int = 6) -> list[tuple[str, str]]:
     """(path, true content type) of real files on this machine, a few per type. The type comes
-    from where the file is and its magic bytes, checked here, not from magika."""
+    from where the file is and its magic bytes, checked here, not from magika. The list is cached
+    in the corpus cache (searching /usr/share takes seconds) and rebuilt when a file went away."""
+    f = cache_dir() / "data" / f"real_files_{per_type}.json"
+    if f.exists():
+        try:
+            got = [(p, t) for p, t in json.loads(f.read_text())]
+            if all(os.path.isfile(p) for p, _ in got):
+                return got
+        except (ValueError, TypeError):
+            pass
+    got = _find_real_files(per_type)
+    f.parent.mkdir(parents=True, exist_ok=True)
+    tmp = f.with_name(f.name + ".tmp")
+    tmp.write_text(json.dumps(got))
+    os.replace(tmp, f)
+    return got
+
+
+def _find_real_files(per_type: int) -> list[tuple[str, str]]:
     import sysconfig
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
@@ -1206,9 +1226,9 @@ def _real_files(per_type: int = 6) -> list[tuple[str, str]]:
     usr = Path("/usr")
     cands: dict[str, list[Path]] = {}
 
-    def add(label: str, paths, check: Callable[[bytes], bool] | None = None, min_size: int = 256):
+    def add(label: str, *sources, check: Callable[[bytes], bool] | None = None, min_size: int = 256):
         got = cands.setdefault(label, [])
-        for p in paths:
+        for p in itertools.chain.from_iterable(sources):  # later sources are globbed only if needed
             if len(got) >= per_type * 3:
                 break
             try:
@@ -1223,37 +1243,37 @@ def _real_files(per_type: int = 6) -> list[tuple[str, str]]:
             got.append(p)
 
     def g(root: Path, pat: str, n: int = 400):
-        return sorted(_first(root.glob(pat), n)) if root.exists() else []
+        yield from (sorted(_first(root.glob(pat), n)) if root.exists() else [])
 
     add("python", g(stdlib, "*.py"))
     add("pythonbytecode", g(stdlib / "__pycache__", "*.pyc"))
-    add("json", g(site, "*/*.json") + g(site, "*/*/*.json") + g(usr / "share", "*/*.json"))
-    add("html", g(usr / "share/doc", "*/*.html") + g(site, "*/*/*.html") + g(usr / "share", "**/*.html", 100))
-    add("css", g(site, "**/*.css", 100) + g(usr / "share", "**/*.css", 100))
-    add("javascript", g(site, "**/*.js", 200) + g(usr / "share", "**/*.js", 100))
+    add("json", g(site, "*/*.json"), g(site, "*/*/*.json"), g(usr / "share", "*/*.json"))
+    add("html", g(usr / "share/doc", "*/*.html"), g(site, "*/*/*.html"), g(usr / "share", "**/*.html", 100))
+    add("css", g(site, "**/*.css", 100), g(usr / "share", "**/*.css", 100))
+    add("javascript", g(site, "**/*.js", 200), g(usr / "share", "**/*.js", 100))
     add("c", g(usr / "include", "*.h"))
-    add("elf", g(usr / "bin", "*"), lambda b: b.startswith(b"\x7fELF"), 4096)
-    add("shell", g(usr / "bin", "*"), lambda b: b.startswith((b"#!/bin/sh", b"#! /bin/sh", b"#!/bin/bash")))
-    add("perl", g(usr / "share/perl5", "*/*.pm") + g(usr / "share/perl", "*/*/*.pm"))
-    add("zip", g(cache_dir() / "wheels", "*/*.whl"), lambda b: b.startswith(b"PK\x03\x04"))
-    add("gzip", g(usr / "share/doc", "*/changelog*.gz"), lambda b: b.startswith(b"\x1f\x8b"))
-    add("png", g(site, "**/*.png", 100) + g(usr / "share", "**/*.png", 200), lambda b: b.startswith(b"\x89PNG"))
-    add("jpeg", g(site, "**/*.jpg", 50) + g(usr / "share", "**/*.jpg", 50), lambda b: b.startswith(b"\xff\xd8"))
-    add("pdf", g(usr / "share", "**/*.pdf", 50), lambda b: b.startswith(b"%PDF"))
-    add("ttf", g(FONT_DIR, "*.ttf"), lambda b: b[:4] in (b"\x00\x01\x00\x00", b"true"))
-    add("markdown", g(site, "*/*.md") + g(site, "*/*/*.md") + g(usr / "share/doc", "*/*.md"),
-        lambda b: b.startswith(b"#") or b"\n#" in b)
-    add("rst", g(site, "sklearn/datasets/descr/*.rst") + g(site, "*/*.rst"))
+    add("elf", g(usr / "bin", "*"), check=lambda b: b.startswith(b"\x7fELF"), min_size=4096)
+    add("shell", g(usr / "bin", "*"), check=lambda b: b.startswith((b"#!/bin/sh", b"#! /bin/sh", b"#!/bin/bash")))
+    add("perl", g(usr / "share/perl5", "*/*.pm"), g(usr / "share/perl", "*/*/*.pm"))
+    add("zip", g(cache_dir() / "wheels", "*/*.whl"), check=lambda b: b.startswith(b"PK\x03\x04"))
+    add("gzip", g(usr / "share/doc", "*/changelog*.gz"), check=lambda b: b.startswith(b"\x1f\x8b"))
+    add("png", g(site, "**/*.png", 100), g(usr / "share", "**/*.png", 200), check=lambda b: b.startswith(b"\x89PNG"))
+    add("jpeg", g(site, "**/*.jpg", 50), g(usr / "share", "**/*.jpg", 50), check=lambda b: b.startswith(b"\xff\xd8"))
+    add("pdf", g(usr / "share", "**/*.pdf", 50), check=lambda b: b.startswith(b"%PDF"))
+    add("ttf", g(FONT_DIR, "*.ttf"), check=lambda b: b[:4] in (b"\x00\x01\x00\x00", b"true"))
+    add("markdown", g(site, "*/*.md"), g(site, "*/*/*.md"), g(usr / "share/doc", "*/*.md"),
+        check=lambda b: b.startswith(b"#") or b"\n#" in b)
+    add("rst", g(site, "sklearn/datasets/descr/*.rst"), g(site, "*/*.rst"))
     add("csv", g(site, "sklearn/datasets/data/*.csv"))
-    add("xml", g(usr / "share", "*/*.xml") + g(usr / "share", "*/*/*.xml"), lambda b: b.lstrip().startswith(b"<?xml"))
-    add("svg", g(usr / "share", "**/*.svg", 100) + g(site, "**/*.svg", 100))
-    add("yaml", g(site, "*/*.yaml") + g(site, "*/*/*.yaml") + g(site, "*/*/*/*.yaml") + g(usr / "share", "*/*.yaml"))
-    add("ini", g(site, "*/setup.cfg") + g(site, "*/*/setup.cfg") + g(Path("/etc"), "**/*.ini", 50),
-        lambda b: b.lstrip().startswith(b"["))
-    add("onnx", sorted((cache_dir() / "models").glob("*.onnx")), None, 4096)
-    add("makefile", g(usr / "share", "**/Makefile", 50) + g(site, "**/Makefile", 50))
-    add("sql", g(usr / "share", "**/*.sql", 50) + g(site, "**/*.sql", 50))
-    add("txt", g(usr / "share/common-licenses", "*") + g(site, "*/LICENSE*.txt") + g(site, "*/*.txt"))
+    add("xml", g(usr / "share", "*/*.xml"), g(usr / "share", "*/*/*.xml"), check=lambda b: b.lstrip().startswith(b"<?xml"))
+    add("svg", g(usr / "share", "**/*.svg", 100), g(site, "**/*.svg", 100))
+    add("yaml", g(site, "*/*.yaml"), g(site, "*/*/*.yaml"), g(site, "*/*/*/*.yaml"), g(usr / "share", "*/*.yaml"))
+    add("ini", g(site, "*/setup.cfg"), g(site, "*/*/setup.cfg"), g(Path("/etc"), "**/*.ini", 50),
+        check=lambda b: b.lstrip().startswith(b"["))
+    add("onnx", g(cache_dir() / "models", "*.onnx"), min_size=4096)
+    add("makefile", g(usr / "share", "**/Makefile", 50), g(site, "**/Makefile", 50))
+    add("sql", g(usr / "share", "**/*.sql", 50), g(site, "**/*.sql", 50))
+    add("txt", g(usr / "share/common-licenses", "*"), g(site, "*/LICENSE*.txt"), g(site, "*/*.txt"))
     out = []
     for label, paths in sorted(cands.items()):
         for p in paths[: per_type]:
@@ -1419,8 +1439,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--write-calib", metavar="DIR", help="write calibration feeds of ONE entry to DIR")
     ap.add_argument("--calib-n", type=int, default=16)
     ap.add_argument("--json", metavar="FILE", help="also write the table as JSON")
+    ap.add_argument("--model", metavar="ONNX", help="score this model file (e.g. a quantized one) for ONE entry, "
+                    "next to the fp32 original, with their agreement")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.model:
+        if len(a.names) != 1:
+            ap.error("--model takes exactly one entry name")
+        t = task(a.names[0])
+        ref = t.evaluate(ort_runner(fetch([t.name])[t.name]), a.n)
+        new = t.evaluate(ort_runner(a.model), a.n)
+        print(f"{t.name}: {ref.metric} fp32 {ref.score:.4f}  {Path(a.model).name} {new.score:.4f}  "
+              f"agreement {t.agreement(ref, new):.4f}  (n={len(ref.predictions)})")
+        return 0
     if a.write_calib:
         if len(a.names) != 1:
             ap.error("--write-calib takes exactly one entry name")
