@@ -53,9 +53,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from graphopt.runtime import resolve_input_shapes
 
-    try:  # symbolic dims resolved from --input-shape (or 1) so FLOPs and memory are concrete
-        infer_shapes(m, resolve_input_shapes(m, parse_input_shapes(args.input_shape)))
-    except GraphoptError:
+    hints = parse_input_shapes(args.input_shape)
+    try:  # dynamic dims resolved from --input-shape (or 1, with a warning) so FLOPs and memory are concrete
+        infer_shapes(m, resolve_input_shapes(m, hints, warn=True))
+    except GraphoptError as e:
+        if hints:
+            raise
+        log.warning("FLOPs and memory left partly unknown: %s", e)
         infer_shapes(m)
     st = model_stats(m)
     size = Path(args.model).stat().st_size
@@ -106,11 +110,18 @@ def cmd_passes(args: argparse.Namespace) -> int:
     return 0
 
 
-def _feeds(model: Any, args: argparse.Namespace, n: int) -> list[dict[str, Any]]:
-    from graphopt.runtime import make_inputs, parse_input_shapes
+def _feeds(model: Any, args: argparse.Namespace, n: int | None) -> list[dict[str, Any]]:
+    """Feeds for checks: ``--inputs`` samples (the first ``n``), else ``n`` random ones the model
+    runs on (dims left open named in a warning; a model ORT cannot run on random data is an
+    error that says to pass ``--inputs``)."""
+    from graphopt.runtime import input_feeds, parse_input_shapes
 
-    shapes = parse_input_shapes(args.input_shape)
-    return [make_inputs(model, shapes, seed=k) for k in range(n)]
+    return input_feeds(model, hints=parse_input_shapes(getattr(args, "input_shape", None)),
+                       data=getattr(args, "inputs", None), count=n, seed=getattr(args, "seed", 0) or 0)
+
+
+def _shapes_of(feed: dict[str, Any]) -> dict[str, list[int]]:
+    return {k: list(np.shape(v)) for k, v in feed.items()}
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -142,12 +153,23 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         pipeline = Pipeline([get_pass(p.strip()) for p in args.passes.split(",") if p.strip()], name="passes")
     else:
         pipeline = get_pipeline(args.pipeline or "default")
-    stats = StatsInstrument(shapes)
-    instruments: list[Any] = [VerifyInstrument(), stats, ProgressInstrument()]
     feeds: list[dict[str, Any]] = []
     original = None
+    if args.inputs and not args.verify:
+        args.verify = -1  # --inputs alone: verify on every sample
     if args.verify:
-        feeds = _feeds(model, args, args.verify)
+        feeds = _feeds(model, args, args.verify if args.verify > 0 else None)
+    else:
+        from graphopt.runtime import resolve_input_shapes
+
+        try:  # the report's FLOPs use these sizes: name the guessed ones
+            resolve_input_shapes(model, shapes, warn=True)
+        except GraphoptError:
+            pass
+    # FLOPs at the sizes verified on (the user's data, or the sizes the model ran at)
+    stats = StatsInstrument({**_shapes_of(feeds[0]), **shapes} if feeds else shapes)
+    instruments: list[Any] = [VerifyInstrument(), stats, ProgressInstrument()]
+    if args.verify:
         instruments.append(NumericCheckInstrument(feeds, rtol=args.rtol, atol=args.atol))
         original = model.copy()
     ctx = PassContext(instruments=instruments, input_shapes=shapes)
@@ -177,11 +199,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
             "FLOPs": [human(before.flops), human(final.flops)],
         },
     }
+    kind = "--inputs sample(s)" if args.inputs else "random input(s)"
     if err is not None:
-        summary["verified"] = f"{args.verify} random input(s), max abs error {err:.3g}"
+        summary["verified"] = f"{len(feeds)} {kind}, max abs error {err:.3g}"
     print(f"\n{src} -> {out}: compute nodes {before.nodes} -> {final.nodes}, "
           f"size {human(before.bytes, 'B')} -> {human(final.bytes, 'B')}, {elapsed:.2f}s"
-          + (f", verified on {args.verify} input(s) (max abs err {err:.2e})" if err is not None else ""))
+          + (f", verified on {len(feeds)} {kind} (max abs err {err:.2e})" if err is not None else ""))
     if args.report:
         write_report(args.report, summary, ctx.records, before)
         print(f"report written to {args.report}")
@@ -200,7 +223,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise GraphoptError(f"{args.b} needs inputs {sorted(set(ib) - set(ia))} that {args.a} does not have")
     rows = []
     ok = True
-    for k, feed in enumerate(_feeds(a, args, args.samples)):
+    feeds = _feeds(a, args, args.samples if args.samples or args.inputs else 3)
+    for k, feed in enumerate(feeds):
         c = compare(run_ort(a, feed), run_ort(b, feed), rtol=args.rtol, atol=args.atol)
         ok &= c.ok
         rows.append([k, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", f"{c.cosine:.6f}",
@@ -209,7 +233,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if not ok:
         print(f"graphopt: outputs differ beyond atol={args.atol:g}, rtol={args.rtol:g}", file=sys.stderr)
         return 1
-    print(f"outputs agree on {args.samples} sample(s) (atol={args.atol:g}, rtol={args.rtol:g})")
+    print(f"outputs agree on {len(feeds)} {'--inputs' if args.inputs else 'random'} sample(s) "
+          f"(atol={args.atol:g}, rtol={args.rtol:g})")
     return 0
 
 
@@ -232,17 +257,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
     model = _load(args.model, check=not args.no_check)
+    checks = _feeds(model, args, None) if args.inputs else None  # the user's samples, validated before any work
     if args.dynamic or args.weight_only:
         if args.calibration:
             samples = load_calibration(args.calibration, model)
         else:
-            from graphopt.runtime import make_inputs
-
-            samples = [make_inputs(model, seed=k) for k in range(4)]  # only to report the error
+            samples = checks or _feeds(model, args, 4)  # only to report the error
     else:
-        if not args.calibration:
-            raise GraphoptError("static quantization needs --calibration DATA (or use --dynamic / --weight-only)")
-        samples = load_calibration(args.calibration, model)
+        if not (args.calibration or args.inputs):
+            raise GraphoptError("static quantization needs --calibration DATA or --inputs DATA "
+                                "(or use --dynamic / --weight-only)")
+        samples = load_calibration(args.calibration, model) if args.calibration else checks
+    checks = checks or samples
     original = model.copy()
     before = Path(args.model).stat().st_size
     deq = get_pass("dequantize-integer")
@@ -268,7 +294,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     save(model, out)
     after = out.stat().st_size
     worst, cos, top1 = 0.0, 1.0, []
-    for s in samples[: min(len(samples), 32)]:
+    for s in checks[: min(len(checks), 32)]:
         c = compare(run_ort(original, s), run_ort(str(out), s), rtol=1e9, atol=1e9)
         worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
         if c.top1 is not None:
@@ -284,10 +310,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if q.report.get("sensitivity"):
         top = list(q.report["sensitivity"].items())[:3]
         rows.append(["most sensitive layers", ", ".join(f"{k}: {v:.3g}" for k, v in top)])
-    lat = _latency_pair(args.model, str(out), samples[0])
+    lat = _latency_pair(args.model, str(out), checks[0])
     rows += [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"],
              ["ORT latency (2 threads, median)", f"{lat[0]:.3f} ms -> {lat[1]:.3f} ms ({lat[1] / lat[0]:.2f}x)"],
-             ["max abs error (calibration samples)", f"{worst:.4g}"], ["min cosine", f"{cos:.5f}"]]
+             [f"max abs error ({'--inputs' if args.inputs else 'calibration' if args.calibration else 'random'}"
+              " samples)", f"{worst:.4g}"], ["min cosine", f"{cos:.5f}"]]
     if top1:
         rows.append(["top-1 agreement with fp32", f"{np.mean(top1):.4f}"])
     print(table(["", "value"], rows))
@@ -299,7 +326,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from graphopt.onnx_io import save
     from graphopt.report import human, table
-    from graphopt.runtime import compare, load_calibration, make_inputs
+    from graphopt.runtime import compare, load_calibration
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
     if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8 or args.prune or args.nm):
@@ -309,9 +336,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
     model = _load(args.model, check=not args.no_check)
-    calib = load_calibration(args.calibration, model) if args.calibration else None
+    checks = _feeds(model, args, None) if args.inputs else None  # the user's samples, validated before any work
+    calib = load_calibration(args.calibration, model) if args.calibration else checks
     if args.int8 and calib is None:
-        raise GraphoptError("--int8 needs --calibration DATA")
+        raise GraphoptError("--int8 needs --calibration DATA or --inputs DATA")
+    feeds = (checks or calib or [])[:16] or _feeds(model, args, 4)
     original = model.copy()
     run_passes(model, get_pipeline("default"))
     passes: list[Any] = []
@@ -349,7 +378,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
             pal = get_pass("palettize", max_values=args.cluster)
             passes.append(pal)  # keep the cluster palette in the int8 weights: indices + int8 codebook
             reports.append(("palettize", pal))
-    feeds = calib[:16] if calib else [make_inputs(original, seed=k) for k in range(4)]
     ctx = PassContext(calibration=calib)
     stages: list[list[Any]] = []
     with tempfile.TemporaryDirectory(prefix="graphopt-compress-") as tmp:
@@ -395,14 +423,16 @@ class _Stage:
 def _stage(model: Any, path: Path, feeds: list[dict[str, Any]], write: bool = True) -> _Stage:
     from graphopt.analysis import infer_shapes, model_stats
     from graphopt.onnx_io import save
-    from graphopt.runtime import ort_session, resolve_input_shapes, run_ort
+    from graphopt.runtime import model_inputs, ort_session, resolve_input_shapes, run_ort
     from graphopt.transform import run_passes
 
     snap = model.copy()
     run_passes(snap, ["dce"])  # what the file would hold
     if write:
         save(snap, path)
-    infer_shapes(snap, resolve_input_shapes(snap))  # symbolic dims -> 1, so FLOPs are concrete
+    # FLOPs at the sizes the checks run at (the user's data, or the sizes the random feeds got)
+    names = {v.name for v in model_inputs(snap)}
+    infer_shapes(snap, resolve_input_shapes(snap, {k: np.shape(v) for k, v in feeds[0].items() if k in names}))
     st = model_stats(snap)
     sess = ort_session(str(path))
     outs = [run_ort(str(path), f, session=sess) for f in feeds]
@@ -454,8 +484,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     src = str(example_model_path()) if args.example else args.model
     if src is None:
         raise GraphoptError("give a model path or --example")
+    hints = parse_input_shapes(args.input_shape)
+    if args.inputs:  # shapes from the user's data (--input-shape still wins where both are given)
+        from graphopt.runtime import load_calibration
+
+        hints = {**_shapes_of(load_calibration(args.inputs, _load(src, check=False), what="--inputs")[0]), **hints}
     t0 = time.perf_counter()
-    cm = tvm_compile(src, args.target, input_shapes=parse_input_shapes(args.input_shape), trials=args.trials or 0,
+    cm = tvm_compile(src, args.target, input_shapes=hints, trials=args.trials or 0,
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
                      default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache)
     cm.export(out)
@@ -482,16 +517,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.backend import compile as tvm_compile
     from graphopt.backend import load_compiled
     from graphopt.report import table
-    from graphopt.runtime import compare, interleaved_timings, ort_session, parse_input_shapes
+    from graphopt.runtime import compare, input_feeds, interleaved_timings, load_calibration, model_inputs, \
+        ort_session, parse_input_shapes
 
     m = _load(args.model, check=False)
+    hints = parse_input_shapes(args.input_shape)
+    data = load_calibration(args.inputs, m, what="--inputs") if args.inputs else None
+    if data:  # shapes from the user's data (--input-shape still wins where both are given)
+        hints = {**_shapes_of(data[0]), **hints}
     if args.compiled:
         cm = load_compiled(args.compiled)
     else:
-        cm = tvm_compile(m, "host", input_shapes=parse_input_shapes(args.input_shape), progress=False)
-    from graphopt.backend import example_inputs
-
-    feed = example_inputs(cm.inputs, seed=args.seed)
+        cm = tvm_compile(m, "host", input_shapes=hints, progress=False)
+    if data:
+        feed = data[0]
+    else:  # random data at the compiled shapes that the model runs on (e.g. a sample-rate input's value)
+        names = {v.name for v in model_inputs(m)}
+        feed = input_feeds(m, hints={s.name: list(s.shape) for s in cm.inputs if s.name in names},
+                           seed=args.seed)[0]
     sess = ort_session(m, optimize=True, threads=args.threads)
     ref = sess.run(None, feed)
     got = cm.run(feed)
@@ -515,7 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def shape_arg(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                        help="concrete shape for an input with symbolic dims (repeatable)")
+                        help="concrete shape for an input with dynamic dims (symbols, -1, missing; repeatable)")
+
+    def inputs_arg(sp: argparse.ArgumentParser, extra: str = "") -> None:
+        sp.add_argument("--inputs", metavar="FILE.npz|DIR",
+                        help="your own input samples: a .npz with one array per input (first axis = samples; "
+                             "a 0-d array serves every sample) or a directory of one .npz per sample" + extra)
 
     sp = sub.add_parser("inspect", help="summarize a model: opsets, inputs/outputs, ops, params, FLOPs")
     sp.add_argument("model")
@@ -531,13 +579,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pipeline", help="named pipeline (see `graphopt passes`; default: default)")
     sp.add_argument("--passes", help="comma-separated pass names, run in order")
     sp.add_argument("--verify", type=int, default=0, metavar="N",
-                    help="check outputs against the input model on N random inputs after every pass")
+                    help="check outputs against the input model on N random inputs (or the first N --inputs "
+                         "samples) after every pass")
     sp.add_argument("--rtol", type=float, default=1e-4)
     sp.add_argument("--atol", type=float, default=1e-5)
     sp.add_argument("--report", help="write a per-pass report (.md or .json)")
     sp.add_argument("--external-data", action="store_true", help="store tensors >= 1 KiB in OUTPUT.data")
     sp.add_argument("--no-check", action="store_true", help="skip the ONNX checker on load")
     shape_arg(sp)
+    inputs_arg(sp, "; verification uses them instead of random inputs (all of them without --verify N)")
     sp.set_defaults(fn=cmd_optimize)
 
     sp = sub.add_parser("quantize", help="static INT8 quantization (QDQ, uint8 activations, int8 weights)")
@@ -573,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="short names for internal values and nodes (inputs/outputs keep theirs): smaller files")
     sp.add_argument("--report", help="write a report (.md or .json)")
     sp.add_argument("--no-check", action="store_true")
+    shape_arg(sp)
+    inputs_arg(sp, "; the error and latency checks run on them, and static quantization calibrates on them "
+                   "where --calibration is not given")
     sp.set_defaults(fn=cmd_quantize)
 
     sp = sub.add_parser("compress", help="low-rank factorization, weight clustering (and INT8) for smaller models")
@@ -602,6 +655,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", help=".npz or directory of .npz samples")
     sp.add_argument("--report", metavar="FILE", help="write the per-pass report (markdown)")
     sp.add_argument("--no-check", action="store_true")
+    shape_arg(sp)
+    inputs_arg(sp, "; the per-pass checks run on them, and they serve as calibration where --calibration is "
+                   "not given")
     sp.set_defaults(fn=cmd_compress)
 
     sp = sub.add_parser("compile", help="compile with TVM for a CPU/GPU target and export a library",
@@ -623,6 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     shape_arg(sp)
+    inputs_arg(sp, "; input shapes are taken from the first sample")
     sp.set_defaults(fn=cmd_compile)
 
     sp = sub.add_parser("bench", help="ONNX Runtime vs a TVM build of the model, same inputs, interleaved")
@@ -632,18 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     sp.add_argument("--seed", type=int, default=0)
     shape_arg(sp)
+    inputs_arg(sp, "; the first sample is timed and compared (and fixes the shapes compiled for)")
     sp.set_defaults(fn=cmd_bench)
 
     sp = sub.add_parser("passes", help="list registered passes and pipelines")
     sp.set_defaults(fn=cmd_passes)
 
-    sp = sub.add_parser("verify", help="compare two models' outputs on random inputs")
+    sp = sub.add_parser("verify", help="compare two models' outputs on random inputs (or your own: --inputs)")
     sp.add_argument("a")
     sp.add_argument("b")
-    sp.add_argument("--samples", type=int, default=3)
+    sp.add_argument("--samples", type=int, default=None,
+                    help="random samples to compare (default 3), or the first N of --inputs (default all)")
     sp.add_argument("--rtol", type=float, default=1e-4)
     sp.add_argument("--atol", type=float, default=1e-5)
     shape_arg(sp)
+    inputs_arg(sp)
     sp.set_defaults(fn=cmd_verify)
     return p
 
@@ -653,8 +713,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    held = _HeldWarnings("graphopt.dims")  # defaulted-dims warnings: shown on success, an error stays one line
     try:
-        return int(args.fn(args))
+        rc = int(args.fn(args))
+        held.ok = rc == 0
+        return rc
     except NumericalMismatchError as e:
         print(f"graphopt: verification failed: {e}", file=sys.stderr)
         return 1
@@ -667,6 +730,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        held.close()
+
+
+class _HeldWarnings(logging.Handler):
+    """Holds a logger's records until the command ends; :meth:`close` passes them on (once
+    each) when ``ok`` was set, so a failing command still prints its one error line alone."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.ok = False
+        self.records: list[logging.LogRecord] = []
+        self.logger = logging.getLogger(name)
+        self.propagate = self.logger.propagate
+        self.logger.addHandler(self)
+        self.logger.propagate = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def close(self) -> None:
+        self.logger.removeHandler(self)
+        self.logger.propagate = self.propagate
+        seen: set[str] = set()
+        for r in self.records if self.ok else ():
+            if r.getMessage() not in seen:
+                seen.add(r.getMessage())
+                log.handle(r)
+        self.records = []
+        super().close()
+
 
 
 if __name__ == "__main__":

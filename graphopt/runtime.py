@@ -27,6 +27,9 @@ from graphopt.ir.core import Model, Value
 from graphopt.ir.tensor import dtype_name, np_dtype
 
 log = logging.getLogger(__name__)
+#: warnings about dims no hint fixed (the CLI holds them back until a command succeeds, so an
+#: error stays one line)
+dims_log = logging.getLogger("graphopt.dims")
 
 
 def model_inputs(model: Model) -> list[Value]:
@@ -46,46 +49,184 @@ def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
         except ValueError:
             raise InputSpecError(f"bad --input-shape {spec!r}: dimensions must be integers") from None
         if any(d < 0 for d in shape):
-            raise InputSpecError(f"bad --input-shape {spec!r}: negative dimension")
+            raise InputSpecError(f"bad --input-shape {spec!r}: a dimension is negative; give the concrete size "
+                                 "to use (e.g. 1 for a batch)")
         out[name] = shape
     return out
 
 
-def resolve_input_shapes(
-    model: Model, hints: Mapping[str, Sequence[int]] | None = None, *, default_dim: int = 1
-) -> dict[str, tuple[int, ...]]:
-    """A concrete shape for every model input, from its declared shape and the user's hints.
+#: dim_param names exporters write for "unknown": each such dim stands alone (two '?' dims of a
+#: PaddlePaddle export are not the same size), unlike a real symbol such as 'batch'
+_ANONYMOUS_DIMS = frozenset({"", "?"})
+#: ops that take an empty tensor as a legitimate value (a recurrent cache that starts empty): a
+#: declared 0 dim of an input read only by these is a real zero, not an unknown size
+_EMPTY_OK_OPS = frozenset({"Concat", "Shape", "Size", "Identity", "ConcatFromSequence"})
 
-    A symbolic dim named the same in several inputs (e.g. ``batch``) resolves consistently.
-    """
+
+def is_dynamic_dim(d: Any) -> bool:
+    """Whether a declared dim leaves the size open: a symbol (``'batch'``, also ``''``), a missing
+    dim (``None``), or a negative value (PaddlePaddle writes ``-1``). A declared ``0`` is decided
+    per input by :func:`dynamic_axes`."""
+    return d is None or isinstance(d, str) or (isinstance(d, int) and d < 0)
+
+
+def _zero_is_dynamic(v: Value) -> bool:
+    """A declared 0 dim of input ``v`` means "unknown" unless every reader takes empty tensors."""
+    readers = v.consumers()
+    return bool(readers) and any(n.op_type not in _EMPTY_OK_OPS for n in readers)
+
+
+def dynamic_axes(model: Model) -> dict[str, list[int]]:
+    """Per model input, the axes whose size the model leaves open (see :func:`is_dynamic_dim`;
+    a declared 0 counts where the input must hold data)."""
+    out: dict[str, list[int]] = {}
+    for v in model_inputs(model):
+        if v.shape is None:
+            out[v.name] = []
+            continue
+        zero_dyn = any(d == 0 for d in v.shape) and _zero_is_dynamic(v)
+        out[v.name] = [ax for ax, d in enumerate(v.shape) if is_dynamic_dim(d) or (d == 0 and zero_dyn)]
+    return out
+
+
+def _dim_text(d: Any) -> str:
+    return "?" if d is None else repr(d) if isinstance(d, str) else str(d)
+
+
+@dataclass
+class DefaultedDim:
+    """A dynamic dim no hint or data fixed: which input and axis, what the model declares, the size used."""
+
+    input: str
+    axis: int
+    declared: Any
+    value: int
+
+
+def _resolve(
+    model: Model,
+    hints: Mapping[str, Sequence[int]] | None,
+    default_dim: int,
+    defaults: Mapping[tuple[str, int], int] | None,
+) -> tuple[dict[str, tuple[int, ...]], list[DefaultedDim]]:
     hints = dict(hints or {})
-    names = {v.name for v in model_inputs(model)}
+    defaults = dict(defaults or {})
+    inputs = model_inputs(model)
+    names = {v.name for v in inputs}
     unknown = set(hints) - names
     if unknown:
         raise InputSpecError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+    dyn = dynamic_axes(model)
     sym: dict[str, int] = {}
-    for v in model_inputs(model):
+    for v in inputs:
         if v.name in hints and v.shape is not None:
-            h = list(hints[v.name])
+            h = [int(x) for x in hints[v.name]]
             if len(h) != len(v.shape):
                 raise InputSpecError(
                     f"input {v.name!r} has rank {len(v.shape)} but --input-shape gives {len(h)} dims"
                 )
-            for d, x in zip(v.shape, h, strict=True):
-                if isinstance(d, int) and d != x:
-                    raise InputSpecError(f"input {v.name!r} has fixed dim {d} but --input-shape gives {x}")
-                if isinstance(d, str):
+            for ax, (d, x) in enumerate(zip(v.shape, h, strict=True)):
+                if x < 0:
+                    raise InputSpecError(f"--input-shape for {v.name!r}: dim {ax} is negative ({x})")
+                if ax not in dyn[v.name]:
+                    if d != x:
+                        raise InputSpecError(f"input {v.name!r} has fixed dim {d} at axis {ax} but --input-shape "
+                                             f"gives {x}")
+                elif isinstance(d, str) and d not in _ANONYMOUS_DIMS:
                     sym[d] = x
     out: dict[str, tuple[int, ...]] = {}
-    for v in model_inputs(model):
+    defaulted: list[DefaultedDim] = []
+    for v in inputs:
         if v.name in hints:
             out[v.name] = tuple(int(x) for x in hints[v.name])
             continue
         if v.shape is None:
-            raise InputSpecError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,...")
-        out[v.name] = tuple(d if isinstance(d, int) else sym.get(d, default_dim) if isinstance(d, str)
-                            else default_dim for d in v.shape)
+            raise InputSpecError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,... "
+                                 "or --inputs with data")
+        dims: list[int] = []
+        for ax, d in enumerate(v.shape):
+            if ax not in dyn[v.name]:
+                dims.append(int(d))  # type: ignore[arg-type]
+                continue
+            named = isinstance(d, str) and d not in _ANONYMOUS_DIMS
+            if named and d in sym:
+                dims.append(sym[d])
+                continue
+            x = int(defaults.get((v.name, ax), default_dim))
+            if named:
+                sym[d] = x
+            dims.append(x)
+            defaulted.append(DefaultedDim(v.name, ax, d, x))
+        out[v.name] = tuple(dims)
+    return out, defaulted
+
+
+def resolve_input_shapes(
+    model: Model,
+    hints: Mapping[str, Sequence[int]] | None = None,
+    *,
+    default_dim: int = 1,
+    defaults: Mapping[tuple[str, int], int] | None = None,
+    warn: bool = False,
+) -> dict[str, tuple[int, ...]]:
+    """A concrete shape for every model input, from its declared shape and the user's hints.
+
+    Dynamic dims (symbols, missing dims, ``-1``, and ``0`` on an input that must hold data; see
+    :func:`dynamic_axes`) take the hint's size; hints may not change a fixed dim. A symbolic dim
+    named the same in several inputs (e.g. ``batch``) resolves consistently. Dims left open take
+    ``defaults[(input, axis)]`` or ``default_dim``; with ``warn`` each input with such dims gets
+    one warning naming them and the size used (FLOPs and checks at a guessed size mislead).
+    """
+    out, defaulted = _resolve(model, hints, default_dim, defaults)
+    if warn:
+        warn_defaulted(model, defaulted)
     return out
+
+
+def defaulted_dims(
+    model: Model,
+    hints: Mapping[str, Sequence[int]] | None = None,
+    *,
+    default_dim: int = 1,
+    defaults: Mapping[tuple[str, int], int] | None = None,
+) -> list[DefaultedDim]:
+    """The dynamic dims that :func:`resolve_input_shapes` would fill with a default, not a hint."""
+    return _resolve(model, hints, default_dim, defaults)[1]
+
+
+def warn_defaulted(model: Model, defaulted: Sequence[DefaultedDim]) -> None:
+    """Log one warning per input with defaulted dims: which dims, what the model declares, the size used."""
+    by_input: dict[str, list[DefaultedDim]] = {}
+    for d in defaulted:
+        by_input.setdefault(d.input, []).append(d)
+    shapes = {v.name: v.shape for v in model_inputs(model)}
+    for name, dims in by_input.items():
+        declared = shapes.get(name) or ()
+        used = {d.axis for d in dims}
+        example = ",".join("N" if ax in used else str(x) for ax, x in enumerate(declared))
+        dims_log.warning(
+            "input %r %s: dynamic dim(s) %s set to %s; give --input-shape %s:%s or --inputs for the real sizes",
+            name, "[" + ", ".join(_dim_text(x) for x in declared) + "]",
+            ", ".join(f"{d.axis} ({_dim_text(d.declared)})" for d in dims),
+            ", ".join(str(d.value) for d in dims), name, example)
+
+
+def _compared_constants(v: Value) -> list[Any]:
+    """Constants an input is tested against with ``Equal`` (e.g. a sample rate: ``sr == 16000``)."""
+    found = []
+    for n in v.consumers():
+        if n.op_type != "Equal":
+            continue
+        for other in n.inputs:
+            if other is not None and other is not v:
+                c = other.const_value()
+                if c is not None and c.size >= 1:
+                    found.append(np.ravel(c)[0])
+    return found
+
+
+#: Random inputs larger than this are refused with the input's name (a huge declared dim).
+_MAX_RANDOM_INPUT_BYTES = 4 << 30
 
 
 def make_inputs(
@@ -93,10 +234,16 @@ def make_inputs(
     shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     seed: int = 0,
+    defaults: Mapping[tuple[str, int], int] | None = None,
+    warn: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Random inputs for every model input (floats ~ N(0,1); ints in [0, 4); bools random)."""
+    """Random inputs for every model input (floats ~ N(0,1); ints in [0, 4); bools random).
+
+    An integer input the model compares with ``Equal`` against a constant (a sample-rate switch
+    ``sr == 16000``) gets that constant, so the branch the model is built for runs. Dims are
+    resolved as :func:`resolve_input_shapes` does (``defaults``, ``warn``)."""
     rng = np.random.default_rng(seed)
-    resolved = resolve_input_shapes(model, shapes)
+    resolved = resolve_input_shapes(model, shapes, defaults=defaults, warn=warn)
     out: dict[str, np.ndarray] = {}
     for v in model_inputs(model):
         shp = resolved[v.name]
@@ -104,7 +251,17 @@ def make_inputs(
             raise InputSpecError(f"input {v.name!r} is not a tensor (sequence/map); give inputs explicitly")
         if v.dtype is None:
             raise InputSpecError(f"input {v.name!r} has no element type")
-        out[v.name] = random_array(shp, np_dtype(v.dtype), rng)
+        dt = np_dtype(v.dtype)
+        nbytes = int(np.prod([int(d) for d in shp], dtype=object)) * dt.itemsize
+        if nbytes > _MAX_RANDOM_INPUT_BYTES:  # a huge declared dim: say which, before numpy fails to allocate
+            raise InputSpecError(f"input {v.name!r} of shape {list(shp)} would take {nbytes / 2**30:.3g} GiB of random "
+                                 f"data; give --input-shape {v.name}:D1,D2,... or --inputs")
+        arr = random_array(shp, dt, rng)
+        if dt.kind in "iu":
+            wanted = _compared_constants(v)
+            if wanted:
+                arr = np.full(shp, wanted[0], dtype=dt)
+        out[v.name] = arr
     return out
 
 
@@ -146,14 +303,26 @@ def ort_session(
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # ORT's own error lines duplicate the exception graphopt reports in one line
     if threads:
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
     try:
         if isinstance(model, str | os.PathLike):
-            return ort.InferenceSession(str(model), so, providers=list(providers))
+            sess = ort.InferenceSession(str(model), so, providers=list(providers))
+            if not any(d == 0 for i in sess.get_inputs() for d in (i.shape or ())):
+                return sess
+            from graphopt.onnx_io import load
+
+            model = load(model, check=False)  # a declared 0 dim that means "any size": see below
         mp = _as_proto(model)
+        if isinstance(model, onnx.ModelProto) and any(
+                d.HasField("dim_value") and d.dim_value == 0 for i in mp.graph.input for d in i.type.tensor_type.shape.dim):
+            from graphopt.onnx_io import from_proto
+
+            model = from_proto(mp, check=False)
+        if isinstance(model, Model):
+            mp = _open_zero_dims(model, mp)
         if mp.ByteSize() > 1_900_000_000:
             with tempfile.TemporaryDirectory() as d:
                 from graphopt.onnx_io import from_proto, save
@@ -167,6 +336,23 @@ def ort_session(
     except Exception as e:  # noqa: BLE001 - ORT raises many exception types
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeBackendError(f"ONNX Runtime cannot load the model: {msg[:400]}") from None
+
+
+def _open_zero_dims(model: Model, mp: onnx.ModelProto) -> onnx.ModelProto:
+    """``mp`` with every declared 0 dim that :func:`dynamic_axes` reads as "unknown" written as a
+    symbol: ONNX Runtime takes a declared 0 literally and refuses any other size."""
+    dyn = dynamic_axes(model)
+    fix = {(v.name, ax) for v in model_inputs(model) if v.shape is not None
+           for ax in dyn[v.name] if v.shape[ax] == 0}
+    if not fix:
+        return mp
+    out = onnx.ModelProto()
+    out.CopyFrom(mp)
+    for i in out.graph.input:
+        for ax, d in enumerate(i.type.tensor_type.shape.dim):
+            if (i.name, ax) in fix:
+                d.dim_param = f"{i.name}_dim{ax}"
+    return out
 
 
 def run_ort(
@@ -184,7 +370,7 @@ def run_ort(
     try:
         res = sess.run(names, feed)
     except Exception as e:  # noqa: BLE001
-        raise RuntimeBackendError(f"ONNX Runtime failed to run the model: {str(e).strip()[:400]}") from None
+        raise RuntimeBackendError(f"ONNX Runtime failed to run the model: {_one_line(e)}") from None
     return dict(zip(names, res, strict=True))
 
 
@@ -295,20 +481,26 @@ def _equal_nested(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------------------------------------
 # calibration data
 # ---------------------------------------------------------------------------------------------
-def _samples_from_npz(path: Path) -> list[dict[str, np.ndarray]]:
+def _samples_from_npz(path: Path, what: str) -> list[dict[str, np.ndarray]]:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception as e:  # noqa: BLE001
-        raise InputSpecError(f"cannot read calibration file {str(path)!r}: {e}") from None
+        raise InputSpecError(f"cannot read {what} file {str(path)!r}: {_one_line(e)}") from None
     if not arrays:
-        raise InputSpecError(f"calibration file {str(path)!r} holds no arrays")
-    counts = {k: (a.shape[0] if a.ndim else 0) for k, a in arrays.items()}
+        raise InputSpecError(f"{what} file {str(path)!r} holds no arrays")
+    # first axis = samples; a 0-d array (a scalar input such as a sample rate) serves every sample
+    counts = {k: a.shape[0] for k, a in arrays.items() if a.ndim}
     n = set(counts.values())
-    if len(n) != 1:
-        raise InputSpecError(f"calibration arrays in {str(path)!r} have different sample counts: {counts}")
-    total = n.pop()
-    return [{k: a[i] for k, a in arrays.items()} for i in range(total)]
+    if len(n) > 1:
+        raise InputSpecError(f"{what} arrays in {str(path)!r} have different sample counts (first axis): {counts}")
+    total = n.pop() if n else 1
+    return [{k: (a[i] if a.ndim else a) for k, a in arrays.items()} for i in range(total)]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:400]
 
 
 def load_calibration(
@@ -317,14 +509,17 @@ def load_calibration(
     *,
     batch_axis: bool = True,
     check_finite: bool = True,
+    what: str = "calibration",
 ) -> list[dict[str, np.ndarray]]:
-    """Calibration samples as a list of ``{input name: array}`` feeds.
+    """Calibration (or any input) samples as a list of ``{input name: array}`` feeds.
 
-    ``source`` is a ``.npz`` file (one array per input, first axis = samples), a directory of
-    ``.npz`` files (each one sample, arrays shaped like the input), or an iterable of dicts.
-    With ``model`` given, names, ranks, fixed dims and dtypes are checked against its inputs
-    and each sample gets a leading batch axis of 1 where the input expects one
-    (``batch_axis=True``). Empty data, unknown names, NaN or Inf raise :class:`InputSpecError`.
+    ``source`` is a ``.npz`` file (one array per input, first axis = samples; a 0-d array, e.g.
+    a scalar sample rate, serves every sample), a directory of ``.npz`` files (each one sample,
+    arrays shaped like the input), or an iterable of dicts. With ``model`` given, names, ranks,
+    fixed dims and dtypes are checked against its inputs (dynamic dims, ``-1`` included, take
+    any size) and each sample gets a leading batch axis of 1 where the input expects one
+    (``batch_axis=True``). Empty data, unknown names, NaN or Inf raise :class:`InputSpecError`;
+    its one-line message starts with ``what`` (e.g. ``--inputs``) so the user knows which data.
     """
     samples: list[dict[str, np.ndarray]]
     if isinstance(source, str | os.PathLike):
@@ -332,36 +527,37 @@ def load_calibration(
         if p.is_dir():
             files = sorted(p.glob("*.npz"))
             if not files:
-                raise InputSpecError(f"calibration directory {str(p)!r} has no .npz files")
+                raise InputSpecError(f"{what} directory {str(p)!r} has no .npz files")
             samples = []
             for f in files:
                 try:
                     with np.load(f, allow_pickle=False) as z:
                         samples.append({k: z[k] for k in z.files})
                 except Exception as e:  # noqa: BLE001
-                    raise InputSpecError(f"cannot read calibration file {str(f)!r}: {e}") from None
+                    raise InputSpecError(f"cannot read {what} file {str(f)!r}: {_one_line(e)}") from None
             batch_axis_given = False
         elif p.is_file():
-            samples = _samples_from_npz(p)
+            samples = _samples_from_npz(p, what)
             batch_axis_given = True
         else:
-            raise InputSpecError(f"calibration data {str(p)!r} does not exist")
+            raise InputSpecError(f"{what} data {str(p)!r} does not exist")
     else:
         samples = [dict(s) for s in source]
         batch_axis_given = False
     if not samples:
-        raise InputSpecError("calibration data is empty")
+        raise InputSpecError(f"{what} data is empty")
     if model is None:
         return samples
     inputs = {v.name: v for v in model_inputs(model)}
+    dyn = dynamic_axes(model)
     out = []
     for k, s in enumerate(samples):
         missing = set(inputs) - set(s)
         extra = set(s) - set(inputs)
         if missing or extra:
             raise InputSpecError(
-                f"calibration sample {k}: names do not match the model inputs "
-                f"(missing {sorted(missing)}, unknown {sorted(extra)})"
+                f"{what} sample {k}: names do not match the model inputs "
+                f"(missing {sorted(missing)}, unknown {sorted(extra)}; the model's inputs are {sorted(inputs)})"
             )
         feed = {}
         for name, arr in s.items():
@@ -373,7 +569,7 @@ def load_calibration(
                     arr = arr.astype(want)
                 else:
                     raise InputSpecError(
-                        f"calibration sample {k}, input {name!r}: dtype {arr.dtype} but the model expects "
+                        f"{what} sample {k}, input {name!r}: dtype {arr.dtype} but the model expects "
                         f"{dtype_name(v.dtype)}"
                     )
             if v.shape is not None:
@@ -383,19 +579,92 @@ def load_calibration(
                     arr = arr[None]
                 if arr.ndim != len(v.shape):
                     raise InputSpecError(
-                        f"calibration sample {k}, input {name!r}: rank {arr.ndim} (shape {list(arr.shape)}) but the "
-                        f"model expects rank {len(v.shape)} {list(v.shape)}"
+                        f"{what} sample {k}, input {name!r}: rank {arr.ndim} (shape {list(arr.shape)}) but the "
+                        f"model expects rank {len(v.shape)} [{', '.join(_dim_text(d) for d in v.shape)}]"
                     )
                 for ax, (d, x) in enumerate(zip(v.shape, arr.shape, strict=True)):
-                    if isinstance(d, int) and d != x:
+                    if ax not in dyn[name] and d != x:
                         raise InputSpecError(
-                            f"calibration sample {k}, input {name!r}: dim {ax} is {x} but the model fixes it to {d}"
+                            f"{what} sample {k}, input {name!r}: dim {ax} is {x} but the model fixes it to {d}"
                         )
             if check_finite and arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
-                raise InputSpecError(f"calibration sample {k}, input {name!r} contains NaN or Inf")
+                raise InputSpecError(f"{what} sample {k}, input {name!r} contains NaN or Inf")
             feed[name] = arr
         out.append(feed)
     return out
+
+
+def _dims_to_try(defaulted: Sequence[DefaultedDim]) -> list[dict[tuple[str, int], int]]:
+    """Larger sizes to try for defaulted dims when the model fails at size 1: every non-batch
+    dim together, then one input's dims at a time (a state input's batch axis must stay 1)."""
+    grow = [d for d in defaulted if not (d.axis == 0 or (isinstance(d.declared, str) and "batch" in d.declared.lower()))]
+    if not grow:
+        return []
+    groups = [grow] + ([[d for d in grow if d.input == name] for name in dict.fromkeys(d.input for d in grow)]
+                       if len({d.input for d in grow}) > 1 else [])
+    return [{(d.input, d.axis): size for d in g} for g in groups for size in (32, 64, 256, 512, 1024)]
+
+
+def input_feeds(
+    model: Model,
+    *,
+    hints: Mapping[str, Sequence[int]] | None = None,
+    data: str | os.PathLike[str] | Iterable[Mapping[str, np.ndarray]] | None = None,
+    count: int | None = None,
+    seed: int = 0,
+    check: bool = True,
+    what: str = "--inputs",
+) -> list[dict[str, np.ndarray]]:
+    """Feeds for checking a model: the user's samples, or random ones that the model runs on.
+
+    With ``data`` (a ``.npz``, a directory of ``.npz`` or an iterable of dicts), its samples
+    (the first ``count``), validated by :func:`load_calibration`. Otherwise ``count`` (default
+    1) random feeds from :func:`make_inputs` with ``hints``; dims left open are named in a
+    warning. With ``check``, the model is run once under ONNX Runtime on the first feed; when
+    it fails and dims were defaulted, larger sizes are tried for them (a 1-sample audio window
+    or a 1x1 image is too small for many models). If it still fails, :class:`InputSpecError`
+    says to pass real data with ``--inputs`` (random values cannot satisfy every model).
+    """
+    if data is not None:
+        feeds = load_calibration(data, model, what=what)
+        feeds = feeds[:count] if count else feeds
+        if check:
+            try:
+                run_ort(model, feeds[0])
+            except RuntimeBackendError as e:
+                raise InputSpecError(f"{what} sample 0: {e}") from None
+        return feeds
+    n = count or 1
+    defaulted = defaulted_dims(model, hints)
+    feeds = [make_inputs(model, hints, seed=seed + k) for k in range(n)]
+    if check:
+        sess = ort_session(model)
+        first_error = _try_run(sess, feeds[0])
+        if first_error is not None:
+            for defaults in _dims_to_try(defaulted):
+                trial = make_inputs(model, hints, seed=seed, defaults=defaults)
+                if _try_run(sess, trial) is None:
+                    log.info("model runs with defaulted dims set to %s", defaults)
+                    defaulted = defaulted_dims(model, hints, defaults=defaults)
+                    feeds = [trial] + [make_inputs(model, hints, seed=seed + k, defaults=defaults) for k in range(1, n)]
+                    first_error = None
+                    break
+        if first_error is not None:
+            hint = (" or --input-shape with the real sizes of its dynamic dims" if defaulted else "")
+            raise InputSpecError(f"ONNX Runtime fails on random inputs ({first_error}); pass --inputs "
+                                 f"FILE.npz|DIR with real samples{hint}")
+    warn_defaulted(model, defaulted)
+    return feeds
+
+
+def _try_run(sess: Any, feed: Mapping[str, np.ndarray]) -> str | None:
+    """None when ``sess`` runs on ``feed``, else the first line of ORT's error."""
+    names = {i.name for i in sess.get_inputs()}
+    try:
+        sess.run(None, {k: v for k, v in feed.items() if k in names})
+    except Exception as e:  # noqa: BLE001 - ORT raises many exception types
+        return _one_line(e)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,10 +29,18 @@ CONSTANT_OPS = frozenset({"Constant"})
 
 
 def _numel(v: Value | None) -> int | None:
+    """Element count, or None when the shape is not fully known. A negative dim (PaddlePaddle
+    writes ``-1`` for "any size") is unknown, not a size: it would make costs negative."""
     if v is None:
         return None
     s = v.static_shape()
-    return None if s is None else math.prod(s)
+    return None if s is None or any(d < 0 for d in s) else math.prod(s)
+
+
+def _static(v: Value | None) -> tuple[int, ...] | None:
+    """The shape of ``v`` when every dim is a known size (no symbols, no negative dims)."""
+    s = v.static_shape() if v is not None else None
+    return None if s is None or any(d < 0 for d in s) else s
 
 
 def _nbytes(v: Value | None) -> int:
@@ -72,7 +80,7 @@ def node_cost(node: Node) -> NodeCost:
     op = node.op_type
     if op in ("Conv", "ConvInteger", "QLinearConv"):
         w = ins[1] if len(ins) > 1 else None
-        ws = w.static_shape() if w is not None else None
+        ws = _static(w)
         if n_out is None or ws is None:
             c.known = False
             return c
@@ -82,7 +90,7 @@ def node_cost(node: Node) -> NodeCost:
         c.flops = 2 * n_out * k + (n_out if len(ins) > 2 and ins[2] is not None else 0)
     elif op == "ConvTranspose":
         x, w = ins[0], ins[1] if len(ins) > 1 else None
-        nx, ws = _numel(x), (w.static_shape() if w is not None else None)
+        nx, ws = _numel(x), _static(w)
         if nx is None or ws is None:
             c.known = False
             return c
@@ -90,14 +98,14 @@ def node_cost(node: Node) -> NodeCost:
         c.flops = 2 * nx * (ws[1] * group // max(group, 1)) * math.prod(ws[2:])
     elif op in ("MatMul", "MatMulInteger", "QLinearMatMul"):
         a = ins[0]
-        sa = a.static_shape() if a is not None else None
+        sa = _static(a)
         if n_out is None or sa is None or not sa:
             c.known = False
             return c
         c.flops = 2 * n_out * sa[-1]
     elif op == "Gemm":
         a = ins[0]
-        sa = a.static_shape() if a is not None else None
+        sa = _static(a)
         if n_out is None or sa is None or len(sa) != 2:
             c.known = False
             return c
@@ -105,7 +113,7 @@ def node_cost(node: Node) -> NodeCost:
         c.flops = 2 * n_out * k + (n_out if len(ins) > 2 and ins[2] is not None else 0)
     elif op in ("MaxPool", "AveragePool", "LpPool"):
         ks = node.attr("kernel_shape")
-        if n_out is None or not ks:
+        if n_out is None or not ks or any(k < 0 for k in ks):
             c.known = False
             return c
         c.flops = n_out * math.prod(ks)

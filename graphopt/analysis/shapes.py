@@ -196,7 +196,8 @@ def infer_shapes(
         for g in model.graph.all_graphs():
             for n in g.iter_nodes():
                 for o in n.outputs:
-                    if o.shape is not None and not all(isinstance(d, int) for d in o.shape):
+                    # (-1 and 0 as exporters write them for "any size" too: inferred again from the inputs)
+                    if o.shape is not None and not all(isinstance(d, int) and d > 0 for d in o.shape):
                         o.shape = None
     for _round in range(4):
         _onnx_infer(model)

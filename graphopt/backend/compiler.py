@@ -84,20 +84,21 @@ def fix_input_shapes(model: Model, hints: Mapping[str, Sequence[int]] | None) ->
     Raises :class:`CompileError` naming the input and dim when a dim is dynamic and no hint
     gives it: TVM compiles for static shapes.
     """
-    from graphopt.runtime import model_inputs, resolve_input_shapes
+    from graphopt.runtime import dynamic_axes, model_inputs, resolve_input_shapes
 
     hints = dict(hints or {})
+    dynamic = dynamic_axes(model)  # symbols, missing dims, -1 (and 0 where the input must hold data)
     for v in model_inputs(model):
         if v.name in hints:
             continue
         if v.shape is None:
-            raise CompileError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,...")
-        dyn = [d for d in v.shape if not isinstance(d, int)]
-        if dyn:
-            example = ",".join(str(d) if isinstance(d, int) else "N" for d in v.shape)
+            raise CompileError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,... "
+                               "or --inputs with data")
+        if dynamic[v.name]:
+            example = ",".join("N" if ax in dynamic[v.name] else str(d) for ax, d in enumerate(v.shape))
             raise CompileError(
-                f"input {v.name!r} has dynamic dim {dyn[0]!r}; TVM needs static shapes: give "
-                f"--input-shape {v.name}:{example} (N a number)"
+                f"input {v.name!r} has dynamic dim {v.shape[dynamic[v.name][0]]!r}; TVM needs static shapes: give "
+                f"--input-shape {v.name}:{example} (each N a number) or --inputs with data"
             )
     resolved = resolve_input_shapes(model, hints)
     specs = []
@@ -438,7 +439,7 @@ class CompiledModel:
                 raise InputSpecError(f"input {spec.name!r} has shape {list(a.shape)}; compiled for {list(spec.shape)}")
             if a.dtype != np.dtype(spec.dtype):
                 raise InputSpecError(f"input {spec.name!r} has dtype {a.dtype}; compiled for {spec.dtype}")
-            out.append(np.ascontiguousarray(a))
+            out.append(np.require(a, requirements="C"))  # (ascontiguousarray makes a scalar 1-d)
         return out
 
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
