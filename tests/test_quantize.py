@@ -515,3 +515,57 @@ def test_bias_that_overflows_int32_widens_its_channel_scale() -> None:
     ref, got = graphopt.run_ort(mp, cal[0])["y"], graphopt.run_ort(m, cal[0])["y"]
     np.testing.assert_allclose(got[0, 2], ref[0, 2], atol=0.05)  # the tiny channel: its bias, not garbage
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.03
+
+
+def _silu_hardswish_net(kind: str) -> tuple[onnx.ModelProto, list[dict]]:
+    """Conv -> activation -> (MaxPool, nearest Resize) -> two convs reading it. ``kind``:
+    "silu" (x * Sigmoid(x), YOLO detectors) or "paddle_hardswish" (x * Clip(x + 3, 0, 6) / 6,
+    PaddlePaddle's export of HardSwish)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1], name="conv1")]
+    if kind == "silu":
+        nodes += [helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["a"])]
+    else:
+        nodes += [helper.make_node("Add", ["c", "three"], ["c3"]), helper.make_node("Clip", ["c3", "zero", "six"], ["cl"]),
+                  helper.make_node("Mul", ["c", "cl"], ["m"]), helper.make_node("Div", ["m", "six"], ["a"])]
+    nodes += [helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+              helper.make_node("Resize", ["p", "", "scales"], ["u"], mode="nearest"),
+              helper.make_node("Conv", ["u", "w2"], ["y1"], pads=[1, 1, 1, 1], name="conv2"),
+              helper.make_node("Conv", ["u", "w3"], ["y2"], name="conv3")]
+    mp = make_model(nodes, [vi("x", [1, 3, 16, 16])], [vi("y1", [1, 8, 16, 16]), vi("y2", [1, 4, 16, 16])],
+                    inits=[("w1", (rng.standard_normal((8, 3, 3, 3)) * 0.5).astype(np.float32)),
+                           ("b1", (rng.standard_normal(8) * 0.3).astype(np.float32)),
+                           ("w2", (rng.standard_normal((8, 8, 3, 3)) * 0.2).astype(np.float32)),
+                           ("w3", (rng.standard_normal((4, 8, 1, 1)) * 0.3).astype(np.float32)),
+                           ("three", np.array(3.0, np.float32)), ("zero", np.array(0.0, np.float32)),
+                           ("six", np.array(6.0, np.float32)),
+                           ("scales", np.array([1, 1, 2, 2], np.float32))], opset=13)
+    return mp, [{"x": rng.standard_normal((1, 3, 16, 16)).astype(np.float32)} for _ in range(16)]
+
+
+@pytest.mark.parametrize("kind", ["silu", "paddle_hardswish"])
+def test_detector_activations_and_resampling_stay_integer(tmp_path: Path, kind: str) -> None:
+    """SiLU (QLinearSigmoid + QLinearMul), PaddlePaddle's HardSwish (the +3 constant quantized so
+    the Add is QLinearAdd and the Clip its saturation; the / 6 folded into the scale), MaxPool and
+    nearest Resize (their input's scale and zero point, so ORT runs them on uint8): ORT's graph has
+    no float op left between the convolutions - where ORT's own quantizer leaves Div in float."""
+    mp, cal = _silu_hardswish_net(kind)
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
+    path = tmp_path / "q.onnx"
+    graphopt.save(m, path)
+    onnx.checker.check_model(str(path), full_check=True)
+    ops = [n.op_type for n in _ort_graph(path).node]
+    assert ops.count("QLinearConv") == 3, ops
+    floats = {"Sigmoid", "Mul", "Add", "Clip", "Div", "MaxPool"} & set(ops)
+    assert not floats, ops
+    assert ops.count("DequantizeLinear") == 2 and ops.count("QuantizeLinear") == 1, ops  # in once, out twice
+    if kind == "silu":
+        assert "QLinearSigmoid" in ops and "QLinearMul" in ops
+    else:
+        assert "QLinearAdd" in ops and q.report["folded_scales"] == 1 and q.report["int8_add_constants"] == 1
+    for f in cal[:4]:
+        ref, got = graphopt.run_ort(mp, f), graphopt.run_ort(path, f)
+        for k in ref:
+            assert np.linalg.norm(ref[k] - got[k]) / np.linalg.norm(ref[k]) < 0.05, k

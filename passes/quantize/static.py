@@ -92,6 +92,20 @@ def _activation_after(v: Value) -> Value | None:
     return None
 
 
+def _scalar_scale(n: Node) -> tuple[int, float] | None:
+    """``(data input index, k)`` for ``Div(x, c)`` (k = 1/c) or ``Mul(x, c)`` (k = c) by a positive
+    scalar constant: on a quantized ``x`` that is only a change of scale, free in int8."""
+    if n.op_type not in ("Div", "Mul") or n.domain not in _STD or len(n.inputs) != 2:
+        return None
+    for i in ((0,) if n.op_type == "Div" else (0, 1)):
+        c = n.input(1 - i).const_value() if n.input(1 - i) is not None else None
+        if c is not None and c.size == 1 and c.dtype == np.float32 and np.isfinite(c).all() and float(c.ravel()[0]) > 0 \
+                and n.input(i) is not None and not n.input(i).is_const():
+            k = float(c.ravel()[0])
+            return i, (1.0 / k if n.op_type == "Div" else k)
+    return None
+
+
 def _hard_sigmoid_params(n: Node) -> tuple[float, float] | None:
     """``(alpha, beta)`` of a HardSigmoid with a positive slope, else None."""
     if n.op_type != "HardSigmoid" or n.domain not in _STD:
@@ -215,6 +229,12 @@ class QuantizeStatic(Pass):
                 continue
             if _hard_sigmoid_params(n) is not None and id(n.input(0)) in chosen and _float(n.output(0)):
                 implicit.add(id(n.output(0)))
+                continue
+            sc = _scalar_scale(n)
+            if sc is not None and id(n.input(sc[0])) in chosen and _float(n.output(0)):
+                added = id(n.output(0)) not in chosen  # a scale change: folded into the Q/DQ (_fold_scales)
+                chosen[id(n.output(0))] = n.output(0)
+                followers.append((n, added))
                 continue
             if n.op_type not in INT8_FOLLOWERS or (n.op_type == "Resize" and n.attr("mode", "nearest") != "nearest"):
                 continue
@@ -569,6 +589,11 @@ class QuantizeStatic(Pass):
         quantized = {v.name for v in tensors}
         ranges = dict(ranges)
         for n in graph:  # in topological order, so chains of them share one range
+            sc = _scalar_scale(n)
+            if sc is not None and n.input(sc[0]).name in quantized and n.output(0).name in quantized:
+                lo, hi = ranges[n.input(sc[0]).name]
+                ranges[n.output(0).name] = (lo * sc[1], hi * sc[1])
+                continue
             x = n.input(0) if n.op_type in SAME_PARAMS and n.domain in _STD and n.inputs else None
             if x is not None and x.name in quantized:
                 for o in n.outputs:
@@ -578,6 +603,8 @@ class QuantizeStatic(Pass):
         for v in tensors:
             self._insert_qdq(graph, v, *params(*ranges[v.name]))
         n_hs = self._int8_hard_sigmoids(graph)
+        self._int8_add_constants(graph)
+        self._fold_scales(graph)
         wcache: dict[tuple[int, int | None], Value] = {}
         n_weights = 0
         for n in quant_nodes:
@@ -645,6 +672,61 @@ class QuantizeStatic(Pass):
         dq.set_input(0, graph.add_initializer(dq.input(0).name, np.moveaxis(qm, 0, axis)))
         dq.set_input(1, graph.add_initializer(dq.input(1).name, sc))
         self.report["widened_weight_scales"] = self.report.get("widened_weight_scales", 0) + int(channels.sum())
+
+    def _fold_scales(self, graph: Graph) -> int:
+        """``Q(DQ(q, s, z) * k, s*k, z)`` is ``q``: a Div/Mul by a positive scalar between two
+        quantized values goes, the int8 data passes through and the DequantizeLinear after it
+        carries the new scale (PaddlePaddle's HardSwish ends in ``/ 6``)."""
+        count = 0
+        for n in list(graph):
+            sc = _scalar_scale(n)
+            if sc is None:
+                continue
+            x, y = n.input(sc[0]), n.output(0)
+            dq = x.producer
+            readers = y.consumers()
+            if dq is None or dq.op_type != "DequantizeLinear" or y.is_graph_output() or len(readers) != 1 \
+                    or readers[0].op_type != "QuantizeLinear":
+                continue
+            q2 = readers[0]
+            z_in = dq.input(2).const_value() if len(dq.inputs) > 2 and dq.input(2) is not None else np.uint8(0)
+            z_out = q2.input(2).const_value() if len(q2.inputs) > 2 and q2.input(2) is not None else np.uint8(0)
+            if z_in is None or z_out is None or np.asarray(z_in).dtype != np.asarray(z_out).dtype \
+                    or int(np.asarray(z_in).ravel()[0]) != int(np.asarray(z_out).ravel()[0]) or np.size(z_in) != 1:
+                continue
+            graph.replace_all_uses_with(q2.output(0), dq.input(0))
+            graph.remove(q2)
+            graph.remove(n)
+            count += 1
+        self.report["folded_scales"] = self.report.get("folded_scales", 0) + count
+        return count
+
+    def _int8_add_constants(self, graph: Graph) -> int:
+        """The float constant of an ``Add`` between quantized values (``DQ(x) + c -> [Relu/Clip] ->
+        Q``: PaddlePaddle's HardSwish ``x * Clip(x + 3, 0, 6)``, biases added after a reshape) as
+        ``DequantizeLinear`` of a uint8 copy, so ORT runs the Add as QLinearAdd (the Clip becomes
+        the saturation of its output) instead of leaving int8 around it. A scalar is exact."""
+        count = 0
+        for n in list(graph):
+            if n.op_type != "Add" or n.domain not in _STD or len(n.inputs) != 2:
+                continue
+            xs = [v for v in n.inputs if v is not None and v.producer is not None
+                  and v.producer.op_type == "DequantizeLinear"]
+            cs = [i for i, v in enumerate(n.inputs) if v is not None and _float(v) and v.const_value() is not None]
+            if len(xs) != 1 or len(cs) != 1:
+                continue
+            out = _activation_after(n.output(0)) or n.output(0)
+            if not any(c.op_type == "QuantizeLinear" for c in out.consumers()):
+                continue
+            c = n.input(cs[0]).const_value().astype(np.float64)
+            lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+            scale, zp = uint8_params(lo, hi)
+            q = np.clip(np.round(c / scale) + int(zp), 0, 255).astype(np.uint8)
+            n.set_input(cs[0], self._dq_const(graph, n, graph.fresh_name("c"), q, np.asarray(scale, np.float32),
+                                              np.asarray(zp, np.uint8), None))
+            count += 1
+        self.report["int8_add_constants"] = self.report.get("int8_add_constants", 0) + count
+        return count
 
     def _int8_hard_sigmoids(self, graph: Graph) -> int:
         """Integer HardSigmoid for ONNX Runtime, which has no kernel for it (nor HardSwish).
