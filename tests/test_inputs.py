@@ -263,6 +263,27 @@ def test_inputs_through_every_command(tmp_path: Path, capsys: pytest.CaptureFixt
     assert np.allclose(run_ort(tmp_path / "o.onnx", feed)["new_state"], run_ort(src, feed)["new_state"], atol=1e-6)
 
 
+def test_inputs_directory_of_samples_of_different_sizes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """One .npz per sample (text lines of different widths, audio windows of different lengths)."""
+    src = _save(_cnn("minus1", value_info=True), tmp_path / "m.onnx")
+    d = tmp_path / "lines"
+    d.mkdir()
+    rng = np.random.default_rng(7)
+    for k, width in enumerate((40, 97, 160)):  # without the batch axis: it is added
+        np.savez(d / f"{k}.npz", x=rng.standard_normal((3, 48, width)).astype(np.float32))
+    out = tmp_path / "o.onnx"
+    assert main(["optimize", str(src), "-o", str(out), "--inputs", str(d)]) == 0
+    assert "verified on 3 --inputs sample(s)" in capsys.readouterr().out
+    a = _save(_audio(), tmp_path / "a.onnx")
+    d = tmp_path / "windows"
+    d.mkdir()
+    for k, n in enumerate((5, 2)):  # batch 5 and batch 2, the state's batch axis with them; sr a 0-d array
+        np.savez(d / f"{k}.npz", x=rng.standard_normal((n, 8)).astype(np.float32),
+                 state=np.zeros((2, n, 4), np.float32), sr=np.array(16000, np.int64))
+    assert main(["verify", str(a), str(a), "--inputs", str(d)]) == 0
+    assert "agree on 2 --inputs sample(s)" in capsys.readouterr().out
+
+
 def test_inputs_give_compile_and_bench_their_shapes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     pytest.importorskip("tvm")
     src = _save(_audio(), tmp_path / "a.onnx")
