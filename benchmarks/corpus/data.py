@@ -677,6 +677,11 @@ def _render_page(rng: np.random.Generator, w: int = 800, h: int = 608, layout: b
 
 
 # --- DB text detectors -----------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _shared_page(split: str, i: int) -> _Page:
+    return _render_page(_rng("text_det", split, i), 800, 608)
+
+
 class DetTask(_BoxTask):
     """PaddleOCR DB detectors on rendered pages; box F1 at IoU 0.5 against the drawn lines.
 
@@ -691,8 +696,7 @@ class DetTask(_BoxTask):
     thresh, box_thresh, unclip = 0.3, 0.5, 1.6
 
     def _item(self, split, i):
-        rng = _rng(self.name, split, i)
-        page = _render_page(rng, 800, 608)
+        page = _shared_page(split, i)  # the three detectors see the same pages
         h, w = page.img.shape[:2]
         if self.name == "ppocrv5_det":
             ratio = min(1.0, 960 / max(h, w))
