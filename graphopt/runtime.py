@@ -524,6 +524,8 @@ def load_calibration(
     samples: list[dict[str, np.ndarray]]
     if isinstance(source, str | os.PathLike):
         p = Path(source)
+        if not p.exists() and p.suffix != ".npz" and p.with_name(p.name + ".npz").is_file():
+            p = p.with_name(p.name + ".npz")  # as numpy.savez names what it writes
         if p.is_dir():
             files = sorted(p.glob("*.npz"))
             if not files:

@@ -145,6 +145,7 @@ def test_scalar_and_state_inputs_from_npz(tmp_path: Path) -> None:
     s = load_calibration(tmp_path / "d.npz", m, what="--inputs")
     assert len(s) == 3 and s[0]["sr"].shape == () and s[0]["sr"].dtype == np.int64
     assert s[0]["x"].shape == (1, 8) and s[0]["state"].shape == (2, 1, 4)
+    assert len(load_calibration(tmp_path / "d", m)) == 3  # the name given to numpy.savez, without its .npz
     np.savez(tmp_path / "e.npz", x=np.ones((3, 8), np.float32), state=np.zeros((3, 2, 1, 4), np.float32),
              sr=np.full(3, 16000, np.int32))  # per-sample scalars; int32 data for an int64 input
     s = load_calibration(tmp_path / "e.npz", m, what="--inputs")
