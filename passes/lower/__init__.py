@@ -1,0 +1,30 @@
+"""Rewrites into standard ONNX ops that backends convert (used by the TVM compile path).
+
+* ``lower-recurrent`` - LSTM/GRU/RNN unrolled over a static sequence length.
+* ``explicit-conv-transpose`` - ConvTranspose ``auto_pad``/``output_shape`` as explicit pads.
+* ``lower-integer`` - ONNX Runtime's integer ops (ConvInteger, QLinearConv, QLinearMatMul,
+  DynamicQuantizeLSTM, ...) as standard float / QDQ ONNX.
+
+The ``lower-for-tvm`` pipeline runs them in that order (integer ops first, since the dequantized
+LSTM is then unrolled), then DCE.
+"""
+
+from __future__ import annotations
+
+from graphopt import Pipeline, register_pipeline
+
+from .conv_transpose import ExplicitConvTranspose
+from .integer import LowerInteger
+from .recurrent import LowerRecurrent
+
+
+def lower_for_tvm_pipeline() -> Pipeline:
+    """Integer ops, recurrent ops and implicit ConvTranspose padding as standard ONNX."""
+    from graphopt import get_pass
+
+    return Pipeline([LowerInteger(), LowerRecurrent(), ExplicitConvTranspose(), get_pass("dce")], name="lower-for-tvm")
+
+
+register_pipeline("lower-for-tvm", lower_for_tvm_pipeline)
+
+__all__ = ["ExplicitConvTranspose", "LowerInteger", "LowerRecurrent", "lower_for_tvm_pipeline"]
