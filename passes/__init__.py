@@ -41,6 +41,7 @@ from .compress.prune import MagnitudePruning
 from .quantize.dynamic import QuantizeDynamic
 from .quantize.equalize import CrossLayerEqualization
 from .quantize.requantize import DequantizeInteger
+from . import lower as _lower  # noqa: F401 - registers lower-recurrent, lower-integer, explicit-conv-transpose, lower-for-tvm
 from .quantize.static import QuantizeStatic
 
 

@@ -197,6 +197,11 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
         graphopt.run_passes(m, graphopt.get_pipeline("default"), ctx)
     graphopt.run_passes(m, [graphopt.get_pass("sum-to-add", max_inputs=1 << 16), "dce"],
                         graphopt.PassContext(input_shapes=shapes))
+    # ops TVM's frontend lacks, rewritten as standard ONNX (passes registered by graphopt.passes:
+    # LSTM/GRU/RNN unrolled, ORT integer ops as float/QDQ, ConvTranspose pads made explicit)
+    lowering = graphopt.get_pipeline("lower-for-tvm")
+    graphopt.run_passes(m, [lowering], graphopt.PassContext(input_shapes=shapes))
+    left = {k: v for p in lowering.passes for k, v in (getattr(p, "report", None) or {}).get("left", {}).items()}
     # TVM's C/CUDA code generators use input names as parameter names verbatim ("gpu_0/data_0"
     # breaks the CUDA source); inputs are positional in the build, so the copy gets identifiers.
     for v in m.graph.inputs:
@@ -208,7 +213,8 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
     if bad:
         name, op = bad[0]
         more = f" (and {len(bad) - 1} more: {sorted({o for _, o in bad[1:]})})" if len(bad) > 1 else ""
-        raise CompileError(f"op {op} is not supported by TVM's ONNX frontend{more}", node=name)
+        why = f" ({left[name]})" if name in left else ""
+        raise CompileError(f"op {op} is not supported by TVM's ONNX frontend{why}{more}", node=name)
     return m, specs
 
 
@@ -227,7 +233,10 @@ def import_relax(model: Model) -> Any:
 
 # -- lowering ---------------------------------------------------------------------------------
 
-CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"]}
+# conv2d_transpose pinned to NCHW/IOHW: TOPI legalizes only that layout, and ConvertLayout would
+# otherwise carry the NHWC of the convs before it into it (left un-legalized: "CodeGenVM cannot
+# emit this Relax operator")
+CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
 def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, str]:
