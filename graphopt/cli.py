@@ -490,9 +490,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
         hints = {**_shapes_of(load_calibration(args.inputs, _load(src, check=False), what="--inputs")[0]), **hints}
     t0 = time.perf_counter()
+    consts = {}
+    for item in args.const_input:  # NAME=VALUE (a number, or comma-separated numbers)
+        name, eq, text = item.partition("=")
+        try:
+            vals = [float(x) for x in text.split(",")] if eq and text else None
+        except ValueError:
+            vals = None
+        if not name or vals is None:
+            raise GraphoptError(f"--const-input {item!r}: expected NAME=VALUE (e.g. sr=16000)")
+        consts[name] = vals[0] if len(vals) == 1 else vals
+        hints.pop(name, None)
     cm = tvm_compile(src, args.target, input_shapes=hints, trials=args.trials or 0,
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
-                     default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache)
+                     default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache,
+                     const_inputs=consts or None)
     cm.export(out)
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
@@ -678,6 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    sp.add_argument("--const-input", action="append", default=[], metavar="NAME=VALUE",
+                    help="compile an input as a constant (e.g. sr=16000: If branches on it fold away; the "
+                         "library no longer takes it; repeatable)")
     shape_arg(sp)
     inputs_arg(sp, "; input shapes are taken from the first sample")
     sp.set_defaults(fn=cmd_compile)

@@ -353,3 +353,41 @@ def test_unsupported_op_named_before_tvm(tvm_compile, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("graphopt: error:") and "the_lstm" in lines[0], r.stderr
     assert not (tmp_path / "m.so").exists()
+
+
+def _if_on_input_model():
+    """y = x * 2 if sr == 16000 else x + 1 (a streaming VAD's sample-rate switch, in small)."""
+    then = helper.make_graph([helper.make_node("Mul", ["x", "two"], ["t"])], "then", [],
+                             [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 4])],
+                             [numpy_helper.from_array(np.array(2.0, np.float32), "two")])
+    other = helper.make_graph([helper.make_node("Add", ["x", "one"], ["e"])], "else", [],
+                              [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(np.array(1.0, np.float32), "one")])
+    nodes = [helper.make_node("Equal", ["sr", "k"], ["cond"]),
+             helper.make_node("If", ["cond"], ["y"], name="rate_switch", then_branch=then, else_branch=other)]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4]),
+                          helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                  {"k": np.array(16000, np.int64)}, opset=13)
+
+
+def test_const_input_folds_data_dependent_if(tvm_compile, tmp_path):
+    from graphopt.errors import CompileError
+
+    proto = _if_on_input_model()
+    x = RNG.standard_normal((1, 4)).astype(np.float32)
+    with pytest.raises(CompileError, match="op If is not supported") as exc:
+        tvm_compile(graphopt.from_proto(proto))
+    assert "rate_switch" in str(exc.value)
+    for sr in (16000, 8000):
+        ref = _run(proto, {"x": x, "sr": np.array(sr, np.int64)})[0]
+        cm = tvm_compile(graphopt.from_proto(proto), const_inputs={"sr": sr})
+        assert [s.name for s in cm.inputs] == ["x"]
+        np.testing.assert_allclose(cm.run({"x": x})[0], ref, rtol=1e-6)
+    with pytest.raises(CompileError, match="no input 'rate'"):
+        tvm_compile(graphopt.from_proto(proto), const_inputs={"rate": 1})
+    p = tmp_path / "if.onnx"
+    onnx.save(proto, p)
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", str(p), "-o", str(tmp_path / "m.so"),
+                        "--const-input", "sr"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NAME=VALUE" in r.stderr, r.stderr

@@ -183,13 +183,41 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain
     return changed
 
 
+def pin_inputs(model: Model, values: Mapping[str, Any]) -> None:
+    """Make the named inputs constants of the given values, in place (they leave the signature).
+
+    Why: a control input the caller always feeds the same value (a VAD's sample rate ``sr``)
+    decides the model's ``If`` branches; pinned, the conditions fold and the branches inline,
+    and TVM's frontend (which converts no ``If``) sees one straight graph.
+    """
+    from graphopt.runtime import model_inputs
+
+    inputs = {v.name: v for v in model_inputs(model)}
+    for name, value in values.items():
+        v = inputs.get(name)
+        if v is None:
+            raise CompileError(f"--const-input {name}: the model has no input {name!r} (inputs: {sorted(inputs)})")
+        try:
+            a = np.asarray(value, dtype=np_dtype(v.dtype))
+            if v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape):
+                a = a.reshape(v.shape)
+        except (TypeError, ValueError) as exc:
+            raise CompileError(f"--const-input {name}: {exc}") from None
+        c = model.graph.add_initializer(name + "_const", a)
+        model.graph.replace_all_uses_with(v, c)
+        model.graph.inputs = [i for i in model.graph.inputs if i is not v]
+
+
 def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Sequence[int]] | None = None,
-            *, optimize: bool = True) -> tuple[Model, list[IOSpec]]:
-    """Copy ``model``, fix its input shapes, run the lossless pipeline, and check every op is one
-    TVM converts. Returns the prepared model and its input specs."""
+            *, optimize: bool = True, const_inputs: Mapping[str, Any] | None = None) -> tuple[Model, list[IOSpec]]:
+    """Copy ``model``, pin ``const_inputs`` to constants, fix the other inputs' shapes, run the
+    lossless pipeline, and check every op is one TVM converts. Returns the prepared model and its
+    input specs."""
     import graphopt
 
     m = _load_model(model)
+    if const_inputs:
+        pin_inputs(m, const_inputs)
     specs = fix_input_shapes(m, input_shapes)
     shapes = {s.name: list(s.shape) for s in specs}
     ctx = graphopt.PassContext(input_shapes=shapes)
@@ -585,6 +613,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     optimize: bool = True,
     progress: bool = True,
     build_cache: bool = True,
+    const_inputs: Mapping[str, Any] | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model (path or :class:`graphopt.Model`) for ``target`` with TVM.
 
@@ -599,6 +628,9 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     by the prepared model, the target, the options, graphopt's backend code and the state of the
     tuning database. Compiling the same model again with nothing changed loads it instead of
     importing, lowering and building again (TVM's own steps take 10-30 s on real CNNs).
+
+    ``const_inputs`` (name -> value): inputs compiled as constants (see :func:`pin_inputs`); the
+    build no longer takes them.
     """
     try:
         import tvm  # noqa: F401
@@ -619,7 +651,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
         from .schedules import vector_lanes
 
         lanes = vector_lanes(spec.tvm_target())
-    prepared, inputs = prepare(model, input_shapes, optimize=optimize)
+    prepared, inputs = prepare(model, input_shapes, optimize=optimize, const_inputs=const_inputs)
     padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # whole vectors of output channels
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
