@@ -285,6 +285,10 @@ class QuantizeStatic(Pass):
                 self.report["left_integer"] = deq.report["left"]
         bodies = sum(1 for n in model.graph.all_nodes() if n.subgraphs())
         opset = model.opset("") or 0
+        ops = set(self.options["op_types"]) - set(self.options["exclude_op_types"])
+        if not any(n.op_type in ops and n.domain in _STD for n in model.graph.all_nodes()):
+            raise GraphoptError(f"nothing to quantize: no {'/'.join(sorted(ops)) or 'quantizable'} node in the model "
+                                f"(its ops: {', '.join(sorted({n.op_type for n in model.graph.all_nodes()}))})")
         if self.options["per_channel"] and opset < 13:
             self._upgrade(model, 13)
             self.report["opset"] = f"raised from {opset} to 13 (per-channel DequantizeLinear)"
