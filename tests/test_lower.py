@@ -391,3 +391,15 @@ def test_const_input_folds_data_dependent_if(tvm_compile, tmp_path):
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", str(p), "-o", str(tmp_path / "m.so"),
                         "--const-input", "sr"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "NAME=VALUE" in r.stderr, r.stderr
+
+
+def test_unlegalized_relax_op_is_named(tvm_compile, monkeypatch):
+    """Without the NCHW pin, TOPI cannot legalize conv2d_transpose after NHWC convs: the error
+    names the operator and its layouts in one line (was: "CodeGenVM cannot emit this Relax operator")."""
+    from graphopt.backend import compiler
+    from graphopt.errors import CompileError
+
+    monkeypatch.setattr(compiler, "CPU_LAYOUTS", {"relax.nn.conv2d": ["NHWC", "HWIO"]})
+    proto, _ = _conv_transpose_model({"strides": [2, 2]})
+    with pytest.raises(CompileError, match=r"cannot lower relax.nn.conv2d_transpose \(data_layout=NHWC"):
+        tvm_compile(graphopt.from_proto(proto))

@@ -290,7 +290,30 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, st
             except Exception as exc:  # noqa: BLE001 - keep NCHW; schedules still apply
                 logger.info("layout conversion skipped: %s", _first_line(exc))
         mod = tvm.transform.Sequential(tail)(mod)
+    _check_legalized(mod)
     return mod, used
+
+
+def _check_legalized(mod: Any) -> None:
+    """Raise a one-line :class:`CompileError` naming a Relax operator that legalization left
+    as it is (TOPI refused its attributes, e.g. a layout it has no kernel for), instead of
+    TVM's "CodeGenVM cannot emit this Relax operator" at build time."""
+    import tvm
+    from tvm import relax
+
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        for block in getattr(func.body, "blocks", []):
+            for b in block.bindings:
+                v = b.value
+                if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and \
+                        v.op.get_attr("FLegalize") is not None:
+                    attrs = v.attrs
+                    what = ", ".join(f"{k}={getattr(attrs, k)}" for k in ("data_layout", "kernel_layout", "out_layout")
+                                     if attrs is not None and hasattr(attrs, k))
+                    raise CompileError(f"TVM cannot lower {v.op.name}{f' ({what})' if what else ''} in "
+                                       f"{gv.name_hint}: TOPI has no kernel for these attributes")
 
 
 def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_schedules: bool = True,
