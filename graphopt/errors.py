@@ -35,6 +35,13 @@ class InvalidModelError(GraphoptError):
     """The model parsed but breaks ONNX rules (undefined value, duplicate name, cycle, ...)."""
 
 
+class CheckerError(InvalidModelError):
+    """onnx's full check (``onnx.checker.check_model(m, full_check=True)``) refuses the model.
+
+    The message is the checker's first line and the node it names; the CLI adds how to go on
+    anyway (``--no-check``), for models that ONNX Runtime runs although the checker objects."""
+
+
 class UnsupportedModelError(GraphoptError):
     """The model is valid ONNX but uses something graphopt cannot handle."""
 

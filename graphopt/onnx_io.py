@@ -25,7 +25,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import AttributeProto, TensorProto
 
-from graphopt.errors import InvalidModelError, ModelLoadError
+from graphopt.errors import CheckerError, InvalidModelError, ModelLoadError
 from graphopt.ir.core import Attr, Function, Graph, Model, NameScope, Node, Value
 from graphopt.ir.tensor import Tensor
 
@@ -70,10 +70,21 @@ def shape_from_proto(shape: onnx.TensorShapeProto) -> tuple[int | str | None, ..
     return tuple(dims)
 
 
+#: Element types ONNX defines (TensorProto.DataType), UNDEFINED (0) excluded.
+_ELEM_TYPES = frozenset(v for v in TensorProto.DataType.values() if v)
+
+
+def _check_elem_type(elem_type: int, what: str) -> None:
+    if elem_type not in _ELEM_TYPES:
+        raise InvalidModelError(f"{what} has element type {elem_type}, which ONNX does not define")
+
+
 def _read_type(v: Value, tp: onnx.TypeProto) -> None:
     v.type_proto = tp
     if tp.HasField("tensor_type"):
         tt = tp.tensor_type
+        if tt.elem_type:
+            _check_elem_type(tt.elem_type, f"value {v.name!r}")
         v.dtype = tt.elem_type or None
         v.shape = shape_from_proto(tt.shape) if tt.HasField("shape") else None
     v._type_sig = (v.dtype, v.shape)
@@ -88,6 +99,8 @@ def _write_type(v: Value) -> onnx.TypeProto | None:
         return None
     tp = onnx.TypeProto()
     tt = tp.tensor_type
+    if v.dtype:  # e.g. a Cast to a type ONNX does not define, in a model loaded unchecked
+        _check_elem_type(v.dtype, f"value {v.name!r}")
     tt.elem_type = v.dtype or 0
     if v.shape is not None:
         shp = tt.shape
@@ -222,6 +235,8 @@ class _Importer:
             define(v, "graph input")
             g.inputs.append(v)
         for tp in gp.initializer:
+            if tp.data_type:  # 0: Tensor.validate says "no data type"
+                _check_elem_type(tp.data_type, f"initializer {tp.name!r}")
             t = Tensor(proto=tp, base_dir=self.base_dir)
             t.validate(tp.name)
             existing = local.get(tp.name)
@@ -289,6 +304,8 @@ class _Importer:
                 else:
                     a = Attr.from_proto(ap, self.base_dir)
                     if ap.type == AttributeProto.TENSOR:
+                        if ap.t.data_type:
+                            _check_elem_type(ap.t.data_type, f"node {np_.name or np_.op_type!r}: tensor attribute {ap.name!r}")
                         Tensor(proto=ap.t, base_dir=self.base_dir).validate(f"{np_.name or np_.op_type}.{ap.name}")
                 node.attrs[ap.name] = a
             g.append(node)
@@ -379,47 +396,139 @@ def from_proto(model_proto: onnx.ModelProto, *, base_dir: str | os.PathLike[str]
     Args:
         model_proto: the model; tensors may reference external data relative to ``base_dir``.
         base_dir: directory external data is resolved against (and confined to).
-        check: also run ``onnx.checker`` (structure only) and raise on its complaints.
+        check: also run onnx's full check (``onnx.checker.check_model(m, full_check=True)``:
+            structure, types and strict shape inference) and refuse a model it rejects. With
+            ``False`` only graphopt's own import rules apply (what the CLI's ``--no-check`` does).
 
     Raises:
         InvalidModelError: undefined values, duplicate names, cycles, unknown domains, bad
-            tensors, or anything the ONNX checker refuses (the message names the node).
+            tensors, text that is not UTF-8, unknown element types, or anything the ONNX
+            checker refuses (the checker's first line, and the node it names).
     """
     if not model_proto.HasField("graph") or not model_proto.opset_import:
         raise ModelLoadError("not an ONNX model (no graph or no opset_import)")
     if model_proto.ir_version <= 0:
         raise ModelLoadError("not an ONNX model (no ir_version)")
+    if check:
+        check_text(model_proto)
     bd = str(base_dir) if base_dir is not None else None
     with _gc_paused():
         model = _Importer(model_proto, bd).model()
     if check:
-        _run_checker(model_proto)
+        _run_checker(model_proto, model)
     return model
 
 
-def _run_checker(mp: onnx.ModelProto) -> None:
-    """Run onnx's structural checker. External tensors were validated by graphopt already
-    (inside-the-directory rule, sizes), so the checker sees empty stand-ins for them: its own
-    external-data lookup resolves paths against the working directory and rejects symlinks."""
-    if any(t.data_location == TensorProto.EXTERNAL for t in _iter_tensor_protos(mp)):
-        mp2 = onnx.ModelProto()
-        mp2.CopyFrom(mp)
-        for t in _iter_tensor_protos(mp2):
-            if t.data_location == TensorProto.EXTERNAL:
-                del t.external_data[:]
-                t.data_location = TensorProto.DEFAULT
+def _bad_text(x: Any) -> bool:
+    # upb hands back ``bytes`` for a string field that holds invalid UTF-8
+    return isinstance(x, bytes)
+
+
+def check_text(mp: onnx.ModelProto) -> None:
+    """Refuse a model whose names or other text fields are not valid UTF-8 (ONNX strings are
+    UTF-8; protobuf parses such fields as raw bytes, which nothing downstream can use).
+
+    Tensor contents are not read (only tensor names and external-data entries)."""
+
+    def fail(where: str, x: bytes, node: str | None) -> None:
+        raise InvalidModelError(f"{where} is not valid UTF-8 ({bytes(x)[:40]!r})",
+                                node=node if node and not _bad_text(node) else None)
+
+    def tensor(t: TensorProto, where: str, node: str | None) -> None:
+        for fld in ("name", "doc_string"):
+            if _bad_text(getattr(t, fld)):
+                fail(f"{where} {fld}", getattr(t, fld), node)
+        for e in t.external_data:
+            if _bad_text(e.key) or _bad_text(e.value):
+                fail(f"{where} external data entry", e.key if _bad_text(e.key) else e.value, node)
+
+    def message(msg: Any, where: str, node: str | None) -> None:
+        if isinstance(msg, TensorProto):
+            tensor(msg, where, node)
+            return
+        if isinstance(msg, onnx.NodeProto):
+            node = msg.name or msg.op_type
+        for fd, val in msg.ListFields():
+            if fd.type == fd.TYPE_STRING:
+                for i, x in enumerate(val if fd.is_repeated else [val]):
+                    if _bad_text(x):
+                        fail(f"{where}.{fd.name}" + (f"[{i}]" if fd.is_repeated else ""), x, node)
+            elif fd.type == fd.TYPE_MESSAGE:
+                for i, x in enumerate(val if fd.is_repeated else [val]):
+                    message(x, f"{where}.{fd.name}" + (f"[{i}]" if fd.is_repeated else ""), node)
+
+    message(mp, "model", None)
+
+
+def _checker_message(e: Exception) -> str:
+    """The checker's first line, trimmed, plus the node its context names (when the first
+    line does not name one already)."""
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0]
+    if first.startswith("[ShapeInferenceError] Inference error(s):"):
+        first = first[len("[ShapeInferenceError] Inference error(s):"):].strip()
+    ctx = next((x for x in lines[1:] if "Name:" in x and "OpType:" in x), None)
+    if ctx is not None and "node name" not in first:
+        name, _, op = ctx.split("Name:", 1)[1].partition("OpType:")
+        first += f" (node {name.strip()!r}, {op.strip()})"
+    return first[:500]
+
+
+def _standins(mp: onnx.ModelProto, keep_dims: bool) -> onnx.ModelProto:
+    """A copy whose external tensors hold no data (graphopt validated them already): the
+    checker's own external-data lookup resolves paths against the working directory and
+    rejects symlinks. ``keep_dims=False`` makes them empty (the structural check counts data
+    fields); shape inference needs their dims."""
+    mp2 = onnx.ModelProto()
+    mp2.CopyFrom(mp)
+    for t in _iter_tensor_protos(mp2):
+        if t.data_location == TensorProto.EXTERNAL:
+            del t.external_data[:]
+            t.data_location = TensorProto.DEFAULT
+            if not keep_dims:
                 del t.dims[:]
                 t.dims.append(0)
-        mp = mp2
-    try:
-        if mp.ByteSize() < _PROTO_LIMIT:
-            onnx.checker.check_model(mp)
-    except onnx.checker.ValidationError as e:
-        msg = str(e).strip().splitlines()
-        text = " ".join(x.strip() for x in msg if x.strip())
-        if "topologically sorted" in text:
-            return  # graphopt sorts graphs itself on import
-        raise InvalidModelError(f"ONNX checker: {text[:500]}") from None
+    return mp2
+
+
+def _check_beyond_checker(mp: onnx.ModelProto) -> None:
+    """What onnx's checker lets through but no runtime loads: an opset newer than any ONNX
+    defines, and a main graph with no outputs."""
+    newest = {"": onnx.defs.onnx_opset_version(), "ai.onnx": onnx.defs.onnx_opset_version(),
+              "ai.onnx.ml": onnx.helper.VERSION_TABLE[-1][3]}
+    for o in mp.opset_import:
+        if o.domain in newest and not 1 <= o.version <= newest[o.domain]:
+            raise CheckerError(f"ONNX: opset {o.version} of domain {o.domain or 'ai.onnx'!r} does not exist "
+                               f"(ONNX defines 1 to {newest[o.domain]})")
+    if not mp.graph.output:
+        raise CheckerError(f"ONNX: graph {mp.graph.name!r} declares no outputs: there is nothing to compute")
+
+
+def _run_checker(mp: onnx.ModelProto, model: Model | None = None) -> None:
+    """Run onnx's full check (structure, then types and shapes under strict shape inference)
+    and raise :class:`CheckerError` with its message. A graph that is only out of
+    topological order is checked in graphopt's sorted order (graphopt sorts on import)."""
+    if mp.ByteSize() >= _PROTO_LIMIT:
+        _check_beyond_checker(mp)
+        return  # cannot be serialized for the checker in one piece
+    external = any(t.data_location == TensorProto.EXTERNAL for t in _iter_tensor_protos(mp))
+    for attempt in range(2):
+        try:
+            if external:
+                onnx.checker.check_model(_standins(mp, keep_dims=False))
+                onnx.shape_inference.infer_shapes(_standins(mp, keep_dims=True), check_type=True, strict_mode=True)
+            else:
+                onnx.checker.check_model(mp, full_check=True)
+            break
+        except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, and what protobuf raises
+            text = _checker_message(e)
+            if "topologically sorted" in str(e) and attempt == 0 and model is not None:
+                mp = _Exporter(keep_external=True).model(model)  # graphopt's sorted order
+                continue
+            raise CheckerError(f"ONNX checker: {text}") from None
+    _check_beyond_checker(mp)
 
 
 def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
@@ -448,6 +557,7 @@ def load(path: str | os.PathLike[str], *, check: bool = True) -> Model:
         raise ModelLoadError(f"{str(p)!r} is not a valid ONNX protobuf (truncated or another format): {e}") from None
     if not mp.HasField("graph") or not mp.opset_import or mp.ir_version <= 0:
         raise ModelLoadError(f"{str(p)!r} is not an ONNX model (no graph, opset_import or ir_version)")
+    check_text(mp)  # even unchecked: names that are not UTF-8 cannot go anywhere
     return from_proto(mp, base_dir=p.resolve().parent, check=check)
 
 
@@ -461,6 +571,14 @@ class _Exporter:
         self.stub_over = stub_over
 
     def tensor(self, t: Tensor, name: str) -> TensorProto:
+        try:
+            return self._tensor(t, name)
+        except (NotImplementedError, TypeError, ValueError, OverflowError) as e:
+            # e.g. a constant folded to a type a model loaded unchecked declared for it
+            raise InvalidModelError(f"cannot be written: {str(e).splitlines()[0][:200]}",
+                                    field=f"tensor {name!r}") from None
+
+    def _tensor(self, t: Tensor, name: str) -> TensorProto:
         if self.stub_over is not None and t.size > self.stub_over:
             # type and dims only: enough for shape inference, which never reads big weights
             return TensorProto(name=name, data_type=t.dtype, dims=list(t.shape))

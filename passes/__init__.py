@@ -38,6 +38,7 @@ from .compress.channels import ChannelPruning
 from .compress.cluster import Palettize, WeightClustering
 from .compress.lowrank import LowRankFactorization
 from .compress.prune import MagnitudePruning
+from .convert.float16 import Float16, Float16Weights
 from .quantize.dynamic import QuantizeDynamic
 from .quantize.equalize import CrossLayerEqualization
 from .quantize.requantize import DequantizeInteger

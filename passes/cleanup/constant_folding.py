@@ -288,9 +288,13 @@ class ConstantFolding(Pass):
                     arr = arr.astype(np_dtype(v.dtype), copy=False)
                 except Exception:  # noqa: BLE001
                     pass
-            if v.is_graph_output():
+            if v.is_graph_output() and self._constant_holds(arr):
                 c = graph.make_node("Constant", [], {"value": arr}, name=graph.fresh_name(v.name + "_const"),
                                     before=v.producer)
+                new = c.output(0)
+            elif v.is_graph_output():  # Constant cannot hold this type at the model's opset: Identity of a weight
+                c = graph.make_node("Identity", [graph.add_initializer(v.name + "_value", arr)],
+                                    name=graph.fresh_name(v.name + "_const"), before=v.producer)
                 new = c.output(0)
             else:
                 new = graph.add_initializer(v.name, arr)
@@ -302,6 +306,12 @@ class ConstantFolding(Pass):
                 graph.remove(n)
                 changed = True
         return changed
+
+    def _constant_holds(self, arr: np.ndarray) -> bool:
+        """Whether a ``Constant`` node may hold ``arr`` at the model's opset: below opset 9,
+        ``Constant`` (version 1) takes float16, float and double tensors only."""
+        opset = self.model.opset("") if self.model is not None else None
+        return opset is None or opset >= 9 or arr.dtype in (np.float16, np.float32, np.float64)
 
     def _too_big_static(self, node: Node, known: dict[Value, Any]) -> bool:
         """Skip evaluating expanding ops whose static output is already known to be too big."""
