@@ -326,7 +326,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from graphopt.onnx_io import save
     from graphopt.report import human, table
-    from graphopt.runtime import compare, load_calibration
+    from graphopt.runtime import compare, load_calibration, parse_input_shapes
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
     if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8 or args.prune or args.nm):
@@ -378,7 +378,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             pal = get_pass("palettize", max_values=args.cluster)
             passes.append(pal)  # keep the cluster palette in the int8 weights: indices + int8 codebook
             reports.append(("palettize", pal))
-    ctx = PassContext(calibration=calib)
+    # --input-shape: concrete dims for passes that follow shapes (prune-channels through a YOLO neck)
+    ctx = PassContext(calibration=calib, input_shapes=parse_input_shapes(args.input_shape) or None)
     stages: list[list[Any]] = []
     with tempfile.TemporaryDirectory(prefix="graphopt-compress-") as tmp:
         prev = _stage(model, Path(tmp) / "stage0.onnx", feeds)

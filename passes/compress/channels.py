@@ -1,35 +1,40 @@
-"""Structured channel pruning: remove whole output channels of Conv layers.
+"""Structured channel pruning: remove whole output channels (filters, hidden units) of Conv,
+ConvTranspose, Gemm, MatMul and LSTM layers, and everything downstream that reads them.
 
-Channels are tracked through the graph as a *layout*: for every 4-D activation, which Conv
-produced each channel and at which filter index. Layouts pass unchanged through channel-wise ops
-(BatchNormalization, activations, pooling, GlobalAveragePool, spatial ReduceMean/Max with
-keepdims, per-channel constant Add/Mul/Sub/Div, depthwise Conv) and are concatenated by
-``Concat`` on the channel axis. Elementwise joins (residual Add/Sub/Mul/Max/Min/Sum) tie the
-Convs meeting at the same channel positions into one *group*: they must all keep the same
-filters. So residual stages (ResNet), concatenated branches (Inception, SqueezeNet's fire
-modules) and dense blocks (DenseNet, where every layer reads the concatenation of all earlier
-ones) are all pruned: a Conv's removed filters disappear from every tensor they reach, and each
-op downstream drops the matching positions:
+Channels are followed one by one (:class:`Channels`): every channel of every tensor the pass can
+follow gets an id, and ids that must be kept or removed together are joined (union-find) into
+*classes*. Ids flow unchanged through channel-wise ops (activations, HardSwish/HardSigmoid/Clip,
+BatchNormalization, pooling, Pad and Resize that leave the channel axis alone, Reduce* over other
+axes, per-channel constant Add/Mul/Sub/Div/Pow, depthwise Conv), move with Transpose, Squeeze and
+Unsqueeze, are concatenated by Concat and cut by Split on the channel axis, and become H*W
+consecutive features when the channel axis and the static axes after it are flattened (into a
+Gemm, or a sequence for an LSTM). What joins ids:
 
-- the producer's filters and bias;
-- BatchNormalization parameters, per-channel constants and depthwise filters (their ``group``
-  shrinks with them) at those positions;
-- the input channels of every Conv reading them, and the matching feature rows of a
-  Gemm/MatMul reached through a flatten of a static [N, C, H, W] tensor or a spatial
-  ReduceMean/ReduceMax without keepdims.
+- an elementwise op between tensors joins the ids at the same position (residual Adds, a
+  squeeze-excite gate multiplying the channels it was computed from, FPN Adds after a Resize),
+  whatever produced them - so a trunk made of a Concat of branches and an Add with a conv's
+  output prunes position by position;
+- a channel shuffle (Reshape [N, g, C/g, H, W], Transpose (0, 2, 1, 3, 4), Reshape back) joins
+  the channel at one offset of every shuffle group: the shuffle stays a shuffle of the kept
+  channels only if every group keeps the same offsets (whole columns of the shuffle go).
 
-Grouped convolutions (ResNeXt, RegNet) are producers and readers too: their filters and input
-channels come in ``group`` contiguous slices, so a group of channels made or read by a grouped
-conv keeps the same number of filters in every slice (the best ones of each slice).
+Grouped convolutions read and make channels in ``group`` slices that must keep equally many
+(balance constraints; a bidirectional LSTM's directions likewise). Where a group has such
+constraints, the classes to remove are chosen with scipy's MILP solver (least total importance,
+each producer as close to the ratio as the slices allow); without scipy, the k-th best class of
+every slice is joined instead.
 
-A group is left as it is, and listed in ``report["skipped"]`` with the reason, when its channels
-reach a graph output, a graph input, a channel shuffle, a grouped conv reading a concatenation,
-or any other op that must keep its channels aligned, or when channels are joined out of order.
+A class is *frozen* (kept, with the reason in ``report["skipped"]`` for producers left whole and
+``report["partial"]`` for producers that kept some channels for it) when it reaches a graph input
+or output, or an op that needs its channels aligned (LRN, LayerNorm, Softmax, a Reshape into
+attention heads, Shape...). Rewriting drops, for the removed classes: producers' filters/units
+and biases, per-channel parameters, depthwise filters (their ``group`` shrinks), the readers'
+input channels (slice by slice for grouped convs), Split sizes, shuffle and flatten shapes.
 
-Importance: ``l1`` (filter L1 norm) or ``activation`` (filter norm times the mean |activation|
-of the channel on calibration data, Wanda-style). Recovery: with calibration data, each
-reader Conv/Gemm is refit by least squares so that, on the calibration inputs, its output from
-the kept channels matches its original output. Lossy.
+Importance: ``l1`` (filter L1 norm, normalized per producer) or ``activation`` (times the mean
+|activation| of the channel on calibration data, Wanda-style). Recovery: with calibration data,
+each Conv/Gemm/MatMul reader is refit by least squares so that, on the calibration inputs, its
+output from the kept channels matches its original output. Lossy.
 
 ``multiple_of=8`` (or 16) rounds every kept channel count to a multiple of the CPU kernels'
 channel block: ONNX Runtime's NCHWc convolutions and int8 kernels work in blocks of 8/16
@@ -39,66 +44,29 @@ channels ran slower than 16).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from graphopt import GraphoptError, Graph, Node, Pass, PassContext, Value, register_pass
+from graphopt import Graph, GraphoptError, Node, Pass, PassContext, Value, register_pass
 from graphopt.runtime import collect_values, load_calibration
 
-from ..common import is_depthwise, reduce_axes
+from ..common import reduce_axes
+
+log = logging.getLogger(__name__)
 
 _STD = ("", "ai.onnx")
-CHANNEL_WISE = frozenset({"Relu", "LeakyRelu", "Clip", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu",
-                          "Selu", "Softplus", "Gelu", "MaxPool", "AveragePool", "GlobalAveragePool",
-                          "GlobalMaxPool", "BatchNormalization", "Identity", "Dropout", "LpPool", "PRelu"})
-PER_CHANNEL_BINARY = frozenset({"Add", "Mul", "Sub", "Div"})
-ELEMENTWISE_JOIN = frozenset({"Add", "Sub", "Mul", "Max", "Min", "Sum"})
-SPATIAL_REDUCE = frozenset({"ReduceMean", "ReduceMax", "ReduceSum", "ReduceL2"})
-Layout = tuple[np.ndarray, np.ndarray]  # per channel: (root id, filter index within the root)
-
-
-def _channel_axis(arr: np.ndarray) -> int:
-    """Axis of a per-channel constant broadcast against [N, C, H, W] (shape [C,1,1] or [1,C,1,1])."""
-    return arr.ndim - 3
-
-
-def _per_channel_const(n: Node, c: int) -> int | None:
-    """Index of the constant operand if ``n`` is x (op) per-channel-or-scalar constant."""
-    for k in (0, 1):
-        v = n.input(k)
-        arr = v.const_value() if v is not None else None
-        if arr is None:
-            continue
-        if arr.size == 1:
-            return k
-        shp = [1] * (4 - arr.ndim) + list(arr.shape) if arr.ndim <= 4 else None
-        if shp is not None and shp[0] == 1 and shp[1] == c and all(d == 1 for d in shp[2:]):
-            return k
-    return None
-
-
-def _prunable_conv(n: Node) -> bool:
-    """A Conv with constant filters (any ``group``): its filters can be cut, its inputs narrowed."""
-    return n.op_type == "Conv" and n.input(1) is not None and n.input(1).const_value() is not None \
-        and n.input(1).const_value().ndim >= 3 and (n.input(2) is None or n.input(2).const_value() is not None)
-
-
-def _depthwise(n: Node, c: int) -> bool:
-    """A depthwise Conv with one filter per channel (of ``c``) is channel-wise: its filters
-    follow the channels."""
-    return is_depthwise(n) and (n.attr("group", 1) or 1) == c == n.input(1).const_value().shape[0] \
-        and (n.input(2) is None or n.input(2).const_value() is not None)
-
-
-def _spatial_axes(n: Node) -> list[int] | None:
-    """Reduced axes of a Reduce* op over a 4-D tensor, if they are all spatial (2 and 3)."""
-    axes = reduce_axes(n)
-    if not axes:
-        return None
-    axes = sorted(a % 4 for a in axes)
-    return axes if set(axes) <= {2, 3} else None
+# elementwise on every element: the channels of the input are the channels of the output, any rank
+ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
+                         "Softplus", "Softsign", "Gelu", "Erf", "Mish", "Celu", "ThresholdedRelu", "Identity",
+                         "Dropout", "Neg", "Abs", "Sqrt", "Exp", "Reciprocal", "Floor", "Ceil", "Round", "Sign"})
+# spatial ops on [N, C, ...]: channel axis 1
+SPATIAL = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"})
+ELEMENTWISE_BINARY = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Pow"})
+REDUCE = frozenset({"ReduceMean", "ReduceMax", "ReduceMin", "ReduceSum", "ReduceL2", "ReduceL1"})
+CHANNEL_WISE = ELEMENTWISE | SPATIAL | {"BatchNormalization", "Clip", "PRelu"}  # kept for importers
 
 
 def _desc(v: Value) -> str:
@@ -106,221 +74,847 @@ def _desc(v: Value) -> str:
     return f"{p.op_type} {p.name!r}" if p is not None else f"graph input {v.name!r}"
 
 
-class Group:
-    """Convs whose filters must be pruned together, every activation carrying their channels
-    (with its layout), the ops with per-channel parameters on those activations, and the readers
-    whose input channels shrink."""
-
-    def __init__(self) -> None:
-        self.roots: list[int] = []
-        self.producers: list[Node] = []
-        self.values: list[Value] = []
-        self.param_ops: list[tuple[Node, Value]] = []
-        self.readers: list[tuple[Node, str, int, Value]] = []  # node, "conv"|"fc", rows per channel, source
-        self.flattens: list[Node] = []
-        self.layout: dict[int, Layout] = {}
-        self.reason: str | None = None
-        self.slices = 1  # kept filters are spread evenly over this many contiguous slices
-
-    @property
-    def key(self) -> frozenset[str]:
-        return frozenset(p.name for p in self.producers)
-
-    def keep_mask(self, v: Value, keep: np.ndarray) -> np.ndarray:
-        """Positions of ``v``'s channels that stay when the group keeps filters ``keep``."""
-        src, pos = self.layout[id(v)]
-        return ~(np.isin(src, self.roots) & ~np.isin(pos, keep))
+def _const_on_axis(arr: np.ndarray, rank: int, axis: int, c: int) -> int | None:
+    """The axis of constant ``arr`` that runs along channel axis ``axis`` of a rank-``rank``
+    tensor with ``c`` channels when ``arr`` broadcasts against it per channel; -1 for a scalar
+    (nothing to slice); None when it is neither (it would mix channels or broadcast them)."""
+    if arr.size == 1:
+        return -1
+    if arr.ndim > rank:
+        return None
+    shp = [1] * (rank - arr.ndim) + list(arr.shape)
+    if shp[axis] != c or any(d != 1 for i, d in enumerate(shp) if i != axis):
+        return None
+    return axis - (rank - arr.ndim)
 
 
-def find_groups(graph: Graph) -> list[Group]:
-    """Channel groups of the main graph, by propagating channel layouts in topological order."""
-    parent: list[int] = []
-    root_len: list[int] = []
-    root_conv: list[Node | None] = []
-    bad: dict[int, str] = {}
-    layout: dict[int, Layout] = {}
-    vals: dict[int, Value] = {}
-    through: dict[int, str] = {}  # node id -> role of its data inputs ("pass", "param", "concat")
-    slices: dict[int, set[int]] = {}  # root -> group counts of grouped convs making or reading it
-    why_not: dict[int, str] = {}
+def _ints(v: Value | None) -> list[int] | None:
+    arr = v.const_value() if v is not None else None
+    return None if arr is None else [int(a) for a in np.ravel(arr)]
 
-    def new_root(c: int, conv: Node | None = None, why: str | None = None) -> int:
-        r = len(parent)
-        parent.append(r)
-        root_len.append(c)
-        root_conv.append(conv)
+
+class Channels:
+    """Channel analysis of a main graph: every channel of every tensor the pass can follow gets
+    an id; ids that must be kept or removed together are joined (union-find) into *classes*.
+
+    What joins ids: an elementwise op between tensors (the same position in each), a channel
+    shuffle (the channel at one offset in every shuffle group: the shuffle stays a shuffle only if
+    every group keeps the same offsets), and balance: a grouped conv's filters and input channels
+    come in ``group`` slices that must keep equally many. What freezes a class (it is kept): it
+    reaches a graph input or output, or an op that needs its channels aligned (LRN, LayerNorm, a
+    Reshape into a sequence, a Transpose...), each with its reason."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.parent: list[int] = []
+        self.owner: list[int] = []  # producer index of each id, -1 if none
+        self.reason: dict[int, str] = {}  # id -> why its class must stay
+        self.layout: dict[int, np.ndarray] = {}  # id(value) -> ids along its channel axis
+        self.axis: dict[int, int] = {}  # id(value) -> channel axis
+        self.vals: dict[int, Value] = {}
+        self.handled: set[tuple[int, int]] = set()  # (id(node), input index) whose channels are followed
+        self.producers: list[tuple[Node, str, Value]] = []  # conv|convT|gemm|matmul
+        self.params: dict[int, list[tuple[Node, str, int]]] = {}  # value -> (node, bn|inorm|dw|const, input)
+        self.readers: dict[int, list[tuple[Node, str]]] = {}  # value -> (node, conv|convT|gemm|matmul)
+        self.shuffles: dict[int, list[tuple[Node, Node, Node, int]]] = {}  # value -> (reshape, transpose, reshape, g)
+        self.splits: dict[int, list[Node]] = {}
+        self.flattens: dict[int, list[tuple[Node, int, int]]] = {}  # value -> (Reshape with an explicit size, rows per channel, axis)
+        self.balance: list[tuple[np.ndarray, int]] = []
+        self.minimum: list[tuple[np.ndarray, int]] = []  # ids of which at least n must stay (split parts)
+        self.why_not: dict[int, str] = {}
+        self.score = np.zeros(0)
+        self._build(graph)
+
+    # -- union-find ------------------------------------------------------------------------------
+    def new_ids(self, c: int, owner: int = -1, why: str | None = None) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + c))
+        self.owner.extend([owner] * c)
+        ids = np.arange(start, start + c)
         if why:
-            bad[r] = why
-        return r
+            for i in ids:
+                self.reason[int(i)] = why
+        return ids
 
-    def find(a: int) -> int:
-        while parent[a] != a:
-            parent[a] = parent[parent[a]]
-            a = parent[a]
+    def find(self, a: int) -> int:
+        p = self.parent
+        while p[a] != a:
+            p[a] = p[p[a]]
+            a = p[a]
         return a
 
-    def set_layout(v: Value, lay: Layout) -> None:
-        layout[id(v)] = lay
-        vals[id(v)] = v
+    def classes(self, ids: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(int(i)) for i in ids), dtype=np.int64, count=len(ids))
 
-    def lay(v: Value | None) -> Layout | None:
-        if v is None or v.is_const() or v.shape is None or len(v.shape) != 4:
+    def union(self, a: int, b: int) -> bool:
+        x, y = self.find(a), self.find(b)
+        if x == y:
+            return False
+        self.parent[x] = y
+        return True
+
+    def freeze(self, ids: np.ndarray, why: str) -> None:
+        for i in ids:
+            self.reason.setdefault(int(i), why)
+
+    # -- layouts ---------------------------------------------------------------------------------
+    def set(self, v: Value, ids: np.ndarray, axis: int) -> None:
+        self.layout[id(v)], self.axis[id(v)], self.vals[id(v)] = ids, axis, v
+
+    def lay(self, v: Value | None, axis: int | None = None) -> tuple[np.ndarray, int] | None:
+        """The channel ids and axis of ``v``; a value the analysis did not follow gets frozen ids
+        (its producer's channels cannot change), so whatever joins it is kept."""
+        if v is None or v.is_const() or v.shape is None or len(v.shape) < 2:
             return None
-        if id(v) not in layout:
-            c = v.shape[1]
-            if not isinstance(c, int):
+        if id(v) not in self.layout:
+            rank = len(v.shape)
+            ax = axis if axis is not None else (1 if rank == 4 else rank - 1)
+            c = v.shape[ax]
+            if not isinstance(c, int) or c < 1:
                 return None
-            r = new_root(c, why=f"joined with {_desc(v)}, whose channels graphopt cannot change")
-            set_layout(v, (np.full(c, r), np.arange(c)))
-        return layout[id(v)]
+            why = "reaches a graph input" if v.producer is None else \
+                f"joined with {_desc(v)}, whose channels graphopt cannot change"
+            self.set(v, self.new_ids(c, why=why), ax)
+        return self.layout[id(v)], self.axis[id(v)]
 
-    def mark(src: np.ndarray, why: str) -> None:
-        for r in np.unique(src):
-            bad.setdefault(find(int(r)), why)
+    def _produce(self, n: Node, kind: str, out: Value, c: int, axis: int) -> np.ndarray:
+        ids = self.new_ids(c, owner=len(self.producers))
+        self.producers.append((n, kind, out))
+        self.set(out, ids, axis)
+        return ids
 
-    def join(a: Layout, b: Layout, node: Node) -> None:
-        pairs = np.unique(np.stack([a[0], b[0]]), axis=1)
-        for ra, rb in pairs.T:
-            x, y = find(int(ra)), find(int(rb))
-            if x != y:
-                parent[x] = y
-                if x in bad:
-                    bad.setdefault(y, bad[x])
-        if (a[1] != b[1]).any() or len({root_len[int(r)] for r in np.unique(np.concatenate([a[0], b[0]]))}) > 1:
-            mark(a[0], f"{node.op_type} {node.name!r} joins channels out of order")
+    def _read(self, n: Node, kind: str) -> None:
+        self.handled.add((id(n), 0))
+        self.readers.setdefault(id(n.input(0)), []).append((n, kind))
 
-    for n in graph:
-        if n.domain not in _STD or not n.outputs or n.output(0).shape is None or len(n.output(0).shape) != 4:
-            continue
-        out, op = n.output(0), n.op_type
-        x = lay(n.input(0)) if n.inputs else None
-        if x is not None and op == "Conv" and _depthwise(n, len(x[0])):
-            set_layout(out, x)
-            through[id(n)] = "param"
-        elif _prunable_conv(n) and x is not None:
-            c = n.input(1).const_value().shape[0]
-            r = new_root(c, conv=n)
-            if (n.attr("group", 1) or 1) > 1:  # a grouped conv's filters come in `group` slices
-                slices.setdefault(r, set()).add(int(n.attr("group")))
-            set_layout(out, (np.full(c, r), np.arange(c)))
-        elif x is not None and (op in CHANNEL_WISE or (op in SPATIAL_REDUCE and n.attr("keepdims", 1)
-                                                       and _spatial_axes(n))):
-            if op == "BatchNormalization" and any(i is None or i.const_value() is None for i in n.inputs[1:5]):
-                why_not[id(n)] = "its parameters are not constant"
-            elif op == "Clip" and any(i is not None and not i.is_const() for i in n.inputs[1:]):
-                why_not[id(n)] = "its bounds are not constant"
-            elif op == "PRelu" and (n.input(1).const_value() is None or n.input(1).const_value().size != 1):
-                why_not[id(n)] = "its slope is per channel"
+    def _param(self, v: Value, n: Node, kind: str, idx: int = 0) -> None:
+        self.params.setdefault(id(v), []).append((n, kind, idx))
+
+    # -- the graph walk --------------------------------------------------------------------------
+    def _build(self, graph: Graph) -> None:
+        done: set[int] = set()
+        for n in graph:
+            if id(n) in done or n.domain not in _STD or not n.outputs or n.output(0) is None:
+                continue
+            out = n.output(0)
+            if out.shape is None:
+                continue
+            op = n.op_type
+            if op in ("Conv", "ConvTranspose"):
+                self._conv(n, out)
+            elif op in ("Gemm", "MatMul"):
+                self._fc(n, out)
+            elif op in ELEMENTWISE or op in SPATIAL or op in ("BatchNormalization", "InstanceNormalization", "Clip",
+                                                             "PRelu", "Pad", "Resize", "Upsample") or op in REDUCE:
+                self._unary(n, out)
+            elif op in ELEMENTWISE_BINARY:
+                self._binary(n, out)
+            elif op == "Concat":
+                self._concat(n, out)
+            elif op == "Split":
+                self._split(n)
+            elif op in ("Flatten", "Reshape"):
+                if not self._shuffle(n, done):
+                    self._flatten(n, out)
+            elif op in ("Transpose", "Squeeze", "Unsqueeze"):
+                self._move(n, out)
+            elif op == "LSTM":
+                self._lstm(n, done)
+        for vid, v in self.vals.items():
+            ids = self.layout[vid]
+            if v.is_graph_output():
+                self.freeze(ids, f"reaches the graph output {v.name!r}")
+            for r, k in v.uses:
+                if (id(r), k) not in self.handled:
+                    extra = f" ({self.why_not[id(r)]})" if id(r) in self.why_not else ""
+                    self.freeze(ids, f"read by {r.op_type} {r.name!r}, which must keep its channels aligned{extra}")
+
+    def _conv(self, n: Node, out: Value) -> None:
+        w = n.input(1).const_value() if n.input(1) is not None else None
+        b = n.input(2)
+        if w is None or w.ndim < 3 or (b is not None and b.const_value() is None):
+            self.why_not[id(n)] = "its weights are not constant"
+            return
+        x = self.lay(n.input(0), 1)
+        if x is None or x[1] != 1:
+            return
+        g = int(n.attr("group", 1) or 1)
+        c = len(x[0])
+        if n.op_type == "ConvTranspose":
+            if g != 1 or w.shape[0] != c:
+                self.why_not[id(n)] = "grouped ConvTranspose"
+                return
+            self._read(n, "convT")
+            self._produce(n, "convT", out, w.shape[1], 1)
+            return
+        if g > 1 and w.shape[1] == 1 and g == c == w.shape[0]:  # depthwise: filters follow the channels
+            self.handled.add((id(n), 0))
+            self._param(n.input(0), n, "dw")
+            self.set(out, x[0], 1)
+            return
+        if w.shape[1] * g != c:
+            return
+        self._read(n, "conv")
+        ids = self._produce(n, "conv", out, w.shape[0], 1)
+        if g > 1:  # a grouped conv reads and makes its channels in `group` slices: equal counts in each
+            self.balance += [(x[0], g), (ids, g)]
+
+    def _fc(self, n: Node, out: Value) -> None:
+        a, bv = n.input(0), n.input(1)
+        b = bv.const_value() if bv is not None else None
+        if b is None or b.ndim != 2 or a is None or a.shape is None or len(a.shape) < 2:
+            return
+        if n.op_type == "Gemm":
+            cb = n.input(2).const_value() if n.input(2) is not None else None
+            if n.attr("transA", 0) or len(a.shape) != 2 or (n.input(2) is not None and cb is None) \
+                    or (cb is not None and cb.size > 1 and _const_on_axis(cb, 2, 1, out.shape[1]) is None):
+                return
+            trans = bool(n.attr("transB", 0))
+            k, f = (b.shape[1], b.shape[0]) if trans else b.shape
+        else:
+            k, f = b.shape
+        x = self.lay(a, len(a.shape) - 1)
+        if x is None or x[1] != len(a.shape) - 1 or len(x[0]) != k:
+            return
+        kind = "gemm" if n.op_type == "Gemm" else "matmul"
+        self._read(n, kind)
+        self._produce(n, kind, out, f, len(out.shape) - 1)
+
+    def _unary(self, n: Node, out: Value) -> None:
+        op = n.op_type
+        x = self.lay(n.input(0)) if n.inputs else None
+        if x is None:
+            return
+        ids, ax = x
+        rank = len(n.input(0).shape)
+        new_ax = ax
+        if op in SPATIAL and ax != 1:
+            return
+        if op in ("BatchNormalization", "InstanceNormalization"):
+            last = 5 if op == "BatchNormalization" else 3
+            if ax != 1 or any(i is None or i.const_value() is None for i in n.inputs[1:last]):
+                self.why_not[id(n)] = "its parameters are not constant"
+                return
+            self._param(n.input(0), n, "bn" if op == "BatchNormalization" else "inorm")
+        elif op == "Clip":
+            if any(i is not None and not i.is_const() for i in n.inputs[1:]):
+                self.why_not[id(n)] = "its bounds are not constant"
+                return
+        elif op == "PRelu":
+            s = n.input(1).const_value()
+            k = _const_on_axis(s, rank, ax, len(ids)) if s is not None else None
+            if k is None:
+                self.why_not[id(n)] = "its slope is not constant per channel"
+                return
+            if k >= 0:
+                self._param(n.input(0), n, "const", 1)
+        elif op == "Pad":
+            pads = n.attr("pads") if n.input(1) is None else _ints(n.input(1))
+            axes = _ints(n.input(3)) if len(n.inputs) > 3 and n.input(3) is not None else list(range(rank))
+            if pads is None or axes is None or len(n.inputs) > 3 and n.input(3) is not None and not n.input(3).is_const():
+                self.why_not[id(n)] = "its pads are not constant"
+                return
+            axes = [a % rank for a in axes]
+            if ax in axes and (pads[axes.index(ax)] or pads[len(axes) + axes.index(ax)]):
+                self.why_not[id(n)] = "it pads the channel axis"
+                return
+        elif op in ("Resize", "Upsample"):
+            sc = n.input(2 if op == "Resize" else 1)
+            scales = sc.const_value() if sc is not None else None
+            sizes = n.input(3) if op == "Resize" and len(n.inputs) > 3 else None
+            if sizes is not None or scales is None or scales.size != rank or scales[ax] != 1 \
+                    or op == "Resize" and n.attr("axes") is not None:
+                self.why_not[id(n)] = "its scales are not constant, or it sets sizes or the channel count"
+                return
+        elif op in REDUCE:
+            axes = [a % rank for a in (reduce_axes(n) or [])]
+            if not axes or ax in axes:
+                self.why_not[id(n)] = "it reduces over the channel axis"
+                return
+            if not (n.attr("keepdims", 1) if n.attr("keepdims") is not None else 1):
+                new_ax = ax - sum(1 for a in axes if a < ax)
+        self.handled.add((id(n), 0))
+        self.set(out, ids, new_ax)
+
+    def _binary(self, n: Node, out: Value) -> None:
+        rank = len(out.shape)
+        data, consts = [], []
+        for k, v in enumerate(n.inputs):
+            if v is None:
+                continue
+            (consts if v.is_const() else data).append((k, v))
+        if not data:
+            return
+        first = next(((k, v) for k, v in data if id(v) in self.layout
+                      and len(v.shape) - self.axis[id(v)] <= rank
+                      and out.shape[rank - len(v.shape) + self.axis[id(v)]] == len(self.layout[id(v)])), None)
+        if first is None:
+            return
+        ids0, ax0 = self.layout[id(first[1])], self.axis[id(first[1])]
+        neg = ax0 - len(first[1].shape)  # the channel axis counted from the right, as broadcasting aligns it
+        c = len(ids0)
+        if -neg > rank or out.shape[rank + neg] != c:
+            return
+        joined = []
+        for k, v in data:
+            if v.shape is None or len(v.shape) < -neg:
+                return
+            if v.shape[len(v.shape) + neg] == 1 and c > 1:
+                continue  # broadcast over the channels (a spatial map): its own channel is not touched
+            x = self.lay(v, len(v.shape) + neg)
+            if x is None or x[1] - len(v.shape) != neg or len(x[0]) != c:
+                return
+            joined.append((k, v, x[0]))
+        for k, v in consts:
+            arr = v.const_value()
+            if _const_on_axis(arr, rank, rank + neg, c) is None:
+                return
+        ids0 = joined[0][2]
+        for _, _, ids in joined[1:]:
+            for a, b in zip(ids0, ids, strict=True):
+                self.union(int(a), int(b))
+        for k, v, _ in joined:
+            self.handled.add((id(n), k))
+        for k, v in consts:
+            if v.const_value().size > 1:
+                self._param(joined[0][1], n, "const", k)
+        self.set(out, ids0, rank + neg)
+
+    def _concat(self, n: Node, out: Value) -> None:
+        rank = len(out.shape)
+        axis = (n.attr("axis", 0) or 0) % rank
+        lays = [self.lay(v, axis) for v in n.inputs]
+        if not lays or any(x is None or x[1] != axis for x in lays):
+            return
+        for k in range(len(n.inputs)):
+            self.handled.add((id(n), k))
+        self.set(out, np.concatenate([x[0] for x in lays]), axis)
+
+    def _split(self, n: Node) -> None:
+        x = self.lay(n.input(0))
+        if x is None:
+            return
+        ids, ax = x
+        rank = len(n.input(0).shape)
+        if (n.attr("axis", 0) or 0) % rank != ax:
+            return
+        sizes = n.attr("split") or (_ints(n.input(1)) if len(n.inputs) > 1 and n.input(1) is not None else None)
+        if sizes is None:
+            if len(n.inputs) > 1 and n.input(1) is not None or len(ids) % len(n.outputs):
+                return
+            sizes = [len(ids) // len(n.outputs)] * len(n.outputs)
+        if sum(sizes) != len(ids) or len(sizes) != len(n.outputs):
+            return
+        self.handled.add((id(n), 0))
+        self.splits.setdefault(id(n.input(0)), []).append(n)
+        start = 0
+        for o, s in zip(n.outputs, sizes, strict=True):
+            part = ids[start:start + s]
+            start += s
+            if o is not None:
+                self.set(o, part, ax)
+                self.minimum.append((part, 1))
+
+    def _shuffle(self, n: Node, done: set[int]) -> bool:
+        """Reshape [N, C, H, W] -> [N, g, C/g, H, W], Transpose (0, 2, 1, 3, 4), Reshape back to
+        [N, C, H, W]: a channel shuffle. Output channel j*g + r is input channel r*C/g + j."""
+        x = self.lay(n.input(0)) if n.op_type == "Reshape" else None
+        o = n.output(0)
+        if x is None or x[1] != 1 or len(n.input(0).shape) != 4 or len(o.shape) != 5 or len(o.uses) != 1:
+            return False
+        t = o.uses[0][0]
+        if t.op_type != "Transpose" or list(t.attr("perm") or []) != [0, 2, 1, 3, 4] or len(t.output(0).uses) != 1:
+            return False
+        r2 = t.output(0).uses[0][0]
+        ids = x[0]
+        c = len(ids)
+        g = o.shape[1]
+        if r2.op_type != "Reshape" or r2.output(0).shape is None or len(r2.output(0).shape) != 4 \
+                or not isinstance(g, int) or g < 1 or c % g or r2.output(0).shape[1] != c \
+                or _ints(n.input(1)) is None or _ints(r2.input(1)) is None:
+            return False
+        grid = ids.reshape(g, c // g)
+        for j in range(c // g):  # the same offset in every group: kept or removed together
+            for r in range(1, g):
+                self.union(int(grid[0, j]), int(grid[r, j]))
+        self.handled.add((id(n), 0))
+        done.update({id(t), id(r2)})
+        self.shuffles.setdefault(id(n.input(0)), []).append((n, t, r2, g))
+        self.set(r2.output(0), grid.T.reshape(-1), 1)
+        return True
+
+    def _flatten(self, n: Node, out: Value) -> None:
+        """The channel axis and the static axes after it merged into one (a Flatten of
+        [N, C, H, W] to [N, C*H*W], a Reshape of [T, N, C, H] to [T, N, C*H]): each channel
+        becomes H*W... consecutive features of the merged axis."""
+        x = self.lay(n.input(0))
+        v = n.input(0)
+        if x is None:
+            return
+        ax = x[1]
+        tail = v.shape[ax + 1:]
+        if len(out.shape) != ax + 1 or not all(isinstance(d, int) for d in tail) \
+                or list(v.shape[:ax]) != list(out.shape[:ax]) or out.shape[ax] != len(x[0]) * int(np.prod(tail)):
+            return
+        hw = int(np.prod(tail))
+        if n.op_type == "Flatten":
+            if (n.attr("axis", 1) or 1) != ax or ax != 1:
+                return
+        else:
+            tgt = _ints(n.input(1))
+            if tgt is None or len(tgt) != ax + 1 or any(t == -1 for t in tgt[:ax]):
+                return
+            if tgt[ax] not in (-1, 0):
+                self.flattens.setdefault(id(v), []).append((n, hw, ax))
+        self.handled.add((id(n), 0))
+        self.set(out, np.repeat(x[0], hw), ax)
+
+    def _move(self, n: Node, out: Value) -> None:
+        """Transpose / Squeeze / Unsqueeze that keep the channel axis whole: it moves."""
+        x = self.lay(n.input(0))
+        if x is None:
+            return
+        ids, ax = x
+        rank = len(n.input(0).shape)
+        if n.op_type == "Transpose":
+            perm = list(n.attr("perm") or range(rank - 1, -1, -1))
+            new_ax = perm.index(ax)
+        else:
+            axes = reduce_axes(n)
+            if axes is None:
+                return
+            if n.op_type == "Squeeze":
+                axes = [a % rank for a in axes]
+                if ax in axes:
+                    return
+                new_ax = ax - sum(1 for a in axes if a < ax)
             else:
-                set_layout(out, x)
-                through[id(n)] = "param" if op == "BatchNormalization" else "pass"
-        elif op in PER_CHANNEL_BINARY | ELEMENTWISE_JOIN:
-            data = [v for v in n.inputs if v is not None and not v.is_const()]
-            consts = [v for v in n.inputs if v is not None and v.is_const()]
-            lays = [lay(v) for v in data]
-            c = out.shape[1]
-            if not data or any(v is None for v in lays) or not isinstance(c, int):
-                continue
-            if any(len(v[0]) != c for v in lays):
-                for v in lays:
-                    mark(v[0], f"{op} {n.name!r} broadcasts over channels")
-                continue
-            if consts and (op not in PER_CHANNEL_BINARY or len(data) != 1 or _per_channel_const(n, c) is None):
-                mark(lays[0][0], f"{op} {n.name!r} has a constant that is not per channel")
-                continue
-            for other in lays[1:]:
-                join(lays[0], other, n)
-            set_layout(out, lays[0])
-            through[id(n)] = "param" if consts and consts[0].const_value().size > 1 else "pass"
-        elif op == "Concat" and (n.attr("axis", 0) or 0) % 4 == 1:
-            lays = [lay(v) for v in n.inputs]
-            if all(v is not None for v in lays):
-                set_layout(out, (np.concatenate([v[0] for v in lays]), np.concatenate([v[1] for v in lays])))
-                through[id(n)] = "concat"
+                axes = sorted(a % len(out.shape) for a in axes)
+                kept = [i for i in range(len(out.shape)) if i not in axes]
+                new_ax = kept[ax]
+        if out.shape[new_ax] != len(ids):
+            return
+        self.handled.add((id(n), 0))
+        self.set(out, ids, new_ax)
 
-    readers: dict[int, list[tuple[Node, str, int, Value]]] = {}
-    params: dict[int, list[tuple[Node, Value]]] = {}
-    flattens: dict[int, list[Node]] = {}
-    for vid, v in vals.items():
-        src = layout[vid][0]
-        if v.is_graph_output() or v.producer is None:
-            mark(src, "reaches a graph input or output")
-            continue
-        for r in v.consumers():
-            role = through.get(id(r))
-            if role is not None:
-                if role == "param":
-                    params.setdefault(vid, []).append((r, v))
-                continue
-            if _prunable_conv(r) and r.input(0) is v:
-                grp = int(r.attr("group", 1) or 1)
-                if grp > 1:  # input slices of a grouped reader must shrink alike: one root, in order
-                    src_v, pos_v = layout[vid]
-                    if len(np.unique(src_v)) != 1 or (pos_v != np.arange(len(pos_v))).any():
-                        mark(src_v, f"grouped Conv {r.name!r} reads channels of several Convs")
-                        continue
-                    slices.setdefault(int(src_v[0]), set()).add(grp)
-                readers.setdefault(vid, []).append((r, "conv", 1, v))
-                continue
-            fc = _flatten_reader(r, v)
-            if fc is not None:
-                readers.setdefault(vid, []).append((fc[0], "fc", fc[1], v))
-                flattens.setdefault(vid, []).append(r)
-                continue
-            extra = f" ({why_not[id(r)]})" if id(r) in why_not else ""
-            mark(src, f"read by {r.op_type} {r.name!r}, which must keep its channels aligned{extra}")
-    groups: dict[int, Group] = {}
-    for r in range(len(parent)):
-        g = groups.setdefault(find(r), Group())
-        g.roots.append(r)
-        if root_conv[r] is not None:
-            g.producers.append(root_conv[r])
-    for r, g in groups.items():  # the class root's reason first, else any member's
-        g.reason = bad.get(r) or next((bad[x] for x in g.roots if x in bad), None)
-        need = set().union(*(slices.get(x, set()) for x in g.roots))
-        if len(need) > 1 and g.reason is None:
-            g.reason = f"grouped convs with different group counts {sorted(need)} share these channels"
-        g.slices = max(need) if need else 1
-    for vid, v in vals.items():
-        for cls in {find(int(r)) for r in np.unique(layout[vid][0])}:
-            g = groups[cls]
-            g.values.append(v)
-            g.layout[vid] = layout[vid]
-            g.readers.extend(readers.get(vid, []))
-            g.param_ops.extend(params.get(vid, []))
-            g.flattens.extend(flattens.get(vid, []))
-    out_groups = []
-    for g in groups.values():
-        if not g.producers:
-            continue
-        if not g.readers and not g.reason:
-            g.reason = "no reader whose input channels can shrink"
-        out_groups.append(g)
-    return out_groups
+    def _lstm(self, n: Node, done: set[int]) -> None:
+        """An LSTM reads its input features (W's columns) and makes its hidden units: with a
+        constant W/R/B (and zero or constant initial states, no peepholes) and a Y read only by
+        a Reshape of [T, D, 1, H] to [T, D*H] or [T, 1, D*H], its units are channels of that
+        Reshape (direction-major); both directions keep as many."""
+        w = n.input(1).const_value() if n.input(1) is not None else None
+        r = n.input(2).const_value() if len(n.inputs) > 2 and n.input(2) is not None else None
+        if w is None or r is None or (n.attr("layout", 0) or 0) != 0:
+            self.why_not[id(n)] = "its weights are not constant (or layout=1)"
+            return
+        x = self.lay(n.input(0), 2)
+        if x is None or x[1] != 2 or len(x[0]) != w.shape[2]:
+            return
+        self.handled.add((id(n), 0))
+        self.readers.setdefault(id(n.input(0)), []).append((n, "lstm"))
+        d, h = w.shape[0], r.shape[2]
+        extra = [n.input(i) if len(n.inputs) > i else None for i in range(3, 8)]  # B, seq_lens, h0, c0, P
+        if any(v is not None and v.const_value() is None for i, v in enumerate(extra) if i != 1) \
+                or extra[4] is not None or any(o is not None and o.uses for o in n.outputs[1:]):
+            return
+        y = n.output(0)
+        if y is None or y.shape is None or len(y.uses) != 1 or y.is_graph_output():
+            return
+        rs = y.uses[0][0]
+        o = rs.output(0)
+        tgt = _ints(rs.input(1)) if rs.op_type == "Reshape" else None
+        if tgt is None or o.shape is None or list(y.shape[1:]) != [d, 1, h] or len(o.shape) not in (2, 3) \
+                or o.shape[-1] != d * h or (len(o.shape) == 3 and o.shape[1] != 1) or tgt[-1] not in (-1, 0, d * h):
+            return
+        ids = self.new_ids(d * h, owner=len(self.producers))
+        self.producers.append((n, "lstm", o))
+        self.set(o, ids, len(o.shape) - 1)
+        if tgt[-1] == d * h:
+            self.flattens.setdefault(id(o), []).append((rs, 0, len(o.shape) - 1))  # 0: the new width itself
+        done.add(id(rs))
+        if d > 1:
+            self.balance.append((ids, d))
 
+    # -- importance, balance, groups ----------------------------------------------------------------
+    def finish(self, importance: str = "l1", acts: dict[str, np.ndarray] | None = None) -> None:
+        """Score every id (its filter's L1 norm, normalized per producer, times the mean |activation|
+        with ``importance='activation'``), then join ids until every balance holds."""
+        self.score = np.zeros(len(self.parent))
+        for i, (p, kind, out) in enumerate(self.producers):
+            w = p.input(1).const_value()
+            if kind == "conv":
+                norm = np.abs(w).reshape(w.shape[0], -1).sum(1)
+            elif kind == "convT":
+                norm = np.abs(w).sum(axis=tuple(a for a in range(w.ndim) if a != 1))
+            elif kind == "lstm":  # a unit: its rows of the four gates in W and R
+                d = w.shape[0]
+                h = w.shape[1] // 4
+                rr = p.input(2).const_value()
+                norm = (np.abs(w).reshape(d, 4, h, -1).sum(axis=(1, 3)) + np.abs(rr).reshape(d, 4, h, -1).sum(axis=(1, 3))
+                        ).reshape(-1)
+            elif kind == "gemm" and p.attr("transB", 0):
+                norm = np.abs(w).sum(1)
+            else:
+                norm = np.abs(w).sum(0)
+            norm = norm / max(float(norm.max()), 1e-12)
+            a = (acts or {}).get(out.name)
+            if importance == "activation" and a is not None:
+                ax = self.axis[id(out)]
+                norm = norm * np.abs(a).mean(axis=tuple(k for k in range(a.ndim) if k != ax))
+            self.score[self.layout[id(out)]] = norm
+        try:  # scipy's MILP solver balances grouped convs' slices by count; without it, join ids
+            import scipy.optimize  # noqa: F401
+        except ImportError:
+            self._balance()
 
-def _flatten_reader(r: Node, v: Value) -> tuple[Node, int] | None:
-    """(Gemm/MatMul, rows per channel) if ``r`` flattens static [N, C, H, W] ``v`` (Flatten,
-    Reshape to [N, -1], or a spatial ReduceMean/Max without keepdims) straight into a
-    Gemm/MatMul with constant weights."""
-    if v.shape is None or not all(isinstance(d, int) for d in v.shape[1:]):
-        return None
-    _, c_, h_, w_ = v.shape
-    o = r.output(0) if r.outputs else None
-    fc = o.consumers()[0] if o is not None and len(o.consumers()) == 1 and not o.is_graph_output() else None
-    if fc is None or fc.op_type not in ("Gemm", "MatMul") or fc.input(0) is not o or fc.attr("transA", 0) \
-            or fc.input(1) is None or fc.input(1).const_value() is None or fc.input(1).const_value().ndim != 2:
-        return None
-    if r.op_type in SPATIAL_REDUCE and not r.attr("keepdims", 1) and _spatial_axes(r) == [2, 3] \
-            and r.input(0) is v:
-        return fc, 1
-    tgt = r.input(1).const_value() if r.op_type == "Reshape" and r.input(1) is not None else None
-    if r.op_type in ("Flatten", "Reshape") and r.input(0) is v and o.shape is not None and len(o.shape) == 2 \
-            and o.shape[1] == c_ * h_ * w_ \
-            and (r.op_type == "Flatten" and (r.attr("axis", 1) or 1) == 1
-                 or (tgt is not None and tgt.size == 2 and int(np.ravel(tgt)[-1]) in (-1, c_ * h_ * w_))):
-        return fc, h_ * w_
-    return None
+    def class_scores(self) -> dict[int, float]:
+        out: dict[int, float] = {}
+        for i in range(len(self.parent)):
+            r = self.find(i)
+            out[r] = out.get(r, 0.0) + float(self.score[i])
+        return out
+
+    def _balance(self) -> None:
+        """Join ids until in every balance (a grouped conv's ``group`` slices) each class has as
+        many channels in one slice as in every other: then any choice of classes keeps the
+        slices equal. Where each class holds one channel of one slice, the k-th best class of
+        every slice is joined (each slice keeps its best); otherwise the same offset of every slice."""
+        changed = True
+        while changed:
+            changed = False
+            scores = None
+            for ids, g in self.balance:
+                cls = self.classes(ids).reshape(g, -1)
+                uniq, inv = np.unique(cls, return_inverse=True)
+                cnt = np.zeros((len(uniq), g), dtype=np.int64)
+                np.add.at(cnt, (inv.reshape(g, -1), np.arange(g)[:, None].repeat(cls.shape[1], 1)), 1)
+                if (cnt == cnt[:, :1]).all():
+                    continue
+                if scores is None:
+                    scores = self.class_scores()
+                if cnt.max() == 1 and ((cnt > 0).sum(1) == 1).all():
+                    order = [sorted(row, key=lambda c: -scores.get(int(c), 0.0)) for row in cls]
+                    for rank in range(cls.shape[1]):
+                        for r in range(1, g):
+                            changed |= self.union(int(order[0][rank]), int(order[r][rank]))
+                else:
+                    for j in range(cls.shape[1]):
+                        for r in range(1, g):
+                            changed |= self.union(int(cls[0, j]), int(cls[r, j]))
+                scores = None
+
+    def groups(self) -> list[dict[str, Any]]:
+        """Producers whose channels share classes, with their classes: each is pruned as one."""
+        n = len(self.producers)
+        parent = list(range(n))
+
+        def find(a: int) -> int:
+            while parent[a] != a:
+                parent[a] = parent[parent[a]]
+                a = parent[a]
+            return a
+
+        members: dict[int, list[int]] = {}
+        for i in range(len(self.parent)):
+            members.setdefault(self.find(i), []).append(i)
+        owners_of: dict[int, dict[int, int]] = {}
+        for c, ids in members.items():
+            own: dict[int, int] = {}
+            for i in ids:
+                if self.owner[i] >= 0:
+                    own[self.owner[i]] = own.get(self.owner[i], 0) + 1
+            owners_of[c] = own
+            ps = list(own)
+            for p in ps[1:]:
+                x, y = find(ps[0]), find(p)
+                if x != y:
+                    parent[x] = y
+        for ids, _ in self.balance:  # a grouped conv's slices tie every producer whose channels it reads
+            ps = sorted({o for c in set(self.classes(ids).tolist()) for o in owners_of[c]})
+            for p in ps[1:]:
+                x, y = find(ps[0]), find(p)
+                if x != y:
+                    parent[x] = y
+        out: dict[int, dict[str, Any]] = {}
+        for p in range(n):
+            g = out.setdefault(find(p), {"producers": [], "classes": [], "frozen": {}})
+            g["producers"].append(p)
+        for c, own in owners_of.items():
+            if not own:
+                continue
+            g = out[find(next(iter(own)))]
+            g["classes"].append(c)
+            why = next((self.reason[i] for i in members[c] if i in self.reason), None)
+            if why is not None:
+                g["frozen"][c] = why
+        for g in out.values():
+            g["owners"] = {c: owners_of[c] for c in g["classes"]}
+            g["size"] = {c: len(members[c]) for c in g["classes"]}
+        order = {id(p): i for i, (p, _, _) in enumerate(self.producers)}
+        return sorted(out.values(), key=lambda g: min(order[id(self.producers[p][0])] for p in g["producers"]))
+
+    def choose(self, g: dict[str, Any], ratio: float, min_channels: int, multiple_of: int) -> tuple[list[int], str]:
+        """Classes of group ``g`` to remove for ``ratio`` of its widest producer's channels,
+        least important per channel first, keeping ``min_channels`` filters in every producer
+        and a channel in every Split part; and why nothing, when nothing."""
+        widths = {p: len(self.layout[id(self.producers[p][2])]) for p in g["producers"]}
+        c = max(widths.values())
+        keep_n = max(min_channels, round(c * (1 - ratio)))
+        if multiple_of > 1:
+            keep_n = max(multiple_of, round(keep_n / multiple_of) * multiple_of)
+        target = c - keep_n
+        free = [k for k in g["classes"] if k not in g["frozen"]]
+        if not free:
+            return [], next(iter(g["frozen"].values()))
+        if target <= 0:
+            return [], "too few channels to prune"
+        scores = self.class_scores()
+        fs = set(free)
+        balance = [(self.classes(ids).reshape(n, -1), n) for ids, n in self.balance]
+        balance = [(cl, n) for cl, n in balance if fs.intersection(np.unique(cl).tolist())]
+        uniform = all(set(g["owners"][k]) == set(widths) and set(g["owners"][k].values()) == {1} for k in free) \
+            and len(set(widths.values())) == 1
+        if balance or not uniform:  # slices to balance, or producers sharing only some of their channels
+            return self._solve(g, free, scores, balance, widths, ratio, min_channels, multiple_of)
+        cost = {k: max(g["owners"][k].values()) for k in free}
+        kept = dict(widths)
+        floor = {p: min(min_channels, widths[p]) for p in widths}
+        parts = [(self.classes(ids), n) for ids, n in self.minimum]
+        part_kept = [len(ids) for ids, _ in self.minimum]
+        drop: list[int] = []
+        dropped = 0
+        # least important per filter first: a class of several producers' filters (a residual
+        # position) is ranked by their mean importance, not their sum
+        for k in sorted(free, key=lambda k: scores.get(k, 0.0) / sum(g["owners"][k].values())):
+            if dropped + cost[k] / 2 > target:
+                continue
+            if any(kept[p] - n < floor[p] for p, n in g["owners"][k].items()):
+                continue
+            hits = [int((cl == k).sum()) for cl, _ in parts]
+            if any(part_kept[i] - h < parts[i][1] for i, h in enumerate(hits) if h):
+                continue
+            for p, n in g["owners"][k].items():
+                kept[p] -= n
+            for i, h in enumerate(hits):
+                part_kept[i] -= h
+            drop.append(k)
+            dropped += cost[k]
+        if not drop:
+            why = next(iter(g["frozen"].values()), None) if g["frozen"] else None
+            return [], why or "too few channels to prune"
+        return drop, ""
+
+    def _solve(self, g: dict[str, Any], free: list[int], scores: dict[int, float],
+               balance: list[tuple[np.ndarray, int]], widths: dict[int, int], ratio: float, min_channels: int,
+               multiple_of: int) -> tuple[list[int], str]:
+        """Grouped convs: choose the classes to remove with scipy's MILP solver (HiGHS) - least
+        total importance, each producer losing as close to ``ratio`` of its filters as the
+        slices allow (a window around the target, widened until feasible), every slice of every grouped conv keeping
+        as many channels as the others, ``min_channels`` filters and a channel per Split part."""
+        from scipy.optimize import Bounds, LinearConstraint, milp
+
+        col = {k: i for i, k in enumerate(free)}
+        nv = len(free)
+        rows, lo, hi = [], [], []
+        for cl, n in balance:  # kept count of slice s equals slice 0's: removed counts too
+            cnt = np.zeros((n, nv))
+            for s in range(n):
+                for c in cl[s]:
+                    if int(c) in col:
+                        cnt[s, col[int(c)]] += 1
+            for s in range(1, n):
+                rows.append(cnt[s] - cnt[0])
+                lo.append(0)
+                hi.append(0)
+        for ids, least in self.minimum:
+            cl = self.classes(ids)
+            a = np.zeros(nv)
+            for c in cl:
+                if int(c) in col:
+                    a[col[int(c)]] += 1
+            if a.any():
+                rows.append(a)
+                lo.append(0)
+                hi.append(len(ids) - least)
+        own = np.zeros((len(widths), nv))
+        prods = list(widths)
+        for k in free:
+            for p, m in g["owners"][k].items():
+                own[prods.index(p), col[k]] = m
+        score = np.array([scores.get(k, 0.0) for k in free]) + 1e-9
+        want = []
+        for p in prods:
+            keep = max(min_channels, round(widths[p] * (1 - ratio)))
+            if multiple_of > 1:
+                keep = max(multiple_of, round(keep / multiple_of) * multiple_of)
+            want.append(max(0, widths[p] - keep))
+        top = [widths[p] - min(min_channels, widths[p]) for p in prods]
+        a = np.array(rows + list(own))
+        # as close to the target as the slices allow: widen a window around it until feasible
+        for f in (0.0, 0.02, 0.05, 0.1, 0.2, 0.35, 0.5):
+            d = [int(np.ceil(f * widths[p])) for p in prods]
+            lo_p = [min(max(1 if w else 0, w - e), t) for w, e, t in zip(want, d, top, strict=True)]
+            hi_p = [min(w + e, t) for w, e, t in zip(want, d, top, strict=True)]
+            if not any(hi_p):
+                break
+            res = milp(score, constraints=LinearConstraint(a, np.array(lo + lo_p), np.array(hi + hi_p)),
+                       integrality=np.ones(nv), bounds=Bounds(0, 1), options={"time_limit": 30})
+            if res.x is not None:
+                drop = [k for k in free if res.x[col[k]] > 0.5]
+                if drop:
+                    return drop, ""
+        return [], "no choice of channels keeps every grouped conv's slices equal"
+
+    # -- rewriting ---------------------------------------------------------------------------------
+    def changes(self, drop: list[int]) -> list[tuple[Value, np.ndarray, np.ndarray]]:
+        """(value, mask over its current channels, new alive mask over its original channels) for
+        every followed value that loses channels when classes ``drop`` go."""
+        if not drop:
+            return []
+        d = np.asarray(sorted(drop))
+        self.alive = getattr(self, "alive", {})
+        out = []
+        for vid, v in self.vals.items():
+            dm = np.isin(self.classes(self.layout[vid]), d)
+            if not dm.any():
+                continue
+            alive = self.alive.get(vid, np.ones(len(dm), dtype=bool))
+            new = alive & ~dm
+            rel = new[alive]
+            if not rel.all():
+                out.append((v, rel, new))
+        return out
+
+    def readers_of(self, changes: list[tuple[Value, np.ndarray, np.ndarray]]) -> list[Node]:
+        return [r for v, _, _ in changes for r, _ in self.readers.get(id(v), [])]
+
+    def apply(self, graph: Graph, changes: list[tuple[Value, np.ndarray, np.ndarray]],
+              cur: dict[str, np.ndarray], targets: dict[str, np.ndarray]) -> list[Value]:
+        """Drop the channels of ``changes`` everywhere: producers' filters, per-channel
+        parameters, readers' input channels (refit by least squares where ``cur``/``targets``
+        hold calibration activations), Split sizes, shuffle and flatten shapes. Returns the
+        values whose shapes changed."""
+        def const(v: Value, arr: np.ndarray) -> Value:
+            return graph.add_initializer(v.name + "_pruned", arr.astype(v.const_value().dtype))
+
+        def cut(n: Node, i: int, m: np.ndarray, axis: int) -> None:
+            v = n.input(i)
+            if v is not None and v.const_value() is not None and v.const_value().size > 1:
+                n.set_input(i, const(v, np.compress(m, v.const_value(), axis=axis)))
+
+        prod = {id(out): (p, kind) for p, kind, out in self.producers}
+        touched: list[Value] = []
+        for v, _, new in changes:
+            self.alive[id(v)] = new
+        for v, rel, _ in changes:  # producers first: a reader's refit compares against its kept outputs
+            touched.append(v)
+            if id(v) in prod and prod[id(v)][1] == "lstm":
+                self._cut_lstm(graph, prod[id(v)][0], rel, const)
+                touched.append(prod[id(v)][0].output(0))
+            elif id(v) in prod:
+                p, kind = prod[id(v)]
+                axis = {"conv": 0, "convT": 1, "matmul": 1}.get(kind, 0 if p.attr("transB", 0) else 1)
+                cut(p, 1, rel, axis)
+                if p.input(2) is not None:
+                    b = p.input(2).const_value()
+                    cut(p, 2, rel, b.ndim - 1)
+        for v, rel, _ in changes:
+            rank, ax = len(v.shape), self.axis[id(v)]
+            for n, kind, idx in self.params.get(id(v), []):
+                if kind == "bn":
+                    for i in range(1, 5):
+                        cut(n, i, rel, 0)
+                elif kind == "inorm":
+                    cut(n, 1, rel, 0)
+                    cut(n, 2, rel, 0)
+                elif kind == "dw":
+                    cut(n, 1, rel, 0)
+                    cut(n, 2, rel, 0)
+                    n.set_attr("group", int(rel.sum()))
+                else:
+                    arr = n.input(idx).const_value()
+                    k = _const_on_axis(arr, rank, ax, len(rel))
+                    if k is not None and k >= 0:
+                        n.set_input(idx, const(n.input(idx), np.compress(rel, arr, axis=k)))
+            for r, kind in self.readers.get(id(v), []):
+                self._cut_reader(graph, r, kind, rel, cur, targets, const)
+            for n in self.splits.get(id(v), []):
+                sizes = [int(self.alive.get(id(o), np.ones(len(self.layout[id(o)]), bool)).sum()) for o in n.outputs]
+                if n.attr("split") is not None:
+                    n.set_attr("split", sizes)
+                else:
+                    n.set_input(1, graph.add_initializer(n.name + "_split_pruned", np.array(sizes, dtype=np.int64)))
+            for r1, t, r2, g in self.shuffles.get(id(v), []):
+                c = int(rel.sum())
+                t1, t2 = np.array(_ints(r1.input(1)), dtype=np.int64), np.array(_ints(r2.input(1)), dtype=np.int64)
+                if t1[2] > 0:
+                    t1[2] = c // g
+                if t2[1] > 0:
+                    t2[1] = c
+                r1.set_input(1, graph.add_initializer(r1.input(1).name + "_pruned", t1))
+                r2.set_input(1, graph.add_initializer(r2.input(1).name + "_pruned", t2))
+                touched += [r1.output(0), t.output(0)]
+            for f, hw, fax in self.flattens.get(id(v), []):
+                t = np.array(_ints(f.input(1)), dtype=np.int64)
+                t[fax] = int(rel.sum()) * (hw or 1)
+                f.set_input(1, graph.add_initializer(f.input(1).name + "_pruned", t))
+        return touched
+
+    def _cut_lstm(self, graph: Graph, n: Node, rel: np.ndarray, const: Any) -> None:
+        """Keep the LSTM units ``rel`` (direction-major, equally many per direction): their rows
+        of every gate in W, R, B, their columns of R and their initial states."""
+        w = n.input(1).const_value()
+        d, h = w.shape[0], n.input(2).const_value().shape[2]
+        keep = rel.reshape(d, h)
+        k = int(keep[0].sum())
+
+        def gates(arr: np.ndarray, blocks: int) -> np.ndarray:  # [D, blocks*H, ...] -> kept units of each block
+            return np.stack([arr[j].reshape((blocks, h) + arr.shape[2:])[:, keep[j]].reshape((blocks * k,) + arr.shape[2:])
+                             for j in range(d)])
+
+        n.set_input(1, const(n.input(1), gates(w, 4)))
+        r = gates(n.input(2).const_value(), 4)
+        n.set_input(2, const(n.input(2), np.stack([r[j][:, keep[j]] for j in range(d)])))
+        if len(n.inputs) > 3 and n.input(3) is not None:
+            n.set_input(3, const(n.input(3), gates(n.input(3).const_value(), 8)))
+        for i in (5, 6):  # initial_h, initial_c: [D, B, H]
+            if len(n.inputs) > i and n.input(i) is not None:
+                s0 = n.input(i).const_value()
+                n.set_input(i, const(n.input(i), np.stack([s0[j][:, keep[j]] for j in range(d)])))
+        n.set_attr("hidden_size", k)
+
+    def _cut_reader(self, graph: Graph, r: Node, kind: str, rel: np.ndarray, cur: dict[str, np.ndarray],
+                    targets: dict[str, np.ndarray], const: Any) -> None:
+        wr = r.input(1).const_value()
+        keep = np.flatnonzero(rel)
+        x = cur.get(r.input(0).name)
+        y = targets.get(r.output(0).name)
+        out = r.output(0)
+        if y is not None and id(out) in self.alive:  # this reader's own outputs were cut: compare those
+            y = np.compress(self.alive[id(out)], y, axis=self.axis[id(out)])
+        bias = r.input(2).const_value() if len(r.inputs) > 2 and r.input(2) is not None else None
+        if kind == "conv":
+            grp = int(r.attr("group", 1) or 1)
+            if grp > 1:  # each group of filters reads its own slice of the input channels
+                o_per, i_per = wr.shape[0] // grp, wr.shape[1]
+                new = np.concatenate([wr[j * o_per:(j + 1) * o_per][:, rel[j * i_per:(j + 1) * i_per]]
+                                      for j in range(grp)])
+            else:
+                new = wr[:, keep]
+                if x is not None and y is not None and x.shape[1] == len(rel) and y.shape[1] == wr.shape[0]:
+                    yb = y - (bias.reshape(1, -1, 1, 1) if bias is not None else 0)
+                    new = ChannelPruning._refit_conv(r, x.astype(np.float64), keep, wr.astype(np.float64), yb)
+        elif kind == "convT":
+            new = wr[keep]
+        elif kind == "lstm":
+            new = wr[:, :, keep]
+        else:
+            trans = kind == "gemm" and bool(r.attr("transB", 0))
+            new = wr[:, keep] if trans else wr[keep]
+            if x is not None and y is not None and x.ndim == 2 and y.ndim == 2 and x.shape[1] == len(rel) \
+                    and y.shape[1] == (wr.shape[0] if trans else wr.shape[1]):
+                yb = y - (bias.reshape(1, -1) if bias is not None and bias.size > 1 else (bias if bias is not None else 0))
+                new = ChannelPruning._refit_fc(x, keep, yb, wr.astype(np.float64), trans)
+        r.set_input(1, const(r.input(1), new))
 
 
 def _im2col(x: np.ndarray, node: Node) -> np.ndarray:
@@ -337,9 +931,14 @@ def _im2col(x: np.ndarray, node: Node) -> np.ndarray:
     return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * w, c * kh * kw)
 
 
+def _name(n: Node) -> str:
+    return n.name or n.op_type
+
+
 @register_pass
 class ChannelPruning(Pass):
-    """Remove the least important output channels of Conv layers and rewrite every dependent op."""
+    """Remove the least important output channels of Conv/ConvTranspose/Gemm/MatMul layers and
+    rewrite every dependent op."""
 
     name = "prune-channels"
     recursive = False
@@ -362,113 +961,86 @@ class ChannelPruning(Pass):
         from graphopt.analysis import infer_shapes
 
         assert self.model is not None
+        # graph outputs never lose channels (they are frozen); keep their declared shapes where
+        # inference at concrete input shapes cannot reproduce them
+        declared = [(o, o.shape) for o in graph.outputs]
         infer_shapes(self.model, ctx.input_shapes or None)
-        excl = set(self.options["exclude_nodes"])
-        order = {n: i for i, n in enumerate(graph)}
-        groups = []
-        skipped: dict[str, str] = {}
-        for g in find_groups(graph):
-            names = ", ".join(sorted(p.name or "Conv" for p in g.producers)) or (g.values[0].name if g.values else "?")
-            if g.reason:
-                for p in g.producers or []:
-                    skipped[p.name or "Conv"] = g.reason
-                if not g.producers:
-                    continue
-                continue
-            if any(p.name in excl for p in g.producers):
-                skipped[names] = "excluded"
-                continue
-            groups.append(g)
-        groups.sort(key=lambda g: min(order[p] for p in g.producers))
-        if not groups:
-            self.report = {"pruned": {}, "skipped": skipped}
-            return False
         have_data = ctx.calibration is not None
         if self.options["importance"] == "activation" and not have_data:
             raise GraphoptError("importance='activation' needs calibration data")
-        acts: dict[str, np.ndarray] = {}
-        targets: dict[str, np.ndarray] = {}
-        if have_data:
-            names = sorted({p.output(0).name for g in groups for p in g.producers}
-                           | {r.output(0).name for g in groups for r, _, _, _ in g.readers})
-            acts = self._collect(names, ctx)
-            targets = {r.output(0).name: acts[r.output(0).name] for g in groups for r, _, _, _ in g.readers}
+        if self.options["sensitivity"] and not have_data:
+            raise GraphoptError("sensitivity=True needs calibration data")
         recover = have_data and self.options["recover"]
-        self._out_keep: dict[Node, np.ndarray] = {}
-        self._touched: list[Value] = []
-        ratios = {id(g): self.options["ratio"] for g in groups}
-        if self.options["sensitivity"]:
-            if not have_data:
-                raise GraphoptError("sensitivity=True needs calibration data")
-            ratios = self._spread(groups, ctx)
-        # channels to keep, ranked on the original model for every group before any rewrite
-        plan: list[tuple[frozenset[str], np.ndarray, int]] = []
-        for g in groups:
-            keep, c, why = self._keep(g, ratios[id(g)], acts)
-            if keep is None:
-                for p in g.producers:
-                    skipped[p.name or "Conv"] = why
+        an = Channels(graph)
+        acts: dict[str, np.ndarray] = {}
+        if have_data and (recover or self.options["importance"] == "activation"):
+            names = {out.name for _, _, out in an.producers} | {r.output(0).name for rs in an.readers.values()
+                                                               for r, _ in rs}
+            acts = self._collect(sorted(names), ctx)
+        an.finish(self.options["importance"], acts)
+        groups = an.groups()
+        excl = set(self.options["exclude_nodes"])
+        ratios = self._spread(groups, ctx) if self.options["sensitivity"] else [self.options["ratio"]] * len(groups)
+        skipped: dict[str, str] = {}
+        partial: dict[str, str] = {}
+        plans = []
+        for g, ratio in zip(groups, ratios, strict=True):
+            prods = [an.producers[p][0] for p in g["producers"]]
+            if any(p.name in excl for p in prods):
+                for p in prods:
+                    skipped[_name(p)] = "excluded"
                 continue
-            plan.append((g.key, keep, c))
+            drop, why = an.choose(g, ratio, self.options["min_channels"], self.options["multiple_of"])
+            if not drop:
+                for p in prods:
+                    skipped[_name(p)] = why
+                continue
+            plans.append((g, drop))
+            for k, why in g["frozen"].items():  # channels of a pruned group that had to stay
+                for p, n in g["owners"][k].items():
+                    name = _name(an.producers[p][0])
+                    kept, reason = partial.get(name, (0, why))
+                    partial[name] = (kept + n, reason)
+        if not plans:
+            for o, shape in declared:
+                if o.shape is None:
+                    o.shape = shape
+            self.report = {"pruned": {}, "skipped": skipped}
+            return False
+        touched: list[Value] = []
+        concat_groups = 0
+        for g, drop in plans:
+            ch = an.changes(drop)
+            cur = self._collect(sorted({r.input(0).name for r in an.readers_of(ch)}), ctx) if recover else {}
+            touched += an.apply(graph, ch, cur, acts if recover else {})
+            concat_groups += any(v.producer is not None and v.producer.op_type == "Concat" for v, _, _ in ch)
         done = {}
-        for key, k, c in plan:
-            # the layouts change as groups are pruned (concatenations shrink): find them again
-            g = next((h for h in find_groups(graph) if h.key == key), None)
-            if g is None or g.reason:
-                for name in key:
-                    skipped[name] = g.reason if g is not None else "its channel group changed while pruning"
-                continue
-            # progressive recovery: the readers' inputs as the model computes them *now*
-            # (earlier groups already pruned), their outputs as the original model computed them
-            cur = self._collect(sorted({r.input(0).name for r, _, _, _ in g.readers}), ctx) if recover else {}
-            self._apply(graph, g, k, cur, targets if recover else {})
-            for p in g.producers:
-                done[p.name or "Conv"] = f"{len(k)}/{c}"
-        for v in self._touched:  # shapes of pruned activations changed: forget them, re-infer
+        self.kept: dict[str, np.ndarray] = {}  # producer name -> indices of the filters it kept
+        for g, _ in plans:
+            for p in g["producers"]:
+                n, _, out = an.producers[p]
+                total = len(an.layout[id(out)])
+                alive = an.alive.get(id(out), np.ones(total, dtype=bool))
+                done[_name(n)] = f"{int(alive.sum())}/{total}"
+                self.kept[_name(n)] = np.flatnonzero(alive)
+        for v in touched:  # shapes of pruned activations changed: forget them, re-infer
             if not v.is_graph_output() and not v.is_graph_input():
                 v.shape = None
         infer_shapes(self.model, ctx.input_shapes or None)
+        for o, shape in declared:
+            if o.shape is None:
+                o.shape = shape
+        widths = {_name(n): len(an.layout[id(out)]) for n, _, out in an.producers}
         self.report = {**{k: v for k, v in self.report.items() if k == "sensitivity"},
-                       "pruned": done, "skipped": skipped, "recovered": recover,
-                       "groups": sum(1 for g in groups if any((p.name or "Conv") in done for p in g.producers)),
-                       "concat_groups": sum(1 for g in groups if any((p.name or "Conv") in done for p in g.producers)
-                                            and any(v.producer is not None and v.producer.op_type == "Concat"
-                                                    for v in g.values)),
-                       "multi_producer_groups": sum(1 for g in groups if len(g.producers) > 1
-                                                    and any((p.name or "Conv") in done for p in g.producers))}
-        return bool(done)
+                       "pruned": done, "skipped": skipped, "recovered": recover, "groups": len(plans),
+                       "partial": {k: f"{n} of {widths[k]} channels kept: {why}" for k, (n, why) in partial.items()},
+                       "concat_groups": concat_groups,
+                       "multi_producer_groups": sum(1 for g, _ in plans if len(g["producers"]) > 1)}
+        for k, why in skipped.items():
+            log.info("prune-channels: %s left whole: %s", k, why)
+        return True
 
-    def _keep(self, g: Group, ratio: float, acts: dict[str, np.ndarray]) -> tuple[np.ndarray | None, int, str]:
-        """The filters group ``g`` keeps at ``ratio`` (sorted), its channel count, and why not
-        when it cannot be pruned. Importance: summed normalized filter L1 norms of the
-        producers, times the mean |activation| per channel with ``importance='activation'``."""
-        ws = [p.input(1).const_value() for p in g.producers]
-        c = ws[0].shape[0]
-        if any(w.shape[0] != c for w in ws):
-            return None, c, "producers disagree on the channel count"
-        n_keep = max(self.options["min_channels"], int(round(c * (1 - ratio))))
-        q = int(np.lcm(self.options["multiple_of"], g.slices))
-        if q > 1:  # SIMD blocks of channels (a partial block costs a whole one) / conv groups
-            n_keep = max(q, int(round(n_keep / q)) * q)
-        if n_keep >= c:
-            return None, c, "too few channels to prune"
-        score = np.zeros(c)
-        for p, w in zip(g.producers, ws, strict=True):
-            norm = np.abs(w).reshape(c, -1).sum(1)
-            norm = norm / max(norm.max(), 1e-12)
-            a = acts.get(p.output(0).name)
-            if self.options["importance"] == "activation" and a is not None:
-                norm = norm * np.abs(a).mean(axis=tuple(i for i in range(a.ndim) if i != 1))
-            score += norm
-        if g.slices > 1:  # grouped convs: the same number of filters from every slice
-            per, size = n_keep // g.slices, c // g.slices
-            keep = np.concatenate([j * size + np.argsort(-score[j * size:(j + 1) * size])[:per]
-                                   for j in range(g.slices)])
-        else:
-            keep = np.argsort(-score)[:n_keep]
-        return np.sort(keep), c, ""
-
-    def _spread(self, groups: list[Group], ctx: PassContext) -> dict[int, float]:
+    def _spread(self, groups: list[dict[str, Any]], ctx: PassContext) -> list[float]:
         """Per-group ratios: prune each group alone (on a copy) at the target ratio, measure the
         relative output error on calibration data, and give less sensitive groups more pruning -
         ratios proportional to 1/sqrt(error), scaled so their channel-weighted mean is the target."""
@@ -481,105 +1053,46 @@ class ChannelPruning(Pass):
         ins = {i.name for i in sess.get_inputs()}
         ref = [sess.run(None, {k: v for k, v in s.items() if k in ins}) for s in samples]
         target = self.options["ratio"]
-        sens: dict[int, float] = {}
-        for g in groups:
+        sens: list[float] = []
+        chans: list[int] = []
+        keys: list[str] = []
+        for gi in range(len(groups)):
             trial = self.model.copy()
             infer_shapes(trial, ctx.input_shapes or None)
-            tg = next((h for h in find_groups(trial.graph) if h.key == g.key and not h.reason), None)
-            k = self._keep(tg, target, {})[0] if tg is not None else None
-            if k is None:
-                sens[id(g)] = 1.0
+            an = Channels(trial.graph)
+            an.finish()
+            tg = an.groups()[gi]
+            prods = [an.producers[p] for p in tg["producers"]]
+            keys.append(", ".join(_name(p) for p, _, _ in prods))
+            chans.append(max(len(an.layout[id(out)]) for _, _, out in prods))
+            drop, _ = an.choose(tg, target, self.options["min_channels"], self.options["multiple_of"])
+            if not drop:
+                sens.append(0.0)  # nothing to prune here: not a candidate
                 continue
-            self._out_keep, self._touched = {}, []
-            self._apply(trial.graph, tg, k, {}, {})
+            for v in an.apply(trial.graph, an.changes(drop), {}, {}):
+                if not v.is_graph_output() and not v.is_graph_input():
+                    v.shape = None
+            infer_shapes(trial, ctx.input_shapes or None)
             ts = ort_session(trial)
             errs = []
             for s, r in zip(samples, ref, strict=True):
                 got = ts.run(None, {k2: v for k2, v in s.items() if k2 in ins})
                 errs.append(float(np.mean([np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12)
                                            for a, b in zip(r, got, strict=True)])))
-            sens[id(g)] = max(float(np.mean(errs)), 1e-9)
-        raw = {gid: 1 / np.sqrt(e) for gid, e in sens.items()}
-        chans = {id(g): g.producers[0].input(1).const_value().shape[0] for g in groups}
-        scale = target * sum(chans.values()) / sum(raw[i] * chans[i] for i in raw)
-        ratios = {i: float(np.clip(raw[i] * scale, 0.05, 0.9)) for i in raw}
-        self.report["sensitivity"] = {", ".join(p.name for p in g.producers): (round(sens[id(g)], 4),
-                                                                               round(ratios[id(g)], 3))
-                                      for g in groups}
-        self._out_keep = {}
+            sens.append(max(float(np.mean(errs)), 1e-9))
+        live = [i for i, e in enumerate(sens) if e > 0]
+        raw = {i: 1 / np.sqrt(sens[i]) for i in live}
+        scale = target * sum(chans[i] for i in live) / max(sum(raw[i] * chans[i] for i in live), 1e-12)
+        ratios = [float(np.clip(raw[i] * scale, 0.05, 0.9)) if i in raw else target for i in range(len(sens))]
+        self.report["sensitivity"] = {keys[i]: (round(sens[i], 4), round(ratios[i], 3)) for i in live}
         return ratios
 
     def _collect(self, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
         assert self.model is not None
+        if not names:
+            return {}
         samples = load_calibration(ctx.calibration, self.model)[: self.options["max_samples"]]
         return collect_values(self.model, names, samples)
-
-    def _apply(self, graph: Graph, g: Group, k: np.ndarray, cur: dict[str, np.ndarray],
-               targets: dict[str, np.ndarray]) -> None:
-        """Keep filters ``k`` of the group's producers and drop the matching positions downstream."""
-        def const(v: Value, arr: np.ndarray, tag: str = "_pruned") -> Value:
-            return graph.add_initializer(v.name + tag, arr.astype(v.const_value().dtype))
-
-        for p in g.producers:
-            self._out_keep[p] = k  # readers refit later compare against these channels only
-            p.set_input(1, const(p.input(1), p.input(1).const_value()[k]))
-            if p.input(2) is not None and p.input(2).const_value() is not None:
-                p.set_input(2, const(p.input(2), p.input(2).const_value()[k]))
-        for n, v in g.param_ops:
-            m = g.keep_mask(v, k)
-            if m.all():
-                continue
-            if n.op_type == "BatchNormalization":
-                for i in range(1, 5):
-                    n.set_input(i, const(n.input(i), n.input(i).const_value()[m]))
-            elif n.op_type == "Conv":  # depthwise: one filter per channel, and as many groups
-                n.set_input(1, const(n.input(1), n.input(1).const_value()[m]))
-                if n.input(2) is not None:
-                    n.set_input(2, const(n.input(2), n.input(2).const_value()[m]))
-                n.set_attr("group", int(m.sum()))
-            else:
-                ci = _per_channel_const(n, len(m))
-                arr = n.input(ci).const_value() if ci is not None else None
-                if arr is not None and arr.size > 1:
-                    n.set_input(ci, const(n.input(ci), np.compress(m, arr, axis=_channel_axis(arr))))
-        for r, kind, hw, src in g.readers:
-            m = g.keep_mask(src, k)
-            if m.all():
-                continue
-            keep = np.flatnonzero(m)
-            wr = r.input(1).const_value().astype(np.float64)
-            x = cur.get(r.input(0).name)
-            y = targets.get(r.output(0).name)
-            if y is not None and r in self._out_keep:
-                y = y[:, self._out_keep[r]]  # this reader's own outputs were already cut
-            bias = r.input(2).const_value() if r.input(2) is not None and r.input(2).const_value() is not None else None
-            grp = int(r.attr("group", 1) or 1) if kind == "conv" else 1
-            if grp > 1:  # each group of filters reads its own slice of the input channels
-                o_per, i_per = wr.shape[0] // grp, wr.shape[1]
-                new = np.concatenate([wr[j * o_per:(j + 1) * o_per][:, m[j * i_per:(j + 1) * i_per]]
-                                      for j in range(grp)])
-            elif kind == "conv":
-                new = wr[:, keep]
-                if x is not None and y is not None and x.shape[1] == len(m):
-                    yb = y - (bias.reshape(1, -1, 1, 1) if bias is not None else 0)
-                    new = self._refit_conv(r, x, keep, wr, yb)
-            else:
-                rows = (keep[:, None] * hw + np.arange(hw)[None, :]).reshape(-1)
-                trans = r.op_type == "Gemm" and r.attr("transB", 0)
-                new = wr[:, rows] if trans else wr[rows]
-                if x is not None and y is not None:
-                    yb = y - (bias.reshape(1, -1) if bias is not None else 0)
-                    new = self._refit_fc(x, rows, yb, wr, trans)
-            r.set_input(1, const(r.input(1), new))
-        for f in g.flattens:  # a Reshape to a static [N, C*H*W] gets the new feature count
-            tgt = f.input(1).const_value() if f.op_type == "Reshape" else None
-            if tgt is not None and int(tgt[-1]) != -1:
-                _, c_, h_, w_ = f.input(0).shape
-                new_t = np.array(tgt, dtype=np.int64)
-                new_t[-1] = int(g.keep_mask(f.input(0), k).sum()) * h_ * w_
-                f.set_input(1, graph.add_initializer(f.input(1).name + "_pruned", new_t))
-        self._touched.extend(g.values)
-        self._touched.extend(f.output(0) for f in g.flattens)
 
     @staticmethod
     def _refit_conv(r: Node, x: np.ndarray, k: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:
