@@ -14,6 +14,10 @@ import numpy as np
 import onnx
 import pytest
 from helpers import DATA, make_model, vi
+
+# grouped convs' slices are balanced by scipy's MILP solver (without it prune-channels falls back to
+# coarser joins, and these figures do not hold)
+pytest.importorskip("scipy.optimize")
 from onnx import helper
 
 import graphopt

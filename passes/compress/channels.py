@@ -88,6 +88,15 @@ def _const_on_axis(arr: np.ndarray, rank: int, axis: int, c: int) -> int | None:
     return axis - (rank - arr.ndim)
 
 
+def _have_milp() -> bool:
+    """scipy's MILP solver (HiGHS) is importable."""
+    try:
+        from scipy.optimize import milp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _ints(v: Value | None) -> list[int] | None:
     arr = v.const_value() if v is not None else None
     return None if arr is None else [int(a) for a in np.ravel(arr)]
@@ -561,9 +570,7 @@ class Channels:
                 ax = self.axis[id(out)]
                 norm = norm * np.abs(a).mean(axis=tuple(k for k in range(a.ndim) if k != ax))
             self.score[self.layout[id(out)]] = norm
-        try:  # scipy's MILP solver balances grouped convs' slices by count; without it, join ids
-            import scipy.optimize  # noqa: F401
-        except ImportError:
+        if not _have_milp():  # scipy's MILP solver balances grouped convs' slices by count; else join ids
             self._balance()
 
     def class_scores(self) -> dict[int, float]:
@@ -673,7 +680,7 @@ class Channels:
         balance = [(cl, n) for cl, n in balance if fs.intersection(np.unique(cl).tolist())]
         uniform = all(set(g["owners"][k]) == set(widths) and set(g["owners"][k].values()) == {1} for k in free) \
             and len(set(widths.values())) == 1
-        if balance or not uniform:  # slices to balance, or producers sharing only some of their channels
+        if (balance or not uniform) and _have_milp():  # slices to balance, or producers sharing some channels
             return self._solve(g, free, scores, balance, widths, ratio, min_channels, multiple_of)
         cost = {k: max(g["owners"][k].values()) for k in free}
         kept = dict(widths)
