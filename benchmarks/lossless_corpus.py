@@ -21,6 +21,10 @@ is listed), never a win for another.
 Inputs: ``benchmarks.corpus.data.task(name).eval_feeds(n)`` when that module exists, otherwise
 random inputs with realistic shapes (see :func:`fallback_feeds`).
 
+Command lines: on models of at least ``--cli-min-mb`` (10) MB, each tool's command line also runs in
+a fresh process (``graphopt optimize IN -o OUT``, ``onnxslim IN OUT``, ``onnxsim IN OUT``),
+interleaved, median wall and CPU seconds (see :func:`cli_times`).
+
 Run:  python -m benchmarks.lossless_corpus [--only ddddocr_ocr,silero_vad] [--repeats 3] [--feeds 2]
 Saves benchmarks/results/lossless_corpus.json and benchmarks/results/lossless_corpus.md
 (``--only`` runs merge into the existing JSON by model name).
@@ -271,6 +275,44 @@ def bench_model(name: str, path: Path, repeats: int, n_feeds: int) -> dict[str, 
     return row
 
 
+CLI = {
+    "graphopt": lambda src, dst: [sys.executable, "-m", "graphopt.cli", "optimize", src, "-o", dst],
+    "onnxslim": lambda src, dst: [str(Path(sys.executable).parent / "onnxslim"), src, dst],
+    "onnxsim": lambda src, dst: [str(Path(sys.executable).parent / "onnxsim"), src, dst],
+}
+
+
+def cli_times(path: Path, repeats: int) -> dict[str, dict[str, Any]]:
+    """Each tool's command line in a fresh process (imports, reading and writing the file
+    included), ``repeats`` rounds interleaved tool by tool: median wall seconds and median CPU
+    seconds (user + system of the child: less sensitive to other work on a shared machine)."""
+    import resource
+    import subprocess
+    import tempfile
+
+    out: dict[str, dict[str, Any]] = {t: {"wall": [], "cpu": []} for t in TOOLS}
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(repeats):
+            for t in TOOLS:
+                if "error" in out[t]:
+                    continue
+                dst = str(Path(d) / f"{t}.onnx")
+                r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                p = subprocess.run(CLI[t](str(path), dst), capture_output=True, text=True)
+                wall = time.perf_counter() - t0
+                r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if p.returncode != 0:
+                    out[t]["error"] = (p.stderr.strip().splitlines() or ["exit %d" % p.returncode])[-1][:200]
+                    continue
+                out[t]["wall"].append(wall)
+                out[t]["cpu"].append((r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime))
+    return {t: ({"error": v["error"]} if "error" in v else
+                {"wall": statistics.median(v["wall"]), "cpu": statistics.median(v["cpu"]),
+                 "wall_all": [round(x, 2) for x in v["wall"]], "cpu_all": [round(x, 2) for x in v["cpu"]]})
+            for t, v in out.items()}
+
+
 def report(rows: list[dict[str, Any]]) -> str:
     lines = [
         "### Lossless default pipeline on the real-model corpus",
@@ -303,8 +345,30 @@ def report(rows: list[dict[str, Any]]) -> str:
             f"| {cell(ss, 'seconds', '.2f')} | {cell(g, 'max_abs', '.2g')} | "
             f"{'ok' if g.get('checker') else 'NO'} | {le} |"
         )
+    big = [r for r in rows if "cli" in r]
+    if big:
+        lines += ["", "Command-line tool time (fresh process per run: imports, reading and writing the file "
+                  "included; median of interleaved runs; CPU = user+system seconds of the process, less "
+                  "sensitive to the other work on this shared machine than wall time). Commands: "
+                  "`graphopt optimize IN -o OUT`, `onnxslim IN OUT`, `onnxsim IN OUT`.", "",
+                  "| model | MB | wall graphopt | wall onnxslim | wall onnxsim | CPU graphopt | CPU onnxslim "
+                  "| CPU onnxsim | graphopt/onnxslim (CPU) |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in big:
+            c = r["cli"]
+
+            def f(t: str, k: str) -> str:
+                return f"{c[t][k]:.2f}" if k in c[t] else "FAIL"
+
+            ratio = (f"{c['graphopt']['cpu'] / c['onnxslim']['cpu']:.2f}"
+                     if "cpu" in c["graphopt"] and "cpu" in c["onnxslim"] else "-")
+            lines.append(f"| {r['model']} | {r['mb']} | {f('graphopt', 'wall')} | {f('onnxslim', 'wall')} | "
+                         f"{f('onnxsim', 'wall')} | {f('graphopt', 'cpu')} | {f('onnxslim', 'cpu')} | "
+                         f"{f('onnxsim', 'cpu')} | {ratio} |")
     notes = []
     for r in rows:
+        for t, v in r.get("cli", {}).items():
+            if "error" in v:
+                notes.append(f"- {r['model']} / {t} command line: {v['error']}")
         for t in TOOLS:
             rec = r["tools"][t]
             if rec.get("error"):
@@ -325,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma list of corpus model names")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per tool (median reported)")
     ap.add_argument("--feeds", type=int, default=2, help="input samples per model for the error check")
+    ap.add_argument("--cli-min-mb", type=float, default=10.0,
+                    help="also time the command-line tools (fresh processes) on models at least this big")
     args = ap.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or [e.name for e in ENTRIES]
     paths = fetch(names)
@@ -333,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     old = {r["model"]: r for r in json.loads(jpath.read_text())} if jpath.exists() and args.only else {}
     for name in names:
         row = bench_model(name, Path(paths[name]), args.repeats, args.feeds)
+        if row["mb"] >= args.cli_min_mb:
+            row["cli"] = cli_times(Path(paths[name]), max(args.repeats, 1))
         old[name] = row
         g = row["tools"]
         print(f"{name:22s} {row['nodes']:5d} -> " + "  ".join(

@@ -188,13 +188,21 @@ def _all_values(model: Model) -> Iterator[Value]:
 
 
 class StatsInstrument(Instrument):
-    """Fills nodes, params, bytes and FLOPs of each :class:`PassRecord` (shapes inferred on a
-    copy so the model itself is not annotated)."""
+    """Fills nodes, params, bytes and FLOPs of each :class:`PassRecord`. The model is left as
+    the passes made it: shapes inferred for the FLOPs are taken off again afterwards.
+
+    Lossless passes never change the shape of a value that survives them, so the types inferred
+    at one measurement are put back on the surviving values at the next; graphopt's own rules
+    type the new ones, and onnx's whole-model inference runs again only when the compute nodes
+    left with outputs not fully known, or what they read, differ from what the last full
+    inference left (see :meth:`_open`)."""
 
     def __init__(self, input_shapes: Mapping[str, Sequence[int]] | None = None) -> None:
         self.input_shapes = dict(input_shapes or {})
         self.initial: PassRecord | None = None
         self._last: tuple[int, int, int, int] | None = None
+        self._types: dict[int, tuple[Value, Any, Any]] = {}  # id -> (value, dtype, shape) last inferred
+        self._unknown: frozenset = frozenset()  # what the last full inference left open (see _open)
 
     def _measure(self, model: Model) -> tuple[int, int, int, int]:
         """Stats of ``model`` as it stands. Shapes are inferred on the model itself and every
@@ -206,13 +214,24 @@ class StatsInstrument(Instrument):
 
         from graphopt.runtime import resolve_input_shapes
 
-        saved = [(v, v.dtype, v.shape, v.type_proto, v._type_sig) for v in _all_values(model)]
+        from graphopt.analysis.shapes import propagate_shapes
+
+        values = list(_all_values(model))
+        saved = [(v, v.dtype, v.shape, v.type_proto, v._type_sig) for v in values]
         try:
-            try:
-                shapes = resolve_input_shapes(model, self.input_shapes)
-            except Exception:  # noqa: BLE001 - stats are best effort when inputs are unusual
-                shapes = None
-            infer_shapes(model, shapes)
+            for v in values:
+                known = self._types.get(id(v))
+                if known is not None and known[0] is v:
+                    v.dtype, v.shape = known[1], known[2]
+            propagate_shapes(model)
+            if not self._types or self._open(model) != self._unknown:
+                try:
+                    shapes = resolve_input_shapes(model, self.input_shapes)
+                except Exception:  # noqa: BLE001 - stats are best effort when inputs are unusual
+                    shapes = None
+                infer_shapes(model, shapes)
+                self._unknown = self._open(model)
+            self._types = {id(v): (v, v.dtype, v.shape) for v in values if v.dtype is not None or v.shape is not None}
             st = model_stats(model)
         finally:
             for v, dt, shp, tp, sig in saved:
@@ -226,6 +245,19 @@ class StatsInstrument(Instrument):
                     size += 1 + (n.bit_length() + 6) // 7 + n
         return st.compute_nodes, st.params, size, st.flops
 
+    @staticmethod
+    def _open(model: Model) -> frozenset:
+        """The compute nodes with an output not fully known, each with what it reads (identity
+        and type of its inputs): when this is what the last full inference left, nothing it
+        could build on has changed, so running it again would learn nothing."""
+        from graphopt.analysis.cost import is_constant_producer
+
+        return frozenset(
+            (id(n), tuple((id(v), v.dtype, v.shape) for v in n.inputs if v is not None))
+            for g in model.all_graphs() for n in g.iter_nodes() if not is_constant_producer(n)
+            and any(o.name and (o.dtype is None or o.shape is None
+                                or not all(type(d) is int and d >= 0 for d in o.shape)) for o in n.outputs))
+
     def enter(self, model: Model, ctx: PassContext) -> None:
         self._last = self._measure(model)
         self.initial = PassRecord("(input)", False, 0.0, *self._last)
@@ -234,6 +266,15 @@ class StatsInstrument(Instrument):
         if changed or self._last is None:
             self._last = self._measure(model)
         record.nodes, record.params, record.bytes, record.flops = self._last
+
+    def exit(self, model: Model, ctx: PassContext) -> None:
+        # the result's FLOPs from a fresh inference, as the input's were (rows in between reuse
+        # earlier inferences, which can know a few more or fewer dims than a fresh one)
+        if ctx.records and self._last is not None:
+            self._types, self._unknown = {}, frozenset()
+            self._last = self._measure(model)
+            last = ctx.records[-1]
+            last.nodes, last.params, last.bytes, last.flops = self._last
 
 
 @dataclass

@@ -621,9 +621,10 @@ class _Exporter:
         elif t == AttributeProto.TENSORS:
             ap.tensors.extend(self.tensor(x, "") for x in v)
         elif t == AttributeProto.GRAPH:
-            ap.g.CopyFrom(self.graph(v))
+            self.graph(v, ap.g)
         elif t == AttributeProto.GRAPHS:
-            ap.graphs.extend(self.graph(x) for x in v)
+            for x in v:
+                self.graph(x, ap.graphs.add())
         elif t == AttributeProto.TYPE_PROTO:
             ap.tp.CopyFrom(v)
         elif t == AttributeProto.TYPE_PROTOS:
@@ -634,8 +635,9 @@ class _Exporter:
             ap.sparse_tensors.extend(v)
         return ap
 
-    def node(self, n: Node) -> onnx.NodeProto:
-        np_ = onnx.NodeProto()
+    def node(self, n: Node, np_: onnx.NodeProto | None = None) -> onnx.NodeProto:
+        # filled in place when given (appending a built message to a repeated field copies it)
+        np_ = onnx.NodeProto() if np_ is None else np_
         np_.op_type = n.op_type
         if n.domain:
             np_.domain = n.domain
@@ -655,8 +657,8 @@ class _Exporter:
         _set_props(np_.metadata_props, n.metadata_props)
         return np_
 
-    def graph(self, g: Graph) -> onnx.GraphProto:
-        gp = onnx.GraphProto()
+    def graph(self, g: Graph, gp: onnx.GraphProto | None = None) -> onnx.GraphProto:
+        gp = onnx.GraphProto() if gp is None else gp  # in place: no copy of every weight
         gp.name = g.name
         if g.doc_string:
             gp.doc_string = g.doc_string
@@ -670,7 +672,7 @@ class _Exporter:
             gp.initializer.append(tp)
         gp.sparse_initializer.extend(g.sparse_initializers)
         for n in g.iter_nodes():
-            gp.node.append(self.node(n))
+            self.node(n, gp.node.add())
         for v in g.outputs:
             gp.output.append(_value_info(v))
         seen: set[int] = set()
@@ -736,7 +738,7 @@ class _Exporter:
             val = getattr(m, fld)
             if val or fld in present:  # proto2 presence: write explicit empty fields back too
                 setattr(mp, fld, val)
-        mp.graph.CopyFrom(self.graph(m.graph))
+        self.graph(m.graph, mp.graph)
         _set_props(mp.metadata_props, m.metadata_props)
         for f in m.functions.values():
             mp.functions.append(self.function(f))

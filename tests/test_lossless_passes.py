@@ -663,3 +663,34 @@ def test_squeeze_unsqueeze_pairs_and_unit_reductions() -> None:
     # a reduction over a real axis stays
     mp2 = make_model([H("ReduceMean", ["x"], ["y"], axes=[1], keepdims=0)], [vi("x", [2, 3])], [vi("y", [2])], opset=17)
     assert ops(optimize(mp2, "default")) == ["ReduceMean"]
+
+
+def test_stats_instrument_leaves_types_alone_and_final_row_is_fresh() -> None:
+    # the CLI's per-pass statistics reuse inferred types between passes; the model must come out
+    # as without the instrument (no annotations left behind), and the last row match a fresh count
+    from graphopt.analysis import infer_shapes
+    from graphopt.instruments import StatsInstrument
+
+    nodes = [H("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+             H("BatchNormalization", ["c", "s", "bb", "mu", "var"], ["bn"]), H("Relu", ["bn"], ["r"]),
+             H("Shape", ["r"], ["sh"]), H("Gather", ["sh", "zero"], ["n0"], axis=0),
+             H("Unsqueeze", ["n0", "ax0"], ["n0u"]), H("Concat", ["n0u", "m1"], ["tgt"], axis=0),
+             H("Reshape", ["r", "tgt"], ["f"]), H("MatMul", ["f", "fw"], ["mm"]), H("Add", ["mm", "fb"], ["y"])]
+    mp = make_model(nodes, [vi("x", ["n", 2, 4, 4])], [vi("y", ["n", 5])],
+                    inits=[("w", rnd(3, 2, 3, 3)), ("b", rnd(3)), ("s", rnd(3, lo=0.5)), ("bb", rnd(3)), ("mu", rnd(3)),
+                           ("var", rnd(3, lo=0.5, hi=2)), ("zero", np.array(0, np.int64)),
+                           ("ax0", np.array([0], np.int64)), ("m1", np.array([-1], np.int64)),
+                           ("fw", rnd(48, 5)), ("fb", rnd(5))])
+    plain, measured = graphopt.from_proto(mp), graphopt.from_proto(mp)
+    graphopt.run_passes(plain, "default")
+    stats = StatsInstrument({"x": [2, 2, 4, 4]})
+    ctx = graphopt.PassContext(instruments=[stats])
+    graphopt.run_passes(measured, "default", ctx)
+    types = lambda m: [(o.name, o.dtype, o.shape) for n in m.graph for o in n.outputs]  # noqa: E731
+    assert types(measured) == types(plain)
+    fresh = graphopt.from_proto(graphopt.to_proto(measured))
+    infer_shapes(fresh, {"x": [2, 2, 4, 4]})
+    st = model_stats(fresh)
+    last = ctx.records[-1]
+    assert (last.nodes, last.params, last.flops) == (st.compute_nodes, st.params, st.flops)
+    assert stats.initial.flops > last.flops > 0  # BatchNorm folded away

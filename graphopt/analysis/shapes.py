@@ -201,34 +201,38 @@ def infer_shapes(
                         o.shape = None
     for _round in range(4):
         _onnx_infer(model)
-        after_onnx = _signature(model)
+        outs = [o for g in model.graph.all_graphs() for n in g.iter_nodes() for o in n.outputs]
+        before = [(o.dtype, o.shape) for o in outs]
         for g in model.graph.all_graphs():
             known: dict[int, np.ndarray] = {}
             for n in g.iter_nodes():
                 _rule(n)
                 _propagate(n, known)
-        if _signature(model) == after_onnx:
+        improved = [o for o, (dt, shp) in zip(outs, before, strict=True) if o.dtype != dt or o.shape != shp]
+        if not any(_incomplete(c) for o in improved for c in o.consumers()):
             break  # graphopt's rules added nothing onnx could build on: done
     if probe:
         _probe(model, input_shapes)
     return model
 
 
-def _signature(model: Model) -> int:
-    """How much is known (typed values, known dims): grows whenever inference learns something."""
-    typed = dims = 0
+def propagate_shapes(model: Model) -> None:
+    """graphopt's own shape rules, once over every graph, without onnx's inference: cheap
+    completion of values whose inputs are typed (what :func:`infer_shapes` adds after onnx)."""
     for g in model.graph.all_graphs():
+        known: dict[int, np.ndarray] = {}
         for n in g.iter_nodes():
-            for o in n.outputs:
-                if o.dtype is not None:
-                    typed += 1
-                shp = o.shape
-                if shp is not None:
-                    dims += 1
-                    for d in shp:
-                        if type(d) is int:
-                            dims += 1
-    return typed * 100_003 + dims
+            _rule(n)
+            _propagate(n, known)
+
+
+def _incomplete(n: Node) -> bool:
+    """Some output of ``n`` lacks a type, a rank or a static size: another round of onnx's
+    inference may complete it from what graphopt's rules just learned about its inputs."""
+    for o in n.outputs:
+        if o.name and (o.dtype is None or o.shape is None or not all(type(d) is int and d >= 0 for d in o.shape)):
+            return True
+    return False
 
 
 def _onnx_infer(model: Model) -> None:
