@@ -259,7 +259,10 @@ class QuantizeStatic(Pass):
         kept: set[Node] = set()
         for n, added in reversed(followers):
             readers = [r for o in n.outputs for r in o.consumers()]
-            if not added or any(r in qset or r in kept for r in readers):
+            # data movement on values that are int8 anyway moves a quarter of the bytes, and the one
+            # DequantizeLinear after it replaces those before it (detector heads: Concat -> Reshape)
+            moves = n.op_type in SAME_PARAMS or n.op_type == "Concat"
+            if not added or moves or any(r in qset or r in kept for r in readers):
                 kept.add(n)
             else:
                 for o in n.outputs:
