@@ -8,7 +8,10 @@ Commands: ``inspect``, ``optimize``, ``quantize``, ``compress``, ``compile``, ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import time
@@ -19,11 +22,13 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from graphopt.errors import GraphoptError, NumericalMismatchError
+from graphopt.errors import CheckerError, GraphoptError, NumericalMismatchError
 
 log = logging.getLogger("graphopt")
 
 EXAMPLE_MODEL = "tinycnn.onnx"
+_NO_CHECK_HELP = ("go on with a model that fails onnx's full check (refused by default; graphopt's own import "
+                  "rules still apply, and the result may be as broken as the input)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -176,14 +181,14 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     run_passes(model, pipeline, ctx)
     elapsed = time.perf_counter() - t0
-    save(model, out, external_data=True if args.external_data else None)
+    save(model, _target(args, out), external_data=True if args.external_data else None)
     before = stats.initial
     final = ctx.records[-1] if ctx.records else before
     err = None
     if args.verify and original is not None:
         worst = 0.0
         for f in feeds:
-            c = compare(run_ort(original, f), run_ort(str(out), f), rtol=args.rtol, atol=args.atol)
+            c = compare(run_ort(original, f), run_ort(str(_target(args, out)), f), rtol=args.rtol, atol=args.atol)
             worst = max(worst, c.max_abs)
             if not c.ok:
                 raise NumericalMismatchError("saved model disagrees with the input: " + "; ".join(c.problems[:3]))
@@ -215,8 +220,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from graphopt.report import table
     from graphopt.runtime import compare, run_ort
 
-    a = _load(args.a, check=False)
-    b = _load(args.b, check=False)
+    a = _load(args.a, check=not args.no_check)
+    b = _load(args.b, check=not args.no_check)
     ia = sorted(v.name for v in a.graph.inputs if v.const is None)
     ib = sorted(v.name for v in b.graph.inputs if v.const is None)
     if not set(ib) <= set(ia):
@@ -291,11 +296,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
     if args.compact_names:
         run_passes(model, [get_pass("compact-names")])
-    save(model, out)
-    after = out.stat().st_size
+    save(model, _target(args, out))  # main() moves it into place once everything below succeeded
+    after = _target(args, out).stat().st_size
     worst, cos, top1 = 0.0, 1.0, []
     for s in checks[: min(len(checks), 32)]:
-        c = compare(run_ort(original, s), run_ort(str(out), s), rtol=1e9, atol=1e9)
+        c = compare(run_ort(original, s), run_ort(str(_target(args, out)), s), rtol=1e9, atol=1e9)
         worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
         if c.top1 is not None:
             top1.append(c.top1)
@@ -310,7 +315,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if q.report.get("sensitivity"):
         top = list(q.report["sensitivity"].items())[:3]
         rows.append(["most sensitive layers", ", ".join(f"{k}: {v:.3g}" for k, v in top)])
-    lat = _latency_pair(args.model, str(out), checks[0])
+    lat = _latency_pair(args.model, str(_target(args, out)), checks[0])
     rows += [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"],
              ["ORT latency (2 threads, median)", f"{lat[0]:.3f} ms -> {lat[1]:.3f} ms ({lat[1] / lat[0]:.2f}x)"],
              [f"max abs error ({'--inputs' if args.inputs else 'calibration' if args.calibration else 'random'}"
@@ -390,8 +395,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             stages.append(_stage_row(p.name, prev, cur, feeds[0]))
             prev = cur
         run_passes(model, [get_pass("dce"), get_pass("compact-names")])
-        save(model, out)
-        final = _stage(model, out, feeds, write=False)
+        save(model, _target(args, out))
+        final = _stage(model, _target(args, out), feeds, write=False)
         stages.append(_stage_row("total (written file)", first, final, feeds[0]))
     cos, top1 = 1.0, []
     for a, b in zip(first.outputs, final.outputs, strict=True):  # the lossless pipeline's model vs the file
@@ -400,8 +405,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if c.top1 is not None:
             top1.append(c.top1)
     rows = [[name, {k: v for k, v in p.report.items() if k not in ("sqnr_db", "sensitivity")}] for name, p in reports]
-    rows += [["size", f"{human(Path(args.model).stat().st_size, 'B')} -> {human(out.stat().st_size, 'B')} "
-                      f"({out.stat().st_size / Path(args.model).stat().st_size:.3f}x)"],
+    size = _target(args, out).stat().st_size
+    rows += [["size", f"{human(Path(args.model).stat().st_size, 'B')} -> {human(size, 'B')} "
+                      f"({size / Path(args.model).stat().st_size:.3f}x)"],
              ["min cosine vs input", f"{cos:.5f}"]]
     if top1:
         rows.append(["top-1 agreement with input", f"{np.mean(top1):.4f}"])
@@ -445,8 +451,10 @@ def _stage_row(name: str, a: _Stage, b: _Stage, feed: dict[str, Any]) -> list[An
     from graphopt.report import human
 
     pairs = [(list(oa.values()), list(ob.values())) for oa, ob in zip(a.outputs, b.outputs, strict=True)]
-    num = sum(float(np.sum((x - y) ** 2)) for oa, ob in pairs for x, y in zip(oa, ob, strict=True))
-    den = sum(float(np.sum(x ** 2)) for oa, _ in pairs for x in oa)
+    f64 = [([np.asarray(x, np.float64) for x in oa], [np.asarray(y, np.float64) for y in ob])  # bool/int outputs too
+           for oa, ob in pairs if all(np.asarray(x).dtype.kind in "biuf" for x in [*oa, *ob])]
+    num = sum(float(np.sum((x - y) ** 2)) for oa, ob in f64 for x, y in zip(oa, ob, strict=True))
+    den = sum(float(np.sum(x ** 2)) for oa, _ in f64 for x in oa)
     agree = [float(np.argmax(oa[0], -1).ravel()[0] == np.argmax(ob[0], -1).ravel()[0])
              for oa, ob in pairs if oa[0].ndim >= 1 and oa[0].size > 1]
     la = lb = None
@@ -490,6 +498,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         from graphopt.runtime import load_calibration
 
         hints = {**_shapes_of(load_calibration(args.inputs, _load(src, check=False), what="--inputs")[0]), **hints}
+    if args.no_check:  # compile loads (and checks) a path itself
+        src = _load(src, check=False)
     t0 = time.perf_counter()
     consts = {}
     for item in args.const_input:  # NAME=VALUE (a number, or comma-separated numbers)
@@ -506,7 +516,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
                      default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache,
                      const_inputs=consts or None)
-    cm.export(out)
+    cm.export(_target(args, out))
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
         counts[v] = counts.get(v, 0) + 1
@@ -533,7 +543,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.runtime import compare, input_feeds, interleaved_timings, load_calibration, model_inputs, \
         ort_session, parse_input_shapes
 
-    m = _load(args.model, check=False)
+    m = _load(args.model, check=not args.no_check)
     hints = parse_input_shapes(args.input_shape)
     data = load_calibration(args.inputs, m, what="--inputs") if args.inputs else None
     if data:  # shapes from the user's data (--input-shape still wins where both are given)
@@ -581,7 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("inspect", help="summarize a model: opsets, inputs/outputs, ops, params, FLOPs")
     sp.add_argument("model")
     sp.add_argument("--json", action="store_true", help="machine-readable output")
-    sp.add_argument("--no-check", action="store_true", help="skip the ONNX checker on load")
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     sp.set_defaults(fn=cmd_inspect)
 
@@ -598,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--atol", type=float, default=1e-5)
     sp.add_argument("--report", help="write a per-pass report (.md or .json)")
     sp.add_argument("--external-data", action="store_true", help="store tensors >= 1 KiB in OUTPUT.data")
-    sp.add_argument("--no-check", action="store_true", help="skip the ONNX checker on load")
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; verification uses them instead of random inputs (all of them without --verify N)")
     sp.set_defaults(fn=cmd_optimize)
@@ -635,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--compact-names", action="store_true",
                     help="short names for internal values and nodes (inputs/outputs keep theirs): smaller files")
     sp.add_argument("--report", help="write a report (.md or .json)")
-    sp.add_argument("--no-check", action="store_true")
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; the error and latency checks run on them, and static quantization calibrates on them "
                    "where --calibration is not given")
@@ -667,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--int8", action="store_true", help="static INT8 afterwards (needs --calibration)")
     sp.add_argument("--calibration", help=".npz or directory of .npz samples")
     sp.add_argument("--report", metavar="FILE", help="write the per-pass report (markdown)")
-    sp.add_argument("--no-check", action="store_true")
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; the per-pass checks run on them, and they serve as calibration where --calibration is "
                    "not given")
@@ -690,6 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-build-cache", action="store_true",
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--const-input", action="append", default=[], metavar="NAME=VALUE",
                     help="compile an input as a constant (e.g. sr=16000: If branches on it fold away; the "
@@ -704,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rounds", type=int, default=30)
     sp.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; the first sample is timed and compared (and fixes the shapes compiled for)")
     sp.set_defaults(fn=cmd_bench)
@@ -718,10 +730,111 @@ def build_parser() -> argparse.ArgumentParser:
                     help="random samples to compare (default 3), or the first N of --inputs (default all)")
     sp.add_argument("--rtol", type=float, default=1e-4)
     sp.add_argument("--atol", type=float, default=1e-5)
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp)
     sp.set_defaults(fn=cmd_verify)
     return p
+
+
+class _StagedOutput:
+    """A command's output, written where nothing sees it until the command has succeeded.
+
+    The command writes into a private directory next to the final path, under the final file
+    name (so an external-data file keeps the name the model refers to); :meth:`commit` checks
+    the model (onnx's full check; ONNX Runtime loads it if it loads the input) and renames every
+    file into place, the model last;
+    :meth:`discard` removes the directory and any parent directory created for it. An error
+    at any point leaves nothing behind.
+    """
+
+    def __init__(self, final: Path, inputs: Sequence[str | None]) -> None:
+        self.final = final
+        self.source = next((s for s in inputs if s), None)
+        for src in inputs:
+            if src and final.exists() and Path(src).exists() and final.samefile(src):
+                raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
+        if final.is_dir():
+            raise GraphoptError(f"output path {str(final)!r} is a directory")
+        self.created: list[Path] = []
+        parent = final.absolute().parent
+        missing = [p for p in (parent, *parent.parents) if not p.exists()]
+        for p in reversed(missing):
+            p.mkdir()
+            self.created.append(p)
+        self.dir: Path | None = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=parent))
+        self.path = self.dir / final.name
+
+    def commit(self, check: bool) -> None:
+        if self.dir is None:
+            return
+        if check and self.path.suffix == ".onnx" and self.path.exists():
+            self._vouch()
+        files = sorted(self.dir.iterdir(), key=lambda f: f.name == self.final.name)  # the model last
+        for f in files:
+            os.replace(f, self.final.parent / f.name)
+        self.created = []
+
+    def _vouch(self) -> None:
+        """Refuse to write a result that fails onnx's full check, or that ONNX Runtime refuses
+        although it loads the input (a model with ops ORT lacks may be meant for another runtime)."""
+        import onnx
+
+        from graphopt.onnx_io import _checker_message
+
+        try:
+            onnx.checker.check_model(str(self.path), full_check=True)
+        except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError
+            refused = _ort_refusal(self.source)
+            if refused:  # the input passed onnx's check but its declared shapes contradict its graph
+                raise GraphoptError(f"the input model is inconsistent: it passes onnx's check but ONNX Runtime "
+                                    f"refuses it: {refused}") from None
+            raise GraphoptError(f"internal error: the result fails onnx's full check, nothing written "
+                                f"({_checker_message(e)})") from None
+        why = _ort_refusal(self.path)
+        if why and not _ort_refusal(self.source):
+            raise GraphoptError(f"internal error: ONNX Runtime loads the input but refuses the result, nothing "
+                                f"written ({why})")
+
+    def discard(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+        for p in reversed(self.created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        self.created = []
+
+
+def _ort_refusal(path: str | Path | None) -> str | None:
+    """Why ONNX Runtime, at its default settings (graph optimizations on, as users run it),
+    refuses to load the model at ``path``; None if it loads (or there is no path)."""
+    if path is None:
+        return None
+    from graphopt.runtime import ort_session
+
+    try:
+        ort_session(str(path), optimize=True)
+    except GraphoptError as e:
+        return str(e).removeprefix("ONNX Runtime cannot load the model: ").removeprefix(
+            "[ONNXRuntimeError] : 1 : FAIL : ")[:300]
+    return None
+
+
+def _target(args: argparse.Namespace, out: Path) -> Path:
+    """Where a command writes ``out``: main()'s staging path (moved into place on success)."""
+    staged = getattr(args, "staged", None)
+    return staged.path if staged is not None else out
+
+
+def _quiet_onnxruntime() -> None:
+    """ONNX Runtime logs its errors in colour on stderr before raising them; the CLI reports
+    each in one line of its own, so its logger only speaks for fatal errors."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    ort.set_default_logger_severity(4)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -729,24 +842,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    args.staged = None
     held = _HeldWarnings("graphopt.dims")  # defaulted-dims warnings: shown on success, an error stays one line
     try:
+        if args.command != "passes":
+            _quiet_onnxruntime()
+        if getattr(args, "output", None):
+            args.staged = _StagedOutput(Path(args.output), [getattr(args, "model", None)])
+        report = Path(args.report) if getattr(args, "report", None) else None
+        new_report = report is not None and not report.exists()
         rc = int(args.fn(args))
+        if rc == 0 and args.staged is not None:
+            try:
+                args.staged.commit(check=not getattr(args, "no_check", False))
+            except GraphoptError:
+                if new_report and report is not None:  # the report of a model that is not written
+                    report.unlink(missing_ok=True)
+                raise
         held.ok = rc == 0
         return rc
     except NumericalMismatchError as e:
         print(f"graphopt: verification failed: {e}", file=sys.stderr)
         return 1
+    except CheckerError as e:
+        print(f"graphopt: error: {e} (--no-check goes on anyway)", file=sys.stderr)
+        return 2
     except GraphoptError as e:
         print(f"graphopt: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"graphopt: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
         return 2
+    except MemoryError as e:  # numpy's allocation errors name the shape
+        print(f"graphopt: error: out of memory: {str(e).splitlines()[0] if str(e) else 'allocation failed'}",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("graphopt: interrupted", file=sys.stderr)
         return 130
     finally:
+        if args.staged is not None:
+            args.staged.discard()
         held.close()
 
 
