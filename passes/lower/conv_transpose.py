@@ -15,7 +15,7 @@ do not have them are left unchanged and listed in ``report['left']``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 from graphopt import Graph, Model, Pass, PassContext, register_pass
 from graphopt.analysis import infer_shapes
@@ -28,7 +28,7 @@ class ExplicitConvTranspose(Pass):
     """ConvTranspose auto_pad / output_shape resolved into explicit pads and output_padding."""
 
     name = "explicit-conv-transpose"
-    default_options: dict[str, Any] = {}
+    default_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

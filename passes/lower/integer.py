@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -46,7 +46,7 @@ class LowerInteger(Pass):
     """ORT integer ops (ConvInteger, QLinear*, DynamicQuantizeLSTM) as standard float/QDQ ONNX."""
 
     name = "lower-integer"
-    default_options: dict[str, Any] = {}
+    default_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)

@@ -22,7 +22,7 @@ pass's ``report['left']`` (node name -> reason).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -162,7 +162,7 @@ class LowerRecurrent(Pass):
     """
 
     name = "lower-recurrent"
-    default_options = {"ops": ("LSTM", "GRU", "RNN"), "max_steps": 4096}
+    default_options: ClassVar[dict[str, Any]] = {"ops": ("LSTM", "GRU", "RNN"), "max_steps": 4096}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
