@@ -312,7 +312,14 @@ def _cell(r: dict[str, Any], tool: str) -> list[str]:
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Results files; rows of models not measured in this run are kept from the previous file."""
     RESULTS.mkdir(exist_ok=True)
+    old = RESULTS / "int8_corpus.json"
+    if old.exists():
+        new = {r["model"] for r in rows}
+        kept = [r for r in json.loads(old.read_text()).get("rows", []) if r["model"] not in new]
+        order = {e.name: k for k, e in enumerate(ENTRIES)}
+        rows = sorted(kept + rows, key=lambda r: order.get(r["model"], len(order)))
     meta = {"rounds": args.rounds, "repeats": args.repeats, "calibration_samples": args.calib,
             "eval_samples": args.evals, "by_latency": args.by_latency, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     (RESULTS / "int8_corpus.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
@@ -361,10 +368,12 @@ def main(argv: list[str] | None = None) -> None:
         except Exception as e:  # noqa: BLE001
             row = {"model": name, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         row["bench_seconds"] = round(time.perf_counter() - t0, 1)
+        row["settings"] = {"rounds": args.rounds, "repeats": args.repeats, "calib": args.calib, "evals": args.evals,
+                           "by_latency": args.by_latency, "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
         rows.append(row)
-        print(json.dumps(row, default=str))
-    if not args.no_write:
-        write(rows, args)
+        print(json.dumps(row, default=str), flush=True)
+        if not args.no_write:  # after every model: a long run that is stopped keeps what it measured
+            write(rows, args)
 
 
 if __name__ == "__main__":

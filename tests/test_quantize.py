@@ -569,3 +569,34 @@ def test_detector_activations_and_resampling_stay_integer(tmp_path: Path, kind: 
         ref, got = graphopt.run_ort(mp, f), graphopt.run_ort(path, f)
         for k in ref:
             assert np.linalg.norm(ref[k] - got[k]) / np.linalg.norm(ref[k]) < 0.05, k
+
+
+def test_recurrent_weights_are_stored_int8(tmp_path: Path) -> None:
+    """A CRNN-like net (MatMul -> LSTM): the MatMul is quantized statically, the LSTM's W and R
+    are stored as int8 behind a DequantizeLinear (no static int8 LSTM exists), so the file
+    shrinks about 4x while the sequence output stays close."""
+    rng = np.random.default_rng(0)
+    hid, inp = 32, 16
+    mp = make_model([helper.make_node("MatMul", ["x", "w0"], ["h0"], name="proj"),
+                     helper.make_node("LSTM", ["h0", "W", "R", "B"], ["y", "", ""], hidden_size=hid,
+                                      direction="bidirectional", name="lstm")],
+                    [vi("x", [6, 1, inp])], [vi("y", [6, 2, 1, hid])],
+                    inits=[("w0", (rng.standard_normal((inp, inp)) * 0.3).astype(np.float32)),
+                           ("W", (rng.standard_normal((2, 4 * hid, inp)) * 0.2).astype(np.float32)),
+                           ("R", (rng.standard_normal((2, 4 * hid, hid)) * 0.2).astype(np.float32)),
+                           ("B", (rng.standard_normal((2, 8 * hid)) * 0.1).astype(np.float32))], opset=13)
+    cal = [{"x": rng.standard_normal((6, 1, inp)).astype(np.float32)} for _ in range(16)]
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static")
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
+    assert q.report["int8_recurrent_weights"] == 2 and q.report["quantized_nodes"] == 1
+    lstm = next(n for n in m.graph if n.op_type == "LSTM")
+    for i in (1, 2):
+        dq = lstm.input(i).producer
+        assert dq.op_type == "DequantizeLinear" and dq.input(0).const_value().dtype == np.int8
+    graphopt.save(m, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(tmp_path / "q.onnx"), full_check=True)
+    assert (tmp_path / "q.onnx").stat().st_size < 0.35 * len(mp.SerializeToString())
+    for f in cal[:4]:
+        ref, got = graphopt.run_ort(mp, f)["y"], graphopt.run_ort(tmp_path / "q.onnx", f)["y"]
+        assert np.linalg.norm(ref - got) / np.linalg.norm(ref) < 0.05
