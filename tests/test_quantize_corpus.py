@@ -303,15 +303,15 @@ def _int8_convs(m: graphopt.Model) -> set[str]:
             and n.input(1).producer.op_type == "DequantizeLinear"}
 
 
-def _cost_timer(int8_ms: dict[str, float], float_ms: float = 1.0):
+def _cost_timer(int8_ms: dict[str, float], float_ms: float = 1.0, boundary_ms: float = 0.0):
     """A deterministic stand-in for ORT timing: each conv costs ``float_ms`` in float and
-    ``int8_ms[name]`` in int8; records every call."""
+    ``int8_ms[name]`` in int8, a model mixing both ``boundary_ms`` more; records every call."""
     calls: list[dict] = []
 
     def timer(models: dict, feed: dict) -> dict[str, float]:
         calls.append(dict(models))
         return {k: sum(int8_ms[n] for n in _int8_convs(m)) + float_ms * (2 - len(_int8_convs(m)))
-                for k, m in models.items()}
+                + (boundary_ms if len(_int8_convs(m)) == 1 else 0.0) for k, m in models.items()}
 
     timer.calls = calls  # type: ignore[attr-defined]
     return timer
@@ -338,10 +338,13 @@ def test_by_latency_keeps_float_where_int8_is_slower(tmp_path: Path) -> None:
 
 def test_by_latency_keeps_everything_int8_when_it_pays_and_nothing_when_it_never_does() -> None:
     mp, cal = _two_region_net()
-    for costs, want in (({"conv_a": 0.5, "conv_b": 0.6}, {"conv_a", "conv_b"}),
-                        ({"conv_a": 1.5, "conv_b": 1.6}, set())):
+    for costs, boundary, want in (({"conv_a": 0.5, "conv_b": 0.6}, 0.0, {"conv_a", "conv_b"}),
+                                  ({"conv_a": 1.5, "conv_b": 1.6}, 0.0, set()),
+                                  # each region alone is dearer in float (the Q/DQ at its boundary),
+                                  # yet the whole model is fastest in float: it stays float
+                                  ({"conv_a": 1.05, "conv_b": 1.05}, 0.5, set())):
         m = graphopt.from_proto(mp)
-        q = graphopt.get_pass("quantize-static", by_latency=True, timer=_cost_timer(costs))
+        q = graphopt.get_pass("quantize-static", by_latency=True, timer=_cost_timer(costs, boundary_ms=boundary))
         graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
         assert _int8_convs(m) == want
         assert sorted(q.report["latency_kept_float"]) == sorted({"conv_a", "conv_b"} - want)

@@ -546,10 +546,12 @@ class QuantizeStatic(Pass):
         if len(keep) not in (0, len(names)):  # a mix: check it against all-int8 and all-float
             t2 = timer({"float": base.copy(), "int8": variant(names), "mixed": variant(keep)}, feed)
             final = {"int8": t2["int8"], "float": t2["float"], "mixed": t2["mixed"]}
-            if t2["mixed"] > t2["int8"] * (1 - margin):  # no better than all int8 in the second run
+            if t2["mixed"] > min(t2["int8"], t2["float"]) * (1 - margin):  # the mix is not the fastest
                 keep = list(names) if t2["int8"] <= t2["float"] else []
         elif not keep and t["int8"] < t["float"] * (1 - margin):
             keep = list(names)  # every region alone looked faster in float, the whole is not
+        elif keep and t["float"] < t["int8"] * (1 - margin):
+            keep = []  # each region alone pays (its boundary Q/DQ would cost more), but float throughout is faster
         self.report.clear()
         self.report.update(saved)
         self.report["latency_decisions"] = decisions
