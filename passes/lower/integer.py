@@ -10,8 +10,10 @@ DequantizeLinear), so backends without them (TVM's ONNX frontend) can import the
   form; constant weights are dequantized at compile time). The float op differs from ORT's
   integer kernel by float rounding, which can move a requantized value by one step.
 * ``DynamicQuantizeLSTM`` -> a float ``LSTM`` with the dequantized weights (reusing
-  ``dequantize-integer``); ORT also quantizes the LSTM's inputs at run time, so outputs differ by
-  that quantization noise.
+  ``dequantize-integer``), unrolled at once by ``lower-recurrent`` with the input sequence and
+  each step's state quantized as ORT quantizes them (``DynamicQuantizeLinear -> DequantizeLinear``
+  before each product). Where the sequence length is not static the float LSTM stays (outputs
+  then differ from ORT's by that quantization noise).
 
 ``MatMulInteger`` and ``DynamicQuantizeLinear`` are standard ONNX that TVM converts: unchanged.
 Anything else integer is left unchanged and listed in ``report['left']``.
@@ -28,6 +30,7 @@ import numpy as np
 from graphopt import Graph, Model, Node, Pass, PassContext, Value, register_pass
 
 from ..quantize.requantize import DequantizeInteger
+from .recurrent import LowerRecurrent
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +56,15 @@ class LowerInteger(Pass):
         self.report: dict[str, Any] = {"lowered": Counter(), "left": {}}
 
     def apply(self, model: Model, ctx: PassContext) -> bool:
+        before = {id(n) for n in model.graph.all_nodes() if n.op_type == "LSTM"}
         lstm = DequantizeInteger(ops=("DynamicQuantizeLSTM",))
         changed = lstm.apply(model, ctx)
         if lstm.report.get("dequantized"):
             self.report["lowered"].update(lstm.report["dequantized"])
+            # unrolled right away, with ORT's run-time quantization of the inputs and states (a
+            # length that is not static leaves the float LSTM: lower-recurrent names why)
+            made = [n.name for n in model.graph.all_nodes() if n.op_type == "LSTM" and id(n) not in before]
+            LowerRecurrent(quantize_inputs=tuple(made)).apply(model, ctx)
         return super().apply(model, ctx) or changed
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:

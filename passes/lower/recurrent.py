@@ -53,6 +53,14 @@ class _Builder:
     def __init__(self, graph: Graph, ref: Node, opset: int, dtype: np.dtype) -> None:
         self.g, self.ref, self.opset, self.dtype = graph, ref, opset, dtype
         self.base = ref.name or ref.op_type.lower()
+        self.quantize = False
+
+    def qdq(self, x: Value) -> Value:
+        """``x`` through uint8 dynamic quantization (when this node's products are quantized)."""
+        if not self.quantize:
+            return x
+        q = self.op("DynamicQuantizeLinear", [x], num_outputs=3)
+        return self.one("DequantizeLinear", q.output(0), q.output(1), q.output(2))
 
     def const(self, a: np.ndarray, tag: str) -> Value:
         return self.g.add_initializer(f"{self.base}_{tag}", np.asarray(a))
@@ -158,11 +166,15 @@ class LowerRecurrent(Pass):
     """LSTM/GRU/RNN unrolled over their (static) sequence length into standard ops.
 
     Options: ``ops`` (which of LSTM, GRU, RNN to lower), ``max_steps`` (refuse longer sequences:
-    the unrolled graph grows linearly with the length).
+    the unrolled graph grows linearly with the length), ``quantize_inputs`` (names of nodes whose
+    input sequence and recurrent state are quantized to uint8 before each product with
+    ``DynamicQuantizeLinear -> DequantizeLinear``, as ONNX Runtime's ``DynamicQuantizeLSTM`` does
+    with its integer weights; set by ``lower-integer``).
     """
 
     name = "lower-recurrent"
-    default_options: ClassVar[dict[str, Any]] = {"ops": ("LSTM", "GRU", "RNN"), "max_steps": 4096}
+    default_options: ClassVar[dict[str, Any]] = {"ops": ("LSTM", "GRU", "RNN"), "max_steps": 4096,
+                                                  "quantize_inputs": ()}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -228,9 +240,11 @@ class LowerRecurrent(Pass):
         if x.dtype is not None:
             dtype = np.dtype(np_dtype(x.dtype))
         b = _Builder(graph, n, opset, dtype)
+        b.quantize = bool(n.name) and n.name in self.options["quantize_inputs"]
 
         # time-major input [seq, batch, in]
         xt = b.one("Transpose", x, perm=[1, 0, 2]) if layout else x
+        xt = b.qdq(xt)  # the whole sequence in one product: one scale (ORT's quantized LSTM)
         if h0 is not None and layout:
             h0 = b.one("Transpose", h0, perm=[1, 0, 2])
         if c0 is not None and layout:
@@ -296,7 +310,7 @@ class LowerRecurrent(Pass):
     def _recurrent(b: _Builder, x: Value, h: Value | None, R: np.ndarray, tag: str) -> Value:
         if h is None:  # zero state: no recurrent term
             return x
-        return b.one("Add", x, b.one("MatMul", h, b.const(np.ascontiguousarray(R.T), tag)))
+        return b.one("Add", x, b.one("MatMul", b.qdq(h), b.const(np.ascontiguousarray(R.T), tag)))
 
     def _lstm_step(self, b: _Builder, xw: Value, h: Value | None, c: Value | None, R: np.ndarray,
                    p: np.ndarray | None, H: int, acts: list, clip: float | None, input_forget: bool,
