@@ -183,13 +183,14 @@ def test_bad_input_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     # dynamic batch without a hint names the input and the dim
     with pytest.raises(CompileError, match="input 'input' has dynamic dim 'batch'.*--input-shape"):
         tvm_compile(example_model_path(), "host")
-    # an op TVM's frontend does not convert is named with its node
+    # an op TVM's frontend does not convert (here an LSTM lower-recurrent cannot unroll: its
+    # sequence lengths are a run-time input) is named with its node and the reason
     from onnx import helper
 
-    lstm = make_model([helper.make_node("LSTM", ["x", "W", "R"], ["y"], hidden_size=4, name="my_lstm")],
-                      [vi("x", [2, 1, 3])], [vi("y", [2, 1, 1, 4])],
+    lstm = make_model([helper.make_node("LSTM", ["x", "W", "R", "", "lens"], ["y"], hidden_size=4, name="my_lstm")],
+                      [vi("x", [2, 1, 3]), vi("lens", [1], onnx.TensorProto.INT32)], [vi("y", [2, 1, 1, 4])],
                       [("W", np.zeros((1, 16, 3), np.float32)), ("R", np.zeros((1, 16, 4), np.float32))])
-    with pytest.raises(CompileError, match="my_lstm.*LSTM"):
+    with pytest.raises(CompileError, match="my_lstm.*LSTM.*sequence_lens"):
         tvm_compile(graphopt.from_proto(lstm), "host")
     # CUDA without nvcc
     import graphopt.backend.targets as targets
