@@ -230,6 +230,7 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
     lowering = graphopt.get_pipeline("lower-for-tvm")
     graphopt.run_passes(m, [lowering], graphopt.PassContext(input_shapes=shapes))
     left = {k: v for p in lowering.passes for k, v in (getattr(p, "report", None) or {}).get("left", {}).items()}
+    control = _if_control_inputs(m)
     # TVM's C/CUDA code generators use input names as parameter names verbatim ("gpu_0/data_0"
     # breaks the CUDA source); inputs are positional in the build, so the copy gets identifiers.
     for v in m.graph.inputs:
@@ -242,8 +243,32 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
         name, op = bad[0]
         more = f" (and {len(bad) - 1} more: {sorted({o for _, o in bad[1:]})})" if len(bad) > 1 else ""
         why = f" ({left[name]})" if name in left else ""
+        if op == "If" and control.get(name):
+            why = (f" (its condition depends on the value of input {control[name][0]!r}: if you always feed it the "
+                   f"same value, pin it with --const-input {control[name][0]}=VALUE)")
         raise CompileError(f"op {op} is not supported by TVM's ONNX frontend{why}{more}", node=name)
     return m, specs
+
+
+def _if_control_inputs(model: Model) -> dict[str, list[str]]:
+    """Main-graph ``If`` node name -> the model inputs its condition is computed from."""
+    inputs = {id(v): v.name for v in model.graph.inputs}
+    out: dict[str, list[str]] = {}
+    for n in model.graph:
+        if n.op_type != "If" or n.input(0) is None:
+            continue
+        seen, stack, found = set(), [n.input(0)], []
+        while stack:
+            v = stack.pop()
+            if id(v) in seen:
+                continue
+            seen.add(id(v))
+            if id(v) in inputs:
+                found.append(inputs[id(v)])
+            elif v.producer is not None:
+                stack.extend(i for i in v.producer.inputs if i is not None)
+        out[n.name] = sorted(found)
+    return out
 
 
 def import_relax(model: Model) -> Any:
