@@ -407,3 +407,21 @@ def test_unlegalized_relax_op_is_named(tvm_compile, monkeypatch):
     proto, _ = _conv_transpose_model({"strides": [2, 2]})
     with pytest.raises(CompileError, match=r"cannot lower relax.nn.conv2d_transpose \(data_layout=NHWC"):
         tvm_compile(graphopt.from_proto(proto))
+
+
+def test_recurrent_weights_behind_dequantize_linear():
+    """A QDQ model's LSTM reads int8 weights through DequantizeLinear: lowered with those values."""
+    proto, feeds = _rnn_model("LSTM", direction="bidirectional", init=True)
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    w = inits["W"]
+    scale = (np.abs(w).max(axis=(0, 2)) / 127).astype(np.float32)  # per gate row (axis 1)
+    wq = np.clip(np.round(w / scale[None, :, None]), -127, 127).astype(np.int8)
+    del proto.graph.initializer[[t.name for t in proto.graph.initializer].index("W")]
+    proto.graph.initializer.extend([numpy_helper.from_array(wq, "Wq"), numpy_helper.from_array(scale, "Ws"),
+                                    numpy_helper.from_array(np.zeros(scale.shape, np.int8), "Wz")])
+    proto.graph.node.insert(0, helper.make_node("DequantizeLinear", ["Wq", "Ws", "Wz"], ["W"], axis=1))
+    ref = _run(proto, feeds)
+    out, p = _lower(proto, "lower-recurrent")
+    assert p.report["lowered"] == {"LSTM": 1}
+    for r, g in zip(ref, _run(out, feeds), strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

@@ -12,7 +12,8 @@ What is covered: all three ops, every ``direction`` (forward, reverse, bidirecti
 (Relu, Tanh, Sigmoid, Affine, LeakyRelu, ThresholdedRelu, ScaledTanh, HardSigmoid, Elu, Softsign,
 Softplus) with ``activation_alpha``/``activation_beta``, and ``sequence_lens`` absent or constant
 and equal to the full length for every batch entry. Weights ``W``/``R``/``B``/``P`` must be
-constants (they are after constant folding); the batch dim may stay symbolic.
+constants (they are after constant folding) or ``DequantizeLinear`` of constants (QDQ models);
+the batch dim may stay symbolic.
 
 A node it cannot lower (sequence length unknown, per-entry sequence lengths, weights computed at
 run time, an unknown activation) is left unchanged, logged with the reason, and listed in the
@@ -151,11 +152,31 @@ def _activations(n: Node, dirs: int) -> list[tuple[str, float | None, float | No
     return out
 
 
+def _dequantized_constant(v: Value) -> np.ndarray | None:
+    """The float value of ``DequantizeLinear(constant, constant scale[, constant zero point])``
+    (a QDQ model's weight), or None."""
+    p = v.producer
+    if p is None or p.op_type != "DequantizeLinear":
+        return None
+    q, s = p.input(0).const_value(), p.input(1).const_value()
+    z = p.input(2).const_value() if len(p.inputs) > 2 and p.input(2) is not None else np.zeros((), np.int64)
+    if q is None or s is None or z is None:
+        return None
+    shape = [1] * q.ndim
+    if np.ndim(s) == 1 and q.ndim:
+        shape[int(p.attr("axis", 1)) % q.ndim] = -1
+    w = (q.astype(np.float64) - np.asarray(z, np.float64).reshape(shape if np.ndim(z) == 1 else ())) \
+        * np.asarray(s, np.float64).reshape(shape if np.ndim(s) == 1 else ())
+    return w.astype(np.asarray(s).dtype)
+
+
 def _const(n: Node, i: int, what: str) -> np.ndarray | None:
     v = n.input(i) if i < len(n.inputs) else None
     if v is None:
         return None
     c = v.const_value()
+    if c is None:
+        c = _dequantized_constant(v)
     if c is None:
         raise _Refuse(f"{what} ({v.name!r}) is computed at run time; only constant weights are lowered")
     return c
