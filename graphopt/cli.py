@@ -1,6 +1,6 @@
 """The ``graphopt`` command line.
 
-Commands: ``inspect``, ``optimize``, ``quantize``, ``compress``, ``compile``, ``bench``, ``passes``,
+Commands: ``inspect``, ``optimize``, ``quantize``, ``convert``, ``compress``, ``compile``, ``bench``, ``passes``,
 ``verify``. User errors print one line
 (``graphopt: error: ...``) and exit with code 2; a failed numerical verification exits 1.
 """
@@ -574,6 +574,94 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0 if c.ok else 1
 
 
+def _half_feed(path: str, feed: dict[str, Any]) -> dict[str, Any]:
+    """``feed`` with each array cast to the type the model at ``path`` declares for it (a model
+    converted with --no-keep-io takes float16/bfloat16 inputs)."""
+    import onnx
+
+    from graphopt.ir.tensor import np_dtype
+
+    types = {i.name: i.type.tensor_type.elem_type for i in onnx.load(path, load_external_data=False).graph.input}
+    return {k: (np.asarray(v).astype(np_dtype(types[k])) if types.get(k) and np.asarray(v).dtype.kind == "f" else v)
+            for k, v in feed.items()}
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """float16/bfloat16 conversion: weight-only (--weights-only) or full compute; the result is
+    compared with the input under ONNX Runtime on --inputs samples (or random ones)."""
+    from graphopt.onnx_io import save
+    from graphopt.report import human, table, write_report
+    from graphopt.runtime import compare, run_ort
+    from graphopt.transform import PassContext, get_pass, run_passes
+
+    dtype = "bfloat16" if args.bf16 else "float16"
+    split = (lambda s: tuple(x for x in (s or "").split(",") if x))  # noqa: E731
+    if args.weights_only and (args.block_ops or args.block_nodes or args.keep_io is False):
+        raise GraphoptError("--block-ops, --block-nodes and --no-keep-io apply to full conversion; --weights-only "
+                            "keeps every node and the model's inputs/outputs float32")
+    model = _load(args.model, check=not args.no_check)
+    samples = _feeds(model, args, None) if args.inputs else None  # validated before any work
+    original = model.copy()
+    if args.weights_only:
+        p = get_pass("float16-weights", dtype=dtype)
+    else:
+        p = get_pass("float16", dtype=dtype, keep_io=args.keep_io is not False, block_ops=split(args.block_ops),
+                     block_nodes=split(args.block_nodes), default_block=not args.no_default_block)
+        names = {n.name for g in model.graph.all_graphs() for n in g.iter_nodes()}
+        missing = [n for n in split(args.block_nodes) if n not in names]
+        if missing:
+            raise GraphoptError(f"--block-nodes: no node named {missing[0]!r} in the model")
+    run_passes(model, [p], PassContext(calibration=samples))
+    target = _target(args, Path(args.output))
+    save(model, target)
+    before, after = Path(args.model).stat().st_size, target.stat().st_size
+    rep = p.report
+    rows: list[list[Any]] = [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"]]
+    if args.weights_only:
+        rows.append([f"weights stored as {dtype}", rep["weights_converted"]])
+        kept = rep["kept_float32"]
+    else:
+        rows += [[f"nodes computing in {dtype}", rep["converted_nodes"]], ["nodes kept float32", len(rep["kept"])],
+                 ["Casts in the model", rep["casts_in_model"]],
+                 ["model inputs/outputs", "float32 (--keep-io)" if rep["keep_io"] else dtype]]
+        if rep["other_domains"]:
+            rows.append(["left alone (other domains)", ", ".join(f"{d}: {c} nodes" for d, c in
+                                                                 rep["other_domains"].items())])
+        kept = rep["kept"]
+    for name, why in list(kept.items())[:12]:
+        rows.append([f"  float32: {name}", why])
+    if len(kept) > 12:
+        rows.append(["  ...", f"{len(kept) - 12} more (--report lists all)"])
+    checks = samples or _feeds(original, args, 2)
+    worst, cos, top1, ran = 0.0, 1.0, [], True
+    for s in checks[: min(len(checks), 16)]:
+        try:
+            got = run_ort(str(target), _half_feed(str(target), s))
+        except GraphoptError as e:
+            if dtype == "bfloat16":  # ORT's CPU provider has few bfloat16 kernels: a model for GPUs/TVM
+                rows.append(["ONNX Runtime (CPU)", f"cannot run it: {str(e)[:160]}"])
+                ran = False
+                break
+            raise GraphoptError(f"internal error: ONNX Runtime cannot run the converted model, nothing written "
+                                f"({e})") from None
+        ref = run_ort(original, s)
+        c = compare(ref, {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else v
+                          for k, v in got.items()}, rtol=1e9, atol=1e9)
+        worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
+        if c.top1 is not None:
+            top1.append(c.top1)
+    if ran:
+        rows += [[f"max abs error ({'--inputs' if args.inputs else 'random'} samples)", f"{worst:.4g}"],
+                 ["min cosine", f"{cos:.5f}"]]
+        if top1:
+            rows.append(["top-1 agreement with fp32", f"{np.mean(top1):.4f}"])
+    print(table(["", "value"], rows))
+    if args.report:
+        write_report(args.report, {"compare": {}, **{str(k): v for k, v in rows}, "kept_float32": kept,
+                                   **({"data_flags": rep["data_flags"]} if "data_flags" in rep else {})}, [])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
@@ -734,6 +822,32 @@ def build_parser() -> argparse.ArgumentParser:
     shape_arg(sp)
     inputs_arg(sp)
     sp.set_defaults(fn=cmd_verify)
+
+    sp = sub.add_parser("convert", help="float16/bfloat16: weights only (half the file) or full compute",
+                        description="Convert a float32 model to float16 or bfloat16. --weights-only stores weights "
+                        "in the half type behind Casts (compute stays float32; ONNX Runtime folds the Casts at load). "
+                        "Otherwise activations too, with the model's inputs/outputs kept float32 (--keep-io), a "
+                        "conservative list of ops kept float32 (exp, pow, large reductions, softmax...) or, with "
+                        "--inputs, the nodes whose values overflow or underflow the half type on that data.")
+    sp.add_argument("model")
+    sp.add_argument("-o", "--output", required=True)
+    half = sp.add_mutually_exclusive_group(required=True)
+    half.add_argument("--fp16", action="store_true", help="convert to float16")
+    half.add_argument("--bf16", action="store_true", help="convert to bfloat16 (needs opset >= 13)")
+    sp.add_argument("--weights-only", action="store_true",
+                    help="store weights in the half type behind a Cast; compute stays float32")
+    sp.add_argument("--keep-io", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the model's inputs and outputs float32 (default: yes)")
+    sp.add_argument("--block-ops", metavar="A,B", help="op types kept float32")
+    sp.add_argument("--block-nodes", metavar="N1,N2", help="node names kept float32")
+    sp.add_argument("--no-default-block", action="store_true",
+                    help="without --inputs, convert the conservative default list too (exp, pow, reductions...)")
+    sp.add_argument("--report", help="write a report (.md or .json) naming every node kept float32 and why")
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
+    shape_arg(sp)
+    inputs_arg(sp, "; values beyond the half type's range or that lose precision on them keep their nodes "
+                   "float32, and the error check runs on them")
+    sp.set_defaults(fn=cmd_convert)
     return p
 
 
