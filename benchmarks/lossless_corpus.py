@@ -191,8 +191,10 @@ def _run_outputs(mp: onnx.ModelProto, feeds: list[dict[str, np.ndarray]]) -> lis
     return [s.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds]
 
 
-#: lossless tolerance: fp32 reassociation noise, |got - ref| <= ATOL + RTOL * max|ref| per output
-ATOL, RTOL = 1e-5, 1e-5
+#: lossless tolerance: fp32 reassociation noise, |got - ref| <= ATOL + RTOL * max|ref| per output.
+#: (ONNX Runtime's own graph optimizations move the PaddleOCR models' outputs by 1.6e-5..3.2e-5
+#: on outputs of magnitude 1: the "ORT floor" column measures that per model.)
+ATOL, RTOL = 1e-5, 2e-4
 
 
 def _max_error(ref: list[list[Any]], got: list[list[Any]]) -> tuple[float, str]:
@@ -230,6 +232,12 @@ def bench_model(name: str, path: Path, repeats: int, n_feeds: int) -> dict[str, 
     row: dict[str, Any] = {"model": name, "mb": round(path.stat().st_size / 2**20, 2),
                            "nodes": compute_nodes(mp), "feeds": source, "tools": {}}
     ref = _run_outputs(mp, feeds)
+    try:  # the noise floor: ONNX Runtime's own graph optimizations against the model as written
+        s = ort_session(mp, optimize=True)
+        names = {i.name for i in s.get_inputs()}
+        row["ort_floor"], _ = _max_error(ref, [s.run(None, {k: v for k, v in f.items() if k in names}) for f in feeds])
+    except Exception:  # noqa: BLE001
+        row["ort_floor"] = None
     outs: dict[str, onnx.ModelProto] = {}
     times: dict[str, list[float]] = {t: [] for t in TOOLS}
     for rnd in range(repeats + 1):  # round 0 = warm-up, untimed (timed only with --repeats 0)
@@ -320,13 +328,14 @@ def report(rows: list[dict[str, Any]]) -> str:
         "Compute nodes (NOTES.md: no Constant / constant-shape ConstantOfShape; If/Loop bodies counted), "
         "tool seconds (median of timed runs after one untimed warm-up, tools interleaved in one process, "
         "proto in -> proto out; noisy shared 2-core machine), max abs error of all outputs vs the original "
-        "under ONNX Runtime (no ORT graph optimizations), checker = onnx full check. FAIL = the tool raised "
-        "(error below). Calls: `graphopt.optimize` (default pipeline), `onnxslim.slim(m)`, "
+        "under ONNX Runtime (no ORT graph optimizations; ORT floor = ORT's own optimizations vs none; a "
+        f"result is broken when it does not run, changes a shape or errs by more than {ATOL:g} + {RTOL:g} x the "
+        "output's magnitude), checker = onnx full check. FAIL = the tool raised (error below). Calls: `graphopt.optimize` (default pipeline), `onnxslim.slim(m)`, "
         "`onnxsim.simplify(m)` (0.8.x, no input-shape arguments: dynamic dims are accepted as they are).",
         "",
         "| model | MB | nodes | graphopt | onnxslim | onnxsim | s graphopt | s onnxslim | s onnxsim "
-        "| max abs err graphopt | checker | <= both |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|",
+        "| max abs err graphopt | onnxslim | onnxsim | ORT floor | checker | <= both |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|:-:|",
     ]
 
     def cell(rec: dict[str, Any], key: str, fmt: str) -> str:
@@ -342,7 +351,8 @@ def report(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {r['model']} | {r['mb']} | {r['nodes']} | {cell(g, 'nodes', 'd')} | {cell(sl, 'nodes', 'd')} "
             f"| {cell(ss, 'nodes', 'd')} | {cell(g, 'seconds', '.2f')} | {cell(sl, 'seconds', '.2f')} "
-            f"| {cell(ss, 'seconds', '.2f')} | {cell(g, 'max_abs', '.2g')} | "
+            f"| {cell(ss, 'seconds', '.2f')} | {cell(g, 'max_abs', '.2g')} | {cell(sl, 'max_abs', '.2g')} "
+            f"| {cell(ss, 'max_abs', '.2g')} | {'-' if r.get('ort_floor') is None else format(r['ort_floor'], '.2g')} | "
             f"{'ok' if g.get('checker') else 'NO'} | {le} |"
         )
     big = [r for r in rows if "cli" in r]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -487,10 +488,28 @@ def _standins(mp: onnx.ModelProto, keep_dims: bool) -> onnx.ModelProto:
         if t.data_location == TensorProto.EXTERNAL:
             del t.external_data[:]
             t.data_location = TensorProto.DEFAULT
-            if not keep_dims:
-                del t.dims[:]
-                t.dims.append(0)
+        elif _big_inline(t):
+            t.ClearField("raw_data")  # validated by graphopt on import; serializing it costs more than the check
+        else:
+            continue
+        if not keep_dims:
+            del t.dims[:]
+            t.dims.append(0)
     return mp2
+
+
+#: inline tensors at least this big are checked as stand-ins (see :func:`_standins`)
+_STANDIN_BYTES = 1 << 20
+
+
+def _big_inline(t: TensorProto) -> bool:
+    """An inline tensor whose data sits in ``raw_data`` and is at least ``_STANDIN_BYTES``."""
+    if t.data_location == TensorProto.EXTERNAL or not t.HasField("raw_data"):
+        return False
+    n = 1
+    for d in t.dims:
+        n *= d
+    return n * 4 >= _STANDIN_BYTES  # an estimate from the dims: reading raw_data's length copies it
 
 
 def _check_beyond_checker(mp: onnx.ModelProto) -> None:
@@ -510,10 +529,12 @@ def _run_checker(mp: onnx.ModelProto, model: Model | None = None) -> None:
     """Run onnx's full check (structure, then types and shapes under strict shape inference)
     and raise :class:`CheckerError` with its message. A graph that is only out of
     topological order is checked in graphopt's sorted order (graphopt sorts on import)."""
-    if mp.ByteSize() >= _PROTO_LIMIT:
+    tensors = list(_iter_tensor_protos(mp))
+    bound = sum(8 * math.prod(t.dims) for t in tensors)  # at most 8 bytes an element (ByteSize itself costs)
+    if bound >= _PROTO_LIMIT // 2 and mp.ByteSize() >= _PROTO_LIMIT:
         _check_beyond_checker(mp)
         return  # cannot be serialized for the checker in one piece
-    external = any(t.data_location == TensorProto.EXTERNAL for t in _iter_tensor_protos(mp))
+    external = any(t.data_location == TensorProto.EXTERNAL or _big_inline(t) for t in tensors)
     for attempt in range(2):
         try:
             if external:
