@@ -191,10 +191,10 @@ class WeightClustering(Pass):
             sixteen = graph.add_initializer(base + "_sixteen", np.array(16, np.uint8))
             high = node("BitShift", [packed, four], {"direction": "RIGHT"})
             low = node("Mod", [packed, sixteen])
-            ax = -1
-            both = node("Concat", [node("Unsqueeze", [high, graph.add_initializer(base + "_ax", np.array([ax], np.int64))]),
-                                   node("Unsqueeze", [low, graph.add_initializer(base + "_ax2", np.array([ax], np.int64))])],
-                        {"axis": -1})
+            # (..., n) -> (..., n, 1) by Reshape, which reads the same at every opset (Unsqueeze moved
+            # its axes from an attribute to an input at opset 13)
+            col = graph.add_initializer(base + "_col", np.array(list(hi.shape) + [1], np.int64))
+            both = node("Concat", [node("Reshape", [high, col]), node("Reshape", [low, col])], {"axis": -1})
             inter = node("Reshape", [both, graph.add_initializer(base + "_inter",
                                                                   np.array(list(u.shape[:-1]) + [-1], np.int64))])
             if last % 2:
