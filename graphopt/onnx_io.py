@@ -75,9 +75,10 @@ def shape_from_proto(shape: onnx.TensorShapeProto) -> tuple[int | str | None, ..
 _ELEM_TYPES = frozenset(v for v in TensorProto.DataType.values() if v)
 
 
-def _check_elem_type(elem_type: int, what: str) -> None:
-    if elem_type not in _ELEM_TYPES:
-        raise InvalidModelError(f"{what} has element type {elem_type}, which ONNX does not define")
+def _check_elem_type(elem_type: Any, what: str) -> None:
+    # (not an int at all: e.g. a Cast whose 'to' attribute has the wrong type, in a model loaded unchecked)
+    if not isinstance(elem_type, int) or elem_type not in _ELEM_TYPES:
+        raise InvalidModelError(f"{what} has element type {elem_type!r}, which ONNX does not define")
 
 
 def _read_type(v: Value, tp: onnx.TypeProto) -> None:
