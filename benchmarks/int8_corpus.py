@@ -326,7 +326,10 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     lines = ["# INT8 on the corpus: graphopt vs ONNX Runtime quantize_static (QDQ, per-channel, U8S8)", "",
              f"Same input model and calibration data for both; {args.calib} calibration / {args.evals} held-out "
              f"samples; ORT latency ENABLE_ALL, 2 threads, interleaved and settled, {args.repeats}x{args.rounds} "
-             f"rounds (ratio to fp32: median ± half IQR over repeats). by_latency={args.by_latency}. {meta['date']}.", "",
+             f"rounds (ratio to fp32: median ± half IQR over repeats). by_latency={args.by_latency}. {meta['date']}. "
+             "Rows kept from earlier runs of some models carry their own settings and date in the JSON. "
+             "Agreement: the share of held-out samples whose decoded task output (strings, classes, boxes "
+             "by F1, VAD windows) matches fp32's.", "",
              "| model | inputs / metric | fp32 ms | graphopt size | graphopt latency | graphopt agree | ORT size | "
              "ORT latency | ORT agree | graphopt/ORT latency |",
              "|---|---|---|---|---|---|---|---|---|---|"]
