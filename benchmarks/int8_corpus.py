@@ -181,7 +181,18 @@ class _Reader:
 
 
 def ort_int8(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], work: Path) -> dict[str, Any]:
-    """ORT's recommended path: quant_pre_process, then quantize_static QDQ per-channel U8S8."""
+    """ORT's recommended path: quant_pre_process, then quantize_static QDQ per-channel U8S8.
+
+    Run with ``work`` as the current directory: ORT's quantizer writes ``<uuid>.data`` and
+    ``sym_shape_infer_temp.onnx`` into the current directory and leaves them there."""
+    import contextlib
+
+    src, dst, work = Path(src).resolve(), Path(dst).resolve(), Path(work).resolve()
+    with contextlib.chdir(work):  # restored on the way out, exceptions included
+        return _ort_int8(src, dst, calib, work)
+
+
+def _ort_int8(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], work: Path) -> dict[str, Any]:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
