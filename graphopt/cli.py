@@ -16,17 +16,16 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
+from graphopt.data import example_model_path
 from graphopt.errors import CheckerError, GraphoptError, NumericalMismatchError
 
 log = logging.getLogger("graphopt")
 
-EXAMPLE_MODEL = "tinycnn.onnx"
 _NO_CHECK_HELP = ("go on with a model that fails onnx's full check (refused by default; graphopt's own import "
                   "rules still apply, and the result may be as broken as the input)")
 
@@ -36,9 +35,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"graphopt: error: {message} (see `{self.prog} --help`)\n")
 
 
-def example_model_path() -> Path:
-    """Path of the small CNN shipped inside the package (for demos and the README)."""
-    return Path(str(resources.files("graphopt.data") / EXAMPLE_MODEL))
 
 
 def _load(path: str, check: bool = True) -> Any:
@@ -1031,7 +1027,6 @@ class _HeldWarnings(logging.Handler):
                 log.handle(r)
         self.records = []
         super().close()
-
 
 
 if __name__ == "__main__":
