@@ -92,9 +92,34 @@ def _read_type(v: Value, tp: onnx.TypeProto) -> None:
     v._type_sig = (v.dtype, v.shape)
 
 
-def _write_type(v: Value) -> onnx.TypeProto | None:
+def _negative_dims(shape: tuple | None) -> bool:
+    """A declared dim below 0: PaddlePaddle (and others) write -1 for "any size"."""
+    return shape is not None and any(type(d) is int and d < 0 for d in shape)
+
+
+def _dynamic_dim(dim: onnx.TensorShapeProto.Dimension, v: Value, axis: int, named: bool) -> None:
+    """Write a declared negative dim as "any size": a symbol ``<value>_dim<axis>`` (``named``:
+    main-graph inputs, so onnx's inference carries it to the outputs and a user can bind it, as
+    with ORT's free dimension overrides) or an unknown dim."""
+    if named:
+        dim.dim_param = f"{v.name}_dim{axis}"
+    else:
+        dim.ClearField("dim_value")
+
+
+def _write_type(v: Value, name_dynamic: bool = False) -> onnx.TypeProto | None:
     if v.type_proto is not None and v._type_sig == (v.dtype, v.shape):
-        return v.type_proto
+        if not _negative_dims(v.shape):
+            return v.type_proto
+        # ONNX has no negative sizes: onnx's inference and full check read a declared -1 literally
+        # (a Reshape to [0, -1] then "has" 0 columns), while ONNX Runtime treats it as unknown.
+        # Written as a symbolic or unknown dim, which both read as "any size".
+        tp = onnx.TypeProto()
+        tp.CopyFrom(v.type_proto)
+        for i, dim in enumerate(tp.tensor_type.shape.dim):
+            if dim.HasField("dim_value") and dim.dim_value < 0:
+                _dynamic_dim(dim, v, i, name_dynamic)
+        return tp
     if v.dtype is None and v.shape is None:
         if v.type_proto is not None and not v.type_proto.HasField("tensor_type"):
             return v.type_proto  # sequence/map/optional types are carried as they were
@@ -107,19 +132,22 @@ def _write_type(v: Value) -> onnx.TypeProto | None:
     if v.shape is not None:
         shp = tt.shape
         shp.SetInParent()
-        for d in v.shape:
+        for i, d in enumerate(v.shape):
             dim = shp.dim.add()
             if isinstance(d, int):
-                dim.dim_value = d
+                if d >= 0:
+                    dim.dim_value = d
+                else:  # "any size" (see above)
+                    _dynamic_dim(dim, v, i, name_dynamic)
             elif isinstance(d, str):
                 dim.dim_param = d
     return tp
 
 
-def _value_info(v: Value) -> onnx.ValueInfoProto:
+def _value_info(v: Value, name_dynamic: bool = False) -> onnx.ValueInfoProto:
     vi = onnx.ValueInfoProto()
     vi.name = v.name
-    tp = _write_type(v)
+    tp = _write_type(v, name_dynamic)
     if tp is not None:
         vi.type.CopyFrom(tp)
     if v.doc_string:
@@ -526,6 +554,13 @@ def _check_beyond_checker(mp: onnx.ModelProto) -> None:
         raise CheckerError(f"ONNX: graph {mp.graph.name!r} declares no outputs: there is nothing to compute")
 
 
+def _declares_negative_dims(mp: onnx.ModelProto) -> bool:
+    """Some input, output or value_info of the main graph declares a dim below 0."""
+    g = mp.graph
+    return any(d.HasField("dim_value") and d.dim_value < 0
+               for vi in (*g.input, *g.output, *g.value_info) for d in vi.type.tensor_type.shape.dim)
+
+
 def _run_checker(mp: onnx.ModelProto, model: Model | None = None) -> None:
     """Run onnx's full check (structure, then types and shapes under strict shape inference)
     and raise :class:`CheckerError` with its message. A graph that is only out of
@@ -546,8 +581,10 @@ def _run_checker(mp: onnx.ModelProto, model: Model | None = None) -> None:
             break
         except Exception as e:  # noqa: BLE001 - ValidationError, InferenceError, and what protobuf raises
             text = _checker_message(e)
-            if "topologically sorted" in str(e) and attempt == 0 and model is not None:
-                mp = _Exporter(keep_external=True).model(model)  # graphopt's sorted order
+            if attempt == 0 and model is not None and ("topologically sorted" in str(e) or _declares_negative_dims(mp)):
+                # graphopt's sorted order; declared -1 dims ("any size" for ORT, a size of -1 for
+                # onnx's inference) written as unknown dims
+                mp = _Exporter(keep_external=True).model(model)
                 continue
             raise CheckerError(f"ONNX checker: {text}") from None
     _check_beyond_checker(mp)
@@ -685,7 +722,7 @@ class _Exporter:
         if g.doc_string:
             gp.doc_string = g.doc_string
         for v in g.inputs:
-            gp.input.append(_value_info(v))
+            gp.input.append(_value_info(v, name_dynamic=g.parent is None))
         for _name, v in g.initializers.items():
             assert v.const is not None
             tp = self.tensor(v.const, v.name)
@@ -910,6 +947,11 @@ def save(
                 os.unlink(tmp)
             except OSError:
                 pass
+    neg = [f"{v.name!r} dim {i}" for g in model.all_graphs() for v in (*g.inputs, *g.outputs)
+           for i, d in enumerate(v.shape or ()) if type(d) is int and d < 0]
+    if neg:
+        log.info("declared negative dims (-1: 'any size', as PaddlePaddle writes them) saved as symbolic "
+                 "(inputs: '<input>_dim<axis>') or unknown dims: %s", ", ".join(neg))
     log.info("saved %s%s", out, f" (+ external data {loc})" if external_data else "")
     return out
 
