@@ -19,6 +19,7 @@ The flow (``graphopt.compile``):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -277,11 +278,55 @@ def import_relax(model: Model) -> Any:
     from tvm.relax.frontend.onnx import from_onnx
 
     proto = graphopt.to_proto(model)
-    try:
-        mod = from_onnx(proto, keep_params_in_input=False)
-    except Exception as exc:  # noqa: BLE001 - the frontend raises anything; say it in one line
-        raise CompileError(f"TVM's ONNX frontend failed: {_first_line(exc)}") from None
+    failure = None
+    # a failed conversion leaves TVM objects in the exception's frames whose C++ destructors log
+    # warnings on fd 2 ("BlockBuilder destroyed with remaining blocks!") when they are freed - after
+    # the CLI's error line unless they are freed here, with fds 1/2 captured into the log (the
+    # frontend also prints "Error converting operator ..." to stdout)
+    with _native_output_to_log():
+        try:
+            mod = from_onnx(proto, keep_params_in_input=False)
+        except Exception as exc:  # noqa: BLE001 - the frontend raises anything; say it in one line
+            failure = _first_line(exc)
+        if failure is not None:
+            import gc
+
+            gc.collect()  # frames in reference cycles too
+    if failure is not None:
+        raise CompileError(f"TVM's ONNX frontend failed: {failure}") from None
     return mod
+
+
+@contextlib.contextmanager
+def _native_output_to_log() -> Iterator[None]:
+    """Send what is written to fds 1 and 2 meanwhile (TVM's C++ log lines, its frontend's prints)
+    to this module's log at debug level, so the CLI's own lines stay the only ones."""
+    import sys
+
+    with contextlib.ExitStack() as stack:
+        for fd, stream in ((1, sys.stdout), (2, sys.stderr)):
+            try:
+                stream.flush()
+                saved = os.dup(fd)
+            except (OSError, ValueError, AttributeError):  # no usable fd: leave it
+                continue
+            tmp = stack.enter_context(tempfile.TemporaryFile())
+            os.dup2(tmp.fileno(), fd)
+            stack.callback(_restore_fd, fd, saved, stream, tmp)
+        yield
+
+
+def _restore_fd(fd: int, saved: int, stream: Any, tmp: Any) -> None:
+    try:
+        stream.flush()
+    except (ValueError, AttributeError):
+        pass
+    os.dup2(saved, fd)
+    os.close(saved)
+    tmp.seek(0)
+    text = tmp.read().decode(errors="replace").strip()
+    if text:
+        logger.debug("TVM (fd %d): %s", fd, text)
 
 
 # -- lowering ---------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 * ``explicit-conv-transpose`` - ConvTranspose ``auto_pad``/``output_shape`` as explicit pads.
 * ``lower-integer`` - ONNX Runtime's integer ops (ConvInteger, QLinearConv, QLinearMatMul,
   DynamicQuantizeLSTM, ...) as standard float / QDQ ONNX.
+* ``lower-one-hot`` - OneHot with a constant depth as Equal + Where (TVM's converter refuses
+  tf2onnx's ``int32[1]`` depth and makes float64 outputs).
 
 The ``lower-for-tvm`` pipeline runs them in that order (integer ops first, since the dequantized
 LSTM is then unrolled), then DCE.
@@ -15,6 +17,7 @@ from graphopt import Pipeline, register_pipeline
 
 from .conv_transpose import ExplicitConvTranspose
 from .integer import LowerInteger
+from .one_hot import LowerOneHot
 from .recurrent import LowerRecurrent
 
 
@@ -22,9 +25,10 @@ def lower_for_tvm_pipeline() -> Pipeline:
     """Integer ops, recurrent ops and implicit ConvTranspose padding as standard ONNX."""
     from graphopt import get_pass
 
-    return Pipeline([LowerInteger(), LowerRecurrent(), ExplicitConvTranspose(), get_pass("dce")], name="lower-for-tvm")
+    return Pipeline([LowerInteger(), LowerRecurrent(), ExplicitConvTranspose(), LowerOneHot(),
+                     get_pass("dce")], name="lower-for-tvm")
 
 
 register_pipeline("lower-for-tvm", lower_for_tvm_pipeline)
 
-__all__ = ["ExplicitConvTranspose", "LowerInteger", "LowerRecurrent", "lower_for_tvm_pipeline"]
+__all__ = ["ExplicitConvTranspose", "LowerInteger", "LowerOneHot", "LowerRecurrent", "lower_for_tvm_pipeline"]

@@ -1,0 +1,130 @@
+"""Lowerings for TVM found by the real-model matrix: OneHot (magika_v1) and ORT's
+DynamicQuantizeLinear rounding (ddddocr_ocr_int8).
+
+ONNX Runtime equivalence always runs; the TVM parts skip when the ``tvm`` extra is missing and
+compile only tiny models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import graphopt
+from graphopt.runtime import ort_session
+
+
+def _ort(model, feed):
+    proto = graphopt.to_proto(model) if isinstance(model, graphopt.Model) else model
+    return ort_session(proto).run(None, feed)
+
+
+def _one_hot_model(idx_type: int, depth: np.ndarray, values: np.ndarray, axis: int, rank: int, opset: int = 13):
+    shape = [3, 4][:rank] if rank <= 2 else [2, 3, 4]
+    x = helper.make_tensor_value_info("x", idx_type, shape)
+    out_shape = list(shape)
+    out_shape.insert(axis % (len(shape) + 1), int(np.ravel(depth)[0]))
+    y = helper.make_tensor_value_info("y", helper.np_dtype_to_tensor_dtype(values.dtype), out_shape)
+    inits = [onnx.numpy_helper.from_array(depth, "depth"), onnx.numpy_helper.from_array(values, "values")]
+    node = helper.make_node("OneHot", ["x", "depth", "values"], ["y"], axis=axis, name="oh")
+    g = helper.make_graph([node], "oh", [x], [y], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _run_lower_one_hot(proto):
+    import passes.lower  # noqa: F401 - registers the passes
+
+    m = graphopt.from_proto(proto)
+    p = graphopt.get_pass("lower-one-hot")
+    graphopt.run_passes(m, [p], graphopt.PassContext())
+    return m, p
+
+
+ONE_HOT_CASES = [
+    # (indices dtype, depth, values, axis, rank): tf2onnx's int32[1] depth, float indices, negative axis
+    (TensorProto.INT32, np.array([7], np.int32), np.array([0, 1], np.float32), -1, 2),
+    (TensorProto.INT64, np.array(5, np.int64), np.array([-2, 3], np.float32), 0, 2),
+    (TensorProto.FLOAT, np.array([6.7], np.float32), np.array([0, 1], np.float32), 1, 2),
+    (TensorProto.INT64, np.array(4, np.int64), np.array([0, 9], np.int64), -2, 3),
+]
+
+
+@pytest.mark.parametrize("case", ONE_HOT_CASES, ids=lambda c: f"axis{c[3]}-rank{c[4]}-{c[1].dtype}")
+def test_lower_one_hot_exact_under_ort(case) -> None:
+    idx_type, depth, values, axis, rank = case
+    proto = _one_hot_model(idx_type, depth, values, axis, rank)
+    shape = [3, 4][:rank] if rank <= 2 else [2, 3, 4]
+    rng = np.random.default_rng(0)
+    d = int(np.ravel(depth)[0])
+    # in range, negative (wrapped), out of range both ways; float indices also get fractions
+    raw = rng.integers(-d - 2, d + 2, size=shape)
+    x = raw.astype(helper.tensor_dtype_to_np_dtype(idx_type))
+    if idx_type == TensorProto.FLOAT:
+        x[0, :3] += np.array([0.5, -0.5, 0.9], np.float32)  # ORT truncates, then wraps negatives
+    m, p = _run_lower_one_hot(proto)
+    assert p.report["rewritten"] == 1 and not p.report["left"]
+    assert not any(n.op_type == "OneHot" for n in m.graph)
+    out = graphopt.to_proto(m)
+    onnx.checker.check_model(out, full_check=True)
+    ref, got = _ort(proto, {"x": x})[0], _ort(out, {"x": x})[0]
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_array_equal(got, ref)
+
+
+def test_lower_one_hot_leaves_runtime_depth() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [3])
+    dep = helper.make_tensor_value_info("depth", TensorProto.INT64, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "d"])
+    vals = onnx.numpy_helper.from_array(np.array([0, 1], np.float32), "values")
+    g = helper.make_graph([helper.make_node("OneHot", ["x", "depth", "values"], ["y"], name="oh")], "g",
+                          [x, dep], [y], [vals])
+    m, p = _run_lower_one_hot(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]))
+    assert p.report["rewritten"] == 0 and "run time" in p.report["left"]["oh"]
+    assert [n.op_type for n in m.graph] == ["OneHot"]
+
+
+def test_tvm_compiles_tf2onnx_one_hot() -> None:
+    pytest.importorskip("tvm", reason="the tvm extra is not installed")
+    from graphopt.backend import compile as tvm_compile
+
+    # tf2onnx's form (magika_v1): int32 indices cast from float, depth int32[1], then a MatMul
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 5, 3])
+    inits = [onnx.numpy_helper.from_array(np.array([7], np.int32), "depth"),
+             onnx.numpy_helper.from_array(np.array([0, 1], np.float32), "values"),
+             onnx.numpy_helper.from_array(np.arange(21, dtype=np.float32).reshape(7, 3), "w")]
+    nodes = [helper.make_node("Cast", ["x"], ["xi"], to=TensorProto.INT32),
+             helper.make_node("OneHot", ["xi", "depth", "values"], ["oh"], axis=-1, name="oh"),
+             helper.make_node("MatMul", ["oh", "w"], ["y"])]
+    proto = helper.make_model(helper.make_graph(nodes, "g", [x], [y], inits),
+                              opset_imports=[helper.make_opsetid("", 13)])
+    feed = {"x": np.array([[0, 1, 6, 3, 2], [5, 4, 4, 0, 9]], np.float32)}
+    compiled = tvm_compile(graphopt.from_proto(proto), "host", progress=False)
+    np.testing.assert_array_equal(compiled.run(feed)[0], _ort(proto, feed)[0])
+
+
+def test_cli_frontend_failure_prints_one_line(tmp_path) -> None:
+    """TVM's frontend prints to stdout and its C++ destructors warn on stderr after a failed
+    conversion; the CLI keeps its own error line the only output."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("tvm", reason="the tvm extra is not installed")
+    x = helper.make_tensor_value_info("x", TensorProto.INT64, [3])
+    dep = helper.make_tensor_value_info("depth", TensorProto.INT64, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, "d"])
+    vals = onnx.numpy_helper.from_array(np.array([0, 1], np.float32), "values")
+    g = helper.make_graph([helper.make_node("OneHot", ["x", "depth", "values"], ["y"], name="oh")], "g",
+                          [x, dep], [y], [vals])
+    src = tmp_path / "rt.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)]), src)
+    out = tmp_path / "rt.so"
+    r = subprocess.run([sys.executable, "-m", "graphopt.cli", "compile", "-q", "-o", str(out), str(src)], check=False,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error: ") and "constant depth" in lines[0], r.stderr
+    assert not out.exists()
