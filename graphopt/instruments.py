@@ -98,7 +98,9 @@ class NumericCheckInstrument(Instrument):
 
     Args:
         inputs: feeds to run; several feeds may be given as a list.
-        rtol, atol: tolerance (fp32 noise for lossless passes).
+        rtol, atol, scale_rtol: tolerance (fp32 noise for lossless passes), as in
+            :func:`graphopt.runtime.compare`: elementwise ``atol + rtol*|ref|``, or the worst error
+            within ``scale_rtol`` (default ``5*rtol``) of the output's largest magnitude.
         raise_on_mismatch: raise :class:`NumericalMismatchError` naming the pass, or only record.
     """
 
@@ -108,10 +110,11 @@ class NumericCheckInstrument(Instrument):
         *,
         rtol: float = 1e-4,
         atol: float = 1e-5,
+        scale_rtol: float | None = None,
         raise_on_mismatch: bool = True,
     ) -> None:
         self.feeds = [dict(inputs)] if isinstance(inputs, Mapping) else [dict(x) for x in inputs]
-        self.rtol, self.atol = rtol, atol
+        self.rtol, self.atol, self.scale_rtol = rtol, atol, scale_rtol
         self.raise_on_mismatch = raise_on_mismatch
         self.reference: list[dict[str, np.ndarray]] = []
         self.errors: dict[str, float] = {}
@@ -137,7 +140,7 @@ class NumericCheckInstrument(Instrument):
         problems: list[str] = []
         for ref, feed in zip(self.reference, self.feeds, strict=True):
             got = run_ort(model, feed, session=sess)
-            c = compare(ref, got, rtol=self.rtol, atol=self.atol)
+            c = compare(ref, got, rtol=self.rtol, atol=self.atol, scale_rtol=self.scale_rtol)
             worst = max(worst, c.max_abs)
             problems += c.problems
         record.max_abs_error = worst
@@ -295,8 +298,10 @@ def bisect(
     *,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    scale_rtol: float | None = None,
 ) -> BisectResult:
-    """Find the first pass that moved the outputs beyond tolerance.
+    """Find the first pass that moved the outputs beyond tolerance (as judged by
+    :func:`graphopt.runtime.compare` with ``rtol``, ``atol``, ``scale_rtol``).
 
     The pipeline is applied to a copy of ``model`` while keeping a snapshot after each changing
     pass; snapshots are then evaluated by binary search, so only about log2(n) ONNX Runtime runs
@@ -319,7 +324,7 @@ def bisect(
         nonlocal evals
         if k not in cache:
             evals += 1
-            c = compare(ref, run_ort(protos[k], inputs), rtol=rtol, atol=atol)
+            c = compare(ref, run_ort(protos[k], inputs), rtol=rtol, atol=atol, scale_rtol=scale_rtol)
             cache[k] = (not c.ok, c.max_abs)
         return cache[k]
 

@@ -393,13 +393,29 @@ def compare(
     *,
     rtol: float = 1e-4,
     atol: float = 1e-5,
+    scale_rtol: float | None = None,
 ) -> Comparison:
     """Compare outputs by name (or by position when the names differ).
 
-    ``ok`` holds when every output matches in shape and dtype and
-    ``|got - ref| <= atol + rtol * |ref|`` everywhere (NaNs must match). top-1 agreement is
+    ``ok`` holds when every output matches in shape and dtype (NaNs must match) and, per output,
+    either ``|got - ref| <= atol + rtol * |ref|`` everywhere (elementwise), or
+    ``max|got - ref| <= scale_rtol * max|ref|`` (judged relative to the output's range).
+
+    Why the second, scale-aware test: in deep float32 models a lossless rewrite (folding a
+    BatchNorm into a conv, reordering a sum) changes rounding by about one ulp per layer, and
+    that noise grows through the network in proportion to the output's magnitude, not to each
+    element's. Elements near zero in an output whose range is ~10 then fail the elementwise test
+    although ONNX Runtime's own graph optimizations (ORT_ENABLE_ALL vs ORT_DISABLE_ALL) move the
+    same elements by as much (measured on ppocrv5_rec: graphopt 1.3e-4, ORT 2.9e-5, a one-ulp
+    nudge of the input 2.2e-5, on a softmax of range 1). A real bug (a BatchNorm folded with the
+    wrong epsilon, a wrong scale) moves outputs by ~1e-3 of their range or more and still fails.
+
+    ``scale_rtol=None`` means ``5 * rtol`` (5e-4 at the default rtol), so ``rtol=0, atol=0`` stays
+    an exact comparison; pass ``scale_rtol=0`` for the elementwise test alone. top-1 agreement is
     reported for outputs whose last axis looks like class scores.
     """
+    if scale_rtol is None:
+        scale_rtol = 5 * rtol
     c = Comparison()
     keys_r, keys_g = list(ref), list(got)
     if set(keys_r) == set(keys_g):
@@ -454,9 +470,12 @@ def compare(
             na, nb = np.linalg.norm(fa), np.linalg.norm(fb)
             cos = float(fa @ fb / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
             bad = diff > atol + rtol * np.abs(af)
-        if bool(bad.any()):
+            finite = np.abs(af[mask & np.isfinite(af)])
+            scale = float(finite.max()) if finite.size else 0.0
+        if bool(bad.any()) and not max_abs <= scale_rtol * scale:
             c.ok = False
-            c.problems.append(f"{kr}: max abs error {max_abs:.3g} beyond atol={atol:g}, rtol={rtol:g}")
+            c.problems.append(f"{kr}: max abs error {max_abs:.3g} beyond atol={atol:g}, rtol={rtol:g} "
+                              f"and beyond scale_rtol={scale_rtol:g} x max|ref| {scale:.3g}")
         po = {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos}
         if a.ndim >= 1 and a.shape[-1] > 1 and a.dtype.kind == "f":
             t = float(np.mean(np.argmax(a.reshape(-1, a.shape[-1]), -1) == np.argmax(b.reshape(-1, b.shape[-1]), -1)))

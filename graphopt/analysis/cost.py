@@ -3,6 +3,12 @@
 FLOPs count multiply and add separately (a multiply-accumulate is 2 FLOPs). Nodes whose shapes
 are unknown count 0 FLOPs and are listed in ``ModelStats.unknown``. Run
 :func:`graphopt.analysis.infer_shapes` first for complete figures.
+
+Control flow counts what one run executes, not every node written down: an ``If`` counts its
+*larger* branch (which one runs depends on data, so FLOPs are an upper bound of one run); a
+``Loop`` counts its body once per iteration when the trip count ``M`` is a constant, else one
+iteration; a ``Scan`` counts its body once per element of its first scan input when that length
+is static, else one iteration. Local function bodies count once each.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 
-from graphopt.ir.core import Model, Node, Value
+import numpy as np
+
+from graphopt.ir.core import Graph, Model, Node, Value
 from graphopt.ir.tensor import np_dtype
 
 _ELEMENTWISE = frozenset({
@@ -183,11 +191,51 @@ def model_stats(model: Model) -> ModelStats:
                         st.weight_bytes += int(arr.nbytes) if arr.dtype != object else 0
                 continue
             st.compute_nodes += 1
-            nc = node_cost(n)
-            st.flops += nc.flops
-            if not nc.known:
+            if not node_cost(n).known:
                 st.unknown.append(n.name or n.op_type)
+    st.flops = graph_flops(model.graph) + sum(graph_flops(f.graph) for f in model.functions.values())
     return st
 
 
-__all__ = ["ModelStats", "NodeCost", "is_constant_producer", "model_stats", "node_cost"]
+def _iterations(node: Node) -> int:
+    """How many times a Loop/Scan body runs, when the model says so statically; else 1."""
+    if node.op_type == "Loop":
+        m = node.input(0) if node.inputs else None
+        arr = m.const_value() if m is not None and m.is_const() else None
+        if arr is not None and np.size(arr) == 1:
+            return max(int(np.ravel(arr)[0]), 0)
+        return 1
+    if node.op_type == "Scan":
+        n_scan = node.attr("num_scan_inputs", 0) or 0
+        body = node.subgraphs()[0] if node.subgraphs() else None
+        if not n_scan or body is None:
+            return 1
+        first = len(body.inputs) - n_scan  # state inputs come first in the body
+        x = node.inputs[first] if 0 <= first < len(node.inputs) else None
+        axes = node.attr("scan_input_axes") or [0]
+        s = _static(x)
+        if s is not None and s:
+            ax = int(axes[0]) % len(s)
+            return int(s[ax])
+    return 1
+
+
+def graph_flops(graph: Graph) -> int:
+    """FLOPs of one run of ``graph``, nested control flow included (see the module docstring:
+    the larger If branch, Loop/Scan bodies times a static trip count, else once)."""
+    total = 0
+    for n in graph.iter_nodes():
+        if is_constant_producer(n):
+            continue
+        total += node_cost(n).flops
+        subs = n.subgraphs()
+        if not subs:
+            continue
+        if n.op_type == "If":
+            total += max(graph_flops(g) for g in subs)
+        else:
+            total += _iterations(n) * sum(graph_flops(g) for g in subs)
+    return total
+
+
+__all__ = ["ModelStats", "NodeCost", "graph_flops", "is_constant_producer", "model_stats", "node_cost"]

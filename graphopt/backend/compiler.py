@@ -66,6 +66,9 @@ class CompileInfo:
     times: dict[str, float] = field(default_factory=dict)
     from_build_cache: bool = False
     rewrites: dict[str, int] = field(default_factory=dict)
+    #: inputs compiled as constants (``--const-input``): name -> value (nested lists); a feed
+    #: may still hold them (a data file made for the original model) when it holds this value
+    const_inputs: dict[str, Any] = field(default_factory=dict)
 
 
 # -- preparing and importing ------------------------------------------------------------------
@@ -184,8 +187,9 @@ def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain
     return changed
 
 
-def pin_inputs(model: Model, values: Mapping[str, Any]) -> None:
-    """Make the named inputs constants of the given values, in place (they leave the signature).
+def pin_inputs(model: Model, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Make the named inputs constants of the given values, in place (they leave the signature);
+    returns the pinned arrays (the input's dtype and, when static, shape).
 
     Why: a control input the caller always feeds the same value (a VAD's sample rate ``sr``)
     decides the model's ``If`` branches; pinned, the conditions fold and the branches inline,
@@ -194,6 +198,7 @@ def pin_inputs(model: Model, values: Mapping[str, Any]) -> None:
     from graphopt.runtime import model_inputs
 
     inputs = {v.name: v for v in model_inputs(model)}
+    pinned: dict[str, np.ndarray] = {}
     for name, value in values.items():
         v = inputs.get(name)
         if v is None:
@@ -207,6 +212,8 @@ def pin_inputs(model: Model, values: Mapping[str, Any]) -> None:
         c = model.graph.add_initializer(name + "_const", a)
         model.graph.replace_all_uses_with(v, c)
         model.graph.inputs = [i for i in model.graph.inputs if i is not v]
+        pinned[name] = a
+    return pinned
 
 
 def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Sequence[int]] | None = None,
@@ -553,10 +560,12 @@ class CompiledModel:
         """The inputs in the compiled model's order, contiguous; raises :class:`InputSpecError`
         when names, count, shapes or dtypes do not match what the model was compiled for."""
         if isinstance(inputs, Mapping):
+            inputs = self._without_pinned(inputs)
             missing = [i.name for i in self.inputs if i.name not in inputs]
             extra = sorted(set(inputs) - {i.name for i in self.inputs})
             if missing or extra:
-                raise InputSpecError(f"inputs do not match the compiled model: missing {missing}, unknown {extra}")
+                what = [f"{label} {names}" for label, names in (("missing", missing), ("unknown", extra)) if names]
+                raise InputSpecError(f"inputs do not match the compiled model: {', '.join(what)}")
             arrays = [inputs[i.name] for i in self.inputs]
         else:
             arrays = list(inputs)
@@ -571,6 +580,25 @@ class CompiledModel:
                 raise InputSpecError(f"input {spec.name!r} has dtype {a.dtype}; compiled for {spec.dtype}")
             out.append(np.require(a, requirements="C"))  # (ascontiguousarray makes a scalar 1-d)
         return out
+
+    def _without_pinned(self, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """``inputs`` less the ones compiled as constants, which must hold the pinned value: the
+        same data then feeds the original model (under ONNX Runtime) and this build."""
+        pinned = {k: v for k, v in (self.info.const_inputs or {}).items() if k not in {i.name for i in self.inputs}}
+        if not pinned or not set(inputs) & set(pinned):
+            return inputs
+        for name in sorted(set(inputs) & set(pinned)):
+            got = np.asarray(inputs[name])
+            try:  # cast as pin_inputs cast the value to the input's dtype (which a right feed has)
+                want = np.asarray(pinned[name]).astype(got.dtype)
+            except (TypeError, ValueError):
+                want = np.asarray(pinned[name])
+            if want.size != got.size or not np.array_equal(np.ravel(want), np.ravel(got)):
+                shown = got.ravel()[:8].tolist() if got.size <= 8 else f"an array of shape {list(got.shape)}"
+                raise InputSpecError(f"input {name!r} was compiled as the constant {want.ravel().tolist()} "
+                                     f"(--const-input) but the feed holds {shown}; compile again with "
+                                     f"--const-input {name}=VALUE for this value, or without it")
+        return {k: v for k, v in inputs.items() if k not in pinned}
 
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run once; outputs as numpy arrays, in the model's output order."""
@@ -745,6 +773,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
 
         lanes = vector_lanes(spec.tvm_target())
     prepared, inputs = prepare(model, input_shapes, optimize=optimize, const_inputs=const_inputs)
+    pinned = {k: np.asarray(v).tolist() for k, v in (const_inputs or {}).items()}  # recorded in the sidecar
     padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # whole vectors of output channels
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
@@ -755,6 +784,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
         hit = _cached_build(spec, cache_dir, key)
         if hit is not None:
             hit.info.from_build_cache = True
+            hit.info.const_inputs = pinned
             hit.info.times = {"prepare_s": t1 - t0, "load_cached_s": time.perf_counter() - t1}
             logger.info("loaded the cached build for %s (%.1f s)", spec.name, time.perf_counter() - t0)
             return hit
@@ -762,7 +792,7 @@ def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
     outputs = _output_specs(mod, prepared)
     mod, used_layout = lower(mod, spec, layout=layout)
     t2 = time.perf_counter()
-    info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout)
+    info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout, const_inputs=pinned)
     if padded:
         info.rewrites["padded_convs"] = padded
     database = None

@@ -45,14 +45,17 @@ class QuantizeDynamic(Pass):
         self.report: dict[str, Any] = {}
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
+        from .requantize import DequantizeInteger, refuse_if_quantized
+
+        main = self.model is not None and graph is self.model.graph
+        if main and not self.options["requantize"]:  # an already-quantized model: say what it is
+            refuse_if_quantized(self.model, "dynamic quantization")
+        if main:  # what the model is (nothing to quantize) before what it lacks (the opset)
+            self._refuse_nothing_to_quantize()
         opset = self.model.opset("") if self.model is not None else None
         if (opset or 0) < 11:
             raise GraphoptError("quantize-dynamic needs opset >= 11 (DynamicQuantizeLinear)")
-        if self.model is not None and graph is self.model.graph:  # an already-quantized model: say what it is, or undo it on request
-            from .requantize import DequantizeInteger, refuse_if_quantized
-
-            if not self.options["requantize"]:
-                refuse_if_quantized(self.model, "dynamic quantization")
+        if main:  # undo integer ops on request (a no-op on a float model)
             DequantizeInteger().apply(self.model, ctx)
         excl = set(self.options["exclude_nodes"])
         done = 0
@@ -106,6 +109,19 @@ class QuantizeDynamic(Pass):
             done += 1
         self.report = {"quantized_matmuls": done, "mode": self.options["mode"]}
         return done > 0
+
+    def _refuse_nothing_to_quantize(self) -> None:
+        """Refuse a model with no MatMul/Gemm (integer MatMuls count under ``requantize``, which
+        turns them back into MatMul): the same "nothing to quantize" static quantization says."""
+        assert self.model is not None
+        nodes = list(self.model.graph.all_nodes())
+        wanted = {"MatMul", "Gemm"} | ({"MatMulInteger", "QLinearMatMul"} if self.options["requantize"] else set())
+        if any(n.op_type in wanted and n.domain in _STD for n in nodes):
+            return
+        ops = sorted({n.op_type for n in nodes})
+        hint = "; Conv is quantized by static quantization (without --dynamic)" if "Conv" in ops else ""
+        raise GraphoptError("nothing to quantize: dynamic quantization rewrites MatMul/Gemm weights and the model "
+                            f"has no MatMul/Gemm node (its ops: {', '.join(ops) or 'none'}){hint}")
 
     @staticmethod
     def _gemm_to_matmul(graph: Graph, n: Node) -> Node | None:
