@@ -26,6 +26,9 @@ class RangeObserver:
         self.lo: dict[str, float] = {}
         self.hi: dict[str, float] = {}
         self.hist: dict[str, np.ndarray] = {}
+        #: per-channel (axis 1) count, sum and sum of squares of 4-D (NCHW) tensors
+        self.moments: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+        self._no_moments: set[str] = set()
 
     def observe(self, name: str, arr: np.ndarray) -> None:
         a = np.asarray(arr, dtype=np.float64)
@@ -34,6 +37,31 @@ class RangeObserver:
         lo, hi = float(a.min()), float(a.max())
         self.lo[name] = min(lo, self.lo.get(name, lo))
         self.hi[name] = max(hi, self.hi.get(name, hi))
+        if a.ndim == 4 and name not in self._no_moments:
+            n, s1, s2 = self.moments.get(name, (0, 0.0, 0.0))
+            if n and np.shape(s1) != (a.shape[1],):  # axis 1 is not a channel axis (a time axis)
+                self._no_moments.add(name)
+                del self.moments[name]
+                return
+            self.moments[name] = (n + a.size // a.shape[1], s1 + a.sum(axis=(0, 2, 3)),
+                                  s2 + np.square(a).sum(axis=(0, 2, 3)))
+
+    def channel_sqnr(self, name: str, scale: float, q: float = 10.0) -> float | None:
+        """The ``q``-th percentile over channels of each channel's SQNR in dB (its variance over
+        the rounding noise ``scale**2 / 12`` of a per-tensor step ``scale``), or None for a
+        tensor that is not 4-D. A feature map whose channels have very different ranges (BN-folded
+        MobileNet layers: one channel spans +-80, most +-2) keeps a high tensor-wide SQNR while
+        its narrow channels are rounded to a few levels; a depthwise convolution reading them
+        (often with the largest per-channel weights on exactly those channels) passes that noise
+        on undiluted. Constant channels (variance 0) carry no signal and are left out."""
+        if name not in self.moments:
+            return None
+        n, s1, s2 = self.moments[name]
+        var = np.maximum(s2 / max(n, 1) - np.square(s1 / max(n, 1)), 0.0)
+        var = var[var > 1e-12 * max(float(var.max()), 1e-30)] if var.size else var
+        if var.size == 0:
+            return None
+        return float(np.percentile(10 * np.log10(var / (scale ** 2 / 12.0)), q))
 
     def observe_hist(self, name: str, arr: np.ndarray) -> None:
         lo, hi = self.lo[name], self.hi[name]
