@@ -57,6 +57,10 @@ from ..common import reduce_axes
 
 log = logging.getLogger(__name__)
 
+REFIT_ROWS = 20000  # most output positions (rows) one least-squares refit uses
+MAX_COLLECTIONS = 6  # most calibration runs that collect refit inputs (one per batch of groups)
+COLLECT_ELEMENTS = 5_000_000  # input elements of the samples one collection runs (2 pages of 3x736x960)
+
 _STD = ("", "ai.onnx")
 # elementwise on every element: the channels of the input are the channels of the output, any rank
 ELEMENTWISE = frozenset({"Relu", "LeakyRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu",
@@ -133,6 +137,16 @@ class Channels:
         self.why_not: dict[int, str] = {}
         self.score = np.zeros(0)
         self._build(graph)
+        self.dead: dict[int, np.ndarray | None] = {}  # id(value) -> what each channel is once its producer is gone
+        self.dead_approx: set[int] = set()  # values whose dead constants hold inside only (a padded depthwise conv)
+        self._dead_values(graph)
+        for vid, rs in self.readers.items():  # a nonzero constant a reader cannot fold: keep those channels
+            d = self.dead.get(vid)
+            for r, kind in rs:
+                if d is not None and kind in ("convT", "matmul", "lstm") and np.any(d):
+                    nz = np.flatnonzero(d)
+                    self.freeze(self.layout[vid][nz], f"read by {r.op_type} {r.name!r} as a nonzero constant "
+                                f"({float(d[nz[0]]):.3g}) once removed, which it cannot fold into a bias")
 
     # -- union-find ------------------------------------------------------------------------------
     def new_ids(self, c: int, owner: int = -1, why: str | None = None) -> np.ndarray:
@@ -178,7 +192,7 @@ class Channels:
             return None
         if id(v) not in self.layout:
             rank = len(v.shape)
-            ax = axis if axis is not None else (1 if rank == 4 else rank - 1)
+            ax = axis if axis is not None else self.hint.get(id(v), 1 if rank == 4 else rank - 1)
             c = v.shape[ax]
             if not isinstance(c, int) or c < 1:
                 return None
@@ -202,6 +216,18 @@ class Channels:
 
     # -- the graph walk --------------------------------------------------------------------------
     def _build(self, graph: Graph) -> None:
+        # the channel axis of a rank-3 tensor is ambiguous ([N, C, T] for a 1-D conv, [N, T, C] for
+        # a sequence): a value that reaches a Conv's input through channel-wise ops is [N, C, T]
+        self.hint: dict[int, int] = {}
+        for n in reversed(list(graph)):
+            if n.op_type in ("Conv", "ConvTranspose") and n.inputs and n.input(0) is not None:
+                self.hint[id(n.input(0))] = 1
+            elif (n.op_type in CHANNEL_WISE or n.op_type in ELEMENTWISE_BINARY or n.op_type in ("Pad", "Resize")) \
+                    and n.outputs and n.output(0) is not None and id(n.output(0)) in self.hint:
+                for v in n.inputs:
+                    if v is not None and not v.is_const() and v.shape is not None \
+                            and n.output(0).shape is not None and len(v.shape) == len(n.output(0).shape):
+                        self.hint.setdefault(id(v), self.hint[id(n.output(0))])
         done: set[int] = set()
         for n in graph:
             if id(n) in done or n.domain not in _STD or not n.outputs or n.output(0) is None:
@@ -230,6 +256,8 @@ class Channels:
                 self._move(n, out)
             elif op == "LSTM":
                 self._lstm(n, done)
+            elif op == "Shape":
+                self._shape(n)
         for vid, v in self.vals.items():
             ids = self.layout[vid]
             if v.is_graph_output():
@@ -238,6 +266,130 @@ class Channels:
                 if (id(r), k) not in self.handled:
                     extra = f" ({self.why_not[id(r)]})" if id(r) in self.why_not else ""
                     self.freeze(ids, f"read by {r.op_type} {r.name!r}, which must keep its channels aligned{extra}")
+
+    def _dead_values(self, graph: Graph) -> None:
+        """For every followed value, the constant each channel holds when the filter that made
+        it is removed (its producer outputs zero there), or None where that is not one constant
+        per channel. Zero right after a producer; a learnable scalar bias Add after an
+        activation (PaddleOCR's detectors) makes it that scalar, which the next layer still
+        reads: :meth:`apply` folds it into that layer's bias."""
+        dead = self.dead
+        prod = {id(out) for _, _, out in self.producers}
+
+        def vec(v: Value | None, c: int, rank: int, ax: int) -> np.ndarray | None:
+            if v is None:
+                return None
+            if v.is_const():
+                arr = v.const_value()
+                k = _const_on_axis(arr, rank, ax, c)
+                if k is None or not np.issubdtype(arr.dtype, np.floating):
+                    return None
+                return np.full(c, float(arr.ravel()[0])) if k < 0 else arr.reshape(-1).astype(np.float64)
+            d = dead.get(id(v))  # None too for a map broadcast over the channels: not constant per channel
+            return d if d is not None and len(d) == c else None
+
+        for n in graph:
+            for o in n.outputs:
+                if o is None or id(o) not in self.layout:
+                    continue
+                c, ax, rank = len(self.layout[id(o)]), self.axis[id(o)], self.rank[id(o)]
+                if id(o) in prod:
+                    dead[id(o)] = np.zeros(c)
+                    continue
+                try:
+                    dead[id(o)] = self._dead_of(n, o, c, ax, rank, vec)
+                except (ValueError, TypeError, IndexError, FloatingPointError):
+                    dead[id(o)] = None
+                if any(v is not None and id(v) in self.dead_approx for v in n.inputs):
+                    self.dead_approx.add(id(o))
+
+    def _dead_of(self, n: Node, o: Value, c: int, ax: int, rank: int, vec: Any) -> np.ndarray | None:
+        op = n.op_type
+        x = self.dead.get(id(n.input(0))) if n.inputs and n.input(0) is not None else None
+        if op in ELEMENTWISE_BINARY:
+            ops = [vec(v, c, rank, ax) for v in n.inputs if v is not None]
+            if any(a is None for a in ops):
+                return None
+            fn = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Max": np.maximum,
+                  "Min": np.minimum, "Pow": np.power, "Sum": np.add}[op]
+            acc = ops[0]
+            for a in ops[1:]:
+                acc = fn(acc, a)
+            return acc if np.all(np.isfinite(acc)) else None
+        if op == "Concat":
+            parts = [self.dead.get(id(v)) for v in n.inputs]
+            return None if any(p is None for p in parts) else np.concatenate(parts)
+        if op == "Split":
+            if x is None:
+                return None
+            start = 0
+            for out in n.outputs:
+                k = len(self.layout[id(out)]) if out is not None and id(out) in self.layout else None
+                if out is o:
+                    return x[start:start + c]
+                if k is None:
+                    return None
+                start += k
+            return None
+        if x is None:
+            return None
+        if not x.any() and len(x) == c and (op in ("Relu", "LeakyRelu", "HardSwish", "Tanh", "Identity", "Dropout",
+                                                  "Neg", "Abs", "Elu", "Selu", "Gelu", "Erf", "Mish", "Softsign",
+                                                  "Sqrt", "Sign", "Floor", "Ceil", "Round", "PRelu", "Resize",
+                                                  "Upsample", "Pad", "Transpose", "Squeeze", "Unsqueeze")
+                                            or op in SPATIAL or op in REDUCE):
+            return x
+        if op in ("Flatten", "Reshape"):
+            if id(n) in [id(r1) for sh in self.shuffles.values() for r1, _, _, _ in sh] or len(x) == c:
+                return None
+            return np.repeat(x, c // len(x)) if not x.any() and c % len(x) == 0 else None
+        if len(x) != c:
+            return None
+        table = {"Relu": lambda a: np.maximum(a, 0), "Sigmoid": lambda a: 1 / (1 + np.exp(-a)),
+                 "Tanh": np.tanh, "Identity": lambda a: a, "Dropout": lambda a: a, "Neg": np.negative, "Abs": np.abs,
+                 "HardSigmoid": lambda a: np.clip((n.attr("alpha", 0.2) or 0.2) * a + (n.attr("beta", 0.5) or 0.5), 0, 1),
+                 "HardSwish": lambda a: a * np.clip(a / 6 + 0.5, 0, 1),
+                 "LeakyRelu": lambda a: np.where(a >= 0, a, (n.attr("alpha", 0.01) or 0.01) * a),
+                 "Exp": np.exp, "Reciprocal": lambda a: 1 / a}
+        if op in table:
+            return table[op](x)
+        if op == "Clip":
+            lo = n.input(1).const_value() if len(n.inputs) > 1 and n.input(1) is not None else n.attr("min")
+            hi = n.input(2).const_value() if len(n.inputs) > 2 and n.input(2) is not None else n.attr("max")
+            return np.clip(x, -np.inf if lo is None else float(np.ravel(lo)[0]), np.inf if hi is None else float(np.ravel(hi)[0]))
+        if op == "BatchNormalization":
+            sc, b, mu, var = (n.input(i).const_value().astype(np.float64) for i in range(1, 5))
+            return (x - mu) / np.sqrt(var + (n.attr("epsilon", 1e-5) or 1e-5)) * sc + b
+        if op in ("Transpose", "Squeeze", "Unsqueeze", "Resize", "Upsample", "GlobalAveragePool", "GlobalMaxPool",
+                  "ReduceMean", "ReduceMax", "ReduceMin"):
+            return x  # a constant channel stays that constant
+        if op == "MaxPool":
+            return x  # its padding is -inf: never seen
+        if op == "AveragePool":
+            pads = n.attr("pads") or []
+            return x if not any(pads) or not n.attr("count_include_pad", 0) else None
+        if op == "Conv":  # depthwise: the filters follow the channels
+            w = n.input(1).const_value().astype(np.float64)
+            b = n.input(2).const_value().astype(np.float64) if len(n.inputs) > 2 and n.input(2) is not None else 0.0
+            if x.any() and (any(n.attr("pads") or []) or n.attr("auto_pad") not in (None, "NOTSET", "VALID")):
+                self.dead_approx.add(id(o))  # the constant is not seen where it pads: the inside value
+            return x * w.reshape(len(w), -1).sum(1) + b
+        return None
+
+    def _shape(self, n: Node) -> None:
+        """A Shape whose every use is a Gather of constant dims other than the channel axis (a
+        decoder reading the batch or time size, as silero VAD's does) does not see the channel
+        count: it does not hold the channels."""
+        x = self.lay(n.input(0))
+        if x is None or n.attr("start") is not None or n.attr("end") is not None:
+            return
+        rank = len(n.input(0).shape)
+        for r, k in n.output(0).uses:
+            idx = _ints(r.input(1)) if r.op_type == "Gather" and k == 0 and len(r.inputs) > 1 else None
+            if idx is None or (r.attr("axis", 0) or 0) != 0 or x[1] in [i % rank for i in idx]:
+                self.why_not[id(n)] = "its channel count is read"
+                return
+        self.handled.add((id(n), 0))
 
     def _conv(self, n: Node, out: Value) -> None:
         w = n.input(1).const_value() if n.input(1) is not None else None
@@ -812,7 +964,9 @@ class Channels:
 
         prod = {id(out): (p, kind) for p, kind, out in self.producers}
         touched: list[Value] = []
+        prev: dict[int, np.ndarray] = {}
         for v, _, new in changes:
+            prev[id(v)] = self.alive.get(id(v), np.ones(len(new), dtype=bool))
             self.alive[id(v)] = new
         for v, rel, _ in changes:  # producers first: a reader's refit compares against its kept outputs
             touched.append(v)
@@ -844,8 +998,16 @@ class Channels:
                     k = _const_on_axis(arr, rank, ax, len(rel))
                     if k is not None and k >= 0:
                         n.set_input(idx, const(n.input(idx), np.compress(rel, arr, axis=k)))
+            d = self.dead.get(id(v))
+            gone = d[np.flatnonzero(prev[id(v)])[~rel]] if d is not None else None
+            self.approx_in = id(v) in self.dead_approx
+            snap = getattr(self, "snap", {}).get(id(v))
+            x = cur.get(v.name)
+            if x is not None and snap is not None and x.shape[self.axis[id(v)]] == snap.sum() != len(rel):
+                # collected before an earlier group of this batch cut this value: its channels as now
+                cur[v.name] = np.compress(prev[id(v)][snap], x, axis=self.axis[id(v)])
             for r, kind in self.readers.get(id(v), []):
-                self._cut_reader(graph, r, kind, rel, cur, targets, const)
+                self._cut_reader(graph, r, kind, rel, cur, targets, const, gone)
             for n in self.splits.get(id(v), []):
                 sizes = [int(self.alive.get(id(o), np.ones(len(self.layout[id(o)]), bool)).sum()) for o in n.outputs]
                 if n.attr("split") is not None:
@@ -891,8 +1053,54 @@ class Channels:
                 n.set_input(i, const(n.input(i), np.stack([s0[j][:, keep[j]] for j in range(d)])))
         n.set_attr("hidden_size", k)
 
+    def _fold(self, graph: Graph, r: Node, kind: str, rel: np.ndarray, gone: np.ndarray | None) -> None:
+        """The removed input channels of reader ``r`` are not zero but the constants ``gone``
+        (a bias Add after their activation): add what they contributed to ``r``'s bias. Exact for
+        a Conv without padding and for Gemm; where the Conv pads, the constant is not seen at the
+        border positions, so there it is exact inside and approximate at the borders (reported)."""
+        name = _name(r)
+        self.folded = getattr(self, "folded", {})
+        if gone is None:
+            self.folded[name] = "not folded: the removed channels are not one constant each"
+            return
+        if not np.any(gone):
+            return
+        wr = r.input(1).const_value()
+        idx = np.flatnonzero(~rel)
+        w64 = wr.astype(np.float64)
+        if kind == "conv":
+            o = wr.shape[0]
+            grp = int(r.attr("group", 1) or 1)
+            o_per, i_per = o // grp, wr.shape[1]
+            sums = w64.reshape(o, i_per, -1).sum(2)  # [O, C/g]: each filter's kernel sum per input channel
+            contrib = np.zeros(o)
+            for val, i in zip(gone, idx, strict=True):
+                j = i // i_per
+                contrib[j * o_per:(j + 1) * o_per] += val * sums[j * o_per:(j + 1) * o_per, i % i_per]
+            pads = r.attr("pads") or []
+            approx = any(pads) or r.attr("auto_pad") not in (None, "NOTSET", b"NOTSET", "VALID", b"VALID") \
+                or getattr(self, "approx_in", False)
+        elif kind == "gemm":
+            trans = bool(r.attr("transB", 0))
+            o = wr.shape[0] if trans else wr.shape[1]
+            contrib = gone @ (w64[:, idx].T if trans else w64[idx])
+            approx = getattr(self, "approx_in", False)
+        else:
+            self.folded[name] = f"not folded ({kind}): the removed channels read as constants {float(np.abs(gone).max()):.3g}"
+            return
+        b = r.input(2).const_value() if len(r.inputs) > 2 and r.input(2) is not None else None
+        base = np.zeros(o) if b is None else np.broadcast_to(b.astype(np.float64).reshape(-1), (o,))
+        nb = graph.add_initializer((r.input(2).name if b is not None else name) + "_folded",
+                                   (base + contrib).astype(wr.dtype if b is None else b.dtype))
+        if len(r.inputs) > 2:
+            r.set_input(2, nb)
+        else:
+            r.append_input(nb)
+        self.folded[name] = "folded into the bias" + (" (approximate at the padded borders)" if approx else "")
+
     def _cut_reader(self, graph: Graph, r: Node, kind: str, rel: np.ndarray, cur: dict[str, np.ndarray],
-                    targets: dict[str, np.ndarray], const: Any) -> None:
+                    targets: dict[str, np.ndarray], const: Any, gone: np.ndarray | None = None) -> None:
+        self._fold(graph, r, kind, rel, gone)
         wr = r.input(1).const_value()
         keep = np.flatnonzero(rel)
         x = cur.get(r.input(0).name)
@@ -910,8 +1118,8 @@ class Channels:
             else:
                 new = wr[:, keep]
                 if x is not None and y is not None and x.shape[1] == len(rel) and y.shape[1] == wr.shape[0]:
-                    yb = y - (bias.reshape(1, -1, 1, 1) if bias is not None else 0)
-                    new = ChannelPruning._refit_conv(r, x.astype(np.float64), keep, wr.astype(np.float64), yb)
+                    yb = y - (bias.reshape((1, -1) + (1,) * (y.ndim - 2)) if bias is not None else 0)
+                    new = _safe_refit(r, new, ChannelPruning._refit_conv, r, x, keep, wr.astype(np.float64), yb)
         elif kind == "convT":
             new = wr[keep]
         elif kind == "lstm":
@@ -922,22 +1130,48 @@ class Channels:
             if x is not None and y is not None and x.ndim == 2 and y.ndim == 2 and x.shape[1] == len(rel) \
                     and y.shape[1] == (wr.shape[0] if trans else wr.shape[1]):
                 yb = y - (bias.reshape(1, -1) if bias is not None and bias.size > 1 else (bias if bias is not None else 0))
-                new = ChannelPruning._refit_fc(x, keep, yb, wr.astype(np.float64), trans)
+                new = _safe_refit(r, new, ChannelPruning._refit_fc, x, keep, yb, wr.astype(np.float64), trans)
         r.set_input(1, const(r.input(1), new))
 
 
-def _im2col(x: np.ndarray, node: Node) -> np.ndarray:
-    """Patches of NCHW ``x`` for a 2-D Conv with ``node``'s attributes: [N*H'*W', C*kh*kw]."""
-    kh, kw = node.input(1).const_value().shape[2:]
-    pads = node.attr("pads") or [0, 0, 0, 0]
-    st = node.attr("strides") or [1, 1]
-    dil = node.attr("dilations") or [1, 1]
-    if dil != [1, 1]:
-        raise ValueError("dilated conv")
-    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
-    win = sliding_window_view(xp, (kh, kw), axis=(2, 3))[:, :, ::st[0], ::st[1]]  # N,C,H',W',kh,kw
-    n, c, h, w = win.shape[:4]
-    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * h * w, c * kh * kw)
+def _safe_refit(r: Node, fallback: np.ndarray, fn: Any, *args: Any) -> np.ndarray:
+    """``fn(*args)``, or the plainly cut weights ``fallback`` (logged) where the refit cannot
+    handle this layer's shapes: recovery is best effort, pruning must not fail over it."""
+    try:
+        out = fn(*args)
+    except (ValueError, np.linalg.LinAlgError) as e:
+        log.info("prune-channels: %s not refit: %s", _name(r), e)
+        return fallback
+    if out.shape != fallback.shape or not np.all(np.isfinite(out)):
+        log.info("prune-channels: %s not refit: the solution has the wrong shape or is not finite", _name(r))
+        return fallback
+    return out
+
+
+def _im2col(x: np.ndarray, node: Node, rows: np.ndarray | None = None) -> np.ndarray:
+    """Patches of ``x`` ([N, C, *spatial], any number of spatial axes: 1-D, 2-D, 3-D convs) for a
+    Conv with ``node``'s attributes: [N*prod(out spatial), C*prod(kernel)]. ``rows`` (indices into
+    those output positions) picks a subsample without materializing every patch."""
+    ks = tuple(node.input(1).const_value().shape[2:])
+    nd = len(ks)
+    if x.ndim != nd + 2:
+        raise ValueError("input rank does not match the kernel")
+    pads = list(node.attr("pads") or [0] * (2 * nd))
+    st = list(node.attr("strides") or [1] * nd)
+    dil = list(node.attr("dilations") or [1] * nd)
+    if any(d != 1 for d in dil) or node.attr("auto_pad") not in (None, "NOTSET", b"NOTSET"):
+        raise ValueError("dilated or auto-padded conv")
+    xp = np.pad(x, ((0, 0), (0, 0)) + tuple((pads[i], pads[nd + i]) for i in range(nd)))
+    win = sliding_window_view(xp, ks, axis=tuple(range(2, 2 + nd)))
+    win = win[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in st)]  # N, C, *out, *k
+    n, c = win.shape[:2]
+    out = win.shape[2:2 + nd]
+    win = win.transpose((0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd)))  # N, *out, C, *k
+    flat = win.reshape((n * int(np.prod(out)), c) + ks) if rows is None else None
+    if rows is None:
+        return flat.reshape(len(flat), -1)
+    idx = np.unravel_index(rows, (n,) + tuple(out))
+    return win[idx].reshape(len(rows), -1)
 
 
 def _name(n: Node) -> str:
@@ -950,7 +1184,7 @@ class ChannelPruning(Pass):
     rewrite every dependent op."""
 
     name = "prune-channels"
-    recursive = False
+    recursive = True  # bodies too, each on its own: see apply()
     default_options = {"ratio": 0.5, "importance": "l1", "recover": True, "min_channels": 4,
                        "exclude_nodes": (), "max_samples": 256, "sensitivity": False, "multiple_of": 1}
 
@@ -966,19 +1200,52 @@ class ChannelPruning(Pass):
             raise GraphoptError(f"multiple_of must be a positive integer, got {q!r}")
         self.report: dict[str, Any] = {}
 
+    def apply(self, model: Any, ctx: PassContext) -> bool:
+        """Prune the main graph, then every If/Loop/Scan body on its own: a body's channels are
+        coupled only inside it (its inputs, outputs and the outer values it reads stay whole), so
+        each body is one more graph to analyse. Calibration activations exist for main-graph
+        values only (ONNX Runtime cannot output a body's values), so body layers are chosen by
+        weight L1 and not refit; the report says which. The reports of all graphs are merged."""
+        self.model = model
+        changed = self.run(model.graph, ctx)
+        total = dict(self.report)
+        kept = dict(getattr(self, "kept", {}))
+        bodies = [g for g in model.all_graphs() if g is not model.graph]
+        body_pruned: list[str] = []
+        for g in bodies:
+            self._body = True
+            try:
+                if self.run(g, ctx):
+                    changed = True
+                    body_pruned += list(self.report.get("pruned", {}))
+            finally:
+                self._body = False
+            for k in ("pruned", "skipped", "partial", "folded"):
+                if self.report.get(k):
+                    total.setdefault(k, {}).update(self.report[k])
+            for k in ("groups", "concat_groups", "multi_producer_groups"):
+                if self.report.get(k):
+                    total[k] = total.get(k, 0) + self.report[k]
+            kept.update(getattr(self, "kept", {}))
+        if body_pruned:
+            total["in_subgraphs"] = f"{len(body_pruned)} layers in If/Loop/Scan bodies (L1 importance, not refit)"
+        self.report, self.kept = total, kept
+        return changed
+
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         from graphopt.analysis import infer_shapes
 
         assert self.model is not None
+        body = getattr(self, "_body", False) or graph is not self.model.graph
         # graph outputs never lose channels (they are frozen); keep their declared shapes where
         # inference at concrete input shapes cannot reproduce them
         declared = [(o, o.shape) for o in graph.outputs]
         declared_in = [(i, i.shape) for i in graph.inputs]
         infer_shapes(self.model, ctx.input_shapes or None)
-        have_data = ctx.calibration is not None
-        if self.options["importance"] == "activation" and not have_data:
+        have_data = ctx.calibration is not None and not body
+        if self.options["importance"] == "activation" and ctx.calibration is None:
             raise GraphoptError("importance='activation' needs calibration data")
-        if self.options["sensitivity"] and not have_data:
+        if self.options["sensitivity"] and ctx.calibration is None:
             raise GraphoptError("sensitivity=True needs calibration data")
         recover = have_data and self.options["recover"]
         an = Channels(graph)
@@ -995,10 +1262,10 @@ class ChannelPruning(Pass):
             names = {out.name for _, _, out in an.producers} | {r.output(0).name for rs in an.readers.values()
                                                                for r, _ in rs}
             acts = self._collect(sorted(names), ctx)
-        an.finish(self.options["importance"], acts)
+        an.finish(self.options["importance"] if have_data else "l1", acts)
         groups = an.groups()
         excl = set(self.options["exclude_nodes"])
-        ratios = self._spread(groups, ctx) if self.options["sensitivity"] else [self.options["ratio"]] * len(groups)
+        ratios = self._spread(groups, ctx) if self.options["sensitivity"] and not body else [self.options["ratio"]] * len(groups)
         skipped: dict[str, str] = {}
         partial: dict[str, str] = {}
         plans = []
@@ -1027,15 +1294,32 @@ class ChannelPruning(Pass):
             return False
         touched: list[Value] = []
         concat_groups = 0
-        for g, drop in plans:
-            ch = an.changes(drop)
-            cur = self._collect(sorted({r.input(0).name for r in an.readers_of(ch)}), ctx) if recover else {}
-            changed = an.apply(graph, ch, cur, acts if recover else {})
-            for v in changed:  # stale shapes would make ONNX Runtime refuse the next collection
-                if recover and not v.is_graph_output() and not v.is_graph_input():
-                    v.shape = None
-            touched += changed
-            concat_groups += any(v.producer is not None and v.producer.op_type == "Concat" for v, _, _ in ch)
+        # refit inputs are collected once per batch of groups (groups in graph order), not once per
+        # group: an ONNX Runtime session and a full run per group took minutes on 736x960 detectors.
+        # A reader refit in a batch sees its input as it was before the batch (upstream groups of
+        # the same batch not yet applied): their error is compensated by the next batch's refits.
+        order = {id(n): i for i, n in enumerate(graph)}
+        plans.sort(key=lambda gd: min(order.get(id(an.producers[p][0]), 0) for p in gd[0]["producers"]))
+        nb = min(len(plans), MAX_COLLECTIONS) if recover else 1
+        batches = [list(b) for b in np.array_split(np.arange(len(plans)), nb)]
+        for batch in batches:
+            cur: dict[str, np.ndarray] = {}
+            if recover:
+                chs = [an.changes(plans[i][1]) for i in batch]
+                # every group of the batch cuts against the state after the groups before it:
+                # changes() of later ones depend on alive masks, so they are recomputed below
+                names = sorted({r.input(0).name for ch in chs for r in an.readers_of(ch)})
+                cur = self._collect(names, ctx)
+                an.snap = {vid: an.alive.get(vid, np.ones(len(an.layout[vid]), dtype=bool)).copy()
+                           for vid, v in an.vals.items() if v.name in cur}
+            for i in batch:
+                ch = an.changes(plans[i][1])
+                changed = an.apply(graph, ch, cur, acts if recover else {})
+                for v in changed:  # stale shapes would make ONNX Runtime refuse the next collection
+                    if recover and not v.is_graph_output() and not v.is_graph_input():
+                        v.shape = None
+                touched += changed
+                concat_groups += any(v.producer is not None and v.producer.op_type == "Concat" for v, _, _ in ch)
         done = {}
         self.kept: dict[str, np.ndarray] = {}  # producer name -> indices of the filters it kept
         for g, _ in plans:
@@ -1057,6 +1341,7 @@ class ChannelPruning(Pass):
                        "pruned": done, "skipped": skipped, "recovered": recover, "groups": len(plans),
                        "partial": {k: f"{n} of {widths[k]} channels kept: {why}" for k, (n, why) in partial.items()},
                        "concat_groups": concat_groups,
+                       **({"folded": dict(an.folded)} if getattr(an, "folded", None) else {}),
                        "multi_producer_groups": sum(1 for g, _ in plans if len(g["producers"]) > 1)}
         for k, why in skipped.items():
             log.info("prune-channels: %s left whole: %s", k, why)
@@ -1117,25 +1402,35 @@ class ChannelPruning(Pass):
         # samples of other shapes (text lines of other widths) cannot be stacked: the first one's shape
         sig = {k: np.shape(v) for k, v in samples[0].items()}
         samples = [s for s in samples if {k: np.shape(v) for k, v in s.items()} == sig]
+        # large inputs (a 736x960 page): a refit uses at most REFIT_ROWS positions per layer, which
+        # one or two such samples already hold many times over; more only cost time and memory
+        size = max(sum(int(np.prod(np.shape(v))) for v in samples[0].values()), 1)
+        samples = samples[:max(1, COLLECT_ELEMENTS // size)]
         return collect_values(self.model, names, samples)
 
     @staticmethod
     def _refit_conv(r: Node, x: np.ndarray, k: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Least squares: the kept input channels (as computed now) reproduce the original
-        bias-free output ``y`` of this conv."""
+        bias-free output ``y`` of this conv ([N, O, *spatial], any spatial rank). At most
+        ``REFIT_ROWS`` output positions (a fixed random sample) enter the fit: a well-posed least
+        squares needs a few times more rows than unknowns, not every pixel of a 736x960 map."""
+        o = w.shape[0]
+        if y.ndim != w.ndim or x.ndim != w.ndim:
+            return w[:, k]
+        yr = np.moveaxis(y, 1, -1).reshape(-1, o)
+        rows = None
+        most = min(REFIT_ROWS, max(2048, 8 * len(k) * int(np.prod(w.shape[2:]))))  # ~8 rows per unknown
+        if len(yr) > most:
+            rows = np.sort(np.random.default_rng(0).choice(len(yr), most, replace=False))
+            yr = yr[rows]
         try:
-            part = _im2col(x[:, k], r)
+            part = _im2col(x[:, k], r, rows)
         except ValueError:
             return w[:, k]
-        o = w.shape[0]
-        yr = y.transpose(0, 2, 3, 1).reshape(-1, o)
         if len(part) != len(yr):
             return w[:, k]
-        if len(part) > 20000:  # a row sample is plenty for a well-posed least squares
-            pick = np.random.default_rng(0).choice(len(part), 20000, replace=False)
-            part, yr = part[pick], yr[pick]
-        w0 = w[:, k].reshape(o, -1).T  # [C'*kh*kw, O]
-        return _ridge(part, yr, w0).T.reshape((o, len(k)) + w.shape[2:])
+        w0 = w[:, k].reshape(o, -1).T  # [C'*prod(kernel), O]
+        return _ridge(part.astype(np.float64), yr.astype(np.float64), w0).T.reshape((o, len(k)) + w.shape[2:])
 
     @staticmethod
     def _refit_fc(x: np.ndarray, rows: np.ndarray, y: np.ndarray, w: np.ndarray, trans: bool) -> np.ndarray:
