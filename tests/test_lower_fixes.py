@@ -43,18 +43,20 @@ def _run_lower_one_hot(proto):
 
 
 ONE_HOT_CASES = [
-    # (indices dtype, depth, values, axis, rank): tf2onnx's int32[1] depth, float indices, negative axis
-    (TensorProto.INT32, np.array([7], np.int32), np.array([0, 1], np.float32), -1, 2),
-    (TensorProto.INT64, np.array(5, np.int64), np.array([-2, 3], np.float32), 0, 2),
-    (TensorProto.FLOAT, np.array([6.7], np.float32), np.array([0, 1], np.float32), 1, 2),
-    (TensorProto.INT64, np.array(4, np.int64), np.array([0, 9], np.int64), -2, 3),
+    # (indices dtype, depth, values, axis, rank, opset): tf2onnx's int32[1] depth, float indices and
+    # depth, a negative axis, opset 11 (Unsqueeze axes as an attribute)
+    (TensorProto.INT32, np.array([7], np.int32), np.array([0, 1], np.float32), -1, 2, 13),
+    (TensorProto.INT64, np.array(5, np.int64), np.array([-2, 3], np.float32), 0, 2, 13),
+    (TensorProto.FLOAT, np.array([6.7], np.float32), np.array([0, 1], np.float32), 1, 2, 13),
+    (TensorProto.INT64, np.array(4, np.int64), np.array([0, 9], np.int64), -2, 3, 13),
+    (TensorProto.INT32, np.array([5], np.int32), np.array([0, 1], np.float32), 1, 2, 11),
 ]
 
 
-@pytest.mark.parametrize("case", ONE_HOT_CASES, ids=lambda c: f"axis{c[3]}-rank{c[4]}-{c[1].dtype}")
+@pytest.mark.parametrize("case", ONE_HOT_CASES, ids=lambda c: f"axis{c[3]}-rank{c[4]}-{c[1].dtype}-opset{c[5]}")
 def test_lower_one_hot_exact_under_ort(case) -> None:
-    idx_type, depth, values, axis, rank = case
-    proto = _one_hot_model(idx_type, depth, values, axis, rank)
+    idx_type, depth, values, axis, rank, opset = case
+    proto = _one_hot_model(idx_type, depth, values, axis, rank, opset)
     shape = [3, 4][:rank] if rank <= 2 else [2, 3, 4]
     rng = np.random.default_rng(0)
     d = int(np.ravel(depth)[0])
@@ -128,3 +130,39 @@ def test_cli_frontend_failure_prints_one_line(tmp_path) -> None:
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("graphopt: error: ") and "constant depth" in lines[0], r.stderr
     assert not out.exists()
+
+
+# -- DynamicQuantizeLinear: TVM rounds as ORT does -------------------------------------------------
+
+
+def _dql_model(n: int):
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])
+    outs = [helper.make_tensor_value_info("y", TensorProto.UINT8, [n]),
+            helper.make_tensor_value_info("s", TensorProto.FLOAT, []),
+            helper.make_tensor_value_info("z", TensorProto.UINT8, [])]
+    g = helper.make_graph([helper.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])], "g", [x], outs)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)])
+
+
+def test_tvm_dynamic_quantize_rounds_half_to_even() -> None:
+    """ORT rounds x/scale and the zero point half to even; TVM's converter (relax quantize, round)
+    must too. Scale 1 makes every x.5 an exact tie (half away from zero would give 1, 3, 5, 101,
+    255 and a zero point of 3)."""
+    pytest.importorskip("tvm", reason="the tvm extra is not installed")
+    from graphopt.backend import compile as tvm_compile
+
+    proto = _dql_model(8)
+    compiled = tvm_compile(graphopt.from_proto(proto), "host", progress=False)
+    for xv in ([0.5, 1.5, 2.5, 3.5, 100.5, 253.5, 254.5, 255.0],   # min 0, max 255: scale 1, zp 0
+               [-2.5, 0.5, 1.5, 2.5, 10.5, 100.5, 200.0, 252.5]):  # scale 1, zero point 2.5 -> 2
+        feed = {"x": np.array(xv, np.float32)}
+        ref, got = _ort(proto, feed), compiled.run(feed)
+        for r, g in zip(ref, got, strict=True):
+            np.testing.assert_array_equal(np.asarray(g), r)
+    rng = np.random.default_rng(0)
+    proto = _dql_model(4096)
+    compiled = tvm_compile(graphopt.from_proto(proto), "host", progress=False)
+    for _ in range(20):
+        feed = {"x": (rng.standard_normal(4096) * rng.uniform(0.01, 10) + rng.uniform(-3, 3)).astype(np.float32)}
+        for r, g in zip(_ort(proto, feed), compiled.run(feed), strict=True):
+            np.testing.assert_array_equal(np.asarray(g), r)
