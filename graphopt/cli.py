@@ -37,6 +37,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 
+def _count(least: int) -> Any:
+    """An argparse type: an integer >= ``least`` (bad values are one-line errors, exit 2)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < least:
+            raise argparse.ArgumentTypeError(f"{v} is below {least}")
+        return v
+    return parse
+
+
+def _nonneg(text: str) -> float:
+    """An argparse type: a float >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text} is negative")
+    return v
+
+
 def _load(path: str, check: bool = True) -> Any:
     from graphopt.onnx_io import load
 
@@ -702,12 +726,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--example", action="store_true", help="use the small CNN bundled with graphopt as input")
     sp.add_argument("--pipeline", help="named pipeline (see `graphopt passes`; default: default)")
     sp.add_argument("--passes", help="comma-separated pass names, run in order")
-    sp.add_argument("--verify", type=int, default=0, metavar="N",
+    sp.add_argument("--verify", type=_count(0), default=0, metavar="N",
                     help="check outputs against the input model on N random inputs (or the first N --inputs "
                          "samples) after every pass")
-    sp.add_argument("--rtol", type=float, default=1e-4)
-    sp.add_argument("--atol", type=float, default=1e-5)
-    sp.add_argument("--scale-rtol", type=float, default=None, help=_SCALE_RTOL_HELP)
+    sp.add_argument("--rtol", type=_nonneg, default=1e-4)
+    sp.add_argument("--atol", type=_nonneg, default=1e-5)
+    sp.add_argument("--scale-rtol", type=_nonneg, default=None, help=_SCALE_RTOL_HELP)
     sp.add_argument("--report", help="write a per-pass report (.md or .json)")
     sp.add_argument("--external-data", action="store_true", help="store tensors >= 1 KiB in OUTPUT.data")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
@@ -794,8 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--target", default="host",
                     help="host (this CPU), x86-64[-v2|-v3|-v4], aarch64 (cross), cuda[:sm_80|:sm_90], or a TVM "
                     "target as JSON (default: host)")
-    sp.add_argument("--trials", type=int, help="MetaSchedule tuning budget in measured candidates")
-    sp.add_argument("--minutes", type=float, help="MetaSchedule tuning budget in minutes")
+    sp.add_argument("--trials", type=_count(0), help="MetaSchedule tuning budget in measured candidates")
+    sp.add_argument("--minutes", type=_nonneg, help="MetaSchedule tuning budget in minutes")
     sp.add_argument("--cache", metavar="DIR", help="tuning database root (default: ~/.cache/graphopt/tvm)")
     sp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on devices registered with a TVM RPC tracker")
     sp.add_argument("--naive", action="store_true", help="no default schedules (TVM's plain loops; for comparison)")
@@ -814,8 +838,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench", help="ONNX Runtime vs a TVM build of the model, same inputs, interleaved")
     sp.add_argument("model")
     sp.add_argument("--compiled", metavar="OUT.so", help="a library from `graphopt compile` (default: compile now)")
-    sp.add_argument("--rounds", type=int, default=30)
-    sp.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    sp.add_argument("--rounds", type=_count(1), default=30)
+    sp.add_argument("--threads", type=_count(1), default=2, help="ONNX Runtime intra-op threads")
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
@@ -828,11 +852,11 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("verify", help="compare two models' outputs on random inputs (or your own: --inputs)")
     sp.add_argument("a")
     sp.add_argument("b")
-    sp.add_argument("--samples", type=int, default=None,
+    sp.add_argument("--samples", type=_count(1), default=None,
                     help="random samples to compare (default 3), or the first N of --inputs (default all)")
-    sp.add_argument("--rtol", type=float, default=1e-4)
-    sp.add_argument("--atol", type=float, default=1e-5)
-    sp.add_argument("--scale-rtol", type=float, default=None, help=_SCALE_RTOL_HELP)
+    sp.add_argument("--rtol", type=_nonneg, default=1e-4)
+    sp.add_argument("--atol", type=_nonneg, default=1e-5)
+    sp.add_argument("--scale-rtol", type=_nonneg, default=None, help=_SCALE_RTOL_HELP)
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp)
@@ -873,8 +897,8 @@ class _StagedOutput:
     name (so an external-data file keeps the name the model refers to); :meth:`commit` checks
     the model (onnx's full check; ONNX Runtime loads it if it loads the input) and renames every
     file into place, the model last;
-    :meth:`discard` removes the directory and any parent directory created for it. An error
-    at any point leaves nothing behind.
+    :meth:`discard` removes the directory. An error at any point leaves nothing behind; a
+    missing output directory is an error (nothing is created for ``-o``).
     """
 
     def __init__(self, final: Path, inputs: Sequence[str | None]) -> None:
@@ -887,10 +911,8 @@ class _StagedOutput:
             raise GraphoptError(f"output path {str(final)!r} is a directory")
         self.created: list[Path] = []
         parent = final.absolute().parent
-        missing = [p for p in (parent, *parent.parents) if not p.exists()]
-        for p in reversed(missing):
-            p.mkdir()
-            self.created.append(p)
+        if not parent.is_dir():  # like cp and mv: an output directory is the user's to make
+            raise GraphoptError(f"output directory {str(final.parent)!r} does not exist")
         self.dir: Path | None = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=parent))
         self.path = self.dir / final.name
 

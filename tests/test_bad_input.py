@@ -295,17 +295,19 @@ def test_ort_log_lines_are_silenced(tmp_path: Path) -> None:
 
 def test_nothing_written_after_a_late_error(tmp_path: Path) -> None:
     """The model is staged and moved into place only when the command succeeded: a failure
-    after the model was written (here the report path is a directory) leaves nothing, and an
-    output directory created for the run is removed again."""
+    after the model was written (here the report path is a directory) leaves nothing; an output
+    directory that does not exist is refused, not created."""
     from graphopt.cli import example_model_path
 
     src = example_model_path()
     rep = tmp_path / "report.md"
     rep.mkdir()
-    out = tmp_path / "new" / "sub" / "o.onnx"
+    out = tmp_path / "o.onnx"
     _one_error_line(_cli("optimize", str(src), "-o", str(out), "--report", str(rep)))
-    assert not (tmp_path / "new").exists()
     assert _tree(tmp_path) == ["report.md"]
+    line = _one_error_line(_cli("optimize", str(src), "-o", str(tmp_path / "new" / "sub" / "o.onnx")))
+    assert "does not exist" in line
+    assert not (tmp_path / "new").exists()
 
 
 def test_quantize_writes_nothing_when_ort_refuses_the_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
