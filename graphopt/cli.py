@@ -378,6 +378,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.int8 and calib is None:
         raise GraphoptError("--int8 needs --calibration DATA or --inputs DATA")
     feeds = (checks or calib or [])[:16] or _feeds(model, args, 4)
+    if calib is None and checks is None:
+        logging.getLogger("graphopt.dims").warning("no --calibration or --inputs: pruned layers are not refit, and the table's error and "
+                    "agreement are measured on random inputs, which says little about the task; give real samples")
     original = model.copy()
     run_passes(model, get_pipeline("default"))
     passes: list[Any] = []
