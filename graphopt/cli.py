@@ -15,6 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -360,6 +361,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+#: integer-arithmetic ops (ONNX and ONNX Runtime contrib) of models that are already quantized
+_INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
+                          "QLinearAdd", "QLinearMul", "QGemm", "QAttention", "DynamicQuantizeMatMul"})
+
+
 def cmd_compress(args: argparse.Namespace) -> int:
     from graphopt.onnx_io import save
     from graphopt.report import human, table
@@ -373,6 +379,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
     model = _load(args.model, check=not args.no_check)
+    integer = Counter(n.op_type for g in model.all_graphs() for n in g if n.op_type in _INTEGER_OPS)
+    if integer:
+        ops = ", ".join(f"{c} {k}" for k, c in integer.most_common())
+        raise GraphoptError(f"the model is already quantized ({ops}): compress works on float weights; turn it back "
+                            f"to float first (graphopt optimize IN -o float.onnx --passes dequantize-integer,dce), "
+                            f"compress that, and add --int8 to quantize the result again")
     checks = _feeds(model, args, None) if args.inputs else None  # the user's samples, validated before any work
     calib = load_calibration(args.calibration, model) if args.calibration else checks
     if args.int8 and calib is None:
