@@ -269,11 +269,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 _SCALE_RTOL_HELP = ("an output also passes when its worst error is within SCALE_RTOL x its largest |value| "
-                    "(float32 rounding grows with the output's range; default 5 x RTOL, 0 = elementwise only)")
+                    "(float32 rounding grows with the output's range; default 3 x RTOL, 0 = elementwise only)")
 
 
 def _scale_rtol(args: argparse.Namespace) -> float:
-    return 5 * args.rtol if args.scale_rtol is None else args.scale_rtol
+    return 3 * args.rtol if args.scale_rtol is None else args.scale_rtol
 
 
 def _latency_pair(a: str, b: str, feed: dict[str, Any], rounds: int = 20) -> tuple[float, float]:

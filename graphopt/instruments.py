@@ -100,7 +100,7 @@ class NumericCheckInstrument(Instrument):
         inputs: feeds to run; several feeds may be given as a list.
         rtol, atol, scale_rtol: tolerance (fp32 noise for lossless passes), as in
             :func:`graphopt.runtime.compare`: elementwise ``atol + rtol*|ref|``, or the worst error
-            within ``scale_rtol`` (default ``5*rtol``) of the output's largest magnitude.
+            within ``scale_rtol`` (default ``3*rtol``) of the output's largest magnitude.
         raise_on_mismatch: raise :class:`NumericalMismatchError` naming the pass, or only record.
     """
 
