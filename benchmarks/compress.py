@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 import graphopt
-from graphopt.runtime import interleaved_latency, ort_session
 from graphopt.analysis import infer_shapes, model_stats
+from graphopt.runtime import interleaved_latency, ort_session
 
 warnings.filterwarnings("ignore")
 HERE = Path(__file__).resolve().parent

@@ -115,7 +115,7 @@ def mobilenetv2_like(path: Path, width: float = 1.0) -> None:
     from onnx import helper
 
     net = ConvBnNet()
-    ch = lambda c: max(8, int(c * width + 4) // 8 * 8)  # noqa: E731
+    ch = lambda c: max(8, int(c * width + 4) // 8 * 8)
     x, cin = net.conv_bn("input", 3, ch(32), 3, 2, "relu6"), ch(32)
     for t, c, n, s in [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
                        (6, 160, 3, 2), (6, 320, 1, 1)]:

@@ -28,9 +28,8 @@ from typing import Any
 import onnx
 
 import graphopt
-from graphopt.runtime import interleaved_latency, ort_session
 from graphopt.analysis import model_stats
-from graphopt.runtime import compare, make_inputs
+from graphopt.runtime import compare, interleaved_latency, make_inputs, ort_session
 
 warnings.filterwarnings("ignore")
 HERE = Path(__file__).resolve().parent

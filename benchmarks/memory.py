@@ -80,6 +80,7 @@ def main() -> None:
 def tile_row(p: Path) -> dict:
     """The default pipeline's output vs the memory pipeline's on one model."""
     import graphopt.passes as gp
+
     from graphopt.analysis import peak_memory
     from graphopt.runtime import interleaved_timings, ort_session
     from graphopt.testing import logits_outputs, randomize_weights

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.write:
         src = README.read_text()
         new, n = re.subn(r"(<!-- corpus-tables -->\n).*?(<!-- /corpus-tables -->)",
-                         lambda m: m.group(1) + text + "\n" + m.group(2), src, flags=re.S)
+                         lambda m: m.group(1) + text + "\n" + m.group(2), src, flags=re.DOTALL)
         if n != 1:
             raise SystemExit("README.md has no <!-- corpus-tables --> ... <!-- /corpus-tables --> block")
         README.write_text(new)

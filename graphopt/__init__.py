@@ -71,7 +71,7 @@ __version__ = "0.1.0"
 if _ilu.find_spec("graphopt.passes") is None:  # pragma: no cover - only in an uninstalled checkout
     _root = _Path(__file__).resolve().parent.parent
     if (_root / "passes" / "__init__.py").is_file() and (_root / "pyproject.toml").is_file():
-        __path__.append(str(_root))  # noqa: F821 - package __path__
+        __path__.append(str(_root))
 
 
 def optimize(
@@ -85,7 +85,7 @@ def optimize(
     return model
 
 
-def compile(model, target="host", **options):  # type: ignore[no-untyped-def]  # noqa: A001
+def compile(model, target="host", **options):  # type: ignore[no-untyped-def]
     """Compile ``model`` with TVM for ``target``; see :func:`graphopt.backend.compile`."""
     from graphopt.backend import compile as _compile
 

@@ -75,9 +75,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     model = _load(args.model, check=not args.no_check)
     m = model.copy()
-    from graphopt.runtime import parse_input_shapes
-
-    from graphopt.runtime import resolve_input_shapes
+    from graphopt.runtime import parse_input_shapes, resolve_input_shapes
 
     hints = parse_input_shapes(args.input_shape)
     try:  # dynamic dims resolved from --input-shape (or 1, with a warning) so FLOPs and memory are concrete;
@@ -391,9 +389,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise GraphoptError("--int8 needs --calibration DATA or --inputs DATA")
     feeds = (checks or calib or [])[:16] or _feeds(model, args, 4)
     if calib is None and checks is None:
-        logging.getLogger("graphopt.dims").warning("no --calibration or --inputs: pruned layers are not refit, and the table's error and "
-                    "agreement are measured on random inputs, which says little about the task; give real samples")
-    original = model.copy()
+        logging.getLogger("graphopt.dims").warning(
+            "no --calibration or --inputs: pruned layers are not refit, and the table's error and agreement are "
+            "measured on random inputs, which says little about the task; give real samples")
     run_passes(model, get_pipeline("default"))
     passes: list[Any] = []
     reports: list[tuple[str, Any]] = []
@@ -587,8 +585,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.backend import compile as tvm_compile
     from graphopt.backend import load_compiled
     from graphopt.report import table
-    from graphopt.runtime import compare, input_feeds, interleaved_timings, load_calibration, model_inputs, \
-        ort_session, parse_input_shapes
+    from graphopt.runtime import (
+        compare,
+        input_feeds,
+        interleaved_timings,
+        load_calibration,
+        model_inputs,
+        ort_session,
+        parse_input_shapes,
+    )
 
     m = _load(args.model, check=not args.no_check)
     hints = parse_input_shapes(args.input_shape)
@@ -642,7 +647,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from graphopt.transform import PassContext, get_pass, run_passes
 
     dtype = "bfloat16" if args.bf16 else "float16"
-    split = (lambda s: tuple(x for x in (s or "").split(",") if x))  # noqa: E731
+    split = (lambda s: tuple(x for x in (s or "").split(",") if x))
     if args.weights_only and (args.block_ops or args.block_nodes or args.keep_io is False):
         raise GraphoptError("--block-ops, --block-nodes and --no-keep-io apply to full conversion; --weights-only "
                             "keeps every node and the model's inputs/outputs float32")

@@ -134,7 +134,7 @@ class NumericCheckInstrument(Instrument):
 
         try:
             sess = ort_session(model)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise NumericalMismatchError(f"after pass {p.name!r} ONNX Runtime cannot load the model: {e}") from e
         worst = 0.0
         problems: list[str] = []
@@ -213,11 +213,9 @@ class StatsInstrument(Instrument):
         pass cost more than the passes); the size is the serialized size with large initializers
         counted by their payload instead of serializing them."""
         from graphopt.analysis import infer_shapes, model_stats
-        from graphopt.onnx_io import to_proto
-
-        from graphopt.runtime import resolve_input_shapes
-
         from graphopt.analysis.shapes import propagate_shapes
+        from graphopt.onnx_io import to_proto
+        from graphopt.runtime import resolve_input_shapes
 
         values = list(_all_values(model))
         saved = [(v, v.dtype, v.shape, v.type_proto, v._type_sig) for v in values]

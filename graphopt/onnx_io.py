@@ -927,9 +927,8 @@ def save(
         if external_data:
             fd, data_tmp = tempfile.mkstemp(prefix=".graphopt-", suffix=".data.tmp", dir=out.parent)
             tmp_files.append((data_tmp, out.parent / loc))
-            with os.fdopen(fd, "wb") as f:
-                with _gc_paused():
-                    mp = _Exporter(keep_external=True, writer=_DataWriter(f, loc, external_threshold)).model(model)
+            with os.fdopen(fd, "wb") as f, _gc_paused():
+                mp = _Exporter(keep_external=True, writer=_DataWriter(f, loc, external_threshold)).model(model)
         else:
             with _gc_paused():
                 mp = _Exporter(keep_external=False).model(model)

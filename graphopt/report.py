@@ -12,7 +12,7 @@ from typing import Any
 from graphopt.transform import PassRecord
 
 
-def human(n: float | int | None, unit: str = "") -> str:
+def human(n: float | None, unit: str = "") -> str:
     """1234567 -> '1.23M' (bytes: '1.18 MiB')."""
     if n is None:
         return "-"

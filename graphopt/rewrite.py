@@ -64,7 +64,7 @@ class Var:
         return f"{'Const' if self.const else 'Var'}({self.name!r})"
 
 
-def Const(name: str, **kw: Any) -> Var:  # noqa: N802 - reads like a pattern constructor
+def Const(name: str, **kw: Any) -> Var:
     """A :class:`Var` that only matches constants (initializers or ``Constant`` outputs)."""
     return Var(name, const=True, **kw)
 

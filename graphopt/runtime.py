@@ -594,9 +594,7 @@ def load_calibration(
                         f"{dtype_name(v.dtype)}"
                     )
             if v.shape is not None:
-                if batch_axis and batch_axis_given and arr.ndim == len(v.shape) - 1:
-                    arr = arr[None]
-                elif not batch_axis_given and arr.ndim == len(v.shape) - 1:
+                if batch_axis and batch_axis_given and arr.ndim == len(v.shape) - 1 or not batch_axis_given and arr.ndim == len(v.shape) - 1:
                     arr = arr[None]
                 if arr.ndim != len(v.shape):
                     raise InputSpecError(

@@ -17,33 +17,33 @@ from __future__ import annotations
 
 from graphopt import Pipeline, register_pipeline
 
-from .cleanup.constant_folding import ConstantFolding, InlineConstantIf, LiftInitializerInputs
+from . import lower as _lower  # noqa: F401 - registers lower-recurrent, lower-integer, explicit-conv-transpose, lower-for-tvm
 from .cleanup.canonicalize import SumToAdd
+from .cleanup.constant_folding import ConstantFolding, InlineConstantIf, LiftInitializerInputs
 from .cleanup.cse import CommonSubexpressionElimination
 from .cleanup.dce import DeadCodeElimination
 from .cleanup.names import CompactNames
 from .cleanup.noop import EliminateIdentity, EliminateNoOps
 from .cleanup.shapes import ResolveDynamicReshape
+from .compress.channels import ChannelPruning
+from .compress.cluster import Palettize, WeightClustering
+from .compress.lowrank import LowRankFactorization
+from .compress.prune import MagnitudePruning
+from .convert.float16 import Float16, Float16Weights
 from .fusion.activations import FuseActivations
 from .fusion.conv_affine import FuseConvAffine
 from .fusion.conv_bn import FuseConvBatchNorm
 from .fusion.gemm import FuseGemm
 from .fusion.layout import FuseLayoutChains
 from .fusion.pad_conv import FusePadIntoConv
+from .quantize.dynamic import QuantizeDynamic
+from .quantize.equalize import CrossLayerEqualization
+from .quantize.requantize import DequantizeInteger
+from .quantize.static import QuantizeStatic
 from .reorder.algebraic import AlgebraicReorder
 from .reorder.schedule import MemoryAwareSchedule
 from .reorder.tiling import SpatialTiling
 from .reorder.transpose import SinkTransposes
-from .compress.channels import ChannelPruning
-from .compress.cluster import Palettize, WeightClustering
-from .compress.lowrank import LowRankFactorization
-from .compress.prune import MagnitudePruning
-from .convert.float16 import Float16, Float16Weights
-from .quantize.dynamic import QuantizeDynamic
-from .quantize.equalize import CrossLayerEqualization
-from .quantize.requantize import DequantizeInteger
-from . import lower as _lower  # noqa: F401 - registers lower-recurrent, lower-integer, explicit-conv-transpose, lower-for-tvm
-from .quantize.static import QuantizeStatic
 
 
 def default_pipeline() -> Pipeline:
@@ -88,8 +88,39 @@ def memory_pipeline() -> Pipeline:
 register_pipeline("memory", memory_pipeline)
 
 __all__ = [
-    "AlgebraicReorder", "ChannelPruning", "CommonSubexpressionElimination", "CompactNames", "CrossLayerEqualization", "ConstantFolding", "DeadCodeElimination",
-    "EliminateIdentity", "EliminateNoOps", "FuseActivations", "FuseConvAffine", "FuseConvBatchNorm", "FuseGemm",
-    "FuseLayoutChains", "FusePadIntoConv", "InlineConstantIf", "LiftInitializerInputs", "LowRankFactorization", "MagnitudePruning", "Palettize", "WeightClustering", "MemoryAwareSchedule", "QuantizeDynamic", "QuantizeStatic", "ResolveDynamicReshape", "SinkTransposes", "SumToAdd",
-    "SpatialTiling", "cleanup_pipeline", "default_pipeline", "fold_only_pipeline", "memory_pipeline",
+    "AlgebraicReorder",
+    "ChannelPruning",
+    "CommonSubexpressionElimination",
+    "CompactNames",
+    "ConstantFolding",
+    "CrossLayerEqualization",
+    "DeadCodeElimination",
+    "DequantizeInteger",
+    "EliminateIdentity",
+    "EliminateNoOps",
+    "Float16",
+    "Float16Weights",
+    "FuseActivations",
+    "FuseConvAffine",
+    "FuseConvBatchNorm",
+    "FuseGemm",
+    "FuseLayoutChains",
+    "FusePadIntoConv",
+    "InlineConstantIf",
+    "LiftInitializerInputs",
+    "LowRankFactorization",
+    "MagnitudePruning",
+    "MemoryAwareSchedule",
+    "Palettize",
+    "QuantizeDynamic",
+    "QuantizeStatic",
+    "ResolveDynamicReshape",
+    "SinkTransposes",
+    "SpatialTiling",
+    "SumToAdd",
+    "WeightClustering",
+    "cleanup_pipeline",
+    "default_pipeline",
+    "fold_only_pipeline",
+    "memory_pipeline",
 ]

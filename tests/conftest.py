@@ -4,7 +4,6 @@ import os
 import tempfile
 
 import pytest
-
 from helpers import example_path, rng  # noqa: F401
 
 

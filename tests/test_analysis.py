@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from helpers import make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt.analysis import dominators, infer_shapes, model_stats, node_cost, peak_memory, to_networkx
-from helpers import make_model, vi
 
 
 def test_shape_inference_completes_exporter_reshape_chain(example_path) -> None:

@@ -25,8 +25,8 @@ from graphopt.runtime import ort_session
 
 tvm = pytest.importorskip("tvm", reason="the tvm extra is not installed")
 
-from graphopt.backend import compile as tvm_compile  # noqa: E402
-from graphopt.backend import load_compiled, resolve_target  # noqa: E402
+from graphopt.backend import compile as tvm_compile
+from graphopt.backend import load_compiled, resolve_target
 
 DIGITS = {"input": [1, 1, 8, 8]}
 
@@ -193,7 +193,7 @@ def test_bad_input_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(CompileError, match="my_lstm.*LSTM.*sequence_lens"):
         tvm_compile(graphopt.from_proto(lstm), "host")
     # CUDA without nvcc
-    import graphopt.backend.targets as targets
+    from graphopt.backend import targets
 
     monkeypatch.setattr(targets.shutil, "which", lambda name: None)
     monkeypatch.setattr(targets.os.path, "exists", lambda p: False)
@@ -247,11 +247,11 @@ def test_cuda_build_artifact(tmp_path: Path) -> None:
 
 
 def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
-    from graphopt.backend.tuning import open_database
-    from graphopt.cli import example_model_path
-
     # an interrupted run keeps what it finished: stop it (Ctrl-C) when the second task starts
     from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.backend.tuning import open_database
+    from graphopt.cli import example_model_path
 
     real, calls = ms.tune.tune_tasks, []
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from helpers import make_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.errors import ExternalDataError, InvalidModelError, ModelLoadError
-from helpers import make_model, vi
 
 
 def _small() -> onnx.ModelProto:

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import backend_model_dirs, make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt.runtime import compare, make_inputs
-from helpers import backend_model_dirs, make_model, vi
 
 
 def _check_equivalent(orig: onnx.ModelProto, m: graphopt.Model, feeds: dict, rtol=1e-4, atol=1e-5) -> None:

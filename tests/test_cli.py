@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
-
 from helpers import make_model, vi
+from onnx import helper
 
 
 def run(*args: str) -> subprocess.CompletedProcess:

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import make_model, vi
 from onnx import helper
 
 import graphopt
-from helpers import make_model, vi
 
 
 @pytest.mark.parametrize("opset", [11, 12, 13, 17])

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import FIXTURES, make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt.errors import GraphoptError
-from helpers import FIXTURES, make_model, vi
 
 DIGITS = np.load(FIXTURES / "digits_test.npz")
 CALIB = [{"input": x[None]} for x in np.load(FIXTURES / "digits_calib.npz")["input"]]  # 256 training images
@@ -207,8 +207,9 @@ def test_channel_pruning_digits_cnn_with_recovery(tmp_path: Path, example_path: 
 @pytest.mark.parametrize("name", ["light_resnet50", "light_densenet121", "light_shufflenet", "light_inception_v1",
                                   "light_squeezenet"])
 def test_channel_pruning_keeps_real_architectures_valid(name: str) -> None:
-    from graphopt.analysis import infer_shapes, model_stats
     from helpers import DATA
+
+    from graphopt.analysis import infer_shapes, model_stats
 
     m = _random_weights(DATA / "light" / f"{name}.onnx")
     feeds = graphopt.make_inputs(m)

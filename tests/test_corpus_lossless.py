@@ -11,7 +11,6 @@ pip (``benchmarks.corpus.fetch``); the whole file runs in seconds.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 import pytest
 

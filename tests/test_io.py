@@ -10,11 +10,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from helpers import make_model, vi
 from onnx import TensorProto, helper, numpy_helper
 
 import graphopt
 from graphopt.runtime import compare, make_inputs
-from helpers import make_model, vi
 
 
 def _mlp(rng, n=64) -> onnx.ModelProto:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt import Graph, Model, Node, VerificationError
 from graphopt.errors import InvalidModelError
-from helpers import make_model, vi
 
 
 def _chain() -> Model:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import DATA, make_model, vi
 from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.analysis import model_stats, peak_memory
 from graphopt.runtime import compare, make_inputs
-from helpers import DATA, make_model, vi
 
 H = helper.make_node
 R = np.random.default_rng(0)
@@ -631,7 +631,7 @@ def test_unit_transpose_next_to_reshape_becomes_a_reshape() -> None:
 def test_slices_of_disjoint_axes_merge() -> None:
     # YOLOv5's Focus: rows then columns, four ways, concatenated
     big = np.iinfo(np.int64).max
-    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
+    i64 = lambda *v: np.array(v, np.int64)
     mp = make_model([H("Slice", ["x", "z", "e", "a2", "s2"], ["r0"]), H("Slice", ["x", "o", "e", "a2", "s2"], ["r1"]),
                      H("Slice", ["r0", "z", "e", "a3", "s2"], ["p00"]), H("Slice", ["r0", "o", "e", "a3", "s2"], ["p01"]),
                      H("Slice", ["r1", "z", "e", "a3", "s2"], ["p10"]), H("Slice", ["r1", "o", "e", "a3", "s2"], ["p11"]),
@@ -686,7 +686,7 @@ def test_stats_instrument_leaves_types_alone_and_final_row_is_fresh() -> None:
     stats = StatsInstrument({"x": [2, 2, 4, 4]})
     ctx = graphopt.PassContext(instruments=[stats])
     graphopt.run_passes(measured, "default", ctx)
-    types = lambda m: [(o.name, o.dtype, o.shape) for n in m.graph for o in n.outputs]  # noqa: E731
+    types = lambda m: [(o.name, o.dtype, o.shape) for n in m.graph for o in n.outputs]
     assert types(measured) == types(plain)
     fresh = graphopt.from_proto(graphopt.to_proto(measured))
     infer_shapes(fresh, {"x": [2, 2, 4, 4]})

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import FIXTURES, make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt.errors import GraphoptError, InputSpecError
-from helpers import FIXTURES, make_model, vi
 
 DIGITS = np.load(FIXTURES / "digits_test.npz")
 CALIB = np.load(FIXTURES / "digits_calib.npz")["input"]
@@ -170,7 +170,7 @@ def test_user_metric_callback() -> None:
     mp, cal = _outlier_model()
     calls = []
 
-    def metric(ref, got):  # noqa: ANN001, ANN202
+    def metric(ref, got):
         calls.append(1)
         return max(float(np.abs(r["y"] - g["y"]).max()) for r, g in zip(ref, got, strict=True))
 

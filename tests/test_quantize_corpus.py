@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt.errors import GraphoptError
-from helpers import make_model, vi
 
 
 def _ops(g: onnx.GraphProto) -> list[str]:

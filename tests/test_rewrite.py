@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from helpers import make_model, vi
 from onnx import TensorProto, helper
 
 import graphopt
 from graphopt import Const, Opt, Rule, Var, apply_rules, explain, maybe, op
 from graphopt.runtime import compare, make_inputs
-from helpers import make_model, vi
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -108,7 +108,6 @@ def test_declined_rewrite_rolls_back() -> None:
     def decline(mm, b):
         b.op("Neg", mm["x"])  # builds something, then declines
         b.const(np.zeros(1, np.float32))
-        return None
 
     before = graphopt.to_proto(m).SerializeToString()
     assert apply_rules(m.graph, [Rule("decline", FOLD.pattern, decline)]) == 0
@@ -117,7 +116,7 @@ def test_declined_rewrite_rolls_back() -> None:
 
 def _readme_block(tag: str) -> str:
     text = README.read_text()
-    mt = re.search(rf"<!-- {tag} -->\s*```python\n(.*?)```", text, re.S)
+    mt = re.search(rf"<!-- {tag} -->\s*```python\n(.*?)```", text, re.DOTALL)
     assert mt, f"README has no block tagged {tag}"
     return mt.group(1)
 

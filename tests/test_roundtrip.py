@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import backend_model_dirs, light_models
 from onnx import numpy_helper
 
 import graphopt
 from graphopt.runtime import compare, make_inputs
-from helpers import backend_model_dirs, light_models
 
 
 def _read_set(d: Path) -> tuple[list[np.ndarray | list], list[np.ndarray | list]]:

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import make_model, vi
 from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.errors import InputSpecError
 from graphopt.runtime import compare, load_calibration, make_inputs, parse_input_shapes, resolve_input_shapes
-from helpers import make_model, vi
 
 
 def _two_inputs() -> graphopt.Model:

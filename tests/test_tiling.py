@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import light_models, make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt.analysis import peak_memory
 from graphopt.testing import logits_outputs, randomize_weights
-from helpers import light_models, make_model, vi
 
 
 def _stem_net(opset: int = 17, *, ceil: int = 0, include_pad: int = 1, dilation: int = 1, batch: int | str = 1

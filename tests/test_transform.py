@@ -9,15 +9,27 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from helpers import make_model, vi
 from onnx import helper
 
 import graphopt
 from graphopt import (
-    Graph, NumericCheckInstrument, NumericalMismatchError, Pass, PassContext, PassError, Pipeline,
-    SnapshotInstrument, StatsInstrument, VerificationError, VerifyInstrument, bisect, register_pass, run_passes,
+    Graph,
+    NumericalMismatchError,
+    NumericCheckInstrument,
+    Pass,
+    PassContext,
+    PassError,
+    Pipeline,
+    SnapshotInstrument,
+    StatsInstrument,
+    VerificationError,
+    VerifyInstrument,
+    bisect,
+    register_pass,
+    run_passes,
+    transform,
 )
-from graphopt import transform
-from helpers import make_model, vi
 
 
 def _ids(n: int) -> graphopt.Model:

@@ -17,7 +17,6 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-
 import numpy as np
 
 from graphopt.ir.core import Graph, Model, Node, Value

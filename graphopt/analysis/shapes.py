@@ -17,8 +17,7 @@ import numpy as np
 import onnx
 
 from graphopt.ir.core import Graph, Model, Node, Value
-from graphopt.ir.tensor import np_dtype
-from graphopt.ir.tensor import onnx_dtype
+from graphopt.ir.tensor import np_dtype, onnx_dtype
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,8 @@ _os.environ.setdefault("TVM_NUM_THREADS", str(_host_cores()))
 # 5.7 ms in 2 of 3 runs next to ONNX Runtime here, never unpinned. graphopt leaves placement to the OS.
 _os.environ.setdefault("TVM_BIND_THREADS", "0")
 
-from .compiler import (  # noqa: E402 - after the thread setting
-    CompiledModel, CompileInfo, IOSpec, compile, example_inputs, load_compiled, prepare)
-from .targets import TargetSpec, resolve_target  # noqa: E402
+from .compiler import CompiledModel, CompileInfo, IOSpec, compile, example_inputs, load_compiled, prepare
+from .targets import TargetSpec, resolve_target
 
 __all__ = ["CompileInfo", "CompiledModel", "IOSpec", "TargetSpec", "compile", "example_inputs", "load_compiled",
            "prepare", "resolve_target"]

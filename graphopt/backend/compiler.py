@@ -281,8 +281,9 @@ def _if_control_inputs(model: Model) -> dict[str, list[str]]:
 
 def import_relax(model: Model) -> Any:
     """Convert a prepared model to a Relax IRModule (weights as constants)."""
-    import graphopt
     from tvm.relax.frontend.onnx import from_onnx
+
+    import graphopt
 
     proto = graphopt.to_proto(model)
     failure = None
@@ -720,7 +721,7 @@ def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
 # -- the entry point --------------------------------------------------------------------------
 
 
-def compile(  # noqa: A001 - the natural name; exported as graphopt.compile
+def compile(
     model: Model | str | os.PathLike[str],
     target: str | dict[str, Any] | TargetSpec = "host",
     *,

@@ -29,7 +29,7 @@ from typing import Any
 
 _KERNEL = re.compile(r'__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?(\w+)\s*\([^)]*\)\s*\{')
 _LOCAL_ARRAY = re.compile(r'^\s*(?:alignas\(\d+\)\s+)?(?:float|double|half|int|int64_t|uint\w*|signed char|'
-                          r'unsigned char|char|bool|__half|nv_bfloat16|\w+_t)\d*\s+(\w+)\[\d+\];', re.M)
+                          r'unsigned char|char|bool|__half|nv_bfloat16|\w+_t)\d*\s+(\w+)\[\d+\];', re.MULTILINE)
 _INT_DEF = re.compile(r'\b(?:int|int64_t|long long|unsigned|uint)\s+(\w+)\s*=\s*([^;]+);')
 
 

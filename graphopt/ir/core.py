@@ -40,19 +40,19 @@ class Value:
     """
 
     __slots__ = (
-        "name",
-        "dtype",
-        "shape",
-        "producer",
-        "index",
+        "__weakref__",
+        "_type_sig",
         "_uses",
         "const",
-        "graph",
         "doc_string",
-        "type_proto",
-        "_type_sig",
+        "dtype",
+        "graph",
+        "index",
         "meta",
-        "__weakref__",
+        "name",
+        "producer",
+        "shape",
+        "type_proto",
     )
 
     def __init__(
@@ -206,7 +206,7 @@ class Attr:
     written back as they were read. Graph-valued attributes always hold :class:`Graph` objects.
     """
 
-    __slots__ = ("name", "type", "_value", "_proto", "_base_dir", "ref_attr_name", "doc_string")
+    __slots__ = ("_base_dir", "_proto", "_value", "doc_string", "name", "ref_attr_name", "type")
 
     def __init__(self, name: str, type: int, value: Any = None, *, ref_attr_name: str = "") -> None:
         self.name = name
@@ -293,20 +293,20 @@ class Node:
     """
 
     __slots__ = (
-        "op_type",
-        "domain",
-        "name",
-        "overload",
+        "__weakref__",
         "_inputs",
+        "_next",
         "_outputs",
+        "_prev",
         "attrs",
         "doc_string",
+        "domain",
         "graph",
-        "_prev",
-        "_next",
-        "metadata_props",
         "meta",
-        "__weakref__",
+        "metadata_props",
+        "name",
+        "op_type",
+        "overload",
     )
 
     def __init__(
@@ -466,7 +466,7 @@ class Node:
 class NameScope:
     """Names handed out in a model, shared by a graph and its subgraphs, for fresh names."""
 
-    __slots__ = ("used", "_counters")
+    __slots__ = ("_counters", "used")
 
     def __init__(self) -> None:
         self.used: set[str] = set()

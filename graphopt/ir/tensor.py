@@ -108,7 +108,7 @@ class Tensor:
         base_dir: directory that external-data locations are relative to.
     """
 
-    __slots__ = ("_array", "_proto", "_base_dir", "dtype", "shape", "doc_string")
+    __slots__ = ("_array", "_base_dir", "_proto", "doc_string", "dtype", "shape")
 
     def __init__(
         self,

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt import GraphoptError, Graph, Node, Pass, PassContext, Value, register_pass
+from graphopt import Graph, GraphoptError, Node, Pass, PassContext, Value, register_pass
 
 _STD = ("", "ai.onnx")
 _WEIGHT_INPUT = {"Conv": 1, "Gemm": 1, "MatMul": 1, "ConvTranspose": 1}

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import GraphoptError, Graph, Node, Pass, PassContext, register_pass
+from graphopt import Graph, GraphoptError, Node, Pass, PassContext, register_pass
 from graphopt.runtime import collect_values, load_calibration
 
 _STD = ("", "ai.onnx")

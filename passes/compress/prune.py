@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import GraphoptError, Graph, Pass, PassContext, register_pass
+from graphopt import Graph, GraphoptError, Pass, PassContext, register_pass
 
 _STD = ("", "ai.onnx")
 

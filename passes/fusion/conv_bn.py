@@ -77,7 +77,7 @@ class FuseConvBatchNorm(PatternPass):
                 return f"Conv output is also read by a node that cannot take the fusion: {ok}"
         return True
 
-    def rewrite(self, m: Match, b):  # noqa: ANN001, ANN201
+    def rewrite(self, m: Match, b):
         conv, bn = m["conv"], m["bn"]
         w = m.const("w")
         eps = float(bn.attr("epsilon", 1e-5))

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt import GraphoptError, Graph, Node, Pass, PassContext, register_pass
+from graphopt import Graph, GraphoptError, Node, Pass, PassContext, register_pass
 
 from .calibrate import int8_weight
 

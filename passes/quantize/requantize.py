@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from graphopt import GraphoptError, Graph, Model, Node, Pass, PassContext, Value, register_pass
+from graphopt import Graph, GraphoptError, Model, Node, Pass, PassContext, Value, register_pass
 
 log = logging.getLogger(__name__)
 

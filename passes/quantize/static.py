@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from graphopt import GraphoptError, Graph, Model, Node, Pass, PassContext, Value, register_pass
+from graphopt import Graph, GraphoptError, Model, Node, Pass, PassContext, Value, register_pass
 from graphopt.runtime import intermediate_session, load_calibration
 
 from ..common import is_depthwise, reduce_axes
