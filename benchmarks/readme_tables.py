@@ -47,8 +47,10 @@ def matrix_table() -> str:
         n = {k: sum(s == k for s in st) for k in totals}
         for k in totals:
             totals[k] += n[k]
-        bad = [c for c in COMMANDS if c in m["cells"] and m["cells"][c]["status"] not in ("ok", "skipped")]
-        cells = f"{n['ok']} / {n['refused']} / {n['failure']}" + (f" ({', '.join(bad)})" if bad else "")
+        def which(status: str) -> list[str]:
+            return [c for c in COMMANDS if c in m["cells"] and m["cells"][c]["status"] == status]
+        notes = [f"{s}: {', '.join(which(s))}" for s in ("refused", "failure") if which(s)]
+        cells = f"{n['ok']} / {n['refused']} / {n['failure']}" + (f" ({'; '.join(notes)})" if notes else "")
         nodes = "-"
         if e.name in lo:
             r = lo[e.name]
