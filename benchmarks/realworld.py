@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -331,21 +332,10 @@ def _stop_children(signum: int, frame: Any) -> None:
 def model_names(m: onnx.ModelProto) -> set[str]:
     """Op types, node names and value names of inputs/outputs, in every graph and subgraph."""
     names: set[str] = set()
-
-    def walk(g: onnx.GraphProto) -> None:
-        for v in list(g.input) + list(g.output):
-            names.add(v.name)
-        for n in g.node:
-            names.add(n.op_type)
-            if n.name:
-                names.add(n.name)
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-    walk(m.graph)
+    for g in corpus.all_graphs(m.graph):
+        names.update(v.name for v in [*g.input, *g.output])
+        names.update(n.op_type for n in g.node)
+        names.update(n.name for n in g.node if n.name)
     return names
 
 
@@ -428,21 +418,10 @@ def _rel_err(ref: list[dict[str, Any]], got: list[dict[str, Any]]) -> tuple[floa
 def _params(m: onnx.ModelProto) -> int:
     """Stored weight elements: initializers and Constant tensors, subgraphs included."""
     total = 0
-
-    def walk(g: onnx.GraphProto) -> None:
-        nonlocal total
-        for t in g.initializer:
-            total += int(np.prod(t.dims)) if t.dims else 1
-        for n in g.node:
-            for a in n.attribute:
-                if n.op_type == "Constant" and a.type == onnx.AttributeProto.TENSOR:
-                    total += int(np.prod(a.t.dims)) if a.t.dims else 1
-                elif a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-    walk(m.graph)
+    for g in corpus.all_graphs(m.graph):
+        total += sum(int(np.prod(t.dims)) for t in g.initializer)
+        total += sum(int(np.prod(a.t.dims)) for n in g.node if n.op_type == "Constant"
+                     for a in n.attribute if a.type == onnx.AttributeProto.TENSOR)
     return total
 
 
@@ -456,17 +435,7 @@ def _int_ops(m: onnx.ModelProto) -> int:
 
 
 def _count_nodes(m: onnx.ModelProto) -> int:
-    def walk(g: onnx.GraphProto) -> int:
-        c = 0
-        for n in g.node:
-            c += n.op_type != "Constant"
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    c += walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    c += sum(walk(sg) for sg in a.graphs)
-        return c
-    return walk(m.graph)
+    return sum(n.op_type != "Constant" for g in corpus.all_graphs(m.graph) for n in g.node)
 
 
 def _fits(m: onnx.ModelProto, feed: dict[str, np.ndarray]) -> bool:
@@ -550,19 +519,7 @@ def check_output(kind: str, src: Path, out: Path, inputs: Inputs, ref: list[dict
 
 
 def _op_counts(m: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            counts[n.op_type] = counts.get(n.op_type, 0) + 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for sg in a.graphs:
-                        walk(sg)
-    walk(m.graph)
-    return counts
+    return dict(Counter(n.op_type for g in corpus.all_graphs(m.graph) for n in g.node))
 
 
 def compress_args(m: onnx.ModelProto) -> tuple[list[str], str]:

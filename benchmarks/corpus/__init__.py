@@ -22,8 +22,13 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import onnx
 
 log = logging.getLogger("graphopt.corpus")
 
@@ -99,6 +104,20 @@ ENTRIES: tuple[Entry, ...] = (
 )
 
 BY_NAME = {e.name: e for e in ENTRIES}
+
+
+def all_graphs(g: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``g`` and every subgraph in it (If/Loop/Scan bodies, nested), for counting over a model proto."""
+    import onnx
+
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_graphs(a.g)
+            elif a.type == onnx.AttributeProto.GRAPHS:
+                for sg in a.graphs:
+                    yield from all_graphs(sg)
 
 
 def cache_dir() -> Path:
