@@ -15,7 +15,6 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -359,12 +358,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-#: integer-arithmetic ops (ONNX and ONNX Runtime contrib) of models that are already quantized
-_INTEGER_OPS = frozenset({"ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM",
-                          "QLinearAdd", "QLinearMul", "QGemm", "QAttention", "DynamicQuantizeMatMul"})
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
+    from graphopt.analysis.quantized import integer_ops
     from graphopt.onnx_io import save
     from graphopt.report import human, table
     from graphopt.runtime import compare, load_calibration, parse_input_shapes
@@ -377,7 +372,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
     model = _load(args.model, check=not args.no_check)
-    integer = Counter(n.op_type for g in model.all_graphs() for n in g if n.op_type in _INTEGER_OPS)
+    integer = integer_ops(model)
     if integer:
         ops = ", ".join(f"{c} {k}" for k, c in integer.most_common())
         raise GraphoptError(f"the model is already quantized ({ops}): compress works on float weights; turn it back "

@@ -24,16 +24,10 @@ from typing import Any
 import numpy as np
 
 from graphopt import Graph, GraphoptError, Model, Node, Pass, PassContext, Value, register_pass
+from graphopt.analysis.quantized import INTEGER_COMPUTE
 
 log = logging.getLogger(__name__)
 
-#: ops whose arithmetic is integer (ONNX and ONNX Runtime contrib ops)
-INTEGER_COMPUTE = frozenset({
-    "ConvInteger", "MatMulInteger", "QLinearConv", "QLinearMatMul", "DynamicQuantizeLSTM", "QGemm",
-    "MatMulIntegerToFloat", "DynamicQuantizeMatMul", "QAttention", "QLinearAdd", "QLinearMul",
-    "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearConcat", "QLinearSigmoid", "QLinearLeakyRelu",
-    "QLinearSoftmax", "QEmbedLayerNormalization", "QOrderedMatMul",
-})
 #: ops that move values between float and integer
 CONVERSION = frozenset({"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear"})
 _INT8 = (np.int8, np.uint8)
