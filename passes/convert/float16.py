@@ -45,9 +45,12 @@ half type's largest finite value divided by ``overflow_margin`` (65504/2 by defa
 or whose rounding to the half type costs more than ``max_value_error`` relative L2 error
 (underflow), keeps its producer and its readers in float32. Without data (and inside bodies,
 which the data does not reach) a conservative list of ops stays float32 (``CONSERVATIVE``:
-exponentials, powers, sums and means over many values, softmax, cumulative sums, Range). Each
-node kept float32 is named in ``report["kept"]`` with the reason. Lossy by nature: check the
-result with your task metric.
+exponentials, powers, sums and means over many values, softmax, cumulative sums, Range), and
+the float32 model runs once on random inputs (``probe``): values beyond the half type's range
+divided by ``probe_margin`` (65504/4) keep their nodes float32 as with data. Overflow in real
+models sits in ordinary MatMul/Add/Mul outputs whose scale comes from the weights, which no op
+list can name but any input shows. Each node kept float32 is named in ``report["kept"]`` with
+the reason. Lossy by nature: check the result with your task metric.
 """
 
 from __future__ import annotations
@@ -372,6 +375,12 @@ class _Converter:
             self.keep(g, n, None)
             return
         bad = sorted(var for var in floats if self.tstr not in tvars[var])
+        in_vars = {var for var, kind, _, v in slots if kind == "in" and v is not None}
+        if bad and len(bad) < len(floats) and not in_vars.intersection(bad):
+            # a type variable of outputs only (LayerNormalization's statistics U): it keeps float32
+            # while the others take the half type, which the schema allows (they vary independently)
+            floats -= set(bad)
+            bad = []
         if bad:
             self.keep(g, n, f"schema: {op}-{schema.since_version} has no {HALF_TYPES[self.dtype]} for "
                             f"{', '.join(bad)}")
@@ -476,9 +485,10 @@ _ERROR_SAMPLE = 1 << 16  # values per tensor and sample for the rounding-error e
 
 
 def value_flags(model: Model, samples: list[dict[str, np.ndarray]], dtype: int, overflow_margin: float,
-                max_value_error: float) -> dict[str, str]:
+                max_value_error: float, source: str = "the data") -> dict[str, str]:
     """Float values of the main graph that the half type cannot hold on ``samples``:
-    {value name: reason}. Runs the float32 model under ONNX Runtime once per sample."""
+    {value name: reason}. Runs the float32 model under ONNX Runtime once per sample.
+    ``max_value_error=inf`` checks overflow only (``source`` names the samples in the reasons)."""
     from graphopt.runtime import intermediate_session
 
     names = [o.name for n in model.graph.iter_nodes() for o in n.outputs
@@ -506,6 +516,8 @@ def value_flags(model: Model, samples: list[dict[str, np.ndarray]], dtype: int, 
                     continue
                 m = max(float(flat.max()), -float(flat.min()))
             peak[name] = max(peak.get(name, 0.0), m)
+            if not np.isfinite(max_value_error):
+                continue
             # the rounding error on an evenly strided subsample (large activations cost seconds otherwise)
             fin = flat[:: max(1, flat.size // _ERROR_SAMPLE)]
             fin = fin[np.isfinite(fin)]
@@ -520,9 +532,9 @@ def value_flags(model: Model, samples: list[dict[str, np.ndarray]], dtype: int, 
     flags: dict[str, str] = {}
     for name, m in peak.items():
         if m > limit:
-            flags[name] = f"reaches {m:.4g} on the data, beyond {HALF_TYPES[dtype]}'s {HALF_MAX[dtype]:g}" + (
+            flags[name] = f"reaches {m:.4g} on {source}, beyond {HALF_TYPES[dtype]}'s {HALF_MAX[dtype]:g}" + (
                 f" / {overflow_margin:g}" if overflow_margin != 1 else "")
-        elif norm2.get(name, 0.0) > 0 and (err2[name] / norm2[name]) ** 0.5 > max_value_error:
+        elif np.isfinite(max_value_error) and norm2.get(name, 0.0) > 0 and (err2[name] / norm2[name]) ** 0.5 > max_value_error:
             flags[name] = (f"rounding to {HALF_TYPES[dtype]} costs {(err2[name] / norm2[name]) ** 0.5:.2g} "
                            "relative error on the data (underflow)")
     return flags
@@ -535,7 +547,8 @@ class Float16(Pass):
     name = "float16"
     recursive = False
     default_options = {"dtype": "float16", "keep_io": True, "block_ops": (), "block_nodes": (),
-                       "default_block": True, "overflow_margin": 2.0, "max_value_error": None, "weights": True}
+                       "default_block": True, "overflow_margin": 2.0, "max_value_error": None, "weights": True,
+                       "probe": 1, "probe_margin": 4.0}
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -562,6 +575,9 @@ class Float16(Pass):
             max_err = 1e-3 if self.dtype == TensorProto.FLOAT16 else 1e-2
         flags = value_flags(model, samples, self.dtype, float(self.options["overflow_margin"]), float(max_err)) \
             if samples else {}
+        probe: dict[str, Any] = {}
+        if not samples and self.options["default_block"] and int(self.options["probe"] or 0) > 0:
+            flags, probe = self._probe(model, int(self.options["probe"]))
         conv = _Converter(model, self.dtype, bool(self.options["keep_io"]), set(self.options["block_ops"]),
                           set(self.options["block_nodes"]), flags, bool(self.options["default_block"]),
                           bool(samples))
@@ -581,9 +597,38 @@ class Float16(Pass):
             "casts_removed": fused,
             "casts_in_model": sum(1 for g in model.graph.all_graphs() for n in g.iter_nodes() if n.op_type == "Cast"),
             "keep_io": bool(self.options["keep_io"]),
-            "data_flags": flags, "calibration_samples": len(samples),
+            "data_flags": flags, "calibration_samples": len(samples), "probe": probe,
             "other_domains": conv.other_domains, "float32_weights_stored_half": stored,
         }
         for name, why in conv.kept.items():
             log.info("float16: %s kept float32: %s", name, why)
         return conv.converted > 0 or conv.consts_converted > 0
+
+    def _probe(self, model: Model, n: int) -> tuple[dict[str, str], dict[str, Any]]:
+        """Without data: run the float32 model on ``n`` random feeds (graphopt.runtime.input_feeds:
+        floats ~ N(0,1), small integers, defaulted dims grown until the model runs) and flag the
+        values whose magnitude exceeds the half type's range divided by ``probe_margin``.
+
+        Why a probe and not only an op list: the values that overflow in real models are
+        ordinary MatMul/Add/Mul outputs whose size comes from the weights (magika v1's dense
+        layers, trained in front of a LayerNorm that undoes their scale, reach 3.7e6). No op
+        class can say which; one run on any input shows it, since the scale is in the weights.
+        Random inputs say nothing about rounding error (underflow): that check needs real data.
+        A model that does not run on random inputs is converted without the probe (said in the
+        report)."""
+        from graphopt.runtime import input_feeds
+
+        quiet = logging.getLogger("graphopt.dims")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # the defaulted dims warning is for the user's own checks
+        try:
+            feeds = input_feeds(model, count=n, seed=0, check=True)
+            flags = value_flags(model, feeds, self.dtype, float(self.options["probe_margin"]), float("inf"),
+                                source="random probe inputs")
+        except Exception as e:  # noqa: BLE001 - random inputs cannot satisfy every model: convert without
+            log.warning("float16: no probe run on random inputs (%s); only the default op list guards "
+                        "against overflow: pass calibration data (--inputs)", " ".join(str(e).split())[:200])
+            return {}, {"samples": 0, "skipped": " ".join(str(e).split())[:300]}
+        finally:
+            quiet.setLevel(level)
+        return flags, {"samples": len(feeds), "flagged": len(flags)}
