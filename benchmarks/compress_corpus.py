@@ -35,6 +35,7 @@ import onnx
 
 import graphopt
 from graphopt.analysis import infer_shapes, model_stats
+from graphopt.progress import progress
 from graphopt.runtime import interleaved_timings, ort_session
 from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     out_json = HERE / "results" / "compress_corpus.json"
     old = {r["model"]: r for r in json.loads(out_json.read_text())} if out_json.exists() else {}
     with tempfile.TemporaryDirectory() as d:
-        for name in names:
+        for name in progress(names, desc="compress corpus", unit="model"):
             try:
                 row = run_one(name, args, Path(d))
             except Exception as e:  # noqa: BLE001 - one model failing is a row, not the end of the run

@@ -53,6 +53,7 @@ import onnx
 
 import graphopt
 from benchmarks.corpus import ENTRIES, fetch, model_path
+from graphopt.progress import progress
 
 warnings.filterwarnings("ignore")
 HERE = Path(__file__).resolve().parent
@@ -435,7 +436,7 @@ def main() -> None:
                            "latency": [], "backend": None, "tvm_cuda": None}
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for name in names if args.only in (None, "corpus") else []:
+        for name in progress(names if args.only in (None, "corpus") else [], desc="float16 corpus", unit="model"):
             t0 = time.perf_counter()
             row = corpus_model(name, args.n, tmp)
             res["corpus"].append(row)

@@ -43,6 +43,7 @@ import onnx
 
 import graphopt
 from benchmarks.corpus import ENTRIES, fetch
+from graphopt.progress import progress
 
 warnings.filterwarnings("ignore")
 HERE = Path(__file__).resolve().parent
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     paths = fetch(names)
     data = _data_module()
     rows = []
-    for name in names:
+    for name in progress(names, desc="int8 corpus", unit="model"):
         t0 = time.perf_counter()
         try:
             row = bench_one(name, paths[name], args, data)

@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 
 import graphopt
+from graphopt.progress import progress
 from graphopt.runtime import ort_session
 
 warnings.filterwarnings("ignore")
@@ -407,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(exist_ok=True)
     jpath = OUT / "lossless_corpus.json"
     old = {r["model"]: r for r in json.loads(jpath.read_text())} if jpath.exists() and args.only else {}
-    for name in names:
+    for name in progress(names, desc="lossless corpus", unit="model"):
         row = bench_model(name, Path(paths[name]), args.repeats, args.feeds)
         if row["mb"] >= args.cli_min_mb:
             row["cli"] = cli_times(Path(paths[name]), max(args.repeats, 1))

@@ -23,6 +23,7 @@ import numpy as np
 
 from graphopt.data import example_model_path
 from graphopt.errors import CheckerError, GraphoptError, NumericalMismatchError
+from graphopt.progress import progress
 
 log = logging.getLogger("graphopt")
 
@@ -61,10 +62,64 @@ def _nonneg(text: str) -> float:
     return v
 
 
-def _load(path: str, check: bool = True) -> Any:
+def _fraction(low: float, high: float, *, low_open: bool = True, high_open: bool = False) -> Any:
+    """An argparse type: a float in the interval from ``low`` to ``high`` (open where said)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"{text} is not in {'(' if low_open else '['}{low:g}, {high:g}"
+                                             f"{')' if high_open else ']'}")
+        return v
+    return parse
+
+
+def _int_range(low: int, high: int) -> Any:
+    """An argparse type: an integer from ``low`` to ``high``."""
+    def parse(text: str) -> int:
+        v = _count(low)(text)
+        if v > high:
+            raise argparse.ArgumentTypeError(f"{v} is above {high}")
+        return v
+    return parse
+
+
+def _n_of_m(text: str) -> str:
+    """An argparse type: ``N:M`` sparsity with 0 < N < M (e.g. 2:4)."""
+    n, sep, m = text.partition(":")
+    try:
+        ok = bool(sep) and 0 < int(n) < int(m)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r} is not N:M with 0 < N < M (e.g. 2:4)")
+    return text
+
+
+def _shape_spec(text: str) -> str:
+    """An argparse type: ``NAME:D1,D2,...`` (the syntax; names and ranks are checked against the model)."""
+    from graphopt.runtime import parse_input_shapes
+
+    try:
+        parse_input_shapes([text])
+    except GraphoptError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("bad input shape ")) from None
+    return text
+
+
+def _load(path: str, check: bool = True, shapes: Sequence[str] | None = None) -> Any:
+    """Load a model; ``shapes`` (``--input-shape`` specs) must name its inputs with their ranks."""
     from graphopt.onnx_io import load
 
-    return load(path, check=check)
+    model = load(path, check=check)
+    if shapes:
+        from graphopt.runtime import parse_input_shapes, resolve_input_shapes
+
+        resolve_input_shapes(model, parse_input_shapes(shapes))  # unknown name, wrong rank, fixed dim changed
+    return model
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -72,7 +127,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from graphopt.ir.tensor import dtype_name
     from graphopt.report import human, table
 
-    model = _load(args.model, check=not args.no_check)
+    model = _load(args.model, check=not args.no_check, shapes=args.input_shape)
     m = model.copy()
     from graphopt.runtime import parse_input_shapes, resolve_input_shapes
 
@@ -155,11 +210,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from graphopt.runtime import compare, parse_input_shapes, run_ort
     from graphopt.transform import PassContext, Pipeline, get_pass, get_pipeline, run_passes
 
-    src = str(example_model_path()) if args.example else args.model
-    if src is None:
-        raise GraphoptError("give an input model (or --example for the bundled one)")
-    if args.model and args.example:
-        raise GraphoptError("give either an input model or --example, not both")
+    src = args.model  # main() put the bundled model here for --example
     out = Path(args.output)
     if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
@@ -168,7 +219,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if args.passes and args.pipeline:
         raise GraphoptError("give --pipeline or --passes, not both")
     shapes = parse_input_shapes(args.input_shape)
-    model = _load(src, check=not args.no_check)
+    model = _load(src, check=not args.no_check, shapes=args.input_shape)
     if shapes:
         from graphopt.runtime import resolve_input_shapes
 
@@ -207,7 +258,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     err = None
     if args.verify and original is not None:
         worst = 0.0
-        for f in feeds:
+        for f in progress(feeds, desc="checking the written model", unit="sample"):
             c = compare(run_ort(original, f), run_ort(str(_target(args, out)), f), rtol=args.rtol, atol=args.atol,
                         scale_rtol=args.scale_rtol)
             worst = max(worst, c.max_abs)
@@ -230,7 +281,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         summary["verified"] = f"{len(feeds)} {kind}, max abs error {err:.3g}"
     print(f"\n{src} -> {out}: compute nodes {before.nodes} -> {final.nodes}, "
           f"size {human(before.bytes, 'B')} -> {human(final.bytes, 'B')}, {elapsed:.2f}s"
-          + (f", verified on {len(feeds)} {kind} (max abs err {err:.2e})" if err is not None else ""))
+          + (f", verified on {len(feeds)} {kind} (max abs err {err:.2e})" if err is not None else "")
+          + ("; input shapes FIXED by --input-shape: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+             if shapes else ""))
     if args.report:
         write_report(args.report, summary, ctx.records, before)
         print(f"report written to {args.report}")
@@ -241,7 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from graphopt.report import table
     from graphopt.runtime import compare, run_ort
 
-    a = _load(args.a, check=not args.no_check)
+    a = _load(args.a, check=not args.no_check, shapes=args.input_shape)
     b = _load(args.b, check=not args.no_check)
     ia = sorted(v.name for v in a.graph.inputs if v.const is None)
     ib = sorted(v.name for v in b.graph.inputs if v.const is None)
@@ -250,7 +303,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     rows = []
     ok = True
     feeds = _feeds(a, args, args.samples if args.samples or args.inputs else 3)
-    for k, feed in enumerate(feeds):
+    for k, feed in enumerate(progress(feeds, desc="comparing", unit="sample")):
         c = compare(run_ort(a, feed), run_ort(b, feed), rtol=args.rtol, atol=args.atol, scale_rtol=args.scale_rtol)
         ok &= c.ok
         rows.append([k, f"{c.max_abs:.3e}", f"{c.max_rel:.3e}", f"{c.cosine:.6f}",
@@ -291,7 +344,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
-    model = _load(args.model, check=not args.no_check)
+    model = _load(args.model, check=not args.no_check, shapes=args.input_shape)
     checks = _feeds(model, args, None) if args.inputs else None  # the user's samples, validated before any work
     if args.dynamic or args.weight_only:
         if args.calibration:
@@ -329,7 +382,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     save(model, _target(args, out))  # main() moves it into place once everything below succeeded
     after = _target(args, out).stat().st_size
     worst, cos, top1 = 0.0, 1.0, []
-    for s in checks[: min(len(checks), 32)]:
+    for s in progress(checks[: min(len(checks), 32)], desc="checking the quantized model", unit="sample"):
         c = compare(run_ort(original, s), run_ort(str(_target(args, out)), s), rtol=1e9, atol=1e9)
         worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
         if c.top1 is not None:
@@ -371,7 +424,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if Path(args.model).exists() and out.exists() and out.resolve() == Path(args.model).resolve():
         raise GraphoptError("the output path is the input file; graphopt never overwrites its input")
-    model = _load(args.model, check=not args.no_check)
+    model = _load(args.model, check=not args.no_check, shapes=args.input_shape)
     integer = integer_ops(model)
     if integer:
         ops = ", ".join(f"{c} {k}" for k, c in integer.most_common())
@@ -530,16 +583,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.suffix not in (".so", ".tar"):
         raise GraphoptError(f"-o {args.output!r}: the output must end in .so (shared library) or .tar")
-    src = str(example_model_path()) if args.example else args.model
-    if src is None:
-        raise GraphoptError("give a model path or --example")
+    src = args.model  # main() put the bundled model here for --example
     hints = parse_input_shapes(args.input_shape)
+    if hints and not args.no_check:  # names and ranks checked here (TVM would name a dynamic dim instead)
+        _load(src, check=False, shapes=args.input_shape)
     if args.inputs:  # shapes from the user's data (--input-shape still wins where both are given)
         from graphopt.runtime import load_calibration
 
         hints = {**_shapes_of(load_calibration(args.inputs, _load(src, check=False), what="--inputs")[0]), **hints}
     if args.no_check:  # compile loads (and checks) a path itself
-        src = _load(src, check=False)
+        src = _load(src, check=False, shapes=args.input_shape)
     t0 = time.perf_counter()
     consts = {}
     for item in args.const_input:  # NAME=VALUE (a number, or comma-separated numbers)
@@ -590,7 +643,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         parse_input_shapes,
     )
 
-    m = _load(args.model, check=not args.no_check)
+    m = _load(args.model, check=not args.no_check, shapes=args.input_shape)
     hints = parse_input_shapes(args.input_shape)
     data = load_calibration(args.inputs, m, what="--inputs") if args.inputs else None
     if data:  # shapes from the user's data (--input-shape still wins where both are given)
@@ -646,7 +699,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.weights_only and (args.block_ops or args.block_nodes or args.keep_io is False):
         raise GraphoptError("--block-ops, --block-nodes and --no-keep-io apply to full conversion; --weights-only "
                             "keeps every node and the model's inputs/outputs float32")
-    model = _load(args.model, check=not args.no_check)
+    model = _load(args.model, check=not args.no_check, shapes=args.input_shape)
     samples = _feeds(model, args, None) if args.inputs else None  # validated before any work
     original = model.copy()
     if args.weights_only:
@@ -681,7 +734,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         rows.append(["  ...", f"{len(kept) - 12} more (--report lists all)"])
     checks = samples or _feeds(original, args, 2)
     worst, cos, top1, ran, nonfinite = 0.0, 1.0, [], True, 0
-    for s in checks[: min(len(checks), 16)]:
+    for s in progress(checks[: min(len(checks), 16)], desc="checking the converted model", unit="sample"):
         try:
             got = run_ort(str(target), _half_feed(str(target), s))
         except GraphoptError as e:
@@ -716,12 +769,32 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
+    p.add_argument("--version", action="version", version=f"graphopt {_version()}")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    p.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
+    p.add_argument("--plugin", action="append", default=[], dest="plugins", metavar="MODULE", help=_PLUGIN_HELP)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    shape_effect = {  # what the shape does to each command's result (said in --help)
+        "inspect": "; FLOPs and memory are counted at it",
+        "optimize": "; the written model has these shapes FIXED (its inputs are declared with them and shape "
+                    "computations fold); the summary says so",
+        "quantize": "; the checks run at it (the written model keeps its dynamic dims)",
+        "compress": "; passes that follow shapes use it (the written model keeps its dynamic dims)",
+        "convert": "; the checks run at it (the written model keeps its dynamic dims)",
+        "verify": "; the random samples have it",
+        "compile": "; the library is compiled for exactly these shapes",
+        "bench": "; the model is compiled and timed at it",
+    }
+
     def shape_arg(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                        help="concrete shape for an input with dynamic dims (symbols, -1, missing; repeatable)")
+        sp.add_argument("--input-shape", action="append", default=[], metavar="NAME:D1,D2,...", type=_shape_spec,
+                        help="concrete shape for an input with dynamic dims (symbols, -1, missing; repeatable)"
+                        + shape_effect.get(sp.prog.rsplit(" ", 1)[-1], ""))
+
+    def example_arg(sp: argparse.ArgumentParser, extra: str = "") -> None:
+        sp.add_argument("--example", action="store_true",
+                        help="use the small digits CNN bundled with graphopt as the model" + extra)
 
     def inputs_arg(sp: argparse.ArgumentParser, extra: str = "") -> None:
         sp.add_argument("--inputs", metavar="FILE.npz|DIR",
@@ -729,7 +802,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "a 0-d array serves every sample) or a directory of one .npz per sample" + extra)
 
     sp = sub.add_parser("inspect", help="summarize a model: opsets, inputs/outputs, ops, params, FLOPs")
-    sp.add_argument("model")
+    sp.add_argument("model", nargs="?")
+    example_arg(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
@@ -755,7 +829,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_optimize)
 
     sp = sub.add_parser("quantize", help="static INT8 quantization (QDQ, uint8 activations, int8 weights)")
-    sp.add_argument("model")
+    sp.add_argument("model", nargs="?")
+    example_arg(sp, " (calibrated on its bundled images unless --calibration/--inputs is given)")
     sp.add_argument("-o", "--output", required=True)
     sp.add_argument("--calibration",
                     help=".npz (one array per input, first axis = samples) or a directory of .npz samples "
@@ -770,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--exclude-ops", help="comma list of op types to keep in float")
     sp.add_argument("--symmetric", action="store_true",
                     help="symmetric int8 activations (S8S8; default asymmetric uint8, ORT's fast path on x86)")
-    sp.add_argument("--max-error", type=float, help="keep the most sensitive layers in float until the relative "
+    sp.add_argument("--max-error", type=_nonneg, help="keep the most sensitive layers in float until the relative "
                     "L2 output error on calibration data is at most this (automatic mixed precision)")
     sp.add_argument("--sensitivity", action="store_true", help="report per-layer sensitivity (one layer at a time)")
     sp.add_argument("--equalize", action="store_true", help="cross-layer equalization before quantizing")
@@ -793,24 +868,25 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_quantize)
 
     sp = sub.add_parser("compress", help="low-rank factorization, weight clustering (and INT8) for smaller models")
-    sp.add_argument("model")
+    sp.add_argument("model", nargs="?")
+    example_arg(sp, " (calibrated on its bundled images unless --calibration/--inputs is given)")
     sp.add_argument("-o", "--output", required=True)
-    sp.add_argument("--prune", type=float, metavar="R", help="prune this fraction of weights (or of channels "
+    sp.add_argument("--prune", type=_fraction(0, 1, high_open=True), metavar="R", help="prune this fraction of weights (or of channels "
                     "with --structured)")
     sp.add_argument("--structured", action="store_true", help="remove whole Conv output channels (real speedup); "
                     "with --calibration the next layers are refit by least squares")
     sp.add_argument("--importance", default="l1", choices=["l1", "activation"], help="channel importance")
     sp.add_argument("--sensitivity", action="store_true",
                     help="with --structured and --calibration: spread the ratio by per-layer sensitivity")
-    sp.add_argument("--nm", metavar="N:M", help="N:M sparsity, e.g. 2:4")
-    sp.add_argument("--channel-multiple", type=int, default=1, metavar="Q",
+    sp.add_argument("--nm", type=_n_of_m, metavar="N:M", help="N:M sparsity, e.g. 2:4")
+    sp.add_argument("--channel-multiple", type=_count(1), default=1, metavar="Q",
                     help="with --structured: keep a multiple of Q channels per layer (8 or 16 suit CPU kernels)")
-    sp.add_argument("--cluster", type=int, metavar="K", help="k-means weight sharing with K centroids (2..256)")
+    sp.add_argument("--cluster", type=_int_range(2, 256), metavar="K", help="k-means weight sharing with K centroids (2..256)")
     sp.add_argument("--cluster-init", default="kmeans++", choices=["kmeans++", "linear", "density"])
     sp.add_argument("--per-channel", action="store_true", help="one codebook per output channel")
     sp.add_argument("--dense", action="store_true", help="keep clustered weights dense (default: palettized)")
-    sp.add_argument("--lowrank", type=float, metavar="ENERGY", help="SVD rank keeping this energy fraction (0..1]")
-    sp.add_argument("--lowrank-flops", type=float, metavar="F", help="SVD rank by FLOPs budget fraction (0..1)")
+    sp.add_argument("--lowrank", type=_fraction(0, 1), metavar="ENERGY", help="SVD rank keeping this energy fraction (0..1]")
+    sp.add_argument("--lowrank-flops", type=_fraction(0, 1, high_open=True), metavar="F", help="SVD rank by FLOPs budget fraction (0..1)")
     sp.add_argument("--activation-aware", action="store_true", help="whitened SVD on calibration inputs")
     sp.add_argument("--lowrank-conv", default="tucker", choices=["tucker", "spatial", "none"],
                     help="how --lowrank factors Conv layers: Tucker-2 (1x1, kxk, 1x1), spatial separation "
@@ -842,7 +918,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
-    sp.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     sp.add_argument("--const-input", action="append", default=[], metavar="NAME=VALUE",
                     help="compile an input as a constant (e.g. sr=16000: If branches on it fold away; the "
                          "library no longer takes it; repeatable)")
@@ -851,11 +926,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_compile)
 
     sp = sub.add_parser("bench", help="ONNX Runtime vs a TVM build of the model, same inputs, interleaved")
-    sp.add_argument("model")
+    sp.add_argument("model", nargs="?")
+    example_arg(sp)
     sp.add_argument("--compiled", metavar="OUT.so", help="a library from `graphopt compile` (default: compile now)")
     sp.add_argument("--rounds", type=_count(1), default=30)
     sp.add_argument("--threads", type=_count(1), default=2, help="ONNX Runtime intra-op threads")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", type=_count(0), default=0, help="seed of the random inputs")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; the first sample is timed and compared (and fixes the shapes compiled for)")
@@ -865,8 +941,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_passes)
 
     sp = sub.add_parser("verify", help="compare two models' outputs on random inputs (or your own: --inputs)")
-    sp.add_argument("a")
-    sp.add_argument("b")
+    sp.add_argument("a", nargs="?")
+    sp.add_argument("b", nargs="?")
+    example_arg(sp, " as the first model: `graphopt verify --example OTHER.onnx`")
     sp.add_argument("--samples", type=_count(1), default=None,
                     help="random samples to compare (default 3), or the first N of --inputs (default all)")
     sp.add_argument("--rtol", type=_nonneg, default=1e-4)
@@ -883,7 +960,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "Otherwise activations too, with the model's inputs/outputs kept float32 (--keep-io), a "
                         "conservative list of ops kept float32 (exp, pow, large reductions, softmax...) or, with "
                         "--inputs, the nodes whose values overflow or underflow the half type on that data.")
-    sp.add_argument("model")
+    sp.add_argument("model", nargs="?")
+    example_arg(sp)
     sp.add_argument("-o", "--output", required=True)
     half = sp.add_mutually_exclusive_group(required=True)
     half.add_argument("--fp16", action="store_true", help="convert to float16")
@@ -902,7 +980,28 @@ def build_parser() -> argparse.ArgumentParser:
     inputs_arg(sp, "; values beyond the half type's range or that lose precision on them keep their nodes "
                    "float32, and the error check runs on them")
     sp.set_defaults(fn=cmd_convert)
+    for sp in sub.choices.values():  # global options also after the command (graphopt inspect -q M)
+        sp.add_argument("-q", "--quiet", action="store_true", dest="quiet_sub", help=_QUIET_HELP)
+        sp.add_argument("--plugin", action="append", default=[], dest="plugins_sub", metavar="MODULE",
+                        help=_PLUGIN_HELP)
     return p
+
+
+_QUIET_HELP = "no progress bars or progress lines (also GRAPHOPT_QUIET=1)"
+_PLUGIN_HELP = ("import MODULE (a module name, or a .py file) before the pipeline is built, so the passes it "
+                "registers can be used; repeatable; also GRAPHOPT_PLUGINS=mod1,mod2")
+
+
+def _version() -> str:
+    """The installed distribution's version (the package's own when it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("graphopt")
+    except metadata.PackageNotFoundError:
+        import graphopt
+
+        return graphopt.__version__
 
 
 class _StagedOutput:
@@ -1003,14 +1102,143 @@ def _quiet_onnxruntime() -> None:
     ort.set_default_logger_severity(4)
 
 
+_FLAG_WORDS: list[tuple[str, Any]] = [  # the library's argument names -> this CLI's flags
+    (r"input_shapes=\{'([^']*)': \[([^\]]*)\]\}", lambda m: f"--input-shape {m[1]}:{m[2].replace(', ', ',')}"),
+    (r"\binput_shapes\b", "--input-shape"),
+    (r"\bbad input shape\b", "bad --input-shape"),
+    (r"real samples \(data=\.\.\.\)", "--inputs FILE.npz|DIR with real samples"),
+    (r"const_inputs=\{'([^']*)': ([^}]*)\}", lambda m: f"--const-input {m[1]}={m[2]}"),
+    (r"const_inputs\[('[^']*')\]", r"--const-input \1"),
+    (r"\bconst_inputs\b", "--const-input"),
+    (r"\bbad rpc\b", "bad --rpc"), (r"\brpc='([^']*)'", r"--rpc \1"), (r"^rpc measures", "--rpc measures"),
+    (r"give trials or minutes", "give --trials or --minutes"),
+    (r"\bgive requantize=True\b", "give --requantize"), (r"\buse per_channel=False\b", "use --per-tensor"),
+    (r"\(quantize-static\)$", "(without --dynamic)"),
+]
+
+
+def _cli_words(message: str) -> str:
+    """A library message in the CLI's words: ``input_shapes={'x': [1, 3]}`` becomes
+    ``--input-shape x:1,3`` and so on (the library speaks of its arguments, the CLI of its flags)."""
+    import re
+
+    for pattern, repl in _FLAG_WORDS:
+        message = re.sub(pattern, repl, message)
+    return message
+
+
+class _PipeSafe:
+    """``sys.stdout`` for a command: once the reader has gone (``graphopt inspect m | head -1``)
+    further output is dropped (the descriptor is pointed at /dev/null, so the interpreter's last
+    flush is quiet too) and the command finishes normally: no "Broken pipe" error, exit 0."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.gone = False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return int(self.stream.write(text) or 0)
+            except BrokenPipeError:
+                self._drop()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self._drop()
+
+    def _drop(self) -> None:
+        self.gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):  # not a real descriptor (a test's capture)
+            pass
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+def _load_plugins(modules: Sequence[str]) -> None:
+    """Import the modules named by ``--plugin`` and ``GRAPHOPT_PLUGINS`` (separated by commas or
+    ``os.pathsep``) before any pipeline is built, so the passes they register are known. A name
+    ending in ``.py`` is imported from that file. One that cannot be imported is an error."""
+    import importlib
+    import importlib.util
+    import re
+
+    names = [*modules, *(x for x in re.split(rf"[,{re.escape(os.pathsep)}]", os.environ.get("GRAPHOPT_PLUGINS", ""))
+                         if x.strip())]
+    for name in (n.strip() for n in names):
+        try:
+            if name.endswith(".py"):
+                spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+                if spec is None or spec.loader is None or not Path(name).is_file():
+                    raise ImportError(f"no such file: {name}")
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[spec.name] = mod
+                spec.loader.exec_module(mod)
+            else:
+                importlib.import_module(name)
+        except GraphoptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ImportError, or whatever the module raised at import
+            why = f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
+            raise GraphoptError(f"cannot import plugin {name!r} ({why.splitlines()[0] if why else type(e).__name__})"
+                                ) from None
+
+
+def _use_example(args: argparse.Namespace) -> None:
+    """``--example``: the bundled digits CNN is the input model (for ``verify``, the first of the
+    two), and ``quantize``/``compress`` calibrate on its bundled images unless given data."""
+    if not hasattr(args, "example"):
+        return
+    key = "a" if args.command == "verify" else "model"
+    if args.example:
+        if args.command == "verify":
+            if args.b is not None:
+                raise GraphoptError("verify --example takes one model to compare with the bundled one, not two")
+            args.a, args.b = str(example_model_path()), args.a
+        elif getattr(args, key) is not None:
+            raise GraphoptError("give either an input model or --example, not both")
+        else:
+            setattr(args, key, str(example_model_path()))
+        if args.command in ("quantize", "compress") and not (args.calibration or args.inputs):
+            from graphopt.data import example_calibration_path
+
+            args.calibration = str(example_calibration_path())
+            log.info("calibrating on the example's bundled images (%s)", args.calibration)
+    if getattr(args, key) is None or (args.command == "verify" and args.b is None):
+        what = "two models to compare (or --example and one)" if args.command == "verify" else \
+            "an input model (or --example for the bundled one)"
+        raise GraphoptError(f"give {what}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from graphopt.progress import set_quiet
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    args.quiet = bool(args.quiet or getattr(args, "quiet_sub", False))
+    set_quiet(True if args.quiet else None)  # None: GRAPHOPT_QUIET still silences
+    progress_log = logging.getLogger("graphopt.progress")
+    progress_level = progress_log.level
+    if not args.quiet and not args.verbose:  # plain progress lines where stderr is not a terminal
+        progress_log.setLevel(logging.INFO)
     args.staged = None
     held = _HeldWarnings("graphopt.dims")  # defaulted-dims warnings: shown on success, an error stays one line
+    stdout = sys.stdout
+    sys.stdout = _PipeSafe(stdout)  # type: ignore[assignment]  # a reader that stops early (| head) ends quietly
     try:
+        _load_plugins([*args.plugins, *getattr(args, "plugins_sub", [])])
+        _use_example(args)
         if args.command != "passes":
             _quiet_onnxruntime()
         if getattr(args, "output", None):
@@ -1034,7 +1262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"graphopt: error: {e} (--no-check goes on anyway)", file=sys.stderr)
         return 2
     except GraphoptError as e:
-        print(f"graphopt: error: {e}", file=sys.stderr)
+        print(f"graphopt: error: {_cli_words(str(e))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of our output went away: not an error of the command
+        return 0
+    except ModuleNotFoundError as e:  # an optional extra that is not installed: the command to install it
+        from graphopt.errors import EXTRAS, MissingExtraError
+
+        if (e.name or "").split(".")[0] not in EXTRAS:
+            raise
+        print(f"graphopt: error: {MissingExtraError(e.name or '', f'graphopt {args.command}')}", file=sys.stderr)
         return 2
     except OSError as e:
         print(f"graphopt: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
@@ -1050,6 +1287,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.staged is not None:
             args.staged.discard()
         held.close()
+        sys.stdout.flush()
+        sys.stdout = stdout
+        set_quiet(None)
+        progress_log.setLevel(progress_level)
 
 
 class _HeldWarnings(logging.Handler):
@@ -1075,6 +1316,7 @@ class _HeldWarnings(logging.Handler):
         for r in self.records if self.ok else ():
             if r.getMessage() not in seen:
                 seen.add(r.getMessage())
+                r.msg, r.args = _cli_words(r.getMessage()), None  # the library's argument names as flags
                 log.handle(r)
         self.records = []
         super().close()

@@ -69,3 +69,31 @@ class RuntimeBackendError(GraphoptError):
 class CompileError(GraphoptError):
     """A model cannot be compiled for the requested target (unsupported op, unknown target,
     missing toolchain, dynamic shape without a hint)."""
+
+
+#: optional extra (``pip install "graphopt[EXTRA]"``) that provides each optional top-level module
+EXTRAS = {"tvm": "tvm", "tvm_ffi": "tvm", "xgboost": "tvm", "psutil": "tvm", "cloudpickle": "tvm", "onnxsim": "bench", "onnxslim": "bench",
+          "onnxoptimizer": "bench", "onnxconverter_common": "bench", "PIL": "corpus", "sklearn": "corpus"}
+
+
+class MissingExtraError(GraphoptError):
+    """An optional dependency is not installed; the message names the exact install command."""
+
+    def __init__(self, module: str, what: str | None = None, extra: str | None = None) -> None:
+        self.module = module
+        self.extra = extra or EXTRAS.get(module.split(".")[0], "")
+        how = f'pip install "graphopt[{self.extra}]"' if self.extra else f"pip install {module.split('.')[0]}"
+        super().__init__(f"{what or module.split('.')[0]} needs {module.split('.')[0]!r}, which is not installed: {how}")
+
+
+def require_extra(module: str, what: str | None = None, extra: str | None = None) -> object:
+    """Import and return ``module``; if it is missing, raise :class:`MissingExtraError` naming the
+    ``pip install "graphopt[EXTRA]"`` command that provides it (``what``: the feature that needs it)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if e.name is not None and e.name.split(".")[0] != module.split(".")[0]:
+            raise  # the module is there but broken: not a missing extra
+        raise MissingExtraError(module, what, extra) from None

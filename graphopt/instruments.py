@@ -42,23 +42,22 @@ class TimingInstrument(Instrument):
 
 
 class ProgressInstrument(Instrument):
-    """A progress bar over pass runs (tqdm on stderr), shown only on a terminal by default."""
+    """Progress over pass runs through :func:`graphopt.progress.progress`: a bar on a terminal,
+    periodic lines otherwise, nothing when quiet or ``disable=True``."""
 
     def __init__(self, *, disable: bool | None = None, desc: str = "optimizing") -> None:
-        import sys
-
-        self.disable = (not sys.stderr.isatty()) if disable is None else disable
+        self.disable = bool(disable)
         self.desc = desc
         self.bar: Any = None
 
     def enter(self, model: Model, ctx: PassContext) -> None:
-        from tqdm import tqdm
+        from graphopt.progress import progress
 
-        self.bar = tqdm(desc=self.desc, unit="pass", disable=self.disable, leave=False)
+        self.bar = progress(desc=self.desc, unit="pass", disable=self.disable)
 
     def before_pass(self, p: Pass, model: Model, ctx: PassContext) -> None:
         if self.bar is not None:
-            self.bar.set_postfix_str(p.name)
+            self.bar.set_postfix(p.name)
 
     def after_pass(self, p: Pass, model: Model, ctx: PassContext, changed: bool, record: PassRecord) -> None:
         if self.bar is not None:

@@ -43,13 +43,13 @@ def parse_input_shapes(specs: Iterable[str] | None) -> dict[str, list[int]]:
     for spec in specs or ():
         name, sep, dims = spec.rpartition(":")
         if not sep or not name:
-            raise InputSpecError(f"bad --input-shape {spec!r}; expected NAME:D1,D2,... (e.g. input:1,3,224,224)")
+            raise InputSpecError(f"bad input shape {spec!r}; expected NAME:D1,D2,... (e.g. input:1,3,224,224)")
         try:
             shape = [int(d) for d in dims.split(",")] if dims.strip() else []
         except ValueError:
-            raise InputSpecError(f"bad --input-shape {spec!r}: dimensions must be integers") from None
+            raise InputSpecError(f"bad input shape {spec!r}: dimensions must be integers") from None
         if any(d < 0 for d in shape):
-            raise InputSpecError(f"bad --input-shape {spec!r}: a dimension is negative; give the concrete size "
+            raise InputSpecError(f"bad input shape {spec!r}: a dimension is negative; give the concrete size "
                                  "to use (e.g. 1 for a batch)")
         out[name] = shape
     return out
@@ -115,7 +115,7 @@ def _resolve(
     names = {v.name for v in inputs}
     unknown = set(hints) - names
     if unknown:
-        raise InputSpecError(f"--input-shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
+        raise InputSpecError(f"input_shapes names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}")
     dyn = dynamic_axes(model)
     sym: dict[str, int] = {}
     for v in inputs:
@@ -123,14 +123,14 @@ def _resolve(
             h = [int(x) for x in hints[v.name]]
             if len(h) != len(v.shape):
                 raise InputSpecError(
-                    f"input {v.name!r} has rank {len(v.shape)} but --input-shape gives {len(h)} dims"
+                    f"input {v.name!r} has rank {len(v.shape)} but input_shapes gives {len(h)} dims"
                 )
             for ax, (d, x) in enumerate(zip(v.shape, h, strict=True)):
                 if x < 0:
-                    raise InputSpecError(f"--input-shape for {v.name!r}: dim {ax} is negative ({x})")
+                    raise InputSpecError(f"input_shapes for {v.name!r}: dim {ax} is negative ({x})")
                 if ax not in dyn[v.name]:
                     if d != x:
-                        raise InputSpecError(f"input {v.name!r} has fixed dim {d} at axis {ax} but --input-shape "
+                        raise InputSpecError(f"input {v.name!r} has fixed dim {d} at axis {ax} but input_shapes "
                                              f"gives {x}")
                 elif isinstance(d, str) and d not in _ANONYMOUS_DIMS:
                     sym[d] = x
@@ -141,8 +141,8 @@ def _resolve(
             out[v.name] = tuple(int(x) for x in hints[v.name])
             continue
         if v.shape is None:
-            raise InputSpecError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,... "
-                                 "or --inputs with data")
+            raise InputSpecError(f"input {v.name!r} has unknown rank; give input_shapes={{{v.name!r}: [D1, D2, ...]}} "
+                                 "or real samples (data=...)")
         dims: list[int] = []
         for ax, d in enumerate(v.shape):
             if ax not in dyn[v.name]:
@@ -205,10 +205,11 @@ def warn_defaulted(model: Model, defaulted: Sequence[DefaultedDim]) -> None:
         used = {d.axis for d in dims}
         example = ",".join("N" if ax in used else str(x) for ax, x in enumerate(declared))
         dims_log.warning(
-            "input %r %s: dynamic dim(s) %s set to %s; give --input-shape %s:%s or --inputs for the real sizes",
+            "input %r %s: dynamic dim(s) %s set to %s; give input_shapes={%r: [%s]} or real samples (data=...) "
+            "for the real sizes",
             name, "[" + ", ".join(_dim_text(x) for x in declared) + "]",
             ", ".join(f"{d.axis} ({_dim_text(d.declared)})" for d in dims),
-            ", ".join(str(d.value) for d in dims), name, example)
+            ", ".join(str(d.value) for d in dims), name, example.replace(",", ", "))
 
 
 def _compared_constants(v: Value) -> list[Any]:
@@ -255,7 +256,7 @@ def make_inputs(
         nbytes = int(np.prod([int(d) for d in shp], dtype=object)) * dt.itemsize
         if nbytes > _MAX_RANDOM_INPUT_BYTES:  # a huge declared dim: say which, before numpy fails to allocate
             raise InputSpecError(f"input {v.name!r} of shape {list(shp)} would take {nbytes / 2**30:.3g} GiB of random "
-                                 f"data; give --input-shape {v.name}:D1,D2,... or --inputs")
+                                 f"data; give input_shapes={{{v.name!r}: [D1, D2, ...]}} or real samples (data=...)")
         arr = random_array(shp, dt, rng)
         if dt.kind in "iu":
             wanted = _compared_constants(v)
@@ -669,9 +670,9 @@ def input_feeds(
                     first_error = None
                     break
         if first_error is not None:
-            hint = (" or --input-shape with the real sizes of its dynamic dims" if defaulted else "")
-            raise InputSpecError(f"ONNX Runtime fails on random inputs ({first_error}); pass --inputs "
-                                 f"FILE.npz|DIR with real samples{hint}")
+            hint = (" or input_shapes with the real sizes of its dynamic dims" if defaulted else "")
+            raise InputSpecError(f"ONNX Runtime fails on random inputs ({first_error}); pass real samples "
+                                 f"(data=...){hint}")
     warn_defaulted(model, defaulted)
     return feeds
 
@@ -894,16 +895,22 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, 
     import statistics
     import time
 
-    for f in fns.values():
-        f()
+    from graphopt.progress import progress
+
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, f in fns.items():
-            t0 = time.perf_counter()
+    with progress(total=rounds, desc=f"timing {', '.join(fns)}", unit="round") as bar:
+        bar.set_postfix("warm-up")
+        for f in fns.values():
             f()
-            while time.perf_counter() - t0 < settle_s:
+        bar.set_postfix("")
+        for _ in range(rounds):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
                 f()
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+                while time.perf_counter() - t0 < settle_s:
+                    f()
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+            bar.update()
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}

@@ -380,7 +380,7 @@ def test_const_input_folds_data_dependent_if(tvm_compile, tmp_path):
 
     proto = _if_on_input_model()
     x = RNG.standard_normal((1, 4)).astype(np.float32)
-    with pytest.raises(CompileError, match="op If is not supported.*input 'sr'.*--const-input sr=VALUE") as exc:
+    with pytest.raises(CompileError, match=r"op If is not supported.*input 'sr'.*const_inputs=\{'sr': VALUE\}") as exc:
         tvm_compile(graphopt.from_proto(proto))
     assert "rate_switch" in str(exc.value)
     for sr in (16000, 8000):

@@ -192,7 +192,7 @@ def test_already_quantized_model_is_described_not_reported_empty(tmp_path: Path)
     for name in ("quantize-static", "quantize-dynamic"):
         q = graphopt.get_pass(name)
         with pytest.raises(GraphoptError, match=r"already quantized \(integer: 2 ConvInteger, 1 MatMulInteger.*"
-                                                r"3,675 int8.*--requantize"):
+                                                r"3,675 int8.*requantize=True"):
             graphopt.run_passes(graphopt.load(dyn), [q], graphopt.PassContext(calibration=_feeds(4, 0)))
 
 

@@ -96,13 +96,12 @@ def fix_input_shapes(model: Model, hints: Mapping[str, Sequence[int]] | None) ->
         if v.name in hints:
             continue
         if v.shape is None:
-            raise CompileError(f"input {v.name!r} has unknown rank; give --input-shape {v.name}:D1,D2,... "
-                               "or --inputs with data")
+            raise CompileError(f"input {v.name!r} has unknown rank; give input_shapes={{{v.name!r}: [D1, D2, ...]}}")
         if dynamic[v.name]:
             example = ",".join("N" if ax in dynamic[v.name] else str(d) for ax, d in enumerate(v.shape))
             raise CompileError(
                 f"input {v.name!r} has dynamic dim {v.shape[dynamic[v.name][0]]!r}; TVM needs static shapes: give "
-                f"--input-shape {v.name}:{example} (each N a number) or --inputs with data"
+                f"input_shapes={{{v.name!r}: [{example.replace(',', ', ')}]}} (each N a number)"
             )
     resolved = resolve_input_shapes(model, hints)
     specs = []
@@ -202,13 +201,13 @@ def pin_inputs(model: Model, values: Mapping[str, Any]) -> dict[str, np.ndarray]
     for name, value in values.items():
         v = inputs.get(name)
         if v is None:
-            raise CompileError(f"--const-input {name}: the model has no input {name!r} (inputs: {sorted(inputs)})")
+            raise CompileError(f"const_inputs: the model has no input {name!r} (inputs: {sorted(inputs)})")
         try:
             a = np.asarray(value, dtype=np_dtype(v.dtype))
             if v.shape is not None and all(isinstance(d, int) and d >= 0 for d in v.shape):
                 a = a.reshape(v.shape)
         except (TypeError, ValueError) as exc:
-            raise CompileError(f"--const-input {name}: {exc}") from None
+            raise CompileError(f"const_inputs[{name!r}]: {exc}") from None
         c = model.graph.add_initializer(name + "_const", a)
         model.graph.replace_all_uses_with(v, c)
         model.graph.inputs = [i for i in model.graph.inputs if i is not v]
@@ -253,7 +252,7 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
         why = f" ({left[name]})" if name in left else ""
         if op == "If" and control.get(name):
             why = (f" (its condition depends on the value of input {control[name][0]!r}: if you always feed it the "
-                   f"same value, pin it with --const-input {control[name][0]}=VALUE)")
+                   f"same value, pin it with const_inputs={{{control[name][0]!r}: VALUE}})")
         raise CompileError(f"op {op} is not supported by TVM's ONNX frontend{why}{more}", node=name)
     return m, specs
 
@@ -597,8 +596,8 @@ class CompiledModel:
             if want.size != got.size or not np.array_equal(np.ravel(want), np.ravel(got)):
                 shown = got.ravel()[:8].tolist() if got.size <= 8 else f"an array of shape {list(got.shape)}"
                 raise InputSpecError(f"input {name!r} was compiled as the constant {want.ravel().tolist()} "
-                                     f"(--const-input) but the feed holds {shown}; compile again with "
-                                     f"--const-input {name}=VALUE for this value, or without it")
+                                     f"(const_inputs) but the feed holds {shown}; compile again with "
+                                     f"const_inputs={{{name!r}: VALUE}} for this value, or without it")
         return {k: v for k, v in inputs.items() if k not in pinned}
 
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -689,7 +688,9 @@ def example_inputs(specs: Sequence[IOSpec], seed: int = 0) -> dict[str, np.ndarr
 
 def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
     """Load a library written by :meth:`CompiledModel.export` (with its ``.json`` sidecar)."""
-    import tvm
+    from graphopt.errors import require_extra
+
+    tvm: Any = require_extra("tvm", "loading a compiled model")
 
     path = Path(path)
     side = Path(str(path) + SIDECAR_SUFFIX)
@@ -754,20 +755,24 @@ def compile(
     ``const_inputs`` (name -> value): inputs compiled as constants (see :func:`pin_inputs`); the
     build no longer takes them.
     """
-    try:
-        import tvm  # noqa: F401
-    except ImportError:
-        raise CompileError('TVM is not installed; pip install "graphopt[tvm]"') from None
+    from graphopt.errors import require_extra
+
+    require_extra("tvm", "compiling")
     spec = resolve_target(target)
     if rpc is not None:
         from .tuning import parse_rpc
 
         parse_rpc(rpc)
         if not (trials or minutes):
-            raise CompileError("--rpc measures tuning candidates on remote devices; give --trials or --minutes too")
+            raise CompileError("rpc measures tuning candidates on remote devices; give trials or minutes too")
     if spec.device == "cuda":
         check_toolchain(spec, for_export=False)
+    from graphopt.progress import progress as _progress
+
     t0 = time.perf_counter()
+    # one bar over the stages (closed on return; on an error it goes with the frame)
+    bar = _progress(total=4, desc=f"compiling for {spec.name}", unit="stage", disable=not progress)
+    bar.set_postfix("prepare (lossless passes, shapes)")
     lanes = 0
     if spec.device == "cpu" and default_schedules:
         from .schedules import vector_lanes
@@ -788,11 +793,16 @@ def compile(
             hit.info.const_inputs = pinned
             hit.info.times = {"prepare_s": t1 - t0, "load_cached_s": time.perf_counter() - t1}
             logger.info("loaded the cached build for %s (%.1f s)", spec.name, time.perf_counter() - t0)
+            bar.close()
             return hit
+    bar.update()
+    bar.set_postfix("import into Relax, lower")
     mod = import_relax(prepared)
     outputs = _output_specs(mod, prepared)
     mod, used_layout = lower(mod, spec, layout=layout)
     t2 = time.perf_counter()
+    bar.update()
+    bar.set_postfix("tune" if trials or minutes else "tuning records")
     info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout, const_inputs=pinned)
     if padded:
         info.rewrites["padded_convs"] = padded
@@ -808,6 +818,8 @@ def compile(
         database = open_database(spec, cache_dir, create=False, best=True) or open_database(spec, cache_dir,
                                                                                            create=False)
     t3 = time.perf_counter()
+    bar.update()
+    bar.set_postfix("schedule, build")
     pristine = {gv.name_hint: f for gv, f in mod.functions_items()} if spec.device == "cuda" else {}
     mod, info.schedules = schedule(mod, spec, database=database, default_schedules=default_schedules)
     ex = build(mod, spec)
@@ -816,6 +828,7 @@ def compile(
         if fixed:
             info.rewrites["rescheduled_gpu_kernels"] = len(fixed)
     t4 = time.perf_counter()
+    bar.update()
     info.times = {"prepare_s": t1 - t0, "import_lower_s": t2 - t1, "tune_s": t3 - t2, "schedule_build_s": t4 - t3}
     logger.info("compiled for %s in %.1f s (%s)", spec.name, t4 - t0,
                 ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()))
@@ -823,6 +836,7 @@ def compile(
     compiled.ir_module = mod
     if cacheable:
         _store_build(compiled, spec, cache_dir, key)
+    bar.close()
     return compiled
 
 

@@ -124,7 +124,7 @@ def parse_rpc(spec: str) -> tuple[str, int, str]:
     """``host:port:key`` of a TVM RPC tracker."""
     parts = spec.rsplit(":", 2)
     if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2]:
-        raise CompileError(f"bad --rpc {spec!r}; expected TRACKER_HOST:PORT:DEVICE_KEY (e.g. 127.0.0.1:9190:board)")
+        raise CompileError(f"bad rpc {spec!r}; expected TRACKER_HOST:PORT:DEVICE_KEY (e.g. 127.0.0.1:9190:board)")
     return parts[0], int(parts[1]), parts[2]
 
 
@@ -234,9 +234,9 @@ def tune(
     from tvm.s_tir import meta_schedule as ms
 
     if trials < 0 or (minutes is not None and minutes <= 0):
-        raise CompileError("--trials must be >= 0 and --minutes > 0")
+        raise CompileError("trials must be >= 0 and minutes > 0")
     if target.is_cross and rpc is None:
-        raise CompileError(f"tuning for {target.name} needs a device to measure on: give --rpc TRACKER:PORT:KEY")
+        raise CompileError(f"tuning for {target.name} needs a device to measure on: give rpc='TRACKER:PORT:KEY'")
     tgt = target.tvm_target()
     # what is cached is read from the compact copy (fast); the full database only when tuning
     database = open_database(target, cache_dir, best=True, create=False) or open_database(target, cache_dir)
@@ -280,11 +280,9 @@ def tune(
         cost_model = "xgb"
     except ImportError:
         cost_model = "random"
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from graphopt.progress import progress as _progress
 
-        bar = tqdm(total=len(plan), desc="tuning", unit="task")
+    bar = _progress(total=len(plan), desc="tuning (MetaSchedule)", unit="task", disable=not progress)
     spent = 0.0
     done_trials = 0
     try:
@@ -309,6 +307,7 @@ def tune(
                                    num_threads=host_cores()).clone()]
             weights = [float(task.weight)]
             t0 = time.monotonic()
+            bar.set_postfix(f"{task.task_name[:24]}, {per_task} trials")
             try:
                 ms.tune.tune_tasks(
                     tasks=ctxs, task_weights=weights, work_dir=str(workdir), max_trials_global=per_task,
@@ -318,6 +317,7 @@ def tune(
             except Exception as exc:  # noqa: BLE001 - a failing task keeps its default schedule
                 logger.warning("tuning %s failed (%s); it keeps the default schedule", task.task_name, _first_line(exc))
                 report["skipped"].append(task.task_name)
+                bar.update(1)
                 continue
             # after the search (the evolutionary search seeds itself from database records and
             # cannot mutate a trace from outside its design space), so the best record is the
@@ -327,15 +327,12 @@ def tune(
             done_trials += per_task
             report["tuned"].append(task.task_name)
             report["trials"] += per_task
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(task=task.task_name[:24], trials=per_task)
+            bar.update(1)
     except KeyboardInterrupt:
         logger.warning("tuning interrupted; %d finished tasks are saved in %s", len(report["tuned"]), workdir)
         compact_database(database, target, cache_dir)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     report["seconds"] = spent
     return compact_database(database, target, cache_dir), report

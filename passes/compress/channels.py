@@ -1304,7 +1304,10 @@ class ChannelPruning(Pass):
         plans.sort(key=lambda gd: min(order.get(id(an.producers[p][0]), 0) for p in gd[0]["producers"]))
         nb = min(len(plans), MAX_COLLECTIONS) if recover else 1
         batches = [list(b) for b in np.array_split(np.arange(len(plans)), nb)]
-        for batch in batches:
+        from graphopt.progress import progress
+
+        for batch in progress(batches, desc="prune-channels (refit)" if recover else "prune-channels",
+                              unit="batch"):
             cur: dict[str, np.ndarray] = {}
             if recover:
                 chs = [an.changes(plans[i][1]) for i in batch]
@@ -1365,7 +1368,9 @@ class ChannelPruning(Pass):
         sens: list[float] = []
         chans: list[int] = []
         keys: list[str] = []
-        for gi in range(len(groups)):
+        from graphopt.progress import progress
+
+        for gi in progress(range(len(groups)), desc="prune-channels (sensitivity)", unit="group"):
             trial = self.model.copy()
             infer_shapes(trial, ctx.input_shapes or None)
             an = Channels(trial.graph)

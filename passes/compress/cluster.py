@@ -126,7 +126,9 @@ class WeightClustering(Pass):
         skipped: dict[str, str] = {}
         seen: dict[int, Value] = {}
         bytes_before = bytes_after = 0
-        for n in list(graph):
+        from graphopt.progress import progress
+
+        for n in progress(list(graph), desc="cluster (k-means per weight)", unit="node"):
             if n.op_type not in self.options["op_types"] or n.domain not in _STD or n.name in self.options["exclude_nodes"]:
                 continue
             wi = _WEIGHT_INPUT.get(n.op_type)

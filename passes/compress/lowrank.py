@@ -131,7 +131,9 @@ class LowRankFactorization(Pass):
         (or the FLOPs budget); only where the three convs cost less than the original."""
         done = {}
         excl = set(self.options["exclude_nodes"])
-        for n in list(graph):
+        from graphopt.progress import progress
+
+        for n in progress(list(graph), desc="lowrank (conv factorization)", unit="node"):
             if n.op_type != "Conv" or n.domain not in _STD or n.name in excl or (n.attr("group", 1) or 1) != 1:
                 continue
             w = n.input(1).const_value() if n.input(1) is not None else None
@@ -177,7 +179,9 @@ class LowRankFactorization(Pass):
         """kxk Conv -> kx1 (I -> r) then 1xk (r -> O): W[o, i, a, b] = sum_r V[r, i, a] H[o, r, b]."""
         done: dict[str, int] = {}
         excl = set(self.options["exclude_nodes"])
-        for n in list(graph):
+        from graphopt.progress import progress
+
+        for n in progress(list(graph), desc="lowrank (conv factorization)", unit="node"):
             if n.op_type != "Conv" or n.domain not in _STD or n.name in excl or (n.attr("group", 1) or 1) != 1:
                 continue
             w = n.input(1).const_value() if n.input(1) is not None else None

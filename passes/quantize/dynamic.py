@@ -119,7 +119,7 @@ class QuantizeDynamic(Pass):
         if any(n.op_type in wanted and n.domain in _STD for n in nodes):
             return
         ops = sorted({n.op_type for n in nodes})
-        hint = "; Conv is quantized by static quantization (without --dynamic)" if "Conv" in ops else ""
+        hint = "; Conv is quantized by static quantization (quantize-static)" if "Conv" in ops else ""
         raise GraphoptError("nothing to quantize: dynamic quantization rewrites MatMul/Gemm weights and the model "
                             f"has no MatMul/Gemm node (its ops: {', '.join(ops) or 'none'}){hint}")
 

@@ -84,7 +84,7 @@ def refuse_if_quantized(model: Model, what: str) -> None:
     d = describe_quantization(model)
     if d["quantized"]:
         raise GraphoptError(f"the model is already quantized ({d['summary']}); {what} would find nothing float to "
-                            "quantize: give requantize=True (--requantize) to dequantize its integer weights and "
+                            "quantize: give requantize=True to dequantize its integer weights and "
                             "quantize it again statically with calibration data")
 
 

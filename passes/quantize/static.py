@@ -273,8 +273,7 @@ class QuantizeStatic(Pass):
     # -- main -----------------------------------------------------------------------------------
     def apply(self, model: Model, ctx: PassContext) -> bool:
         if ctx.calibration is None:
-            raise GraphoptError("quantize-static needs calibration data (PassContext(calibration=...) or "
-                                "--calibration DATA)")
+            raise GraphoptError("quantize-static needs calibration data (PassContext(calibration=...))")
         samples = load_calibration(ctx.calibration, model)[: self.options["max_samples"]]
         from .requantize import DequantizeInteger, describe_quantization, refuse_if_quantized
 
@@ -474,7 +473,14 @@ class QuantizeStatic(Pass):
                    for s in evals]
             return self._error(ref, got)
 
-        sens = {n: trial([n]) for n in names}
+        from graphopt.progress import progress
+
+        sens = {}
+        with progress(total=len(names), desc="sensitivity (one layer int8 at a time)", unit="layer") as bar:
+            for n in names:
+                bar.set_postfix(n)
+                sens[n] = trial([n])
+                bar.update()
         self.report["sensitivity"] = dict(sorted(sens.items(), key=lambda kv: -kv[1]))
         chosen = list(names)
         err = trial(chosen)
@@ -482,11 +488,14 @@ class QuantizeStatic(Pass):
         if budget is None:
             self.report["error"] = err
             return chosen
-        for n in sorted(names, key=lambda k: -sens[k]):
-            if err <= budget:
-                break
-            chosen.remove(n)
-            err = trial(chosen) if chosen else 0.0
+        with progress(total=len(names), desc=f"mixed precision (error <= {budget:g})", unit="layer") as bar:
+            for n in sorted(names, key=lambda k: -sens[k]):
+                if err <= budget:
+                    break
+                chosen.remove(n)
+                bar.set_postfix(f"{n} to float")
+                err = trial(chosen) if chosen else 0.0
+                bar.update()
         self.report["error"] = err
         if err > budget:
             raise GraphoptError(f"cannot meet max_error={budget:g}: even with every layer in float the error is {err:g}")
@@ -904,14 +913,14 @@ class QuantizeStatic(Pass):
             converted = onnx.version_converter.convert_version(to_proto(model), version)
         except Exception as e:  # noqa: BLE001
             raise GraphoptError(f"cannot raise the opset to {version} for per-channel weights ({e}); "
-                                "use per_channel=False (--per-tensor)") from None
+                                "use per_channel=False") from None
         new = from_proto(converted, base_dir=model.base_dir, check=False)
         model.graph, model.opset_imports, model.ir_version = new.graph, new.opset_imports, new.ir_version
         model.functions = new.functions
 
     def _calibrate(self, model: Model, tensors: list[Value], samples: list[dict[str, np.ndarray]]
                    ) -> dict[str, tuple[float, float]]:
-        from tqdm import tqdm
+        from graphopt.progress import progress
 
         names = [v.name for v in tensors]
         sess, outs = intermediate_session(model, names)
@@ -926,8 +935,7 @@ class QuantizeStatic(Pass):
         passes = 2 if method != "minmax" else 1
         for p in range(passes):
             desc = "calibrating" if p == 0 else "calibrating (histograms)"
-            for s in tqdm(samples, desc=desc, unit="sample", leave=False,
-                          disable=not __import__("sys").stderr.isatty()):
+            for s in progress(samples, desc=desc, unit="sample"):
                 res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in inputs}), strict=True))
                 for n in names:
                     arr = res[n]
