@@ -651,7 +651,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.compiled:
         cm = load_compiled(args.compiled)
     else:
-        cm = tvm_compile(m, "host", input_shapes=hints, progress=False)
+        cm = tvm_compile(m, "host", input_shapes=hints, progress=not args.quiet)  # an implicit compile takes minutes
     if data:
         feed = data[0]
     else:  # random data at the compiled shapes that the model runs on (e.g. a sample-rate input's value)

@@ -29,6 +29,7 @@ from .compress.channels import ChannelPruning
 from .compress.cluster import Palettize, WeightClustering
 from .compress.lowrank import LowRankFactorization
 from .compress.prune import MagnitudePruning
+from .compress.reconstruct import RefitBlocks
 from .convert.float16 import Float16, Float16Weights
 from .fusion.activations import FuseActivations
 from .fusion.conv_affine import FuseConvAffine
@@ -114,6 +115,7 @@ __all__ = [
     "Palettize",
     "QuantizeDynamic",
     "QuantizeStatic",
+    "RefitBlocks",
     "ResolveDynamicReshape",
     "SinkTransposes",
     "SpatialTiling",

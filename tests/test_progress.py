@@ -221,3 +221,29 @@ def test_compile_stages_report(lines: list[str], monkeypatch: pytest.MonkeyPatch
     graphopt.compile(str(example_model_path()), "host", input_shapes={"input": [1, 1, 8, 8]},
                      cache_dir=str(tmp_path), progress=False)
     assert lines == []
+
+
+def test_bench_reports_its_compile_and_timing(lines: list[str], monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """bench's implicit compile shows its stages (it used to pass progress=False), and the timing
+    rounds after the warm-up report too; -q silences both."""
+    pytest.importorskip("tvm")
+    import graphopt.backend as backend
+    from graphopt import cli
+
+    seen: dict[str, object] = {}
+    real = backend.compile
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend, "compile", spy)
+    argv = ["bench", "--example", "--input-shape", "input:1,1,8,8", "--rounds", "2"]
+    assert cli.main(argv) == 0
+    assert seen["progress"] is True
+    assert any(ln.startswith("timing ort, tvm: 2/2 round (100%) done") for ln in lines), lines
+    seen.clear()
+    lines.clear()
+    assert cli.main(["-q", *argv]) == 0
+    assert seen["progress"] is False and lines == []

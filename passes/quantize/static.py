@@ -191,13 +191,21 @@ class QuantizeStatic(Pass):
         "latency_margin": 0.02,
         "timer": None,
         "min_channel_sqnr": 5.0,
+        "rounding": "nearest",
+        "rounding_iters": 300,
+        "rounding_samples": 32,
     }
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
         if self.options["method"] not in METHODS:
             raise GraphoptError(f"unknown calibration method {self.options['method']!r}; choose from {METHODS}")
+        from .rounding import ROUNDINGS
+
+        if self.options["rounding"] not in ROUNDINGS:
+            raise GraphoptError(f"unknown rounding {self.options['rounding']!r}; choose from {ROUNDINGS}")
         self.report: dict[str, Any] = {}
+        self._rounder: Any = None
 
     # -- selection ------------------------------------------------------------------------------
     def _targets(self, graph: Graph, only: set[str] | None = None) -> tuple[list[Node], list[Value]]:
@@ -328,6 +336,8 @@ class QuantizeStatic(Pass):
                                 f"inputs in {where}")
         ranges = self._calibrate(model, tensors, samples)
         names = self._channel_spread(quant_nodes, ranges)
+        if self.options["rounding"] != "nearest":  # learned rounding from the float model's activations
+            self._learn_rounding(model, [n for n in quant_nodes if n.name in set(names)], samples)
         budget = self.options["max_error"]
         if budget is not None or self.options["sensitivity"]:
             chosen = self._mixed_precision(model, names, ranges, samples, budget)
@@ -358,6 +368,19 @@ class QuantizeStatic(Pass):
         elif bodies:
             log.warning("quantize-static: %d If/Loop/Scan bodies stay in float", bodies)
         return True
+
+    def _learn_rounding(self, model: Model, nodes: list[Node], samples: list[dict[str, np.ndarray]]) -> None:
+        """AdaRound or GPTQ integer weights for ``nodes`` (see :mod:`.rounding`), from their inputs
+        in the float model on the calibration samples; :meth:`_int8_weight` then writes them
+        with round-to-nearest's scales."""
+        from .rounding import LearnedRounding
+
+        def nearest(n: Node, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return int8_weight(w, self._axis(n, n.input(1)) if self.options["per_channel"] else None)
+
+        self._rounder = LearnedRounding(self.options["rounding"], iters=self.options["rounding_iters"])
+        self._rounder.prepare(model, nodes, samples[: self.options["rounding_samples"]], nearest)
+        self.report["rounding"] = self._rounder.report
 
     def _channel_spread(self, quant_nodes: list[Node], ranges: dict[str, tuple[float, float]]) -> list[str]:
         """Names of the quantizable nodes to quantize: all but those reading or writing a feature
@@ -992,6 +1015,8 @@ class QuantizeStatic(Pass):
         key = (id(w), axis)
         if key not in cache:
             q, sc = int8_weight(w.const_value(), axis)
+            if self._rounder is not None:
+                q = self._rounder.refine(n, w, q)
             cache[key] = self._dq_const(graph, n, graph.fresh_name("w"), q, sc, np.zeros(sc.shape, np.int8), axis)
         return cache[key]
 
