@@ -359,14 +359,16 @@ def test_entry_point_plugin(tmp_path: Path) -> None:
     dist = tmp_path / "acme_passes-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-passes\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text("[graphopt.passes]\nacme-rename = acme_passes:RenameGraph\n")
+    (dist / "entry_points.txt").write_text("[graphopt.passes]\nacme-rename = acme_passes:RenameGraph\n"
+                                           "acme-module = acme_more\n")  # the module form: decorators register
+    _plugin(tmp_path, "acme_more", "acme-more")
     pp = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     r = _optimize_with(tmp_path, "acme-rename", env=pp)
     assert r.returncode == 0, r.stderr
     assert _graph_name(tmp_path / "acme-rename.onnx") == "acme-rename-was-here"
     r = subprocess.run([sys.executable, "-m", "graphopt.cli", "passes"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, **pp}, timeout=120, check=False)
-    assert "acme-rename" in r.stdout
+    assert "acme-rename" in r.stdout and "acme-more" in r.stdout
 
 
 # -- library errors speak of arguments; the CLI of flags --------------------------------------------
