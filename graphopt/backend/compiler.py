@@ -69,6 +69,9 @@ class CompileInfo:
     #: inputs compiled as constants (``--const-input``): name -> value (nested lists); a feed
     #: may still hold them (a data file made for the original model) when it holds this value
     const_inputs: dict[str, Any] = field(default_factory=dict)
+    #: kernels that kept TVM's naive loops (no parallel, vectorized or unrolled loop, no GPU
+    #: threads) although they are big enough to need a schedule (:func:`schedules.is_naive`)
+    naive_kernels: list[str] = field(default_factory=list)
 
 
 # -- preparing and importing ------------------------------------------------------------------
@@ -243,7 +246,9 @@ def prepare(model: Model | str | os.PathLike[str], input_shapes: Mapping[str, Se
     for v in m.graph.inputs:
         if v.name and not v.name.isidentifier():
             v.name = m.graph.fresh_name("in_" + "".join(c if c.isalnum() else "_" for c in v.name))
-    known = supported_ops()
+    # If is converted by the frontend itself (a Relax If on the condition's run-time value; its
+    # branches are walked for unsupported ops below like the main graph), not through its map
+    known = supported_ops() | {"If"}
     bad = [(n.name, n.op_type) for g in m.graph.all_graphs() for n in g.iter_nodes()
            if n.domain not in ("", "ai.onnx") or n.op_type not in known]
     if bad:
@@ -341,7 +346,8 @@ def _restore_fd(fd: int, saved: int, stream: Any, tmp: Any) -> None:
 # conv2d_transpose pinned to NCHW/IOHW: TOPI legalizes only that layout, and ConvertLayout would
 # otherwise carry the NHWC of the convs before it into it (left un-legalized: "CodeGenVM cannot
 # emit this Relax operator")
-CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
+CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv1d": ["NWC", "WIO"],
+               "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
 def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, str]:
@@ -364,8 +370,13 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, st
             try:
                 mod = T.ConvertLayout(CPU_LAYOUTS)(mod)
                 used = "NHWC"
-            except Exception as exc:  # noqa: BLE001 - keep NCHW; schedules still apply
-                logger.info("layout conversion skipped: %s", _first_line(exc))
+            except Exception as exc:  # noqa: BLE001 - one op's layout rule failed: convert conv by conv
+                from .layout import convs_to_channels_last
+
+                mod, n = convs_to_channels_last(mod)
+                used = "NHWC (per conv)" if n else "NCHW"
+                logger.info("graph-wide layout conversion failed (%s); %d convolutions made channels-last one by one",
+                            _first_line(exc), n)
         mod = tvm.transform.Sequential(tail)(mod)
     _check_legalized(mod)
     return mod, used
@@ -829,9 +840,13 @@ def compile(
             info.rewrites["rescheduled_gpu_kernels"] = len(fixed)
     t4 = time.perf_counter()
     bar.update()
+    from .schedules import naive_kernels
+
+    info.naive_kernels = naive_kernels(mod)
     info.times = {"prepare_s": t1 - t0, "import_lower_s": t2 - t1, "tune_s": t3 - t2, "schedule_build_s": t4 - t3}
-    logger.info("compiled for %s in %.1f s (%s)", spec.name, t4 - t0,
-                ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()))
+    logger.info("compiled for %s in %.1f s (%s; %d naive kernels%s)", spec.name, t4 - t0,
+                ", ".join(f"{k} {v}" for k, v in _count(info.schedules).items()), len(info.naive_kernels),
+                f": {', '.join(info.naive_kernels[:5])}" if info.naive_kernels else "")
     compiled = CompiledModel(ex, spec, inputs, outputs, info)
     compiled.ir_module = mod
     if cacheable:

@@ -128,6 +128,9 @@ def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 1 
     if vec:
         outer, vi = sch.split(fused, [None, vec])
         sch.vectorize(vi)
+    elif total > lanes:  # no whole vectors (214 logits): unrolled chunks of one vector, the tail guarded
+        outer, vi = sch.split(fused, [None, lanes])
+        sch.unroll(vi)
     else:
         outer = fused
     if total >= min_parallel:
@@ -367,11 +370,147 @@ def _has_if_then_else(sch: Any, block: Any) -> bool:
     return bool(get_global_func("s_tir.schedule.HasIfThenElse")(sch.get(block)))
 
 
+class RowReductionRule(_Rule):
+    """Reductions along the innermost (contiguous) axes: row sums and maxima, the mean of a
+    LayerNorm, softmax's max and sum (ReduceSum/Mean/Max over the last axis, which the tiled rule
+    cannot take: its vector axis must be a spatial one).
+
+    Injective producers are inlined and the epilogue is applied on write-back. The reduction is
+    split by the vector width and ``rfactor``-ed: partial results accumulate in a vector of
+    ``lanes`` lanes (a vectorized loop over contiguous input), then the lanes are reduced once.
+    The leading spatial loops run in parallel when the kernel is large enough. Functions with
+    several reductions (softmax, LayerNorm) go to :class:`MultiReductionRule`.
+    """
+
+    name = "row-reduction"
+
+    def __init__(self, min_parallel_work: int = 1 << 16) -> None:
+        self.min_parallel_work = min_parallel_work
+
+    def apply(self, sch: Any, target: Any) -> bool:
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+        infos = normalize_prim_func(sch)
+        if infos is None:
+            return False
+        reductions = [b for b in infos if b.is_reduction()]
+        if len(reductions) != 1 or not all(b.is_injective() for b in infos if b is not reductions[0]):
+            return False
+        main = reductions[0]
+        kinds = main.dom_kind()
+        n_s = len(kinds) - len(kinds.lstrip("S"))
+        if kinds[n_s:].strip("R") or not kinds[n_s:]:
+            return False  # spatial axes after the reduction: not a row reduction
+        if any(_extent(it._dom) is None for it in main.iters):
+            return False
+        idx = infos.index(main)
+        for b in infos[:idx]:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001
+                pass
+        for b in reversed(infos[idx + 1:]):
+            try:
+                sch.reverse_compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001
+                pass
+        block = main.block_rv
+        loops = sch.get_loops(block)
+        s_loops, r_loops = loops[:n_s], loops[n_s:]
+        r = sch.fuse(*r_loops) if len(r_loops) > 1 else r_loops[0]
+        rext = _extent(sch.get(r).extent) or 1
+        lanes = vector_lanes(target)
+        vec = next((v for v in (lanes, lanes // 2, 4) if v >= 4 and rext % v == 0 and rext >= 2 * v), 0)
+        spatial_total = math.prod(_extent(sch.get(lp).extent) or 1 for lp in s_loops)
+        outer = None
+        if s_loops:
+            outer = sch.fuse(*s_loops) if len(s_loops) > 1 else s_loops[0]
+        if vec:
+            _, ri = sch.split(r, [None, vec])
+            rf = sch.rfactor(ri, factor_axis=0)
+            rf_loops = sch.get_loops(rf)
+            # rf's loops: [spatial (fused)] + [r_outer, r_inner]; make r_inner innermost, vectorized
+            sch.vectorize(rf_loops[-1])
+            sch.decompose_reduction(rf, rf_loops[-2])
+        else:
+            sch.annotate(r, "pragma_auto_unroll_max_step", 16)
+            sch.annotate(r, "pragma_unroll_explicit", 0)
+        if outer is not None and spatial_total * rext >= self.min_parallel_work and spatial_total > 1:
+            sch.parallel(outer)
+        for b in _root_blocks(sch):  # stages left outside (an epilogue that could not be inlined)
+            if _is_spatial_block(sch, b) and not any(
+                    sch.get(b).same_as(sch.get(x)) for x in [block]):
+                try:
+                    if not _is_annotated(sch, b):
+                        _schedule_injective(sch, b, lanes)
+                except Exception:  # noqa: BLE001
+                    pass
+        return True
+
+
+class DLightReductionRule(_Rule):
+    """Several reductions sharing their leading spatial axes (softmax, LayerNorm, RMSNorm):
+    TVM DLight's CPU ``Reduction`` rule (blocks computed under the parallel spatial loop,
+    injective stages vectorized, reduction loops unrolled)."""
+
+    name = "dlight-reduction"
+
+    def apply(self, sch: Any, target: Any) -> bool:
+        from tvm.s_tir.dlight.cpu import Reduction
+
+        self.result = None
+        res = Reduction().apply(sch.mod["main"], target, False)
+        if res is None:
+            return False
+        new = res if not isinstance(res, list) else res[0]
+        self.result = new  # default_schedule takes the rule's own schedule
+        return True
+
+
+class SmallKernelRule(_Rule):
+    """Kernels of a few dozen iterations (a scalar's reductions, the stacks of a clipped
+    variance): every loop unrolled, so LLVM sees straight-line code - nothing to parallelize or
+    vectorize at this size."""
+
+    name = "small-unrolled"
+
+    def __init__(self, max_work: int = 64) -> None:
+        self.max_work = max_work
+
+    def apply(self, sch: Any, target: Any) -> bool:
+        blocks = _root_blocks(sch)
+        nests = [sch.get_loops(b) for b in blocks]
+        work = 0
+        for loops in nests:
+            exts = [_extent(sch.get(lp).extent) for lp in loops]
+            if any(e is None for e in exts):
+                return False
+            work += math.prod(exts)
+        if work > self.max_work:
+            return False
+        done = False
+        for loops in nests:
+            for lp in loops:
+                if (_extent(sch.get(lp).extent) or 1) > 1:
+                    sch.unroll(lp)
+                    done = True
+        return done
+
+
+def _is_annotated(sch: Any, block: Any) -> bool:
+    from tvm import tirx
+
+    return any(sch.get(lp).kind != tirx.ForKind.SERIAL for lp in sch.get_loops(block))
+
+
 class FallbackRule(_Rule):
     """Anything else: parallelize the leading spatial loops of every root loop nest and vectorize
     spatial innermost loops where they are contiguous."""
 
     name = "fallback"
+
+    def __init__(self, min_parallel_work: int = 1 << 19) -> None:
+        self.min_parallel_work = min_parallel_work
 
     def apply(self, sch: Any, target: Any) -> bool:
         from tvm import tirx
@@ -400,13 +539,20 @@ class FallbackRule(_Rule):
                 lead.append(lp)
             if lead:
                 fused = sch.fuse(*lead) if len(lead) > 1 else lead[0]
-                if (_extent(sch.get(fused).extent) or 0) > 1:
+                work = math.prod(_extent(sch.get(lp).extent) or 1 for lp in sch.get_loops(b))
+                # waking the worker threads costs more than a small kernel's whole run: a 49k
+                # multiply-add conv1d in silero took 0.97 ms parallel, 104x ORT's whole model
+                if (_extent(sch.get(fused).extent) or 0) > 1 and work >= self.min_parallel_work:
                     sch.parallel(fused)
+                    done = True
+                elif (_extent(sch.get(loops[-1]).extent) or 0) > 1:
+                    sch.annotate(loops[-1], "pragma_auto_unroll_max_step", 16)
                     done = True
         return done
 
 
-DEFAULT_RULES: tuple[_Rule, ...] = (InjectiveRule(), TiledReductionRule(), FallbackRule())
+DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), TiledReductionRule(), RowReductionRule(),
+                                     DLightReductionRule(), FallbackRule())
 
 
 def default_schedule(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
@@ -418,7 +564,7 @@ def default_schedule(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_
         sch = s_tir.Schedule(func)
         try:
             if rule.apply(sch, target):
-                return sch, rule.name
+                return getattr(rule, "result", None) or sch, rule.name
         except Exception as exc:  # noqa: BLE001 - a rule that cannot apply falls through
             logger.debug("rule %s failed: %s", rule.name, exc)
     return None, None
@@ -454,3 +600,60 @@ def apply_default_schedules(mod: Any, target: Any, rules: tuple[_Rule, ...] = DE
     for gv, func in updates.items():
         mod[gv] = func
     return mod, used
+
+
+# -- what the build can say about its kernels ---------------------------------------------------
+
+#: loop annotations that show a schedule was applied to a loop nest
+_UNROLL_PRAGMAS = ("pragma_auto_unroll_max_step", "pragma_unroll_explicit")
+
+
+def loop_kinds(func: Any) -> dict[str, int]:
+    """Count the loops of a PrimFunc by how they run: ``serial``, ``parallel``, ``vectorized``,
+    ``unrolled`` (including loops that carry an unroll pragma), ``thread`` (GPU bindings); plus
+    ``iterations``, the largest product of loop extents along one nest (the kernel's size)."""
+    import tvm_ffi
+    from tvm import tirx
+
+    names = {tirx.ForKind.SERIAL: "serial", tirx.ForKind.PARALLEL: "parallel", tirx.ForKind.VECTORIZED: "vectorized",
+             tirx.ForKind.UNROLLED: "unrolled", tirx.ForKind.THREAD_BINDING: "thread"}
+    counts = dict.fromkeys(("serial", "parallel", "vectorized", "unrolled", "thread"), 0)
+    biggest = [1]
+
+    def nest(stmt: Any, outer: int) -> None:
+        def visit(loop: Any) -> Any:
+            ext = _extent(loop.extent) or 1
+            kind = names.get(tirx.ForKind(int(loop.kind)), "serial")
+            if kind == "serial" and any(k in loop.annotations for k in _UNROLL_PRAGMAS):
+                kind = "unrolled"
+            counts[kind] += 1
+            biggest[0] = max(biggest[0], outer * ext)
+            nest(loop.body, outer * ext)
+            return tvm_ffi.structural.WalkResult.SKIP if hasattr(tvm_ffi.structural, "WalkResult") else None
+
+        tvm_ffi.structural_walk(stmt, (tirx.For, visit), order="pre")
+
+    nest(func.body, 1)
+    counts["iterations"] = biggest[0]
+    return counts
+
+
+def is_naive(func: Any, min_iterations: int = 64) -> bool:
+    """True when a PrimFunc kept TVM's naive loops: it has a loop nest of at least
+    ``min_iterations`` iterations and not one of its loops is parallel, vectorized, unrolled or
+    bound to GPU threads (what every graphopt rule, DLight rule and MetaSchedule record adds).
+
+    This reads the scheduled TIR itself, not the name of the rule that ran, so it also catches a
+    tuning record or a rule that left a kernel as it was. Below ``min_iterations`` a loop nest
+    costs less than a function call and there is nothing to schedule.
+    """
+    k = loop_kinds(func)
+    return k["iterations"] >= min_iterations and not (k["parallel"] or k["vectorized"] or k["unrolled"] or k["thread"])
+
+
+def naive_kernels(mod: Any, min_iterations: int = 64) -> list[str]:
+    """Names of the PrimFuncs of a scheduled module that kept naive loops (:func:`is_naive`)."""
+    from tvm import tirx
+
+    return sorted(gv.name_hint for gv, f in mod.functions_items()
+                  if isinstance(f, tirx.PrimFunc) and is_naive(f, min_iterations))
