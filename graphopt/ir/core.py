@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy as _copy
 import itertools
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -1000,10 +1001,144 @@ class Model:
             f.graph.verify()
 
     def copy(self) -> Model:
-        """A deep copy (through the ONNX proto form; external data stays lazily referenced)."""
-        from graphopt.onnx_io import from_proto, to_proto
+        """A deep copy of the IR: new graphs, nodes and values with the same names, types,
+        attributes, node order and name scopes.
 
-        return from_proto(to_proto(self, keep_external=True), base_dir=self.base_dir, check=False)
+        Constant data is not shared mutably: tensors read from a file keep their (never
+        modified) proto and decode again on first use, so external data stays lazily referenced;
+        in-memory arrays are copied. Scratch annotations in ``meta`` are dropped, as a round trip
+        through ONNX would drop them; ``metadata_props`` and sparse-initializer records are kept.
+        """
+        return _Cloner().model(self)
 
     def __repr__(self) -> str:
         return f"Model(opset={self.opset()}, ir={self.ir_version}, {len(self.graph)} nodes)"
+
+
+_KEPT_META = ("metadata_props", "sparse")
+
+
+class _Cloner:
+    """Structural deep copy of a model (what :meth:`Model.copy` does).
+
+    Values are mapped old -> new across nested scopes, so subgraphs that read outer values read
+    the copies. A graph's nodes and their outputs are created first and their inputs and
+    attributes filled second, so an unsorted graph copies too.
+    """
+
+    def __init__(self) -> None:
+        self.vmap: dict[int, Value] = {}
+        self.gmap: dict[int, Graph] = {}
+
+    @staticmethod
+    def tensor(t: Tensor) -> Tensor:
+        nt = _copy.copy(t)
+        if t._proto is not None:
+            nt._array = None  # decoded again from the unmodified proto when first read
+        elif t._array is not None:
+            nt._array = t._array.copy()
+        return nt
+
+    def value(self, v: Value) -> Value:
+        nv = Value(v.name, v.dtype, v.shape)
+        nv.shape = v.shape
+        nv.dtype = v.dtype
+        if v.const is not None:
+            nv.const = self.tensor(v.const)
+        nv.doc_string = v.doc_string
+        nv.type_proto = v.type_proto
+        nv._type_sig = v._type_sig
+        nv.meta = {k: v.meta[k] for k in _KEPT_META if k in v.meta}
+        self.vmap[id(v)] = nv
+        return nv
+
+    def get(self, v: Value) -> Value:
+        nv = self.vmap.get(id(v))
+        if nv is None:
+            # a value only nodes refer to (a sparse initializer): copy it into its graph's copy
+            nv = self.value(v)
+            ng = self.gmap.get(id(v.graph)) if v.graph is not None else None
+            if ng is not None:
+                ng._adopt_value(nv)
+        return nv
+
+    def attr(self, a: Attr) -> Attr:
+        na = Attr(a.name, a.type, ref_attr_name=a.ref_attr_name)
+        na.doc_string = a.doc_string
+        if a.type == AttributeProto.GRAPH:
+            na._value = self.graph(a._value) if a._value is not None else None
+        elif a.type == AttributeProto.GRAPHS:
+            na._value = [self.graph(g) for g in a._value or []]
+        else:
+            val = a._value
+            if isinstance(val, Tensor):
+                val = self.tensor(val)
+            elif isinstance(val, np.ndarray):
+                val = val.copy()
+            elif isinstance(val, list):
+                val = [self.tensor(x) if isinstance(x, Tensor) else x for x in val]
+            na._value = val
+            na._proto = a._proto
+            na._base_dir = a._base_dir
+        return na
+
+    def graph(self, g: Graph, names: NameScope | None = None) -> Graph:
+        ng = Graph(g.name)
+        self.gmap[id(g)] = ng
+        if names is not None:
+            ng._names = names
+        ng.doc_string = g.doc_string
+        for v in g.inputs:
+            nv = self.vmap.get(id(v)) or self.value(v)
+            ng._adopt_value(nv)
+            ng.inputs.append(nv)
+        for name, v in g.initializers.items():
+            nv = self.vmap.get(id(v)) or self.value(v)  # an initializer may also be an input
+            ng._adopt_value(nv)
+            ng.initializers[name] = nv
+        ng.sparse_initializers = list(g.sparse_initializers)
+        ng.quantization_annotation = list(g.quantization_annotation)
+        ng.metadata_props = dict(g.metadata_props)
+        pairs: list[tuple[Node, Node]] = []
+        for n in g.iter_nodes():
+            nn = Node(n.op_type, domain=n.domain, name=n.name, outputs=0)
+            nn.overload = n.overload
+            nn.doc_string = n.doc_string
+            nn.metadata_props = dict(n.metadata_props)
+            for v in n._outputs:
+                nn._add_output(self.value(v))
+            pairs.append((n, nn))
+        for n, nn in pairs:
+            for v in n._inputs:
+                nn.append_input(None if v is None else self.get(v))
+            for k, a in n.attrs.items():
+                nn.attrs[k] = self.attr(a)
+            ng.append(nn)  # links subgraphs (parent, shared name scope) too
+        ng.outputs = [self.get(v) for v in g.outputs]
+        ng.value_info = [self.vmap[id(v)] for v in g.value_info if id(v) in self.vmap]
+        if names is not None or g.parent is None:
+            # keep the name scope exactly: names handed out earlier stay taken in the copy
+            ng._names.used |= g._names.used
+            ng._names._counters.update(g._names._counters)
+        return ng
+
+    def model(self, m: Model) -> Model:
+        graph = self.graph(m.graph)
+        nm = Model(graph, ir_version=m.ir_version, opset_imports=dict(m.opset_imports))
+        for fld in ("producer_name", "producer_version", "domain", "model_version", "doc_string", "base_dir"):
+            setattr(nm, fld, getattr(m, fld))
+        nm.metadata_props = dict(m.metadata_props)
+        nm.training_info = list(m.training_info)
+        for fld in ("_opset_protos", "_present_fields"):
+            if hasattr(m, fld):
+                setattr(nm, fld, getattr(m, fld))
+        for key, f in m.functions.items():
+            self.vmap = {}
+            nf = Function(f.domain, f.name, self.graph(f.graph, NameScope()), overload=f.overload)
+            nf.opset_imports = dict(f.opset_imports)
+            nf.attributes = list(f.attributes)
+            nf.attribute_protos = list(f.attribute_protos)
+            nf.doc_string = f.doc_string
+            nf.metadata_props = dict(f.metadata_props)
+            nm.functions[key] = nf
+        return nm
