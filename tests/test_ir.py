@@ -131,3 +131,29 @@ def test_build_model_from_scratch_runs() -> None:
     m.verify()
     out = graphopt.run_ort(m, {"x": np.ones((2, 3), np.float32)})
     assert np.allclose(out[y.name], 1.5)
+
+
+def test_model_copy_is_deep_and_exact() -> None:
+    """Model.copy: same serialized model, independent graph objects, subgraph reads of outer values
+    rebound to the copy's values, constant data not shared mutably, name scope kept."""
+    body = helper.make_graph([helper.make_node("Add", ["x", "w"], ["o"], name="inner")], "then", [], [vi("o", [2])])
+    other = helper.make_graph([helper.make_node("Sub", ["x", "w"], ["o2"], name="inner2")], "else", [], [vi("o2", [2])])
+    mp = make_model([helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=other, name="if")],
+                    [vi("c", [], 9), vi("x", [2])], [vi("y", [2])], inits=[("w", np.ones(2, np.float32))])
+    m = graphopt.from_proto(mp)
+    m.graph.add_initializer("extra", np.arange(3, dtype=np.float32))  # in-memory data
+    c = m.copy()
+    c.verify()
+    ser = lambda mm: graphopt.to_proto(mm).SerializeToString(deterministic=True)  # noqa: E731
+    assert ser(c) == ser(m)
+    ifc = c.graph.nodes[0]
+    assert ifc is not m.graph.nodes[0] and ifc.attr("then_branch").parent is ifc
+    xc, wc = c.graph.inputs[1], c.graph.initializers["w"]
+    assert {u.name for u, _ in wc.uses} == {"inner", "inner2"} and len(xc.uses) == 2
+    assert m.graph.initializers["w"].num_uses == 2  # the original's uses are its own
+    c.graph.initializers["extra"].const_value()[0] = 42.0
+    assert m.graph.initializers["extra"].const_value()[0] == 0.0
+    assert c.graph.fresh_name("extra") != "extra"  # names taken in the original stay taken
+    c.graph.outputs.clear()
+    c.graph.remove(ifc)
+    assert len(m.graph) == 1 and m.graph.inputs[1].num_uses == 2
