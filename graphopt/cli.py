@@ -196,7 +196,8 @@ def _feeds(model: Any, args: argparse.Namespace, n: int | None) -> list[dict[str
     from graphopt.runtime import input_feeds, parse_input_shapes
 
     return input_feeds(model, hints=parse_input_shapes(getattr(args, "input_shape", None)),
-                       data=getattr(args, "inputs", None), count=n, seed=getattr(args, "seed", 0) or 0)
+                       data=getattr(args, "inputs", None), count=n, seed=getattr(args, "seed", 0) or 0,
+                       what="--inputs")
 
 
 def _shapes_of(feed: dict[str, Any]) -> dict[str, list[int]]:

@@ -633,7 +633,7 @@ def input_feeds(
     count: int | None = None,
     seed: int = 0,
     check: bool = True,
-    what: str = "--inputs",
+    what: str = "data",
 ) -> list[dict[str, np.ndarray]]:
     """Feeds for checking a model: the user's samples, or random ones that the model runs on.
 

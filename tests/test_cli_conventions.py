@@ -386,7 +386,7 @@ def _dynamic_rank_model(tmp_path: Path) -> Path:
 
 
 def test_library_errors_name_arguments_cli_names_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from graphopt.runtime import make_inputs, resolve_input_shapes
+    from graphopt.runtime import input_feeds, make_inputs, resolve_input_shapes
 
     m = graphopt.load(_dynamic_rank_model(tmp_path), check=False)  # onnx's checker wants a shape
     with pytest.raises(graphopt.GraphoptError) as e:
@@ -397,6 +397,13 @@ def test_library_errors_name_arguments_cli_names_flags(tmp_path: Path, capsys: p
         with pytest.raises(graphopt.GraphoptError) as e:
             resolve_input_shapes(ex, hints)
         assert "input_shapes" in str(e.value) and "--" not in str(e.value)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, nosuch=np.zeros((2, 1, 8, 8), np.float32))
+    with pytest.raises(graphopt.GraphoptError) as e:
+        input_feeds(ex, data=str(bad))
+    assert str(e.value).startswith("data") and "--" not in str(e.value), e.value
+    rc, _, err = _run(["verify", "--example", EXAMPLE, "--inputs", str(bad)], capsys)
+    assert rc == 2 and _one_error_line(err).startswith("graphopt: error: --inputs"), err
     # the CLI says the same in its flags
     rc, _, err = _run(["verify", str(tmp_path / "norank.onnx"), str(tmp_path / "norank.onnx"), "--no-check"], capsys)
     line = _one_error_line(err)
@@ -418,6 +425,10 @@ def test_no_cli_flags_in_library_messages() -> None:
         if path in skip or "distill" in path.parts:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.arguments):  # a default that ends up in a message (what="--inputs")
+                for d in [*node.defaults, *node.kw_defaults]:
+                    if isinstance(d, ast.Constant) and isinstance(d.value, str) and flag.search(d.value):
+                        bad.append(f"{path.relative_to(ROOT)}:{d.lineno}: default {d.value!r}")
             calls = []
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 calls.append(node.exc)
