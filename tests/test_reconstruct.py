@@ -106,6 +106,24 @@ def test_refit_blocks_on_an_unchanged_model_is_harmless() -> None:
     np.testing.assert_allclose(_outputs(student, feeds), _outputs(teacher, feeds), rtol=1e-3, atol=1e-3)
 
 
+def test_samples_of_different_sizes() -> None:
+    """Text lines and pages differ in width: their activations are not concatenated."""
+    proto = _model()
+    proto.graph.input[0].type.tensor_type.shape.dim[3].dim_param = "w"
+    proto.graph.output[0].type.tensor_type.shape.dim[3].dim_param = "w"
+    teacher = graphopt.from_proto(proto)
+    rng = np.random.default_rng(4)
+    calib = [{"x": rng.standard_normal((1, 3, 12, 12 + 4 * (i % 3))).astype(np.float32)} for i in range(48)]
+    student = teacher.copy()
+    run_passes(student, [get_pass("prune-channels", ratio=0.5, recover=True)], PassContext(calibration=calib))
+    held = [{"x": rng.standard_normal((1, 3, 12, 20)).astype(np.float32)} for _ in range(8)]
+    ref, layer = _outputs(teacher, held), _outputs(student, held)
+    rb = get_pass("refit-blocks", teacher=teacher, max_samples=48)
+    run_passes(student, [rb], PassContext(calibration=calib))
+    assert rb.report["layers"] == 2 and rb.report["refit"] + rb.report["kept"] == 2
+    assert _rel(ref, _outputs(student, held)) <= _rel(ref, layer) * 1.01
+
+
 def test_cli_compress_refit_block(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     onnx.save(_model(), str(src))

@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from graphopt import GraphoptError, Model, Node, Pass, PassContext, Value, register_pass
-from graphopt.runtime import collect_values, load_calibration
+from graphopt.runtime import intermediate_session, load_calibration
 
 from ..quantize.rounding import Layer, conv_patches, layer_of, layer_progress
 
@@ -72,6 +72,19 @@ def _match(v: Value, names: set[str], reads: dict[tuple[str, int], str], outs: l
         k = student_outs.index(v.name)
         return outs[k] if k < len(outs) else None
     return None
+
+
+def _values(model: Model, names: list[str], samples: list[dict[str, np.ndarray]]) -> dict[str, list[np.ndarray]]:
+    """Values ``names`` of ``model`` on every sample (one float64 array per sample: text lines
+    and pages differ in size, so they are not concatenated)."""
+    sess, outs = intermediate_session(model, names)
+    ins = {i.name for i in sess.get_inputs()}
+    acc: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for s in samples:
+        res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
+        for k in names:
+            acc[k].append(np.asarray(res[k], np.float64))
+    return acc
 
 
 def _channel_map(ys: np.ndarray, yt: np.ndarray) -> np.ndarray | None:
@@ -207,18 +220,19 @@ class RefitBlocks(Pass):
         changed = False
         for b0 in range(0, len(plan), self.options["batch"]):
             batch = plan[b0: b0 + self.options["batch"]]
-            s_vals = collect_values(model, sorted({v for n, lay, _, sk, _, _ in batch
-                                                   for v in (lay.x, n.output(0).name, sk) if v}), samples)
-            t_vals = collect_values(teacher, sorted({t for _, _, t, _, _, _ in batch}), samples)
+            s_vals = _values(model, sorted({v for n, lay, _, sk, _, _ in batch
+                                            for v in (lay.x, n.output(0).name, sk) if v}), samples)
+            t_vals = _values(teacher, sorted({t for _, _, t, _, _, _ in batch}), samples)
             for n, lay, target, skip, const, act in batch:
                 bar.update(1)
                 lay = layer_of(n)  # the weight as it is now
                 if lay is None:
                     continue
                 y_t = t_vals[target]
-                if skip is not None and s_vals[skip].shape != y_t.shape:
+                if skip is not None and any(a.shape != b.shape for a, b in zip(s_vals[skip], y_t, strict=True)):
                     continue  # the residual's channels were pruned in the student: no common target
-                offset = (s_vals[skip] if skip else 0.0) + (const if const is not None else 0.0)
+                c = const if const is not None else 0.0
+                offset = [a + c for a in s_vals[skip]] if skip else [c] * len(y_t)
                 res = self._refit(n, lay, s_vals[lay.x], s_vals[n.output(0).name], y_t, offset, act, rng)
                 if res is None:
                     continue
@@ -247,8 +261,8 @@ class RefitBlocks(Pass):
                  self.report["refit"], len(plan), self.report["heldout_error_after_vs_before"])
         return changed
 
-    def _refit(self, n: Node, lay: Layer, x: np.ndarray, y_s: np.ndarray, y_t: np.ndarray, offset: Any,
-               act: Any, rng: np.random.Generator
+    def _refit(self, n: Node, lay: Layer, xs: list[np.ndarray], yss: list[np.ndarray], yts: list[np.ndarray],
+               offsets: list[Any], act: Any, rng: np.random.Generator
                ) -> tuple[float, float, np.ndarray | None, np.ndarray | None] | None:
         """Least squares of ``n``'s weights and bias from its inputs ``x`` so that its output
         plus ``offset`` (the student's skip branch and added constant), through ``act``, matches
@@ -264,24 +278,32 @@ class RefitBlocks(Pass):
             return None
         d = lay.d
         most = int(min(self.options["max_rows"], max(8192, 32 * (d + 1)), MAX_ELEMENTS // max(d + 1, 1)))
-        if lay.op == "Conv":
-            if y_s.ndim != x.ndim or y_t.ndim != x.ndim:
+        per = max(1, most // max(len(xs), 1))
+        parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+        for x, y_s, y_t, offset in zip(xs, yss, yts, offsets, strict=True):  # samples may differ in size
+            if y_s.ndim != x.ndim or y_t.ndim != x.ndim or y_s.shape[0] != y_t.shape[0]:
                 return None
-            try:
-                rows, pos = conv_patches(x, lay, most, rng, positions=True)
-            except ValueError:
-                return None
-            idx = (pos[0], slice(None), *pos[1:])
-            ys, yt = y_s[idx], y_t[idx]  # [M, C]
-            off = np.broadcast_to(offset, y_t.shape)[idx] if np.ndim(offset) else np.full(yt.shape, float(offset))
-        else:
-            xr = x.reshape(-1, d)
-            if y_s.size // y_s.shape[-1] != len(xr) or y_t.size // y_t.shape[-1] != len(xr):
-                return None
-            pick = rng.choice(len(xr), size=min(most, len(xr)), replace=False)
-            rows = xr[pick][None]
-            ys, yt = y_s.reshape(len(xr), -1)[pick], y_t.reshape(len(xr), -1)[pick]
-            off = np.broadcast_to(offset, y_t.shape).reshape(len(xr), -1)[pick]
+            if lay.op == "Conv":
+                try:
+                    rows, pos = conv_patches(x, lay, per, rng, positions=True)
+                except ValueError:
+                    return None
+                idx = (pos[0], slice(None), *pos[1:])
+                if y_s.shape[2:] != y_t.shape[2:]:
+                    return None
+                ys, yt = y_s[idx], y_t[idx]  # [M, C]
+                off = np.broadcast_to(offset, y_t.shape)[idx] if np.ndim(offset) else np.full(yt.shape, float(offset))
+            else:
+                xr = x.reshape(-1, d)
+                if y_s.size // y_s.shape[-1] != len(xr) or y_t.size // y_t.shape[-1] != len(xr):
+                    return None
+                pick = rng.choice(len(xr), size=min(per, len(xr)), replace=False)
+                rows = xr[pick][None]
+                ys, yt = y_s.reshape(len(xr), -1)[pick], y_t.reshape(len(xr), -1)[pick]
+                off = np.broadcast_to(offset, y_t.shape).reshape(len(xr), -1)[pick]
+            parts.append((rows, ys, yt, off))
+        rows = np.concatenate([p[0] for p in parts], axis=1)
+        ys, yt, off = (np.concatenate([p[k] for p in parts]) for k in (1, 2, 3))
         if rows.shape[1] < 16:
             return None
         cmap = _channel_map(ys, yt)
