@@ -205,9 +205,10 @@ def _shapes_of(feed: dict[str, Any]) -> dict[str, list[int]]:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
+    from graphopt.analysis import model_stats
     from graphopt.instruments import NumericCheckInstrument, ProgressInstrument, StatsInstrument, VerifyInstrument
     from graphopt.onnx_io import save
-    from graphopt.report import PASS_HEADERS, human, pass_rows, table, write_report
+    from graphopt.report import ModelSummary, OutputCheck, Report, human, pass_rows
     from graphopt.runtime import compare, parse_input_shapes, run_ort
     from graphopt.transform import PassContext, Pipeline, get_pass, get_pipeline, run_passes
 
@@ -250,6 +251,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                                                       scale_rtol=args.scale_rtol))
         original = model.copy()
     ctx = PassContext(instruments=instruments, input_shapes=shapes)
+    ops_before = dict(model_stats(model).ops.most_common())
     t0 = time.perf_counter()
     run_passes(model, pipeline, ctx)
     elapsed = time.perf_counter() - t0
@@ -257,36 +259,39 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     before = stats.initial
     final = ctx.records[-1] if ctx.records else before
     err = None
+    check = OutputCheck("inputs" if args.inputs else "random", atol=args.atol, rtol=args.rtol)
     if args.verify and original is not None:
-        worst = 0.0
         for f in progress(feeds, desc="checking the written model", unit="sample"):
-            c = compare(run_ort(original, f), run_ort(str(_target(args, out)), f), rtol=args.rtol, atol=args.atol,
-                        scale_rtol=args.scale_rtol)
-            worst = max(worst, c.max_abs)
+            ref, got = run_ort(original, f), run_ort(str(_target(args, out)), f)
+            c = compare(ref, got, rtol=args.rtol, atol=args.atol, scale_rtol=args.scale_rtol)
+            check.add(ref, got, ok=c.ok)
             if not c.ok:
                 raise NumericalMismatchError("saved model disagrees with the input: " + "; ".join(c.problems[:3]))
-        err = worst
-    print(table(PASS_HEADERS, pass_rows(ctx.records, before)))
+        err = check.max_abs
     assert before is not None and final is not None
-    summary = {
-        "input": src, "output": str(out), "pipeline": repr(pipeline), "seconds": round(elapsed, 3),
-        "compare": {
-            "compute nodes": [before.nodes, final.nodes],
-            "params": [human(before.params), human(final.params)],
-            "size": [human(before.bytes, "B"), human(final.bytes, "B")],
-            "FLOPs": [human(before.flops), human(final.flops)],
-        },
-    }
+    size_in = Path(src).stat().st_size if Path(src).is_file() else before.bytes
+    size_out = _target(args, out).stat().st_size if _target(args, out).is_file() else final.bytes
+    report = Report(
+        "optimize", input=src, output=str(out), seconds=elapsed, settings={"pipeline": repr(pipeline)},
+        input_shapes={k: list(v) for k, v in ({**_shapes_of(feeds[0]), **shapes} if feeds else shapes).items()},
+        shapes_fixed=bool(shapes),
+        before=ModelSummary(path=src, nodes=before.nodes, params=before.params, size_bytes=size_in,
+                            flops=before.flops or None, ops=ops_before),
+        after=ModelSummary(path=str(out), nodes=final.nodes, params=final.params, size_bytes=size_out,
+                           flops=final.flops or None, ops=dict(model_stats(model).ops.most_common())),
+        passes=pass_rows(ctx.records, before), verification=check.result() if err is not None else None)
+    if shapes:
+        report.notes.append("the written model's inputs have the --input-shape shapes: "
+                            + ", ".join(f"{k}: {list(v)}" for k, v in shapes.items()))
+    print(report.console())
     kind = "--inputs sample(s)" if args.inputs else "random input(s)"
-    if err is not None:
-        summary["verified"] = f"{len(feeds)} {kind}, max abs error {err:.3g}"
     print(f"\n{src} -> {out}: compute nodes {before.nodes} -> {final.nodes}, "
-          f"size {human(before.bytes, 'B')} -> {human(final.bytes, 'B')}, {elapsed:.2f}s"
+          f"size {human(size_in, 'B')} -> {human(size_out, 'B')}, {elapsed:.2f}s"
           + (f", verified on {len(feeds)} {kind} (max abs err {err:.2e})" if err is not None else "")
           + ("; input shapes FIXED by --input-shape: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
              if shapes else ""))
     if args.report:
-        write_report(args.report, summary, ctx.records, before)
+        report.write(args.report)
         print(f"report written to {args.report}")
     return 0
 
@@ -337,9 +342,18 @@ def _latency_pair(a: str, b: str, feed: dict[str, Any], rounds: int = 20) -> tup
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from graphopt.instruments import StatsInstrument
     from graphopt.onnx_io import save
-    from graphopt.report import human, table, write_report
-    from graphopt.runtime import compare, load_calibration, run_ort
+    from graphopt.report import (
+        Latency,
+        OutputCheck,
+        Report,
+        pass_rows,
+        quantize_candidates,
+        quantize_layers,
+        summarize_model,
+    )
+    from graphopt.runtime import load_calibration, run_ort
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
     out = Path(args.output)
@@ -359,12 +373,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         samples = load_calibration(args.calibration, model) if args.calibration else checks
     checks = checks or samples
     original = model.copy()
-    before = Path(args.model).stat().st_size
+    t0 = time.perf_counter()
+    shapes = _shapes_of(checks[0])
+    stats = StatsInstrument(shapes)  # one per-pass row for every pass below (ctx.records)
+    ctx = PassContext(calibration=samples, instruments=[stats])
     deq = get_pass("dequantize-integer")
     if args.requantize:  # integer ops back to float first, so the lossless pipeline sees float ops
-        run_passes(model, [deq])
+        run_passes(model, [deq], ctx)
+    initial = stats.initial
     if not args.no_optimize:
-        run_passes(model, get_pipeline("default"))
+        run_passes(model, get_pipeline("default"), ctx)
+        initial = initial or stats.initial
     if args.dynamic or args.weight_only:
         q = get_pass("quantize-dynamic", mode="weight-only" if args.weight_only else "dynamic",
                      per_channel=not args.per_tensor, requantize=args.requantize,
@@ -377,46 +396,61 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      max_error=args.max_error, sensitivity=args.sensitivity, equalize=args.equalize,
                      bias_correction=args.bias_correction, symmetric_activations=args.symmetric,
                      requantize=args.requantize, by_latency=args.by_latency, rounding=args.rounding)
-    run_passes(model, [q, get_pass("dce")], PassContext(calibration=samples))
+    float_model = model.copy() if args.report or not (args.dynamic or args.weight_only) else None
+    run_passes(model, [q, get_pass("dce")], ctx)
+    initial = initial or stats.initial
     if args.compact_names:
-        run_passes(model, [get_pass("compact-names")])
+        run_passes(model, [get_pass("compact-names")], ctx)
     save(model, _target(args, out))  # main() moves it into place once everything below succeeded
-    after = _target(args, out).stat().st_size
-    worst, cos, top1 = 0.0, 1.0, []
+    data = "inputs" if args.inputs else "calibration" if args.calibration else "random"
+    check = OutputCheck(data)
     for s in progress(checks[: min(len(checks), 32)], desc="checking the quantized model", unit="sample"):
-        c = compare(run_ort(original, s), run_ort(str(_target(args, out)), s), rtol=1e9, atol=1e9)
-        worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
-        if c.top1 is not None:
-            top1.append(c.top1)
-    rows = [[f"input ({k})", v] for k, v in getattr(deq, "report", {}).items() if args.requantize]
-    rows += [[k, v] for k, v in q.report.items() if k not in ("sqnr_db", "sensitivity", "latency_decisions")]
-    for d in q.report.get("latency_decisions", []):
-        rows.append([f"region {d['region']} ({d['nodes']} nodes, {d['first']} .. {d['last']})",
-                     f"{d['kept']}: {d['ms_int8']:.3f} ms all int8, {d['ms_region_float']:.3f} ms with it in float"])
-    if q.report.get("sqnr_db"):
-        worst_sqnr = sorted(q.report["sqnr_db"].items(), key=lambda kv: kv[1])[:3]
-        rows.append(["lowest SQNR (dB)", ", ".join(f"{k}: {v}" for k, v in worst_sqnr)])
-    if q.report.get("sensitivity"):
-        top = list(q.report["sensitivity"].items())[:3]
-        rows.append(["most sensitive layers", ", ".join(f"{k}: {v:.3g}" for k, v in top)])
+        check.add(run_ort(original, s), run_ort(str(_target(args, out)), s))
     lat = _latency_pair(args.model, str(_target(args, out)), checks[0])
-    rows += [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"],
-             ["ORT latency (2 threads, median)", f"{lat[0]:.3f} ms -> {lat[1]:.3f} ms ({lat[1] / lat[0]:.2f}x)"],
-             [f"max abs error ({'--inputs' if args.inputs else 'calibration' if args.calibration else 'random'}"
-              " samples)", f"{worst:.4g}"], ["min cosine", f"{cos:.5f}"]]
-    if top1:
-        rows.append(["top-1 agreement with fp32", f"{np.mean(top1):.4f}"])
-    print(table(["", "value"], rows))
+    report = Report("quantize", input=args.model, output=str(out), seconds=time.perf_counter() - t0,
+                    input_shapes={k: list(v) for k, v in shapes.items()},
+                    before=summarize_model(original, args.model, shapes),
+                    after=summarize_model(model, _target(args, out), shapes),
+                    passes=pass_rows(ctx.records, initial),
+                    verification=check.result(), latency=Latency(lat[0], lat[1], rounds=20, threads=2),
+                    settings={k: getattr(args, k) for k in ("method", "per_tensor", "dynamic", "weight_only",
+                                                            "max_error", "by_latency", "equalize", "requantize")
+                              if getattr(args, k, None) not in (None, False)})
+    report.after.path = str(out)
+    if args.requantize:
+        report.add_counters("input", getattr(deq, "report", {}), skip=("before",))
+    layer_keys = ("sqnr_db", "sensitivity", "latency_decisions", "latency_ms", "latency_kept_float", "kept_float",
+                  "kept_float_channel_spread", "channel_sqnr_db", "error", "error_all_int8")
+    report.add_counters("", q.report, skip=layer_keys)
+    if float_model is not None and q.name == "quantize-static":
+        report.layers = quantize_layers(float_model, q.report, q.options)
+    report.candidates = quantize_candidates(q.report)
+    for c in report.candidates:  # the one written: its error is the output check's
+        if c.chosen and c.error is None:
+            c.error = report.verification.output_rel_error if report.verification else None
+    if data == "calibration":
+        report.notes.append("the output check ran on the calibration samples (in-sample); give --inputs with "
+                            "held-out samples for an out-of-sample figure")
+    print(report.console())
     if args.report:
-        write_report(args.report, {"compare": {}, **{str(k): v for k, v in rows}}, [])
+        report.write(args.report)
+        print(f"report written to {args.report}")
     return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from graphopt.analysis.quantized import integer_ops
     from graphopt.onnx_io import save
-    from graphopt.report import human, table
-    from graphopt.runtime import compare, load_calibration, parse_input_shapes
+    from graphopt.report import (
+        Candidate,
+        Latency,
+        OutputCheck,
+        Report,
+        compress_layers,
+        quantize_layers,
+        summarize_model,
+    )
+    from graphopt.runtime import load_calibration, parse_input_shapes
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
     if not (args.cluster or args.lowrank or args.lowrank_flops or args.int8 or args.prune or args.nm):
@@ -441,6 +475,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         logging.getLogger("graphopt.dims").warning(
             "no --calibration or --inputs: pruned layers are not refit, and the table's error and agreement are "
             "measured on random inputs, which says little about the task; give real samples")
+    t_start = time.perf_counter()
+    shapes = _shapes_of(feeds[0])
+    summary_in = summarize_model(model, args.model, shapes)
     run_passes(model, get_pipeline("default"))
     passes: list[Any] = []
     reports: list[tuple[str, Any]] = []
@@ -485,37 +522,53 @@ def cmd_compress(args: argparse.Namespace) -> int:
             reports.append(("palettize", pal))
     # --input-shape: concrete dims for passes that follow shapes (prune-channels through a YOLO neck)
     ctx = PassContext(calibration=calib, input_shapes=parse_input_shapes(args.input_shape) or None)
-    stages: list[list[Any]] = []
+    report = Report("compress", input=args.model, output=str(out), input_shapes={k: list(v) for k, v in shapes.items()},
+                    before=summary_in, settings={k: getattr(args, k) for k in (
+                        "prune", "structured", "nm", "cluster", "lowrank", "lowrank_flops", "int8", "per_channel")
+                        if getattr(args, k, None) not in (None, False)})
+    data = "inputs" if args.inputs else "calibration" if args.calibration else "random"
     with tempfile.TemporaryDirectory(prefix="graphopt-compress-") as tmp:
         prev = _stage(model, Path(tmp) / "stage0.onnx", feeds)
         first = prev
         for i, p in enumerate(passes):
+            pre = model.copy() if p.name == "quantize-static" else None  # its per-layer rows name the float model
+            t0 = time.perf_counter()
             run_passes(model, [p], ctx)
+            seconds = time.perf_counter() - t0
             cur = _stage(model, Path(tmp) / f"stage{i + 1}.onnx", feeds)
-            stages.append(_stage_row(p.name, prev, cur, feeds[0]))
+            report.passes.append(_stage_row(p.name, prev, cur, feeds[0], seconds=seconds))
+            err = OutputCheck(data)
+            for a, b in zip(first.outputs, cur.outputs, strict=True):
+                err.add(a, b)
+            report.candidates.append(Candidate(f"after {p.name}", size_bytes=cur.size,
+                                               latency_ms=report.passes[-1].latency_ms_after,
+                                               error=err.result().output_rel_error, chosen=i == len(passes) - 1))
+            report.layers += quantize_layers(pre, p.report, p.options) if pre is not None else \
+                compress_layers(p.name, p.report)
             prev = cur
         run_passes(model, [get_pass("dce"), get_pass("compact-names")])
         save(model, _target(args, out))
         final = _stage(model, _target(args, out), feeds, write=False)
-        stages.append(_stage_row("total (written file)", first, final, feeds[0]))
-    cos, top1 = 1.0, []
+        total = _stage_row("total (written file)", first, final, feeds[0], seconds=time.perf_counter() - t_start)
+        report.passes.append(total)
+    check = OutputCheck(data)
     for a, b in zip(first.outputs, final.outputs, strict=True):  # the lossless pipeline's model vs the file
-        c = compare(a, b, rtol=1e9, atol=1e9)
-        cos = min(cos, c.cosine)
-        if c.top1 is not None:
-            top1.append(c.top1)
-    rows = [[name, {k: v for k, v in p.report.items() if k not in ("sqnr_db", "sensitivity")}] for name, p in reports]
-    size = _target(args, out).stat().st_size
-    rows += [["size", f"{human(Path(args.model).stat().st_size, 'B')} -> {human(size, 'B')} "
-                      f"({size / Path(args.model).stat().st_size:.3f}x)"],
-             ["min cosine vs input", f"{cos:.5f}"]]
-    if top1:
-        rows.append(["top-1 agreement with input", f"{np.mean(top1):.4f}"])
-    print(table(["", "value"], rows))
-    headers = ["pass", "size", "params", "FLOPs", "ORT latency ms", "output error (rel. L2)", "top-1 agreement"]
-    print(table(headers, stages))
+        check.add(a, b)
+    report.verification = check.result()
+    report.after = summarize_model(model, _target(args, out), shapes)
+    report.after.path = str(out)
+    if total.latency_ms_before and total.latency_ms_after:
+        report.latency = Latency(total.latency_ms_before, total.latency_ms_after, rounds=15, threads=2)
+    report.candidates.insert(0, Candidate("lossless pipeline", size_bytes=first.size, latency_ms=total.latency_ms_before,
+                                          error=0.0))
+    for name, p in reports:
+        report.add_counters(name, p.report, skip=("sqnr_db", "sensitivity", "pruned", "factored", "conv_factored",
+                                                  "clustered", "skipped", "kept_float", "channel_sqnr_db",
+                                                  "kept_float_channel_spread", "partial"))
+    report.seconds = time.perf_counter() - t_start
+    print(report.console())
     if args.report:
-        _write_compress_report(args.report, headers, stages, rows)
+        report.write(args.report)
         print(f"report written to {args.report}")
     return 0
 
@@ -525,6 +578,7 @@ class _Stage:
 
     def __init__(self, path: Path, size: int, params: int, flops: int, outputs: list[dict[str, np.ndarray]]) -> None:
         self.path, self.size, self.params, self.flops, self.outputs = path, size, params, flops, outputs
+        self.nodes: int | None = None
 
 
 def _stage(model: Any, path: Path, feeds: list[dict[str, Any]], write: bool = True) -> _Stage:
@@ -543,12 +597,14 @@ def _stage(model: Any, path: Path, feeds: list[dict[str, Any]], write: bool = Tr
     st = model_stats(snap)
     sess = ort_session(str(path))
     outs = [run_ort(str(path), f, session=sess) for f in feeds]
-    return _Stage(path, path.stat().st_size, st.params, st.flops, outs)
+    stage = _Stage(path, path.stat().st_size, st.params, st.flops, outs)
+    stage.nodes = st.compute_nodes
+    return stage
 
 
-def _stage_row(name: str, a: _Stage, b: _Stage, feed: dict[str, Any]) -> list[Any]:
+def _stage_row(name: str, a: _Stage, b: _Stage, feed: dict[str, Any], seconds: float | None = None) -> Any:
     """One report row: the pass's result and what it changed against the stage before it."""
-    from graphopt.report import human
+    from graphopt.report import PassRow
 
     pairs = [(list(oa.values()), list(ob.values())) for oa, ob in zip(a.outputs, b.outputs, strict=True)]
     f64 = [([np.asarray(x, np.float64) for x in oa], [np.asarray(y, np.float64) for y in ob])  # bool/int outputs too
@@ -563,22 +619,11 @@ def _stage_row(name: str, a: _Stage, b: _Stage, feed: dict[str, Any]) -> list[An
     except Exception:  # noqa: BLE001 - latency is informative; a model ORT cannot time still reports
         pass
 
-    def ratio(x: float, y: float) -> str:
-        return f" ({y / x:.2f}x)" if x else ""
-
-    return [name, f"{human(b.size, 'B')}{ratio(a.size, b.size)}", f"{human(b.params)}{ratio(a.params, b.params)}",
-            f"{human(b.flops)}{ratio(a.flops, b.flops)}",
-            f"{lb:.3f}{ratio(la, lb)}" if la and lb else "-",
-            f"{np.sqrt(num / den):.4f}" if den else "-", f"{np.mean(agree):.3f}" if agree else "-"]
-
-
-def _write_compress_report(path: str, headers: list[str], stages: list[list[Any]], rows: list[list[Any]]) -> None:
-    from graphopt.report import table, write_atomic
-
-    text = "# graphopt compress\n\n## Per pass (each against the stage before it)\n\n" + \
-        table(headers, stages, markdown=True) + "\n\n## Pass reports\n\n" + \
-        table(["", "value"], [[k, str(v)] for k, v in rows], markdown=True) + "\n"
-    write_atomic(Path(path), text)
+    return PassRow(name, seconds=seconds, nodes_before=a.nodes, nodes_after=b.nodes, params_before=a.params,
+                   params_after=b.params, size_bytes_before=a.size, size_bytes_after=b.size, flops_before=a.flops,
+                   flops_after=b.flops, latency_ms_before=la, latency_ms_after=lb,
+                   output_rel_error=float(np.sqrt(num / den)) if den else None,
+                   top1_agreement=float(np.mean(agree)) if agree else None)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -632,6 +677,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
         extra += "; the same build was in the cache (--no-build-cache rebuilds)"
     print(f"wrote {out} (+ {out.name}.json) for {cm.target.name} in {time.perf_counter() - t0:.1f} s: "
           f"kernels: {sched}{extra}")
+    if args.report:  # also measures the build against ONNX Runtime where it runs here
+        from graphopt.report import compile_report
+
+        report = compile_report(args.model, cm, str(out), library=_target(args, out),
+                                seconds=time.perf_counter() - t0,
+                                data=load_calibration(args.inputs, _load(args.model, check=False), what="--inputs")[:1]
+                                if args.inputs else None)
+        print(report.console())
+        report.write(args.report)
+        print(f"report written to {args.report}")
     return 0
 
 
@@ -697,8 +752,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """float16/bfloat16 conversion: weight-only (--weights-only) or full compute; the result is
     compared with the input under ONNX Runtime on --inputs samples (or random ones)."""
     from graphopt.onnx_io import save
-    from graphopt.report import human, table, write_report
-    from graphopt.runtime import compare, run_ort
+    from graphopt.report import OutputCheck, PassRow, Report, float16_layers, summarize_model
+    from graphopt.runtime import run_ort
     from graphopt.transform import PassContext, get_pass, run_passes
 
     dtype = "bfloat16" if args.bf16 else "float16"
@@ -718,59 +773,51 @@ def cmd_convert(args: argparse.Namespace) -> int:
         missing = [n for n in split(args.block_nodes) if n not in names]
         if missing:
             raise GraphoptError(f"--block-nodes: no node named {missing[0]!r} in the model")
+    shapes = _shapes_of((samples or _feeds(original, args, 1))[0])
+    summary_in = summarize_model(original, args.model, shapes)
+    t0 = time.perf_counter()
     run_passes(model, [p], PassContext(calibration=samples))
+    seconds = time.perf_counter() - t0
     target = _target(args, Path(args.output))
     save(model, target)
-    before, after = Path(args.model).stat().st_size, target.stat().st_size
     rep = p.report
-    rows: list[list[Any]] = [["size", f"{human(before, 'B')} -> {human(after, 'B')} ({after / before:.2f}x)"]]
-    if args.weights_only:
-        rows.append([f"weights stored as {dtype}", rep["weights_converted"]])
-        kept = rep["kept_float32"]
-    else:
-        rows += [[f"nodes computing in {dtype}", rep["converted_nodes"]], ["nodes kept float32", len(rep["kept"])],
-                 ["Casts in the model", rep["casts_in_model"]],
-                 ["model inputs/outputs", "float32 (--keep-io)" if rep["keep_io"] else dtype]]
-        if rep["other_domains"]:
-            rows.append(["left alone (other domains)", ", ".join(f"{d}: {c} nodes" for d, c in
-                                                                 rep["other_domains"].items())])
-        kept = rep["kept"]
-    for name, why in list(kept.items())[:12]:
-        rows.append([f"  float32: {name}", why])
-    if len(kept) > 12:
-        rows.append(["  ...", f"{len(kept) - 12} more (--report lists all)"])
+    report = Report("convert", input=args.model, output=args.output, input_shapes={k: list(v) for k, v in shapes.items()},
+                    before=summary_in, after=summarize_model(model, target, shapes),
+                    passes=[PassRow(p.name, changed=True, seconds=seconds)],
+                    settings={"dtype": dtype, "weights_only": bool(args.weights_only),
+                              "keep_io": args.keep_io is not False})
+    report.after.path = args.output
+    report.add_counters("", rep, skip=("kept", "kept_float32", "dtype", "keep_io"))
+    report.layers = float16_layers(rep, dtype)
+    if not args.weights_only:
+        if rep["kept"]:
+            report.counters["nodes_kept_float32"] = len(rep["kept"])
+        report.counters["model_inputs_outputs"] = "float32 (--keep-io)" if rep["keep_io"] else dtype
     checks = samples or _feeds(original, args, 2)
-    worst, cos, top1, ran, nonfinite = 0.0, 1.0, [], True, 0
+    check = OutputCheck("inputs" if args.inputs else "random")
+    ran = True
     for s in progress(checks[: min(len(checks), 16)], desc="checking the converted model", unit="sample"):
         try:
             got = run_ort(str(target), _half_feed(str(target), s))
         except GraphoptError as e:
             if dtype == "bfloat16":  # ORT's CPU provider has few bfloat16 kernels: a model for GPUs/TVM
-                rows.append(["ONNX Runtime (CPU)", f"cannot run it: {str(e)[:160]}"])
+                report.notes.append(f"ONNX Runtime (CPU) cannot run it: {str(e)[:160]}")
                 ran = False
                 break
             raise GraphoptError(f"internal error: ONNX Runtime cannot run the converted model, nothing written "
                                 f"({e})") from None
-        ref = run_ort(original, s)
-        got = {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else v for k, v in got.items()}
-        nonfinite += sum(int(np.size(v) - np.isfinite(v).sum()) for k, v in got.items()
-                         if np.asarray(v).dtype.kind == "f" and np.isfinite(np.asarray(ref[k], np.float32)).all())
-        c = compare(ref, got, rtol=1e9, atol=1e9)
-        worst, cos = max(worst, c.max_abs), min(cos, c.cosine)
-        if c.top1 is not None:
-            top1.append(c.top1)
+        check.add(run_ort(original, s), {k: np.asarray(v, np.float32) if np.asarray(v).dtype.kind == "f" else v
+                                         for k, v in got.items()})
     if ran:
-        rows += [[f"max abs error ({'--inputs' if args.inputs else 'random'} samples)", f"{worst:.4g}"],
-                 ["min cosine", f"{cos:.5f}"]]
-        if nonfinite:  # float16 overflow: inf/nan where float32 is finite (max/cosine skip them)
-            rows.append(["non-finite output values", f"{nonfinite} (values beyond float16's range: pass --inputs "
-                                                       "so the nodes that overflow stay float32)"])
-        if top1:
-            rows.append(["top-1 agreement with fp32", f"{np.mean(top1):.4f}"])
-    print(table(["", "value"], rows))
+        report.verification = check.result()
+        if check.nonfinite:  # float16 overflow: inf/nan where float32 is finite (max/cosine skip them)
+            report.notes.append(f"{check.nonfinite} non-finite output values (values beyond float16's range: pass "
+                                "--inputs so the nodes that overflow stay float32)")
+    report.seconds = time.perf_counter() - t0
+    print(report.console())
     if args.report:
-        write_report(args.report, {"compare": {}, **{str(k): v for k, v in rows}, "kept_float32": kept,
-                                   **({"data_flags": rep["data_flags"]} if "data_flags" in rep else {})}, [])
+        report.write(args.report)
+        print(f"report written to {args.report}")
     return 0
 
 
@@ -932,6 +979,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
+    sp.add_argument("--report", metavar="FILE", help="write a report (.json, .md or .html): stages, kernels, and "
+                    "outputs and latency against ONNX Runtime where the build runs here")
     sp.add_argument("--const-input", action="append", default=[], metavar="NAME=VALUE",
                     help="compile an input as a constant (e.g. sr=16000: If branches on it fold away; the "
                          "library no longer takes it; repeatable)")
@@ -1258,6 +1307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "output", None):
             args.staged = _StagedOutput(Path(args.output), [getattr(args, "model", None)])
         report = Path(args.report) if getattr(args, "report", None) else None
+        if report is not None:  # .json / .md / .html into an existing directory: checked before any work
+            from graphopt.report import check_report_path
+
+            check_report_path(report)
         new_report = report is not None and not report.exists()
         rc = int(args.fn(args))
         if rc == 0 and args.staged is not None:

@@ -30,7 +30,8 @@ def test_optimize_example_with_report(tmp_path: Path) -> None:
     rj = tmp_path / "r.json"
     assert run("optimize", "--example", "-o", str(tmp_path / "o2.onnx"), "--report", str(rj)).returncode == 0
     data = json.loads(rj.read_text())
-    assert data["passes"][0]["name"] == "(input)" and data["summary"]["compare"]["compute nodes"] == [19, 11]
+    assert data["schema"] == "graphopt.report/1" and data["passes"][0]["nodes_before"] == 19
+    assert data["before"]["nodes"] == 19 and data["after"]["nodes"] == 11
 
 
 def test_inspect_text_and_json(example_path: Path) -> None:
