@@ -88,7 +88,9 @@ def test_learned_rounding_beats_nearest_on_a_layer(method: str) -> None:
     wr = lay.to_rows(w.astype(np.float64))
     s = lay.scale_rows(sc, wr.shape[1])
     q = adaround(wr, s, h) if method == "adaround" else gptq(wr, s, h)
-    assert np.abs(q - lay.to_rows(q0.astype(np.float64))).max() <= 1  # one step from nearest at most
+    if method == "adaround":  # each weight rounds down or up (GPTQ's compensation may move it further)
+        assert np.abs(q - lay.to_rows(q0.astype(np.float64))).max() <= 1
+    assert np.abs(q).max() <= 127
     assert np.array_equal(nearest(wr, s), lay.to_rows(q0.astype(np.float64)))
     held_out = inputs(8)
     e_near = _error(w, q0 * sc.reshape(-1, 1, 1, 1), attrs, held_out)
@@ -120,8 +122,8 @@ def _weights(m: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 @pytest.mark.parametrize("method", ["adaround", "gptq"])
 def test_quantized_model_keeps_scales_and_stays_close(tmp_path: Path, example_path: Path, method: str) -> None:
-    """The digits CNN (a real trained model): learned rounding changes int8 values by at most
-    one step and only those, keeps every scale, the model is valid (full check), its output
+    """The digits CNN (a real trained model): learned rounding changes int8 values only (AdaRound
+    by one step at most), keeps every scale, the model is valid (full check), its output
     error against fp32 on held-out digits is below round-to-nearest's, and accuracy holds."""
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
@@ -143,7 +145,8 @@ def test_quantized_model_keeps_scales_and_stays_close(tmp_path: Path, example_pa
     for k, (q0, s0) in near.items():
         q1, s1 = learn[k]
         assert np.array_equal(s0, s1) and q0.shape == q1.shape
-        assert np.abs(q0.astype(int) - q1.astype(int)).max() <= 1
+        if method == "adaround":
+            assert np.abs(q0.astype(int) - q1.astype(int)).max() <= 1
         changed += int(np.sum(q0 != q1))
     assert changed > 0
     rep = outs[method][1]["rounding"]

@@ -25,6 +25,7 @@ input patches at a random sample of output positions per calibration sample), Ge
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from dataclasses import dataclass
@@ -259,6 +260,10 @@ def gptq(w: np.ndarray, s: np.ndarray, h: np.ndarray, damp: float = 0.01, block:
 
 
 # -- collection and the per-layer loop ----------------------------------------------------------
+def _digest(arr: np.ndarray) -> str:
+    return hashlib.blake2b(np.ascontiguousarray(arr).tobytes(), digest_size=16).hexdigest()
+
+
 def layer_progress(total: int, desc: str) -> Any:
     """A progress bar over ``total`` layers: graphopt's own (a bar on a terminal, INFO lines in
     logs) where this version has it, else tqdm on a terminal."""
@@ -285,7 +290,8 @@ class LearnedRounding:
             raise ValueError(f"unknown rounding {method!r}; choose from {ROUNDINGS}")
         self.method, self.iters, self.lam = method, iters, lam
         self.rows_per_sample, self.max_rows, self.seed = rows_per_sample, max_rows, seed
-        self.results: dict[tuple[str, str | None], np.ndarray] = {}  # (node, weight name) -> int8 weight
+        #: (node, weight name) -> (int8 weight, digest of the float weight it was learned for)
+        self.results: dict[tuple[str, str | None], tuple[np.ndarray, str]] = {}
         self.report: dict[str, Any] = {}
 
     def prepare(self, model: Model, nodes: list[Node], samples: list[dict[str, np.ndarray]],
@@ -361,7 +367,8 @@ class LearnedRounding:
                     improved += 1
                 e_near += en
                 e_new += el
-                self.results[(lay.node, n.input(1).name)] = lay.from_rows(qi).astype(np.int8)
+                self.results[(lay.node, n.input(1).name)] = (lay.from_rows(qi).astype(np.int8),
+                                                             _digest(n.input(1).const_value()))
         bar.close()
         if too_large:
             log.info("rounding (%s): %d layers too large keep round-to-nearest: %s", self.method, len(too_large),
@@ -374,9 +381,10 @@ class LearnedRounding:
 
     def refine(self, n: Node, w: Any, q: np.ndarray) -> np.ndarray:
         """The learned integer weights of node ``n`` reading weight ``w`` (a Value), or
-        round-to-nearest's ``q`` where there are none. Learned rounding moves each weight by at
-        most one step from nearest; anything else (a node of the same name in a body) is not it."""
+        round-to-nearest's ``q`` where there are none (or where ``w`` is not the weight they were
+        learned for: a node of the same name inside a body)."""
         got = self.results.get((n.name, getattr(w, "name", None)))
-        if got is None or got.shape != q.shape or np.abs(got.astype(np.int16) - q.astype(np.int16)).max(initial=0) > 1:
+        arr = w.const_value() if hasattr(w, "const_value") else None
+        if got is None or got[0].shape != q.shape or arr is None or _digest(arr) != got[1]:
             return q
-        return got.astype(q.dtype)
+        return got[0].astype(q.dtype)
