@@ -211,15 +211,22 @@ def scatter_chart(title: str, points: Sequence[dict[str, Any]], *, xlabel: str, 
     # candidates drawn under before/after; labels: before/after first, the others moved up or
     # down, alternately, until they clear the labels already placed
     order = sorted(range(len(pts)), key=lambda i: {"candidate": 0, "before": 1, "after": 2}[pts[i]["kind"]])
-    placed: list[tuple[float, float]] = []
     label_y: dict[int, float] = {}
+    spans: list[tuple[float, float, float]] = []  # x0, x1, y of the labels placed
+
+    def span(i: int) -> tuple[float, float]:  # the x extent of point i's label (about 6 px a character)
+        cx, w = sx(pts[i]["x"]), 6.0 * min(len(pts[i]["label"]), 28)
+        return (cx - 8 - w, cx - 8) if cx > left + pw * 0.7 else (cx + 8, cx + 8 + w)
+
     for i in sorted(order, key=lambda i: {"candidate": 2, "before": 0, "after": 1}[pts[i]["kind"]]):
-        cx, cy = sx(pts[i]["x"]), sy(pts[i]["y"])
-        for k in range(12):
-            ly = cy - 8 + (1 if k % 2 else -1) * 13 * ((k + 1) // 2)
-            if not any(abs(ly - py) < 12 and abs(cx - px) < 80 for px, py in placed) and top + 8 < ly < top + ph + 4:
+        cy = sy(pts[i]["y"])
+        x0, x1 = span(i)
+        for k in range(16):
+            ly = cy - 8 + (1 if k % 2 else -1) * 12 * ((k + 1) // 2)
+            clear = not any(abs(ly - y) < 11 and x0 < b and a < x1 for a, b, y in spans)
+            if clear and top + 8 < ly < top + ph + 4:
                 break
-        placed.append((cx, ly))
+        spans.append((x0, x1, ly))
         label_y[i] = ly
     for i in order:
         p = pts[i]
@@ -336,7 +343,10 @@ def tradeoff_charts(r: Report) -> list[str]:
     charts = []
 
     def xy(xk: str, yk: str) -> list[dict[str, Any]]:
-        return [{**p, "x": p[xk], "y": p[yk]} for p in pts if p[xk] is not None and p[yk] is not None]
+        out = [{**p, "x": p[xk], "y": p[yk]} for p in pts if p[xk] is not None and p[yk] is not None]
+        if any(p["kind"] == "after" for p in out):  # the chosen candidate is the written model: one point
+            out = [p for p in out if not (p["kind"] == "candidate" and p["chosen"])]
+        return out
 
     pre = "distill-" if r.command == "distill" else ""
     a = xy("size", "latency")
@@ -450,8 +460,8 @@ def _cards(r: Report) -> str:
                       f"latency ({r.latency.ratio:.2f}x, {r.latency.runtime_after})"))
     v = r.verification
     if v is not None and v.max_abs_error is not None:
-        cards.append((f"{v.max_abs_error:.3g}", f"max abs error ({v.samples} sample{'s' if v.samples != 1 else ''}, "
-                      f"{v.data})"))
+        plural = "s" if v.samples != 1 else ""
+        cards.append((f"{v.max_abs_error:.3g}", f"max abs error ({v.samples} sample{plural}, {v.data})"))
     if v is not None and v.top1_agreement is not None:
         cards.append((f"{v.top1_agreement:.3f}", "top-1 agreement"))
     n_int8 = sum(x.precision == "int8" for x in r.layers)
