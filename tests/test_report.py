@@ -261,6 +261,8 @@ def test_compress_report_json_is_json(tmp_path: Path, example_path: Path) -> Non
     assert d["counters"]["cluster.index_bits"] == 8 and d["verification"]["top1_agreement"] is not None
     assert any(x["change"] == "16 clusters" for x in d["layers"])
     assert any(x["precision"] == "int8" for x in d["layers"])
+    # the console printed each pass's report dict as one table cell (rows of ~900 characters)
+    assert "{" not in r.stdout and max(len(ln) for ln in r.stdout.splitlines()) < 200
 
 
 def test_convert_report_json(tmp_path: Path, example_path: Path) -> None:
