@@ -151,6 +151,7 @@ def test_quantized_model_keeps_scales_and_stays_close(tmp_path: Path, example_pa
     assert changed > 0
     rep = outs[method][1]["rounding"]
     assert rep["method"] == method and rep["layers"] == len(near) and rep["output_error_vs_nearest"] < 1.0
+    assert rep["applied"] == rep["layers"]  # every learned layer was written
     acc_fp, ref = _digits(str(example_path))
     _, got_n = _digits(outs["nearest"][0])
     acc_l, got_l = _digits(outs[method][0])

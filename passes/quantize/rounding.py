@@ -293,6 +293,7 @@ class LearnedRounding:
         #: (node, weight name) -> (int8 weight, digest of the float weight it was learned for)
         self.results: dict[tuple[str, str | None], tuple[np.ndarray, str]] = {}
         self.report: dict[str, Any] = {}
+        self._applied: set[tuple[str, str | None]] = set()
 
     def prepare(self, model: Model, nodes: list[Node], samples: list[dict[str, np.ndarray]],
                 scale_of: Any) -> None:
@@ -387,4 +388,6 @@ class LearnedRounding:
         arr = w.const_value() if hasattr(w, "const_value") else None
         if got is None or got[0].shape != q.shape or arr is None or _digest(arr) != got[1]:
             return q
+        self._applied.add((n.name, getattr(w, "name", None)))
+        self.report["applied"] = len(self._applied)  # layers whose learned weights were written
         return got[0].astype(q.dtype)
