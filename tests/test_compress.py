@@ -129,7 +129,7 @@ def test_cli_compress_compositions(tmp_path: Path, example_path: Path) -> None:
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "input" in r.stderr and not (tmp_path / "z.onnx").exists()
     r = run(str(example_path), "-o", str(tmp_path / "z.onnx"), "--prune", "1.5", "--structured")
-    assert r.returncode == 2 and "ratio" in r.stderr
+    assert r.returncode == 2 and ("ratio" in r.stderr or "--prune" in r.stderr)
 
 
 @pytest.mark.parametrize("mode,scope", [("magnitude", "global"), ("magnitude", "layer"), ("2:4", "global")])

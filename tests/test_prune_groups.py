@@ -375,19 +375,28 @@ def _if_net() -> onnx.ModelProto:
 
 def test_convs_inside_if_branches_prune_exactly() -> None:
     """The channels of a branch's conv chain are coupled only inside the branch: both branches
-    prune (their outputs stay whole), exact under zeroing for either condition, and calibration
-    data does not break it (body activations cannot be collected: not refit, said so)."""
+    prune (their outputs stay whole), exact under zeroing for either condition. With calibration
+    data, a branch's activations come out of the If: the branch the samples take is refit (its
+    output closer to the original than plain cutting), the other is chosen by L1, said so."""
     rng = np.random.default_rng(9)
     for cond in (True, False):
         x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "cond": np.array(cond)}
         p, _ = check_exact(graphopt.from_proto(_if_net()), x)
         assert p.report["pruned"] == {"t_c1": "8/16", "e_c1": "8/16"}, p.report
         assert p.report["skipped"] == {"t_c2": "reaches the graph output 't_y'", "e_c2": "reaches the graph output 'e_y'"}
-    m = graphopt.from_proto(_if_net())
-    p = graphopt.get_pass("prune-channels", ratio=0.5)
-    graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(calibration=[x]))
-    assert set(p.report["pruned"]) == {"t_c1", "e_c1"} and "not refit" in p.report["in_subgraphs"]
-    onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+    calib = [{"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "cond": np.array(True)} for _ in range(8)]
+    x = {"x": rng.standard_normal((1, 3, 8, 8)).astype(np.float32), "cond": np.array(True)}
+    ref = graphopt.run_ort(graphopt.from_proto(_if_net()), x)["y"]
+    errs = {}
+    for recover in (False, True):
+        m = graphopt.from_proto(_if_net())
+        p = graphopt.get_pass("prune-channels", ratio=0.5, recover=recover)
+        graphopt.run_passes(m, [p, "dce"], graphopt.PassContext(calibration=calib))
+        assert set(p.report["pruned"]) == {"t_c1", "e_c1"}, p.report
+        onnx.checker.check_model(graphopt.to_proto(m), full_check=True)
+        errs[recover] = float(np.linalg.norm(graphopt.run_ort(m, x)["y"] - ref) / np.linalg.norm(ref))
+    assert "1 of them chosen by L1 importance and not refit" in p.report["in_subgraphs"], p.report  # e_ took no sample
+    assert 0 < errs[True] < 0.8 * errs[False], errs
 
 
 def _scalar_bias_net(pads: int) -> onnx.ModelProto:

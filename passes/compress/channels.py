@@ -51,7 +51,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from graphopt import Graph, GraphoptError, Node, Pass, PassContext, Value, register_pass
-from graphopt.runtime import collect_values, load_calibration
+from graphopt.runtime import collect_values, intermediate_session, load_calibration
 
 from ..common import reduce_axes
 
@@ -131,8 +131,13 @@ class Channels:
         self.readers: dict[int, list[tuple[Node, str]]] = {}  # value -> (node, conv|convT|gemm|matmul)
         self.shuffles: dict[int, list[tuple[Node, Node, Node, int]]] = {}  # value -> (reshape, transpose, reshape, g)
         self.splits: dict[int, list[Node]] = {}
+        self.slices: dict[int, list[tuple[Node, int, int, int]]] = {}  # value -> (Slice on its channel axis, start, end, entry)
         self.flattens: dict[int, list[tuple[Node, int, int]]] = {}  # value -> (Reshape with an explicit size, rows per channel, axis)
         self.balance: list[tuple[np.ndarray, int]] = []
+        self.inlined: list[tuple[Node, Graph]] = []  # If nodes followed through the branch they take here
+        self.guessed: list[Value] = []  # values given shapes for the analysis only (forgotten after it)
+        self.if_src: dict[int, int] = {}  # id(If output) -> id(the outer value its followed branch passes on)
+        self.unit_reshapes: set[int] = set()
         self.minimum: list[tuple[np.ndarray, int]] = []  # ids of which at least n must stay (split parts)
         self.why_not: dict[int, str] = {}
         self.score = np.zeros(0)
@@ -222,7 +227,7 @@ class Channels:
         for n in reversed(list(graph)):
             if n.op_type in ("Conv", "ConvTranspose") and n.inputs and n.input(0) is not None:
                 self.hint[id(n.input(0))] = 1
-            elif (n.op_type in CHANNEL_WISE or n.op_type in ELEMENTWISE_BINARY or n.op_type in ("Pad", "Resize")) \
+            elif (n.op_type in CHANNEL_WISE or n.op_type in ELEMENTWISE_BINARY or n.op_type in ("Pad", "Resize", "Slice")) \
                     and n.outputs and n.output(0) is not None and id(n.output(0)) in self.hint:
                 for v in n.inputs:
                     if v is not None and not v.is_const() and v.shape is not None \
@@ -233,7 +238,10 @@ class Channels:
             if id(n) in done or n.domain not in _STD or not n.outputs or n.output(0) is None:
                 continue
             out = n.output(0)
-            if out.shape is None:
+            if n.op_type == "If":
+                self._if(n, done)
+                continue
+            if out.shape is None and not self._guess_shape(n):
                 continue
             op = n.op_type
             if op in ("Conv", "ConvTranspose"):
@@ -249,8 +257,12 @@ class Channels:
                 self._concat(n, out)
             elif op == "Split":
                 self._split(n)
+            elif op == "Slice":
+                self._slice(n, out)
+            elif op == "Gather":
+                self._gather(n, out)
             elif op in ("Flatten", "Reshape"):
-                if not self._shuffle(n, done):
+                if not self._shuffle(n, done) and not self._unit_reshape(n, out):
                     self._flatten(n, out)
             elif op in ("Transpose", "Squeeze", "Unsqueeze"):
                 self._move(n, out)
@@ -258,9 +270,10 @@ class Channels:
                 self._lstm(n, done)
             elif op == "Shape":
                 self._shape(n)
+        passed = {id(o) for _, b in self.inlined for o in b.outputs}
         for vid, v in self.vals.items():
             ids = self.layout[vid]
-            if v.is_graph_output():
+            if v.is_graph_output() and vid not in passed:
                 self.freeze(ids, f"reaches the graph output {v.name!r}")
             for r, k in v.uses:
                 if (id(r), k) not in self.handled:
@@ -305,6 +318,10 @@ class Channels:
 
     def _dead_of(self, n: Node, o: Value, c: int, ax: int, rank: int, vec: Any) -> np.ndarray | None:
         op = n.op_type
+        if op == "If":
+            return self.dead.get(self.if_src.get(id(o), -1))
+        if op == "Reshape" and id(n) in self.unit_reshapes:
+            return self.dead.get(id(n.input(0)))
         x = self.dead.get(id(n.input(0))) if n.inputs and n.input(0) is not None else None
         if op in ELEMENTWISE_BINARY:
             ops = [vec(v, c, rank, ax) for v in n.inputs if v is not None]
@@ -333,6 +350,11 @@ class Channels:
             return None
         if x is None:
             return None
+        if op == "Slice":
+            cut = next(((a, b) for sl, a, b, _ in self.slices.get(id(n.input(0)), []) if sl is n), None)
+            return x[cut[0]:cut[1]] if cut is not None else x
+        if op == "Gather":
+            return x
         if not x.any() and len(x) == c and (op in ("Relu", "LeakyRelu", "HardSwish", "Tanh", "Identity", "Dropout",
                                                   "Neg", "Abs", "Elu", "Selu", "Gelu", "Erf", "Mish", "Softsign",
                                                   "Sqrt", "Sign", "Floor", "Ceil", "Round", "PRelu", "Resize",
@@ -376,6 +398,123 @@ class Channels:
             return x * w.reshape(len(w), -1).sum(1) + b
         return None
 
+    def _static(self, v: Value | None, depth: int = 0) -> np.ndarray | None:
+        """The value of ``v`` when it is computed from constants and static dims only (a rank
+        or a dim read by Shape/Size, compared, negated): silero VAD's decoder switches on the
+        last dim of the encoder's output. None where it depends on data or unknown dims."""
+        if v is None or depth > 12:
+            return None
+        c = v.const_value()
+        if c is not None:
+            return np.asarray(c)
+        n = v.producer
+        if n is None or n.domain not in _STD:
+            return None
+        op = n.op_type
+        if op == "Shape":
+            shp = n.input(0).shape
+            if shp is None or not all(isinstance(d, int) for d in shp):
+                return None
+            return np.array(shp, np.int64)[n.attr("start", 0) or 0:n.attr("end")]
+        if op == "Size":
+            a = self._static(n.input(0), depth + 1)
+            if a is not None:
+                return np.array(a.size, np.int64)
+            shp = n.input(0).shape
+            return np.array(int(np.prod(shp)), np.int64) if shp is not None and all(isinstance(d, int) for d in shp) \
+                else None
+        ins = [self._static(i, depth + 1) if i is not None else None for i in n.inputs]
+        if any(a is None for a in ins):
+            return None
+        try:
+            if op == "Gather":
+                return np.take(ins[0], ins[1], axis=n.attr("axis", 0) or 0)
+            if op in ("Equal", "Greater", "Less", "And", "Or", "Add", "Sub", "Mul"):
+                fn = {"Equal": np.equal, "Greater": np.greater, "Less": np.less, "And": np.logical_and,
+                      "Or": np.logical_or, "Add": np.add, "Sub": np.subtract, "Mul": np.multiply}[op]
+                return np.asarray(fn(ins[0], ins[1]))
+            if op == "Not":
+                return np.logical_not(ins[0])
+            if op in ("Identity", "Cast"):
+                return ins[0]
+            if op in ("Squeeze", "Unsqueeze", "Reshape"):
+                return ins[0].reshape(-1) if ins[0].size == 1 and op != "Reshape" else None
+        except (ValueError, IndexError, TypeError):
+            return None
+        return None
+
+    def _guess_shape(self, n: Node) -> bool:
+        """Shapes inference left unknown after a followed If (its branches differ in rank): for
+        the analysis, channel-wise ops and Squeeze/Unsqueeze with constant axes get them from
+        their input, as at the analysed dims. Forgotten afterwards (``guessed``)."""
+        x = n.input(0) if n.inputs else None
+        o = n.output(0)
+        if x is None or x.shape is None or len(n.outputs) != 1 or id(x) not in self.layout:
+            return False
+        shp = list(x.shape)
+        if n.op_type in ELEMENTWISE:
+            new = shp
+        elif n.op_type in ("Squeeze", "Unsqueeze"):
+            axes = reduce_axes(n)
+            if axes is None:
+                return False
+            if n.op_type == "Squeeze":
+                axes = [a % len(shp) for a in axes]
+                if any(shp[a] != 1 for a in axes):
+                    return False
+                new = [d for i, d in enumerate(shp) if i not in axes]
+            else:
+                rank = len(shp) + len(axes)
+                axes = sorted(a % rank for a in axes)
+                it = iter(shp)
+                new = [1 if i in axes else next(it) for i in range(rank)]
+        else:
+            return False
+        o.shape = new
+        self.guessed.append(o)
+        return True
+
+    def _if(self, n: Node, done: set[int]) -> None:
+        """An If whose condition is static here (it tests a dim or a rank: silero VAD's decoder
+        squeezes the encoder's last axis only when it is 1) and whose branches only pass outer
+        values on (Identity, Squeeze, Unsqueeze with constant axes): the channels follow the
+        branch taken at these dims into the If's outputs. Nothing in either branch holds a channel
+        count, so the pruned model takes the other branch exactly where the original did."""
+        cond = self._static(n.input(0)) if n.inputs else None
+        if cond is None or cond.size != 1:
+            return
+        branches = [n.attr("then_branch"), n.attr("else_branch")]
+        if any(b is None or any(m.op_type not in ("Identity", "Squeeze", "Unsqueeze", "Constant")
+                                or m.domain not in _STD for m in b) for b in branches):
+            return
+        b = branches[0 if bool(cond.reshape(-1)[0]) else 1]
+        other = branches[1 if b is branches[0] else 0]
+        for m in other:  # it reads outer values only to pass them on: no channel count in it
+            for k, v in enumerate(m.inputs):
+                if v is not None and v.graph is not other:
+                    self.handled.add((id(m), k))
+        for m in b:
+            if m.output(0) is not None and m.output(0).shape is None:
+                self._guess_shape(m)
+            if m.op_type == "Identity" and m.output(0).shape is not None:
+                self._unary(m, m.output(0))
+            elif m.op_type in ("Squeeze", "Unsqueeze") and m.output(0).shape is not None:
+                self._move(m, m.output(0))
+        self.inlined.append((n, b))
+        for o, bo in zip(n.outputs, b.outputs, strict=False):
+            if o is None or id(bo) not in self.layout or bo.shape is None:
+                continue
+            if o.shape is None:
+                o.shape = list(bo.shape)
+                self.guessed.append(o)
+            if list(o.shape) != list(bo.shape):
+                continue
+            self.set(o, self.layout[id(bo)], self.axis[id(bo)])
+            src = bo
+            while src.producer is not None and src.producer.graph is b and src.producer.inputs:
+                src = src.producer.input(0)
+            self.if_src[id(o)] = id(src)  # what its channels hold: the outer value's, moved
+
     def _shape(self, n: Node) -> None:
         """A Shape whose every use is a Gather of constant dims other than the channel axis (a
         decoder reading the batch or time size, as silero VAD's does) does not see the channel
@@ -386,6 +525,8 @@ class Channels:
         rank = len(n.input(0).shape)
         for r, k in n.output(0).uses:
             idx = _ints(r.input(1)) if r.op_type == "Gather" and k == 0 and len(r.inputs) > 1 else None
+            if r.op_type == "Size" and k == 0:
+                continue  # the rank (silero's decoder tests it), not the channel count
             if idx is None or (r.attr("axis", 0) or 0) != 0 or x[1] in [i % rank for i in idx]:
                 self.why_not[id(n)] = "its channel count is read"
                 return
@@ -398,9 +539,13 @@ class Channels:
             self.why_not[id(n)] = "its weights are not constant"
             return
         x = self.lay(n.input(0), 1)
-        if x is None or x[1] != 1:
-            return
         g = int(n.attr("group", 1) or 1)
+        if x is None or x[1] != 1:
+            # input channels not followed (a waveform unsqueezed into [N, 1, T] whose T the walk
+            # took for channels): its own filters can still go, its input stays whole
+            if n.op_type == "Conv" and g == 1 and out.shape is not None and len(out.shape) == w.ndim:
+                self._produce(n, "conv", out, w.shape[0], 1)
+            return
         c = len(x[0])
         if n.op_type == "ConvTranspose":
             if g != 1 or w.shape[0] != c:
@@ -576,6 +721,112 @@ class Channels:
             if o is not None:
                 self.set(o, part, ax)
                 self.minimum.append((part, 1))
+
+    @staticmethod
+    def _slice_args(n: Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
+        """(starts, ends, axes, steps) of a Slice when all are constant (inputs, or attributes
+        before opset 10), else None. Bounds an exporter computed from shapes are constant here
+        once the default pipeline has folded them at the model's (or ``--input-shape``'s) dims."""
+        if n.attr("starts") is not None:
+            starts, ends = list(n.attr("starts")), list(n.attr("ends") or [])
+            axes = n.attr("axes")
+            return starts, ends, list(axes) if axes is not None else list(range(len(starts))), [1] * len(starts)
+        if len(n.inputs) < 3:
+            return None
+        starts, ends = _ints(n.input(1)), _ints(n.input(2))
+        if starts is None or ends is None:
+            return None
+
+        def opt(i: int, default: list[int]) -> list[int] | None:
+            return default if len(n.inputs) <= i or n.input(i) is None else _ints(n.input(i))
+
+        axes, steps = opt(3, list(range(len(starts)))), opt(4, [1] * len(starts))
+        if axes is None or steps is None or not len(starts) == len(ends) == len(axes) == len(steps):
+            return None
+        return starts, ends, axes, steps
+
+    def _slice(self, n: Node, out: Value) -> None:
+        """A Slice with constant bounds: along other axes the channels pass; along the channel
+        axis (step 1) it keeps channels [start, end) - an STFT conv's real and imaginary halves,
+        say - and its bounds are rewritten to the kept channels when some go (each part keeps one)."""
+        x = self.lay(n.input(0))
+        if x is None:
+            return
+        ids, ax = x
+        args = self._slice_args(n)
+        if args is None:
+            self.why_not[id(n)] = "its bounds are not constant"
+            return
+        starts, ends, axes, steps = args
+        rank = len(n.input(0).shape)
+        axes = [a % rank for a in axes]
+        if len(out.shape) != rank:
+            return
+        if ax not in axes:
+            if out.shape[ax] != len(ids):
+                return
+            self.handled.add((id(n), 0))
+            self.set(out, ids, ax)
+            return
+        k = axes.index(ax)
+        if steps[k] != 1:
+            self.why_not[id(n)] = "it slices the channel axis with a step"
+            return
+        s, e, _ = slice(starts[k], ends[k]).indices(len(ids))
+        if e <= s or out.shape[ax] != e - s:
+            return
+        part = ids[s:e]
+        self.handled.add((id(n), 0))
+        self.slices.setdefault(id(n.input(0)), []).append((n, s, e, k))
+        self.set(out, part, ax)
+        self.minimum.append((part, 1))
+
+    def _gather(self, n: Node, out: Value) -> None:
+        """A Gather of constant indices along another axis than the channels' (the last frame of
+        a sequence, as silero VAD's decoder takes it): the channels pass, their axis moves when
+        the indices add or remove axes before it."""
+        x = self.lay(n.input(0)) if len(n.inputs) > 1 else None
+        idx = n.input(1).const_value() if x is not None and n.input(1) is not None else None
+        if x is None or idx is None:
+            return
+        ids, ax = x
+        rank = len(n.input(0).shape)
+        g = (n.attr("axis", 0) or 0) % rank
+        if g == ax:
+            self.why_not[id(n)] = "it gathers along the channel axis"
+            return
+        new_ax = ax if ax < g else ax - 1 + idx.ndim
+        if len(out.shape) != rank - 1 + idx.ndim or out.shape[new_ax] != len(ids):
+            return
+        self.handled.add((id(n), 0))
+        self.set(out, ids, new_ax)
+
+    def _unit_reshape(self, n: Node, out: Value) -> bool:
+        """A Reshape that only inserts or removes size-1 axes ([1, C, 1] -> [1, 1, C]: an
+        Unsqueeze/Squeeze written as a Reshape) moves the channel axis; its target's explicit
+        channel count is rewritten when channels go."""
+        if n.op_type != "Reshape" or len(n.inputs) < 2:
+            return False
+        x = self.lay(n.input(0))
+        tgt = _ints(n.input(1))
+        v = n.input(0)
+        if x is None or tgt is None or 0 in tgt or len(x[0]) == 1 or len(tgt) != len(out.shape):
+            return False
+        ids, ax = x
+        a, b = list(v.shape), list(out.shape)
+        big_a = [i for i, d in enumerate(a) if d != 1]
+        big_b = [i for i, d in enumerate(b) if d != 1]
+        if [a[i] for i in big_a] != [b[i] for i in big_b] or ax not in big_a \
+                or any(not isinstance(a[i], int) for i in big_a):
+            return False
+        new_ax = big_b[big_a.index(ax)]
+        if tgt[new_ax] != len(ids):
+            return False
+        self.flattens.setdefault(id(v), []).append((n, 1, new_ax))
+        self.unit_reshapes.add(id(n))
+        self.handled.add((id(n), 0))
+        self.set(out, ids, new_ax)
+        return True
 
     def _shuffle(self, n: Node, done: set[int]) -> bool:
         """Reshape [N, C, H, W] -> [N, g, C/g, H, W], Transpose (0, 2, 1, 3, 4), Reshape back to
@@ -1014,6 +1265,20 @@ class Channels:
                     n.set_attr("split", sizes)
                 else:
                     n.set_input(1, graph.add_initializer(n.name + "_split_pruned", np.array(sizes, dtype=np.int64)))
+            for n, s0, e0, k in self.slices.get(id(v), []):  # bounds over the kept channels
+                alive = self.alive[id(v)]
+                bounds = (int(alive[:s0].sum()), int(alive[:e0].sum()))
+                if n.attr("starts") is not None:
+                    for name, b in zip(("starts", "ends"), bounds, strict=True):
+                        vals = list(n.attr(name))
+                        vals[k] = b
+                        n.set_attr(name, vals)
+                else:
+                    for i, b in zip((1, 2), bounds, strict=True):
+                        arr = np.array(n.input(i).const_value()).reshape(-1).copy()
+                        arr[k] = b
+                        n.set_input(i, graph.add_initializer(n.input(i).name + "_pruned", arr))
+                touched.append(n.output(0))
             for r1, t, r2, g in self.shuffles.get(id(v), []):
                 c = int(rel.sum())
                 t1, t2 = np.array(_ints(r1.input(1)), dtype=np.int64), np.array(_ints(r2.input(1)), dtype=np.int64)
@@ -1124,6 +1389,13 @@ class Channels:
             new = wr[keep]
         elif kind == "lstm":
             new = wr[:, :, keep]
+            x0 = targets.get(r.input(0).name)  # the original input: W x is linear in it, refit W alone
+            if x is not None and x0 is not None and x.shape[-1] == len(rel) and x0.shape[-1] == wr.shape[2] \
+                    and x.shape[:-1] == x0.shape[:-1]:
+                xr, x0r = x.reshape(-1, len(rel)), x0.reshape(-1, wr.shape[2]).astype(np.float64)
+                new = np.stack([_safe_refit(r, new[d], ChannelPruning._refit_fc, xr, keep,
+                                            x0r @ wr[d].astype(np.float64).T, wr[d].astype(np.float64), True)
+                                for d in range(wr.shape[0])])
         else:
             trans = kind == "gemm" and bool(r.attr("transB", 0))
             new = wr[:, keep] if trans else wr[keep]
@@ -1203,23 +1475,34 @@ class ChannelPruning(Pass):
     def apply(self, model: Any, ctx: PassContext) -> bool:
         """Prune the main graph, then every If/Loop/Scan body on its own: a body's channels are
         coupled only inside it (its inputs, outputs and the outer values it reads stay whole), so
-        each body is one more graph to analyse. Calibration activations exist for main-graph
-        values only (ONNX Runtime cannot output a body's values), so body layers are chosen by
-        weight L1 and not refit; the report says which. The reports of all graphs are merged."""
+        each body is one more graph to analyse. An If branch's values are brought out of the If
+        for calibration (:func:`graphopt.runtime.intermediate_session`; the samples that take the
+        other branch give none), so its layers are scored and refit on data like the main
+        graph's (streaming VAD models keep every conv in branches on the sample rate). Loop/Scan
+        bodies see a value once per iteration, stacked: their layers are chosen by weight L1 and
+        not refit; the report says which. The reports of all graphs are merged."""
         self.model = model
         changed = self.run(model.graph, ctx)
         total = dict(self.report)
         kept = dict(getattr(self, "kept", {}))
         bodies = [g for g in model.all_graphs() if g is not model.graph]
+        branches = {id(n.attr(k)) for g0 in model.all_graphs() for n in g0 if n.op_type == "If" and n.domain in _STD
+                    for k in ("then_branch", "else_branch")}
         body_pruned: list[str] = []
+        body_l1: list[str] = []
         for g in bodies:
+            if not any(n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM") for n in g):
+                continue  # nothing to prune in it (shape-testing branches): no analysis, no shape inference
             self._body = True
+            self._branch = id(g) in branches
             try:
                 if self.run(g, ctx):
                     changed = True
                     body_pruned += list(self.report.get("pruned", {}))
+                    if not self.report.get("recovered"):
+                        body_l1 += list(self.report.get("pruned", {}))
             finally:
-                self._body = False
+                self._body = self._branch = False
             for k in ("pruned", "skipped", "partial", "folded"):
                 if self.report.get(k):
                     total.setdefault(k, {}).update(self.report[k])
@@ -1228,7 +1511,8 @@ class ChannelPruning(Pass):
                     total[k] = total.get(k, 0) + self.report[k]
             kept.update(getattr(self, "kept", {}))
         if body_pruned:
-            total["in_subgraphs"] = f"{len(body_pruned)} layers in If/Loop/Scan bodies (L1 importance, not refit)"
+            total["in_subgraphs"] = f"{len(body_pruned)} layers in If/Loop/Scan bodies" + (
+                f" ({len(body_l1)} of them chosen by L1 importance and not refit)" if body_l1 else " (refit)")
         self.report, self.kept = total, kept
         return changed
 
@@ -1239,29 +1523,50 @@ class ChannelPruning(Pass):
         body = getattr(self, "_body", False) or graph is not self.model.graph
         # graph outputs never lose channels (they are frozen); keep their declared shapes where
         # inference at concrete input shapes cannot reproduce them
-        declared = [(o, o.shape) for o in graph.outputs]
-        declared_in = [(i, i.shape) for i in graph.inputs]
-        infer_shapes(self.model, ctx.input_shapes or None)
-        have_data = ctx.calibration is not None and not body
+        # (of every graph: inference at concrete dims reaches the main graph and all bodies)
+        declared = [(o, o.shape) for g in self.model.all_graphs() for o in g.outputs]
+        declared_in = [(i, i.shape) for g in self.model.all_graphs() for i in g.inputs]
+        shapes = ctx.input_shapes or self._calibration_shapes(ctx, graph)
+        sym: dict[int, Any] = {}
+        if shapes:
+            # ONNX inference at concrete dims can lose what it keeps at symbolic ones (a reflect Pad
+            # with computed pads made silero's STFT conv shapeless): those keep the symbolic shape
+            infer_shapes(self.model, None)
+            sym = {id(o): o.shape for g in self.model.all_graphs() for n in g for o in n.outputs if o is not None}
+            infer_shapes(self.model, shapes)
+            for g in self.model.all_graphs():
+                for n in g:
+                    for o in n.outputs:
+                        if o is not None and o.shape is None and sym.get(id(o)) is not None:
+                            o.shape = sym[id(o)]
+        else:
+            infer_shapes(self.model, None)
+        # If branches: their values come out of the If for calibration (see apply)
+        have_data = ctx.calibration is not None and (not body or getattr(self, "_branch", False))
         if self.options["importance"] == "activation" and ctx.calibration is None:
             raise GraphoptError("importance='activation' needs calibration data")
         if self.options["sensitivity"] and ctx.calibration is None:
             raise GraphoptError("sensitivity=True needs calibration data")
         recover = have_data and self.options["recover"]
         an = Channels(graph)
-        if ctx.input_shapes:  # the analysis needed concrete dims; the model keeps its own (dynamic) ones
-            for n in graph:
-                for o in n.outputs:
-                    if o is not None and not o.is_graph_output():
-                        o.shape = None
-            for i, shape in declared_in:
-                i.shape = shape
-            infer_shapes(self.model, None)
+        for v in an.guessed:
+            v.shape = None
+        if shapes:  # the analysis needed concrete dims; the model keeps its own (dynamic) ones, as they were
+            for g in self.model.all_graphs():
+                for n in g:
+                    for o in n.outputs:
+                        if o is not None:
+                            o.shape = sym.get(id(o))
+            for v, shape in declared_in + declared:
+                v.shape = shape
         acts: dict[str, np.ndarray] = {}
         if have_data and (recover or self.options["importance"] == "activation"):
             names = {out.name for _, _, out in an.producers} | {r.output(0).name for rs in an.readers.values()
                                                                for r, _ in rs}
+            names |= {r.input(0).name for rs in an.readers.values() for r, k in rs if k == "lstm"}
             acts = self._collect(sorted(names), ctx)
+            if body and not acts:  # no calibration sample takes this branch: L1, not refit
+                have_data = recover = False
         an.finish(self.options["importance"] if have_data else "l1", acts)
         groups = an.groups()
         excl = set(self.options["exclude_nodes"])
@@ -1341,6 +1646,13 @@ class ChannelPruning(Pass):
         for o, shape in declared:
             if o.shape is None:
                 o.shape = shape
+        gone = {id(v) for v in touched}
+        for n, _ in an.inlined:  # a followed If whose channels went: its branches' declared outputs
+            if any(o is not None and id(o) in gone for o in n.outputs):  # say the old count; keep ranks only
+                for b in (n.attr("then_branch"), n.attr("else_branch")):
+                    for o in b.outputs:
+                        if o.shape is not None:
+                            o.shape = [None] * len(o.shape)
         widths = {_name(n): len(an.layout[id(out)]) for n, _, out in an.producers}
         self.report = {**{k: v for k, v in self.report.items() if k == "sensitivity"},
                        "pruned": done, "skipped": skipped, "recovered": recover, "groups": len(plans),
@@ -1351,6 +1663,40 @@ class ChannelPruning(Pass):
         for k, why in skipped.items():
             log.info("prune-channels: %s left whole: %s", k, why)
         return True
+
+    def _calibration_shapes(self, ctx: PassContext, graph: Graph) -> dict[str, list[int]] | None:
+        """Without ``--input-shape``, the dims of the first calibration sample: the analysis
+        follows channels at the dims the model is used at (a YOLO neck's Resize, a decoder that
+        tests the encoder's last dim); the model keeps its own dynamic dims. For an If branch,
+        the first sample (of each input shape) that takes it: silero VAD's 8 kHz branch is
+        analysed at 8 kHz windows, not at the 16 kHz ones that take the other branch."""
+        if ctx.calibration is None or self.model is None:
+            return None
+        try:
+            samples = load_calibration(ctx.calibration, self.model)
+        except GraphoptError:
+            return None
+        names = {v.name for v in self.model.graph.inputs}
+        firsts: dict[tuple[Any, ...], dict[str, np.ndarray]] = {}
+        for smp in samples:
+            firsts.setdefault(tuple(sorted((k, np.shape(v)) for k, v in smp.items() if k in names)), smp)
+        if not firsts:
+            return None
+        pick = next(iter(firsts.values()))
+        probe = next((o.name for n in graph for o in n.outputs if o is not None and n.op_type != "Constant"), None)
+        if len(firsts) > 1 and getattr(self, "_branch", False) and probe is not None:
+            try:
+                sess, outs = intermediate_session(self.model, [probe])
+                feed_names = {i.name for i in sess.get_inputs()}
+                for smp in firsts.values():
+                    res = dict(zip(outs, sess.run(None, {k: v for k, v in smp.items() if k in feed_names}),
+                                   strict=True))
+                    if np.size(res.get(probe, [])):
+                        pick = smp
+                        break
+            except Exception as e:  # noqa: BLE001 - a probe that ORT cannot run: the first sample's dims
+                log.info("prune-channels: branch probe failed: %s", e)
+        return {k: list(np.shape(v)) for k, v in pick.items() if k in names} or None
 
     def _spread(self, groups: list[dict[str, Any]], ctx: PassContext) -> list[float]:
         """Per-group ratios: prune each group alone (on a copy) at the target ratio, measure the
@@ -1406,14 +1752,36 @@ class ChannelPruning(Pass):
         if not names:
             return {}
         samples = load_calibration(ctx.calibration, self.model)[: self.options["max_samples"]]
-        # samples of other shapes (text lines of other widths) cannot be stacked: the first one's shape
-        sig = {k: np.shape(v) for k, v in samples[0].items()}
-        samples = [s for s in samples if {k: np.shape(v) for k, v in s.items()} == sig]
-        # large inputs (a 736x960 page): a refit uses at most REFIT_ROWS positions per layer, which
-        # one or two such samples already hold many times over; more only cost time and memory
+        # samples of other shapes (text lines of other widths) cannot be stacked: those of one shape
+        # (the first one's in the main graph)
+        by_shape: dict[tuple[Any, ...], list[dict[str, np.ndarray]]] = {}
+        for smp in samples:
+            by_shape.setdefault(tuple(sorted((k, np.shape(v)) for k, v in smp.items())), []).append(smp)
+        sets = list(by_shape.values())
+        if not getattr(self, "_body", False):
+            return collect_values(self.model, names, self._cap(sets[0]))
+        # values of an If branch: the samples that take the other branch give empty tensors, and
+        # a branch may be taken at one input shape only (silero VAD's 8 kHz windows are shorter):
+        # the largest set of samples of one shape that reaches the branch
+        sess, outs = intermediate_session(self.model, names)
+        feed_names = {i.name for i in sess.get_inputs()}
+        for group in sorted(sets, key=len, reverse=True):
+            acc: dict[str, list[np.ndarray]] = {k: [] for k in names}
+            for smp in self._cap(group):
+                res = dict(zip(outs, sess.run(None, {k: v for k, v in smp.items() if k in feed_names}), strict=True))
+                for k in names:
+                    if k in res and np.size(res[k]):
+                        acc[k].append(np.asarray(res[k], np.float64))
+            if any(acc.values()):
+                return {k: np.concatenate(v) for k, v in acc.items() if v}
+        return {}
+
+    @staticmethod
+    def _cap(samples: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Large inputs (a 736x960 page): a refit uses at most REFIT_ROWS positions per layer,
+        which one or two such samples already hold many times over; more only cost time and memory."""
         size = max(sum(int(np.prod(np.shape(v))) for v in samples[0].values()), 1)
-        samples = samples[:max(1, COLLECT_ELEMENTS // size)]
-        return collect_values(self.model, names, samples)
+        return samples[:max(1, COLLECT_ELEMENTS // size)]
 
     @staticmethod
     def _refit_conv(r: Node, x: np.ndarray, k: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:
