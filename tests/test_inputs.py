@@ -10,7 +10,6 @@ to pass ``--inputs``.
 
 from __future__ import annotations
 
-
 import json
 import logging
 import re
