@@ -28,9 +28,11 @@ Backend suite: every ``onnx/backend/test/data/{light,pytorch-converted,pytorch-o
 valid (full check + ORT runs the test inputs), invalid, failed.
 
 Run:  python -m benchmarks.float16_corpus [NAMES...] [--n 16] [--latency ppocrv4_rec,...] [--no-backend]
-      [--only corpus|backend|tvm-cuda]   (one part, merged into the saved results: processes can share the work)
-The saved results came from:  --only corpus --n 8 --latency ppocrv4_rec,ddddocr_ocr  (over four processes,
-each with a share of the models), --only backend, and --only tvm-cuda.
+      [--only corpus|backend|tvm-cuda|latency]   (one part, merged into the saved results: processes can share
+      the work; ``latency`` converts the --latency models itself)
+The saved results came from:  --only corpus --n 8 --latency ... (over two processes, each with a share of
+the models), --only backend, --only tvm-cuda, and
+--only latency --latency ppocr_cls,ppocrv4_rec,ddddocr_ocr,magika_v3,silero_vad_16k_op15 --repeats 7.
 Saves benchmarks/results/float16_corpus.json / float16_corpus.md
 """
 
@@ -134,6 +136,8 @@ def _kept_summary(rep: dict[str, Any]) -> dict[str, int]:
             c["default list"] += 1
         elif "on the data" in why:
             c["data: " + ("overflow" if "reaches" in why else "underflow")] += 1
+        elif "random probe inputs" in why:
+            c["probe: overflow"] += 1
         elif why.startswith("schema"):
             c["no half type in schema"] += 1
         elif why.startswith("domain"):
@@ -145,6 +149,38 @@ def _kept_summary(rep: dict[str, Any]) -> dict[str, int]:
     return dict(c)
 
 
+def _graphs(g: onnx.GraphProto):
+    yield g
+    for node in g.node:
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(a.g)
+            for sg in a.graphs:
+                yield from _graphs(sg)
+
+
+def size_parts(path: str) -> dict[str, Any]:
+    """Where a model's bytes are: float32 tensors of >= 16 values (what float16 halves: initializers
+    and tensor attributes, bodies included), other tensors (integer tables, tiny constants),
+    per-node metadata (exporters' debug info: stack traces), and the rest of the graph (nodes,
+    names, types). ``floor``: the size ratio when exactly the float32 weights halve."""
+    mp = onnx.load(path)
+    total = mp.ByteSize()
+    f32 = other = meta = 0
+    for g in _graphs(mp.graph):
+        ts = list(g.initializer) + [a.t for node in g.node for a in node.attribute
+                                    if a.type == onnx.AttributeProto.TENSOR]
+        for t in ts:
+            if t.data_type == onnx.TensorProto.FLOAT and int(np.prod(t.dims)) >= 16:
+                f32 += t.ByteSize()
+            else:
+                other += t.ByteSize()
+        meta += sum(p.ByteSize() + 2 for node in g.node for p in node.metadata_props)
+    return {"bytes": total, "float32_weights": f32 / total, "other_tensors": other / total,
+            "node_metadata": meta / total, "graph": (total - f32 - other - meta) / total,
+            "floor": round((total - f32 / 2) / total, 4)}
+
+
 def corpus_model(name: str, n: int, tmp: Path) -> dict[str, Any]:
     from benchmarks.corpus.data import ort_runner, task
 
@@ -152,7 +188,8 @@ def corpus_model(name: str, n: int, tmp: Path) -> dict[str, Any]:
     src = str(model_path(name))
     size0 = Path(src).stat().st_size
     base = t.evaluate(ort_runner(src, threads=2), n)
-    row: dict[str, Any] = {"model": name, "metric": base.metric, "fp32_score": base.score, "tools": {}}
+    row: dict[str, Any] = {"model": name, "metric": base.metric, "fp32_score": base.score, "tools": {},
+                           "size_parts": size_parts(src)}
     tools = {"graphopt-weights": _graphopt("weights"), "graphopt-fp16": _graphopt("fp16"),
              "graphopt-fp16-data": _graphopt("fp16", t.calibration(4)), "onnxconverter-common": _occ,
              "onnxsim": _onnxsim}
@@ -198,8 +235,14 @@ def latency(name: str, tmp: Path, rounds: int, repeats: int) -> dict[str, Any]:
     from graphopt.runtime import interleaved_timings, ort_session
 
     feed = task(name).eval_feeds(1)[0]
-    paths = {"fp32": str(model_path(name)), "weights": str(tmp / f"{name}.graphopt-weights.onnx"),
-             "fp16": str(tmp / f"{name}.graphopt-fp16.onnx")}
+    for kind in ("weights", "fp16"):  # --only latency: convert here (no corpus run made the files)
+        path = tmp / f"{name}.graphopt-{kind}.onnx"
+        if not path.exists():
+            onnx.save(_graphopt(kind)(str(model_path(name)))[0], str(path))
+    # "fp32 again": a second session of the same float32 file, timed like the others: its ratio
+    # is the noise floor of the comparison on this machine
+    paths = {"fp32": str(model_path(name)), "fp32 again": str(model_path(name)),
+             "weights": str(tmp / f"{name}.graphopt-weights.onnx"), "fp16": str(tmp / f"{name}.graphopt-fp16.onnx")}
     sess = {k: ort_session(p, optimize=True, threads=2) for k, p in paths.items() if Path(p).exists()}
     fns = {}
     for k, s in sess.items():
@@ -211,9 +254,9 @@ def latency(name: str, tmp: Path, rounds: int, repeats: int) -> dict[str, Any]:
         t = interleaved_timings(fns, rounds)
         for k in fns:
             ms[k].append(t[k])
-        for k in ratios:
-            ratios[k].append(t[k] / t["fp32"])
-    out: dict[str, Any] = {"model": name, "ms_fp32": round(statistics.median(ms["fp32"]), 3)}
+        for k, v in ratios.items():
+            v.append(t[k] / t["fp32"])
+    out: dict[str, Any] = {"model": name, "ms_fp32": round(statistics.median(ms["fp32"]), 3), "repeats": repeats}
     for k, v in ratios.items():
         q = np.percentile(v, [25, 75])
         out[f"ratio_{k}"] = round(statistics.median(v), 3)
@@ -254,7 +297,8 @@ def backend_suite(tmp: Path) -> dict[str, Any]:
                     t.ParseFromString(f.read_bytes())
                     feeds[names[k]] = numpy_helper.to_array(t)
                 s.run(None, feeds)
-            except Exception:  # noqa: BLE001 - ORT cannot run it in float32: not part of the suite
+            except Exception as e:  # noqa: BLE001 - ORT cannot run it in float32: not part of the suite
+                logging.getLogger("float16_corpus").info("%s/%s left out: %s", sub, mpath.parent.name, _one_line(e))
                 continue
             considered += 1
             key = f"{sub}/{mpath.stem if sub == 'light' else mdir.name}"
@@ -344,11 +388,11 @@ def tvm_cuda(arch: str = "sm_90") -> list[dict[str, Any]]:
 
 def _md(res: dict[str, Any]) -> str:
     lines = ["# float16 on the real-model corpus", "",
-             f"Generated by `python -m benchmarks.float16_corpus` ({res['date']}; n={res['n']} eval samples per "
-             "model; 2 shared cores, loaded machine).", "",
-             "Per tool: size ratio to float32 / task score (float32's in the first column) / agreement of decoded "
+             (f"Generated by `python -m benchmarks.float16_corpus` ({res['date']}; n={res['n']} eval samples per "
+             "model; 2 shared cores, loaded machine)."), "",
+             ("Per tool: size ratio to float32 / task score (float32's in the first column) / agreement of decoded "
              "predictions with float32. `invalid` = fails onnx's full check or ONNX Runtime CPU cannot load/run it; "
-             "`failed` = the converter raised.", ""]
+             "`failed` = the converter raised."), ""]
     hdr = ["model", "metric", "fp32"] + TOOLS
     lines += ["| " + " | ".join(hdr) + " |", "|" + "---|" * len(hdr)]
     for row in res["corpus"]:
@@ -362,6 +406,16 @@ def _md(res: dict[str, Any]) -> str:
             else:
                 cells.append("")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", ("`nudenet_320n` has no labels: its metric is the box F1 against float32's own detections, so "
+                   "its float32 score is undefined (nan) and the agreement column is the measure."), ""]
+    deltas = [(abs(r["tools"]["graphopt-weights"]["score"] - row["fp32_score"]), row["model"])
+              for row in res["corpus"] for r in [row] if r["tools"].get("graphopt-weights", {}).get("status") == "valid"
+              and row["fp32_score"] == row["fp32_score"]]
+    if deltas:
+        worst = max(deltas)
+        lines += [(f"Weight-only task score vs float32: largest difference {100 * worst[0]:.2f} points "
+                   f"({worst[1]}) over {len(deltas)} models with labels; {sum(d < 0.001 for d, _ in deltas)} within "
+                   "0.1 point."), ""]
     lines += ["", "## Counts", ""]
     for tool in TOOLS:
         st = collections.Counter(row["tools"].get(tool, {}).get("status", "-") for row in res["corpus"])
@@ -372,6 +426,21 @@ def _md(res: dict[str, Any]) -> str:
         a, b = row["tools"].get("graphopt-fp16", {}), row["tools"].get("graphopt-fp16-data", {})
         fmt = (lambda r: ", ".join(f"{k}: {v}" for k, v in r.get("kept_summary", {}).items()) or "none")
         lines.append(f"| {row['model']} | {fmt(a)} | {fmt(b)} | {a.get('casts', '')} |")
+    lines += ["", "## Size: what float16 cannot halve", "",
+              ("Shares of the float32 file: float32 tensors of >= 16 values (halved), other tensors (integer tables, "
+               "tiny constants), per-node metadata (exporter debug info such as PyTorch stack traces) and the rest "
+               "of the graph (nodes, names, types). `floor` = size when exactly the float32 weights halve; "
+               "graphopt's weight-only ratio next to it (the difference is graphopt's own overhead: Cast nodes)."), "",
+              "| model | MB | float32 weights | other tensors | node metadata | graph | floor | graphopt-weights |",
+              "|---|---|---|---|---|---|---|---|"]
+    for row in res["corpus"]:
+        sp = row.get("size_parts")
+        if not sp:
+            continue
+        w = row["tools"].get("graphopt-weights", {}).get("size_ratio")
+        lines.append(f"| {row['model']} | {sp['bytes'] / 1e6:.2f} | {100 * sp['float32_weights']:.1f}% | "
+                     f"{100 * sp['other_tensors']:.1f}% | {100 * sp['node_metadata']:.1f}% | {100 * sp['graph']:.1f}% | "
+                     f"{sp['floor']:.3f}x | {w:.3f}x |" if w is not None else f"| {row['model']} | | | | | | | |")
     lines += ["", "Weight-only: Casts of constants left in the graph ONNX Runtime runs (basic optimization level): "
               + ", ".join(f"{row['model']} {row['tools']['graphopt-weights'].get('weight_casts_left_after_ort_load')}"
                           for row in res["corpus"] if row["tools"].get("graphopt-weights", {}).get("status") == "valid"),
@@ -382,15 +451,19 @@ def _md(res: dict[str, Any]) -> str:
         lines += ["## Failures and invalid outputs", ""] + [f"- {m} / {t}: {w}" for m, t, w in bad] + [""]
     if res.get("latency"):
         lines += ["## ONNX Runtime CPU latency relative to float32 (2 threads, interleaved, settled)", "",
-                  "| model | fp32 ms | weight-only | full fp16 |", "|---|---|---|---|"]
+                  ("Median of paired ratios ± half the IQR over the repeats. `fp32 again` is a second session of the "
+                   "same float32 file timed the same way: the noise floor on this (loaded) machine."), "",
+                  "| model | fp32 ms | fp32 again | weight-only | full fp16 | repeats |", "|---|---|---|---|---|---|"]
         for r in res["latency"]:
-            lines.append(f"| {r['model']} | {r['ms_fp32']} | {r.get('ratio_weights')} ± {r.get('spread_weights')} | "
-                         f"{r.get('ratio_fp16')} ± {r.get('spread_fp16')} |")
+            again = (f"{r['ratio_fp32 again']} ± {r['spread_fp32 again']}" if "ratio_fp32 again" in r else "")
+            lines.append(f"| {r['model']} | {r['ms_fp32']} | {again} | {r.get('ratio_weights')} ± "
+                         f"{r.get('spread_weights')} | {r.get('ratio_fp16')} ± {r.get('spread_fp16')} | "
+                         f"{r.get('repeats', '')} |")
         lines.append("")
     if res.get("tvm_cuda"):
         lines += ["## Full float16 built for CUDA by graphopt's TVM backend (checked without a GPU)", "",
-                  "| model | arch | build s | `half` in the CUDA C | private-memory hazards | serial CPU run vs "
-                  "float32 ORT (max rel. error) |", "|---|---|---|---|---|---|"]
+                  ("| model | arch | build s | `half` in the CUDA C | private-memory hazards | serial CPU run vs "
+                  "float32 ORT (max rel. error) |"), "|---|---|---|---|---|---|"]
         for r in res["tvm_cuda"]:
             if "error" in r:
                 lines.append(f"| {r['model']} | {r['arch']} | build failed: {r['error'][:200]} | | | |")
@@ -424,7 +497,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-backend", action="store_true")
-    ap.add_argument("--only", choices=["corpus", "backend", "tvm-cuda"],
+    ap.add_argument("--only", choices=["corpus", "backend", "tvm-cuda", "latency"],
                     help="run one part and merge it into the saved results (two processes can share the work)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
@@ -444,12 +517,13 @@ def main() -> None:
                          for k, v in row["tools"].items()}, f"{time.perf_counter() - t0:.0f}s", flush=True)
             if args.only == "corpus" and not args.no_save:  # each model as it is done (shared work)
                 save(json.loads(json.dumps(res, default=str)), "corpus")
-        for name in [x for x in args.latency.split(",") if x and x in names and args.only in (None, "corpus")]:
+        for name in [x for x in args.latency.split(",") if x and x in names
+                     and args.only in (None, "corpus", "latency")]:
             res["latency"].append(latency(name, tmp, args.rounds, args.repeats))
             print(res["latency"][-1], flush=True)
         if args.only == "tvm-cuda":
             res["tvm_cuda"] = tvm_cuda()
-        if not args.no_backend and args.only not in ("corpus", "tvm-cuda"):
+        if not args.no_backend and args.only not in ("corpus", "tvm-cuda", "latency"):
             res["backend"] = backend_suite(tmp)
             print(res["backend"]["counts"], flush=True)
     if not args.no_save:
