@@ -140,3 +140,14 @@ def test_cli_compress_refit_block(tmp_path: Path) -> None:
                           "--prune", "0.5", "--structured", "--refit", "block"], capture_output=True, text=True,
                          timeout=300, check=False)
     assert bad.returncode == 2 and "--refit block" in bad.stderr and not (tmp_path / "b.onnx").exists()
+
+
+def test_channel_map_finds_the_kept_channels_in_order() -> None:
+    from graphopt.passes.compress.reconstruct import _channel_map
+
+    rng = np.random.default_rng(5)
+    yt = rng.standard_normal((400, 24))
+    kept = np.sort(rng.choice(24, size=15, replace=False))
+    ys = yt[:, kept] + 0.8 * rng.standard_normal((400, 15))  # perturbed, as after pruning upstream
+    assert np.array_equal(_channel_map(ys, yt), kept)
+    assert _channel_map(rng.standard_normal((400, 15)), yt) is None  # unrelated: no match

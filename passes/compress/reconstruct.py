@@ -89,16 +89,35 @@ def _values(model: Model, names: list[str], samples: list[dict[str, np.ndarray]]
 
 def _channel_map(ys: np.ndarray, yt: np.ndarray) -> np.ndarray | None:
     """Indices of the teacher's channels (columns of ``yt``) that the student's columns ``ys``
-    are, by correlation; None unless the match is one-to-one and in order (pruning keeps the
-    order of the channels it keeps)."""
-    if ys.shape[1] == yt.shape[1]:
-        return np.arange(ys.shape[1])
+    are: pruning keeps the channels it keeps in order, so this is the order-preserving
+    assignment with the largest total correlation (a sequence alignment, by dynamic
+    programming); None where even that match is poor (mean correlation below 0.5)."""
+    cs, ct = ys.shape[1], yt.shape[1]
+    if cs == ct:
+        return np.arange(cs)
+    if cs > ct:
+        return None
     a = ys - ys.mean(0)
     b = yt - yt.mean(0)
     na, nb = np.linalg.norm(a, axis=0), np.linalg.norm(b, axis=0)
-    corr = (a.T @ b) / np.maximum(np.outer(na, nb), 1e-30)
-    idx = corr.argmax(1)
-    if len(set(idx.tolist())) != len(idx) or np.any(np.diff(idx) <= 0):
+    corr = (a.T @ b) / np.maximum(np.outer(na, nb), 1e-30)  # [cs, ct]
+    # f[i, j]: best total for the first i student channels among the first j teacher channels
+    f = np.full((cs + 1, ct + 1), -np.inf)
+    f[0, :] = 0.0
+    take = np.zeros((cs + 1, ct + 1), dtype=bool)
+    for i in range(1, cs + 1):
+        for j in range(i, ct - (cs - i) + 1):
+            skip, match = f[i, j - 1], f[i - 1, j - 1] + corr[i - 1, j - 1]
+            take[i, j] = match >= skip
+            f[i, j] = match if take[i, j] else skip
+    idx = np.zeros(cs, dtype=np.int64)
+    i, j = cs, ct
+    while i > 0:
+        if take[i, j]:
+            idx[i - 1] = j - 1
+            i -= 1
+        j -= 1
+    if float(np.mean(corr[np.arange(cs), idx])) < 0.5:
         return None
     return idx
 
