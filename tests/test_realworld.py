@@ -41,10 +41,7 @@ EXPECT: dict[tuple[str, str], str | tuple[str, str]] = {
 }
 
 # cells failing now for want of a fix another issue-13 task is making (strict: they flip when it lands)
-PENDING: dict[tuple[str, str], str] = {
-    ("silero_vad_16k_op15", "compress"): "structured pruning of 1-D convs inside If branches fails "
-    "('prune-channels': operands could not be broadcast (8,64,2) (1,64,1,1)); issue 13 compression fix",
-}
+PENDING: dict[tuple[str, str], str] = {}
 
 
 def _params() -> list:
