@@ -32,8 +32,8 @@ def test_probe_keeps_weight_driven_overflow_float32_without_data(rng):
     blind, rep0 = _convert(mp, probe=0)
     assert _types(blind)["h"] == F16 and rep0["probe"] == {}
     out, rep = _convert(mp)  # the default: probe on one random feed
-    assert rep["probe"] == {"samples": 1, "flagged": len(rep["data_flags"])} and rep["probe"]["flagged"] >= 2
-    assert "random probe inputs" in rep["data_flags"]["h"]
+    assert rep["probe"] == {"samples": 1, "flagged": len(rep["probe_flags"])} and rep["probe"]["flagged"] >= 2
+    assert "random probe inputs" in rep["probe_flags"]["h"] and rep["data_flags"] == {}
     # the flagged values' producers and readers stay float32; the region ends where values are small
     assert {"big_mm", "relu", "down"} <= set(rep["kept"]) and "tanh" not in rep["kept"]
     t = _types(out)
@@ -42,7 +42,7 @@ def test_probe_keeps_weight_driven_overflow_float32_without_data(rng):
     _close(mp, out, x)
     # the probe does not replace data: with calibration samples it is not run
     _, rep2 = _convert(mp, calibration=[x])
-    assert rep2["probe"] == {} and "on the data" in rep2["data_flags"]["h"]
+    assert rep2["probe"] == {} and rep2["probe_flags"] == {} and "on the data" in rep2["data_flags"]["h"]
     # --no-default-block converts everything (no list, no probe)
     _, rep3 = _convert(mp, default_block=False)
     assert rep3["probe"] == {} and not rep3["kept"]

@@ -576,10 +576,11 @@ class Float16(Pass):
         flags = value_flags(model, samples, self.dtype, float(self.options["overflow_margin"]), float(max_err)) \
             if samples else {}
         probe: dict[str, Any] = {}
+        probe_flags: dict[str, str] = {}
         if not samples and self.options["default_block"] and int(self.options["probe"] or 0) > 0:
-            flags, probe = self._probe(model, int(self.options["probe"]))
+            probe_flags, probe = self._probe(model, int(self.options["probe"]))
         conv = _Converter(model, self.dtype, bool(self.options["keep_io"]), set(self.options["block_ops"]),
-                          set(self.options["block_nodes"]), flags, bool(self.options["default_block"]),
+                          set(self.options["block_nodes"]), {**flags, **probe_flags}, bool(self.options["default_block"]),
                           bool(samples))
         conv.record()
         conv.graph(model.graph, True)
@@ -597,7 +598,7 @@ class Float16(Pass):
             "casts_removed": fused,
             "casts_in_model": sum(1 for g in model.graph.all_graphs() for n in g.iter_nodes() if n.op_type == "Cast"),
             "keep_io": bool(self.options["keep_io"]),
-            "data_flags": flags, "calibration_samples": len(samples), "probe": probe,
+            "data_flags": flags, "calibration_samples": len(samples), "probe": probe, "probe_flags": probe_flags,
             "other_domains": conv.other_domains, "float32_weights_stored_half": stored,
         }
         for name, why in conv.kept.items():
