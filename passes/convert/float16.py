@@ -628,7 +628,8 @@ class Float16(Pass):
                                 source="random probe inputs")
         except Exception as e:  # noqa: BLE001 - random inputs cannot satisfy every model: convert without
             log.warning("float16: no probe run on random inputs (%s); only the default op list guards "
-                        "against overflow: pass calibration data (--inputs)", " ".join(str(e).split())[:200])
+                        "against overflow: give calibration samples (PassContext.calibration)",
+                        " ".join(str(e).split())[:200])
             return {}, {"samples": 0, "skipped": " ".join(str(e).split())[:300]}
         finally:
             quiet.setLevel(level)
