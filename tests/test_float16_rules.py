@@ -210,3 +210,52 @@ def test_body_reads_an_outer_half_value_in_both_types(rng):
     x = rng.standard_normal((2, 4)).astype(np.float32)
     for c in (True, False):
         _close(mp, out, {"c": np.array(c), "x": x})
+
+
+# -- corpus models (small, cached downloads) -------------------------------------------------------
+def test_magika_v1_full_float16_without_data_keeps_its_score():
+    """magika v1's dense layers reach 3.7e6 (weights up to 97 in front of LayerNorms): without the
+    probe its data-free float16 version gets every file type wrong; with it, float32's score."""
+    import graphopt
+    from benchmarks.corpus import fetch, model_path
+    from benchmarks.corpus.data import ort_runner, task
+
+    fetch(["magika_v1"])
+    t = task("magika_v1")
+    base = t.evaluate(ort_runner(model_path("magika_v1")), 8)
+    scores = {}
+    for probe in (0, 1):
+        m = graphopt.load(model_path("magika_v1"))
+        p = graphopt.get_pass("float16", probe=probe)
+        graphopt.run_passes(m, [p])
+        mp = graphopt.to_proto(m)
+        onnx.checker.check_model(mp, full_check=True)
+        res = t.evaluate(ort_runner(mp), 8)
+        scores[probe] = (res.score, t.agreement(base, res), p.report)
+    assert scores[0][0] < base.score - 0.5  # the failure the probe exists for
+    score, agreement, rep = scores[1]
+    assert score == base.score and agreement == 1.0
+    assert any("random probe inputs" in why for why in rep["kept"].values())
+    assert rep["converted_nodes"] > 30  # the rest of the model still computes in float16
+
+
+def test_weight_only_size_is_the_floor_on_a_small_paddle_model(tmp_path):
+    """ppocr_cls (0.56 MB, 7% of it graph): the float16 weights plus their Casts cost no more than
+    the float32 weights' half; the file is at the floor the graph sets, not above it."""
+    pytest.importorskip("PIL", reason="the corpus extra (pip install '.[corpus]') is not installed")
+    import graphopt
+    from benchmarks.corpus import fetch, model_path
+
+    fetch(["ppocr_cls"])
+    src = model_path("ppocr_cls")
+    mp = onnx.load(str(src))
+    f32 = sum(a.t.ByteSize() for n in mp.graph.node for a in n.attribute
+              if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == F32 and int(np.prod(a.t.dims)) >= 16)
+    f32 += sum(t.ByteSize() for t in mp.graph.initializer if t.data_type == F32 and int(np.prod(t.dims)) >= 16)
+    total = mp.ByteSize()
+    floor = (total - f32 / 2) / total
+    m = graphopt.load(src)
+    graphopt.run_passes(m, [graphopt.get_pass("float16-weights")])
+    graphopt.save(m, tmp_path / "w.onnx")
+    ratio = (tmp_path / "w.onnx").stat().st_size / src.stat().st_size
+    assert 0.53 < floor < 0.55 and ratio <= floor + 0.002, (ratio, floor)
