@@ -489,6 +489,7 @@ def value_flags(model: Model, samples: list[dict[str, np.ndarray]], dtype: int, 
     """Float values of the main graph that the half type cannot hold on ``samples``:
     {value name: reason}. Runs the float32 model under ONNX Runtime once per sample.
     ``max_value_error=inf`` checks overflow only (``source`` names the samples in the reasons)."""
+    from graphopt.progress import progress
     from graphopt.runtime import intermediate_session
 
     names = [o.name for n in model.graph.iter_nodes() for o in n.outputs
@@ -503,7 +504,8 @@ def value_flags(model: Model, samples: list[dict[str, np.ndarray]], dtype: int, 
     norm2: dict[str, float] = {}
     half = np_half(dtype)
     wanted = set(names)
-    for s in samples:
+    # one float32 run per sample with every value kept: seconds to minutes on a detector
+    for s in progress(samples, desc=f"float16: value ranges on {source}", unit="sample"):
         res = sess.run(None, {k: v for k, v in s.items() if k in ins})
         for name, a in zip(outs, res, strict=True):
             if name not in wanted or not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.size:
