@@ -164,7 +164,7 @@ def graphopt_int8(src: Path, dst: Path, calib: list[dict[str, np.ndarray]], *, r
     run_passes(m, [q, get_pass("dce")], PassContext(calibration=calib))
     graphopt.save(m, dst)
     keys = ("quantized_nodes", "subgraph_quantized_nodes", "latency_kept_float", "latency_ms", "dequantized",
-            "left_integer")
+            "left_integer", "recurrent_form", "recurrent_ms", "channel_check")
     return {k: q.report[k] for k in keys if k in q.report}
 
 

@@ -130,7 +130,7 @@ def test_lstm_as_dynamic_quantize_lstm(tmp_path: Path, per_channel: bool) -> Non
 
 def test_recurrent_form_is_chosen_by_timing(tmp_path: Path) -> None:
     """recurrent="auto": each form timed (an injected timer here), the fastest kept; forms within
-    latency_margin of the fastest go to the smallest file."""
+    recurrent_margin (5%) of the fastest go to the smallest file."""
     mp, cal = _lstm_model()
     seen: list[set] = []
 
@@ -146,7 +146,7 @@ def test_recurrent_form_is_chosen_by_timing(tmp_path: Path) -> None:
         return t
 
     for times, want in (({"dynamic": 2.0, "weights": 3.0, "float": 1.0}, "float"),
-                        ({"dynamic": 1.0, "weights": 3.0, "float": 1.005}, "dynamic"),
+                        ({"dynamic": 1.04, "weights": 3.0, "float": 1.0}, "dynamic"),  # within 5%: smaller file
                         ({"dynamic": 3.0, "weights": 1.0, "float": 1.01}, "weights")):
         m, rep = _quantize(mp, cal, timer=timer(times))
         assert rep["recurrent_form"] == want, (times, rep["recurrent_ms"])
@@ -159,7 +159,7 @@ def test_recurrent_form_is_chosen_by_timing(tmp_path: Path) -> None:
             assert w.const_value().dtype == np.float32 and rep["int8_recurrent_weights"] == 0
         graphopt.save(m, tmp_path / f"{want}.onnx")
         _check_lstm_output(mp, tmp_path / f"{want}.onnx", cal)
-    assert len(seen) == 3
+    assert len(seen) == 9  # three forms, timed three times per model (median)
 
 
 def test_unknown_recurrent_form_is_refused() -> None:
