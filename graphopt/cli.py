@@ -1,7 +1,7 @@
 """The ``graphopt`` command line.
 
-Commands: ``inspect``, ``optimize``, ``quantize``, ``convert``, ``compress``, ``compile``, ``bench``, ``passes``,
-``verify``. User errors print one line
+Commands: ``inspect``, ``optimize``, ``quantize``, ``convert``, ``compress``, ``distill``, ``compile``, ``bench``,
+``passes``, ``verify``. User errors print one line
 (``graphopt: error: ...``) and exit with code 2; a failed numerical verification exits 1.
 """
 
@@ -829,6 +829,110 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _labels(path: str, n: int) -> np.ndarray:
+    """Integer labels, one per --data sample: .npy, .npz (its one array, or 'labels'), or text (one per line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise GraphoptError(f"--labels file {path!r} does not exist")
+    try:
+        if p.suffix == ".npy":
+            arr = np.load(p, allow_pickle=False)
+        elif p.suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                key = "labels" if "labels" in z.files else (z.files[0] if len(z.files) == 1 else None)
+                if key is None:
+                    raise GraphoptError(f"--labels {path!r} holds several arrays ({z.files}); name one 'labels'")
+                arr = z[key]
+        else:
+            arr = np.loadtxt(p, dtype=np.int64, ndmin=1)
+    except GraphoptError:
+        raise
+    except Exception as e:  # noqa: BLE001 - numpy's many read errors
+        raise GraphoptError(f"cannot read --labels {path!r}: {str(e).splitlines()[0][:200]}") from None
+    arr = np.asarray(arr)
+    if arr.dtype.kind not in "iu" and not (arr.dtype.kind == "f" and np.all(arr == np.round(arr))):
+        raise GraphoptError(f"--labels {path!r}: class indices must be integers (got {arr.dtype})")
+    if arr.shape[0] != n:
+        raise GraphoptError(f"--labels {path!r} has {arr.shape[0]} labels for {n} --data samples")
+    return arr.astype(np.int64)
+
+
+def _pairs(text: str | None, what: str) -> list[tuple[str, str]]:
+    out = []
+    for item in (text or "").split(","):
+        if item.strip():
+            a, sep, b = item.partition("=")
+            if not sep or not a.strip() or not b.strip():
+                raise GraphoptError(f"{what}: {item!r} is not NAME=VALUE")
+            out.append((a.strip(), b.strip()))
+    return out
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from graphopt.onnx_io import save
+    from graphopt.report import table
+    from graphopt.runtime import compare, load_calibration, ort_session, run_ort
+    from graphopt.transform import PassContext, get_pass, run_passes
+
+    if args.steps is not None and args.minutes is not None:
+        raise GraphoptError("give --steps or --minutes, not both")
+    if args.alpha > 1:
+        raise GraphoptError(f"--alpha {args.alpha} is above 1")
+    out = Path(args.output)
+    for src in (args.model, args.teacher):
+        if Path(src).exists() and out.exists() and out.resolve() == Path(src).resolve():
+            raise GraphoptError("the output path is an input file; graphopt never overwrites its input")
+    try:
+        import torch
+    except ImportError:
+        raise GraphoptError('graphopt distill needs PyTorch (CPU): pip install "graphopt[distill]" '
+                            '(see README: Distillation)') from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    student = _load(args.model, check=not args.no_check)
+    teacher = _load(args.teacher, check=not args.no_check)
+    s_data = load_calibration(args.data, student, what="--data")
+    t_data = load_calibration(args.data, teacher, what="--data (teacher)")
+    data = [{**t, **s} for s, t in zip(s_data, t_data, strict=True)]
+    labels = _labels(args.labels, len(data)) if args.labels else None
+    match: Any = None
+    if args.match == "auto":
+        match = "auto"
+    elif args.match:
+        match = _pairs(args.match, "--match")
+    losses = dict(_pairs(args.loss, "--loss"))
+    p = get_pass("distill", teacher=teacher, labels=labels, temperature=args.temperature, alpha=args.alpha,
+                 steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, match=match,
+                 feature_weight=args.feature_weight, losses=losses, seed=args.seed)
+    run_passes(student, [p], PassContext(calibration=data))
+    save(student, _target(args, out))  # main() checks it and moves it into place
+    # the written file against the teacher, both under ONNX Runtime
+    sess_t, sess_s = ort_session(teacher), ort_session(str(_target(args, out)))
+    worst_cos, top1 = 1.0, []
+    from graphopt.report import OutputCheck, distill_report
+
+    check = OutputCheck("data")  # the report's figures: the written model against the teacher
+    for s, t in zip(s_data[:16], t_data[:16], strict=True):
+        ref, got = run_ort(teacher, t, session=sess_t), run_ort(None, s, session=sess_s)  # type: ignore[arg-type]
+        check.add(ref, got)
+        c = compare(ref, got, rtol=1e9, atol=1e9)
+        worst_cos = min(worst_cos, c.cosine)
+        if c.top1 is not None:
+            top1.append(c.top1)
+    rows = [*p.report["rows"], ["written model vs teacher (ORT, min cosine)", f"{worst_cos:.5f}"]]
+    if top1:
+        rows.append(["written model vs teacher (ORT, top-1 agreement)", f"{np.mean(top1):.4f}"])
+    print(table(["", "value"], rows))
+    if args.report:
+        report = distill_report(args.model, str(out), getattr(p, "result", None), teacher=args.teacher,
+                                written=_target(args, out), check=check, input_shapes=_shapes_of(s_data[0]),
+                                settings={k: getattr(args, k) for k in ("steps", "minutes", "lr", "batch", "temperature",
+                                                                        "alpha") if getattr(args, k) is not None})
+        report.write(args.report)
+        print(f"report written to {args.report}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="graphopt", description="Compiler-style graph optimizer for ONNX models.")
     p.add_argument("--version", action="version", version=f"graphopt {_version()}")
@@ -1051,6 +1155,36 @@ def build_parser() -> argparse.ArgumentParser:
     inputs_arg(sp, "; values beyond the half type's range or that lose precision on them keep their nodes "
                    "float32, and the error check runs on them")
     sp.set_defaults(fn=cmd_convert)
+    sp = sub.add_parser("distill", help="train a (pruned, quantized or smaller) model to match a teacher (needs PyTorch)",
+                        description="Knowledge distillation: the student's float weights (a QDQ student's int8 weights, "
+                        "through fake quantization) are trained with PyTorch to reproduce the teacher's outputs on "
+                        "--data: KL at --temperature for class-like outputs, MSE for maps, cross-entropy on --labels; "
+                        "only the weights change. Needs pip install \"graphopt[distill]\"; see docs/distillation.md.")
+    sp.add_argument("model", metavar="STUDENT")
+    sp.add_argument("-o", "--output", required=True)
+    sp.add_argument("--teacher", required=True, help="the reference model (run by ONNX Runtime)")
+    sp.add_argument("--data", required=True, metavar="FILE.npz|DIR",
+                    help="training inputs, as --inputs takes them (unlabeled; the teacher labels them)")
+    sp.add_argument("--labels", metavar="FILE", help="a class index per --data sample (.npy, .npz or text): adds "
+                    "cross-entropy on the first class-like output")
+    sp.add_argument("--temperature", type=_nonneg, default=4.0, help="softening temperature for KL (default 4)")
+    sp.add_argument("--alpha", type=_nonneg, default=0.5,
+                    help="with --labels: weight of distillation vs cross-entropy, 0..1 (0: labels alone; default 0.5)")
+    sp.add_argument("--steps", type=_count(0), help="training steps (default 300)")
+    sp.add_argument("--minutes", type=_nonneg, help="train for this long instead of --steps")
+    sp.add_argument("--lr", type=_nonneg, default=1e-3,
+                    help="Adam step relative to each weight tensor's RMS, cosine-decayed (default 1e-3: 0.1%%)")
+    sp.add_argument("--batch", type=_count(1), default=8, help="samples per step (default 8)")
+    sp.add_argument("--match", metavar="auto|T=S,...",
+                    help="also match intermediate tensors (teacher name = student name), or auto: same name and shape")
+    sp.add_argument("--feature-weight", type=_nonneg, default=1.0, help="weight of --match's feature loss")
+    sp.add_argument("--loss", metavar="OUTPUT=kl|mse|cosine,...", help="loss per output instead of the automatic one")
+    sp.add_argument("--threads", type=_count(1), help="PyTorch threads (default: its own; 1 is faster on a busy machine)")
+    sp.add_argument("--seed", type=_count(0), default=0)
+    sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
+    sp.add_argument("--report", metavar="FILE", help="write a report (.json, .md or .html): the student before and "
+                    "after against the teacher, the loss curve")
+    sp.set_defaults(fn=cmd_distill)
     for sp in sub.choices.values():  # global options also after the command (graphopt inspect -q M)
         sp.add_argument("-q", "--quiet", action="store_true", dest="quiet_sub", help=_QUIET_HELP)
         sp.add_argument("--plugin", action="append", default=[], dest="plugins_sub", metavar="MODULE",

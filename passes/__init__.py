@@ -31,6 +31,7 @@ from .compress.lowrank import LowRankFactorization
 from .compress.prune import MagnitudePruning
 from .compress.reconstruct import RefitBlocks
 from .convert.float16 import Float16, Float16Weights
+from .distill import Distill
 from .fusion.activations import FuseActivations
 from .fusion.conv_affine import FuseConvAffine
 from .fusion.conv_bn import FuseConvBatchNorm
@@ -97,6 +98,7 @@ __all__ = [
     "CrossLayerEqualization",
     "DeadCodeElimination",
     "DequantizeInteger",
+    "Distill",
     "EliminateIdentity",
     "EliminateNoOps",
     "Float16",

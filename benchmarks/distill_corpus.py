@@ -1,0 +1,297 @@
+"""Knowledge distillation (``graphopt distill``, PyTorch engine) on real corpus models and a
+smaller student architecture: what training recovers that compression alone loses.
+
+Rows (each a separate experiment; run any subset):
+
+- ``rec-prune``: ppocrv3_rec (PaddleOCR's CRNN-style text recognizer, PyPI rapidocr) after
+  ``graphopt compress --prune 0.5 --structured`` (refit on the training lines), then
+  ``graphopt distill`` from the original on the same unlabeled lines. Character accuracy on
+  held-out rendered lines (``benchmarks.corpus.data``: calibration split for training, eval
+  split for the score).
+- ``cls-prune``: ppocr_cls (line orientation 0/180), the same two rows on its accuracy.
+- ``rec-qat``: ppocrv3_rec quantized to int8 with every Conv/MatMul in int8 (graphopt's
+  ``quantize-static`` with its narrow-channel rule off: what a plain post-training quantizer
+  such as ORT's does), then quantization-aware distillation of that QDQ model (fake quant,
+  straight-through) from the fp32 original; exported as the same QDQ model.
+- ``digits``: sklearn's handwritten digits; a CNN teacher and a half-channels student built in
+  ONNX (onnx.helper), both trained with ``graphopt distill`` itself: the teacher and a student on
+  the labels alone, and a student distilled from the teacher (KL at T=4, alpha 0.9).
+
+Training data for the line models: ``--train-n`` calibration lines, right-padded with zeros
+(what the recognizer's own preprocessing pads with) to a width multiple of 160 so they batch.
+Commands are run as the CLI (subprocess) and timed; the machine has 2 cores shared with other
+work, so the times are loaded wall-clock times, not speed claims.
+
+Run:  python -m benchmarks.distill_corpus [rec-prune cls-prune rec-qat digits] [--minutes 12]
+Saves benchmarks/results/distill_corpus.json / .md (a run on a subset updates those rows only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ROOT = HERE.parent
+GRAPHOPT = [sys.executable, "-m", "graphopt.cli"]
+
+
+def _run(cmd: list[str], log: list[str]) -> float:
+    """Run a graphopt command; return its wall time (s)."""
+    t0 = time.time()
+    env = {**os.environ, "GRAPHOPT_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env, cwd=ROOT)
+    dt = time.time() - t0
+    log.append(" ".join(Path(c).name if c.startswith("/tmp") else c for c in cmd[2:]))
+    if r.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr[-2000:]}")
+    print(r.stdout[-2500:], flush=True)
+    return dt
+
+
+def _pad_width(x: np.ndarray, multiple: int = 160) -> np.ndarray:
+    w = x.shape[-1]
+    target = max(multiple, math.ceil(w / multiple) * multiple)
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, target - w)]) if target != w else x
+
+
+def _write_dir(feeds: list[dict[str, np.ndarray]], d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    for i, f in enumerate(feeds):
+        np.savez(d / f"{i:05d}.npz", **{k: v[0] for k, v in f.items()})
+
+
+def _score(task: Any, path: Path, n: int) -> dict[str, float]:
+    from benchmarks.corpus.data import ort_runner
+
+    r = task.evaluate(ort_runner(str(path), threads=1), n=n)
+    return {"score": r.score, **{k: float(v) for k, v in r.extra.items()}}
+
+
+def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Prune (or quantize) a line model, then distill it from the original; score each."""
+    from benchmarks.corpus import fetch, model_path
+    from benchmarks.corpus.data import task as get_task
+
+    fetch([name])
+    task = get_task(name)
+    orig = Path(model_path(name))
+    train = [{k: _pad_width(v) for k, v in f.items()} for f in task.calibration(args.train_n)]
+    data = tmp / f"{name}_train"
+    _write_dir(train, data)
+    cmds: list[str] = []
+    row: dict[str, Any] = {"model": name, "experiment": kind, "train_samples": len(train), "eval_samples": args.eval_n,
+                           "metric": task.metric}
+    row["fp32"] = _score(task, orig, args.eval_n)
+    shape = ",".join(str(d) for d in task.calibration(1)[0]["x"].shape)
+    student = tmp / f"{name}_{kind}.onnx"
+    if kind == "prune":
+        refit = tmp / f"{name}_refit"  # the refit's samples: the first --refit-n training ones
+        _write_dir(train[: args.refit_n], refit)
+        row["compress_s"] = _run([*GRAPHOPT, "compress", str(orig), "-o", str(student), "--prune", "0.5",
+                                  "--structured", "--inputs", str(refit), "--input-shape", f"x:{shape}"], cmds)
+        row["compressed"] = _score(task, student, args.eval_n)
+        lr = args.lr_prune
+    else:
+        import graphopt
+        from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
+
+        t0 = time.time()
+        m = graphopt.load(orig)
+        run_passes(m, get_pipeline("default"))
+        q = get_pass("quantize-static", min_channel_sqnr=-1e9)  # every Conv/MatMul int8 (plain PTQ)
+        run_passes(m, [q, get_pass("dce")], PassContext(calibration=task.calibration(16)))
+        graphopt.save(m, student)
+        row["quantize_s"] = time.time() - t0
+        cmds.append("(API) quantize-static min_channel_sqnr=-1e9 on 16 calibration samples: every Conv/MatMul int8")
+        row["compressed"] = _score(task, student, args.eval_n)
+        lr = args.lr_qat
+    out = tmp / f"{name}_{kind}_distilled.onnx"
+    extra = ["--match", "auto"] if kind == "prune" and args.match else []
+    row["distill_s"] = _run([*GRAPHOPT, "distill", str(student), "-o", str(out), "--teacher", str(orig),
+                             "--data", str(data), "--minutes", str(args.minutes), "--lr", str(lr),
+                             "--temperature", str(args.temperature), "--batch", str(args.batch), "--threads", "1",
+                             *extra], cmds)
+    row["distilled"] = _score(task, out, args.eval_n)
+    row["commands"] = cmds
+    if kind == "qat":
+        import onnx
+
+        a, b = onnx.load(str(student)), onnx.load(str(out))
+        row["same_graph"] = [n.op_type for n in a.graph.node] == [n.op_type for n in b.graph.node]
+        row["int8_weights"] = sum(t.data_type == onnx.TensorProto.INT8 for t in b.graph.initializer)
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# digits: a CNN and its half-channels student, built in ONNX
+# ---------------------------------------------------------------------------------------------
+def digits_cnn(c1: int, c2: int, hidden: int, seed: int) -> Any:
+    """Conv(c1,3x3)-Relu-Conv(c2,3x3)-Relu-MaxPool(2)-Flatten-Gemm(hidden)-Relu-Gemm(10), random init."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+
+    def he(shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w1", he((c1, 1, 3, 3), 9)), ("b1", np.zeros(c1, np.float32)),
+        ("w2", he((c2, c1, 3, 3), 9 * c1)), ("b2", np.zeros(c2, np.float32)),
+        ("w3", he((c2 * 16, hidden), c2 * 16)), ("b3", np.zeros(hidden, np.float32)),
+        ("w4", he((hidden, 10), hidden)), ("b4", np.zeros(10, np.float32))]]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1], name="conv2"),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["h"], name="fc1"),
+        helper.make_node("Relu", ["h"], ["rh"], name="relu3"),
+        helper.make_node("Gemm", ["rh", "w4", "b4"], ["logits"], name="fc2"),
+    ]
+    g = helper.make_graph(nodes, "digits_cnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], producer_name="distill_corpus")
+    m.ir_version = 8
+    onnx.checker.check_model(m, full_check=True)
+    return m
+
+
+def digits(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import onnx
+    import onnxruntime as ort
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(y))
+    n_train = args.digits_train
+    tr, te = idx[:n_train], idx[n_train:]
+    data = tmp / "digits_train.npz"
+    np.savez(data, x=x[tr])
+    labels = tmp / "digits_labels.npy"
+    np.save(labels, y[tr])
+    cmds: list[str] = []
+
+    def acc(path: Path) -> float:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return float(np.mean(s.run(None, {"x": x[te]})[0].argmax(-1) == y[te]))
+
+    teacher0, student0 = tmp / "teacher_init.onnx", tmp / "student_init.onnx"
+    onnx.save(digits_cnn(16, 32, 64, 0), teacher0)
+    onnx.save(digits_cnn(8, 16, 32, 1), student0)  # half the channels, half the hidden units
+    teacher, s_labels, s_kd = tmp / "teacher.onnx", tmp / "student_labels.onnx", tmp / "student_kd.onnx"
+    steps = str(args.digits_steps)
+    common = ["--data", str(data), "--steps", steps, "--lr", str(args.digits_lr), "--batch", "32", "--threads", "1"]
+    row: dict[str, Any] = {"experiment": "digits", "train_samples": len(tr), "test_samples": len(te),
+                           "steps": args.digits_steps}
+    # labels alone (alpha 0: the teacher argument is not used)
+    row["teacher_train_s"] = _run([*GRAPHOPT, "distill", str(teacher0), "-o", str(teacher), "--teacher",
+                                   str(teacher0), "--labels", str(labels), "--alpha", "0", *common], cmds)
+    row["student_labels_s"] = _run([*GRAPHOPT, "distill", str(student0), "-o", str(s_labels), "--teacher",
+                                    str(teacher0), "--labels", str(labels), "--alpha", "0", *common], cmds)
+    row["student_kd_s"] = _run([*GRAPHOPT, "distill", str(student0), "-o", str(s_kd), "--teacher", str(teacher),
+                                "--labels", str(labels), "--alpha", "0.9", "--temperature", "4", *common], cmds)
+    row["params_teacher"] = sum(int(np.prod(t.dims)) for t in onnx.load(str(teacher)).graph.initializer)
+    row["params_student"] = sum(int(np.prod(t.dims)) for t in onnx.load(str(s_kd)).graph.initializer)
+    row["acc_teacher"], row["acc_student_labels"], row["acc_student_kd"] = acc(teacher), acc(s_labels), acc(s_kd)
+    row["commands"] = cmds
+    return row
+
+
+def write_md(rows: dict[str, Any]) -> str:
+    lines = ["# Distillation (graphopt distill, PyTorch CPU engine)", "",
+             ("Generated by `python -m benchmarks.distill_corpus`. Times are wall-clock on a 2-core machine shared "
+             "with other work (loaded): read them as orders of magnitude."), ""]
+    line_rows = [r for k, r in rows.items() if k != "digits"]
+    if line_rows:
+        lines += [("| model | experiment | metric | fp32 | compressed | + distill | compress / distill time | "
+                  "exact lines fp32 / compressed / distilled |"), "|---|---|---|---|---|---|---|---|"]
+        for r in line_rows:
+            ex = [r[k].get("exact_line") for k in ("fp32", "compressed", "distilled")]
+            exact = " / ".join(f"{v:.3f}" for v in ex) if all(v is not None for v in ex) else "-"
+            what = "prune 0.5 structured" if r["experiment"] == "prune" else "int8 (all convs) + QAT distill"
+            t_c = r.get("compress_s", r.get("quantize_s", 0.0))
+            lines.append(f"| {r['model']} | {what} | {r['metric']} (n={r['eval_samples']}) | {r['fp32']['score']:.4f} | "
+                         f"{r['compressed']['score']:.4f} | {r['distilled']['score']:.4f} | "
+                         f"{t_c:.0f} s / {r['distill_s']:.0f} s | {exact} |")
+        lines.append("")
+        for r in line_rows:
+            lines.append(f"- {r['model']} {r['experiment']}: trained on {r['train_samples']} calibration lines; "
+                         + "; ".join(f"`graphopt {c}`" if not c.startswith("(") else c for c in r["commands"]))
+        lines.append("")
+    if "digits" in rows:
+        r = rows["digits"]
+        lines += ["## Smaller student architecture (digits CNN, half the channels)", "",
+                  "| model | params | test accuracy | training time |", "|---|---|---|---|",
+                  f"| teacher (labels) | {r['params_teacher']} | {r['acc_teacher']:.4f} | {r['teacher_train_s']:.0f} s |",
+                  (f"| student, labels alone | {r['params_student']} | {r['acc_student_labels']:.4f} | "
+                  f"{r['student_labels_s']:.0f} s |"),
+                  (f"| student, distilled from the teacher | {r['params_student']} | {r['acc_student_kd']:.4f} | "
+                  f"{r['student_kd_s']:.0f} s |"), "",
+                  f"{r['train_samples']} training / {r['test_samples']} test digits, {r['steps']} steps of 32 each.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("experiments", nargs="*", default=["rec-prune", "cls-prune", "rec-qat", "digits"])
+    ap.add_argument("--minutes", type=float, default=12.0, help="distillation budget per line-model run")
+    ap.add_argument("--train-n", type=int, default=256)
+    ap.add_argument("--refit-n", type=int, default=64, help="samples for compress's refit (and its checks)")
+    ap.add_argument("--eval-n", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr-prune", type=float, default=1e-3)
+    ap.add_argument("--lr-qat", type=float, default=1e-4)
+    ap.add_argument("--temperature", type=float, default=1.0, help="KL temperature for the line models")
+    ap.add_argument("--match", action=argparse.BooleanOptionalAction, default=True,
+                    help="--match auto (feature distillation) for the pruned students")
+    ap.add_argument("--digits-train", type=int, default=1000)
+    ap.add_argument("--digits-steps", type=int, default=600)
+    ap.add_argument("--digits-lr", type=float, default=1e-2)
+    ap.add_argument("--out", default=str(RESULTS / "distill_corpus"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    rows: dict[str, Any] = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    with tempfile.TemporaryDirectory(prefix="graphopt-distill-bench-") as d:
+        tmp = Path(d)
+        for ex in args.experiments:
+            t0 = time.time()
+            if ex == "rec-prune":
+                row = line_model("ppocrv3_rec", "prune", args, tmp)
+            elif ex == "cls-prune":
+                row = line_model("ppocr_cls", "prune", args, tmp)
+            elif ex == "rec-qat":
+                row = line_model("ppocrv3_rec", "qat", args, tmp)
+            elif ex == "digits":
+                row = digits(args, tmp)
+            else:
+                raise SystemExit(f"unknown experiment {ex!r}")
+            row["total_s"] = time.time() - t0
+            rows[ex] = row
+            print(json.dumps(row, indent=1), flush=True)
+            # re-read: another experiment run in parallel may have written its rows meanwhile
+            cur = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+            cur[ex] = row
+            rows = cur
+            out.with_suffix(".json").write_text(json.dumps(rows, indent=1))
+            out.with_suffix(".md").write_text(write_md(rows))
+
+
+if __name__ == "__main__":
+    main()
