@@ -73,7 +73,7 @@ def int8_rows(name: str, n_calib: int, n_eval: int, roundings: list[str]) -> lis
     return rows
 
 
-def prune_rows(name: str, ratio: float, n_calib: int, n_eval: int) -> list[dict[str, Any]]:
+def prune_rows(name: str, ratio: float, n_calib: int, n_eval: int, batch: int = 8) -> list[dict[str, Any]]:
     from benchmarks.corpus.data import task
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
@@ -91,11 +91,11 @@ def prune_rows(name: str, ratio: float, n_calib: int, n_eval: int) -> list[dict[
     sc, _ = _score(t, m, n_eval, ref)
     rows.append({"model": name, "variant": f"prune {ratio} structured, refit layer", **sc, "seconds": round(secs, 1)})
     t0 = time.perf_counter()
-    rb = get_pass("refit-blocks", teacher=base)
+    rb = get_pass("refit-blocks", teacher=base, batch=batch)
     run_passes(m, [rb], PassContext(calibration=calib))
     secs2 = time.perf_counter() - t0
     sc, _ = _score(t, m, n_eval, ref)
-    rows.append({"model": name, "variant": f"prune {ratio} structured, refit block", **sc,
+    rows.append({"model": name, "variant": f"prune {ratio} structured, refit block (batch {batch})", **sc,
                  "seconds": round(secs + secs2, 1), "refit": rb.report})
     return rows
 
@@ -135,6 +135,7 @@ def main() -> None:
     ap.add_argument("--prune", type=float, default=0.0)
     ap.add_argument("--prune-models", default="ppocrv3_rec")
     ap.add_argument("--no-int8", action="store_true", help="only the pruning rows")
+    ap.add_argument("--refit-batch", type=int, default=8, help="refit-blocks' layers per collection run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows: list[dict[str, Any]] = []
@@ -143,7 +144,7 @@ def main() -> None:
         write(rows, args)
     if args.prune:
         for n in args.prune_models.split(","):
-            rows += prune_rows(n, args.prune, args.calib, args.eval)
+            rows += prune_rows(n, args.prune, args.calib, args.eval, args.refit_batch)
             write(rows, args)
     for r in rows:
         print(r)
