@@ -122,17 +122,27 @@ def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 1 
     total = 1
     for e in extents:
         total *= e
+    # the contiguous axis: the last one longer than 1 (trailing unit axes, as in an NCHW view of
+    # a 1-D signal [1, C, W, 1], take no memory)
+    while len(loops) > 1 and extents[-1] == 1:
+        sch.fuse(loops[-2], loops[-1])
+        loops, extents = sch.get_loops(block), extents[:-1]
     inner = extents[-1]
-    vec = next((v for v in (2 * lanes, lanes, lanes // 2) if v >= 4 and inner % v == 0), 0)
-    fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+    vec = next((v for v in (2 * lanes, lanes, lanes // 2, lanes // 4) if v >= 4 and inner % v == 0), 0)
     if vec:
+        fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         outer, vi = sch.split(fused, [None, vec])
         sch.vectorize(vi)
-    elif total > lanes:  # no whole vectors (214 logits): unrolled chunks of one vector, the tail guarded
-        outer, vi = sch.split(fused, [None, lanes])
-        sch.unroll(vi)
+    elif 1 < inner <= lanes and len(loops) > 1:
+        # a short contiguous axis (an NCW output of width 2 after a channels-last conv):
+        # unrolled as it is, no guard; the loops around it are fused
+        sch.unroll(loops[-1])
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     else:
-        outer = fused
+        # no whole vectors along the contiguous axis (214 logits, a 257-wide one-hot): left
+        # scalar. Unrolled one-vector chunks with a guarded tail made TVM's simplifier run for
+        # minutes on magika_v1's fused one-hot (16 copies of a 15-op expression under the guard)
+        outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if total >= min_parallel:
         sch.parallel(outer)
 
