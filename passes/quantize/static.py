@@ -365,8 +365,10 @@ class QuantizeStatic(Pass):
             sub_nodes += len(b_names)
         self.report["subgraph_quantized_nodes"] = sub_nodes
         for g in model.graph.all_graphs():
-            pass  # TEMP
+            g.value_info = [v for v in g.value_info if v.name in had_info]
         self.report["int8_recurrent_weights"] = self._recurrent_weights(model, samples)
+        if self.options["float_weights_int8"]:
+            self.report["weight_only_int8"] = self._weight_only(model.graph, self.report["kept_float_channel_spread"])
         self.report["int8_hardsigmoid"] = n_hs
         self.report.update({
             "quantized_nodes": len(chosen),
