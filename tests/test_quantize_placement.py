@@ -87,6 +87,17 @@ def test_flagged_narrow_channels_stay_float_when_they_reach_the_output() -> None
     assert not check["admitted"] and check["error_all_int8"] > 1.5 * check["error_rule"], check
     assert set(rep["kept_float_channel_spread"]) == {"pw1", "dw"} and rep["quantized_nodes"] == 5
     assert _rel_err(mp, m, cal) < 0.05
+    # their weights are int8 all the same (weight-only: the trouble is the activation scale)
+    assert rep["weight_only_int8"] == 2
+    for name in ("pw1", "dw"):
+        node = next(n for n in m.graph if n.name == name)
+        dq = node.input(1).producer
+        assert dq.op_type == "DequantizeLinear" and dq.input(0).const_value().dtype == np.int8
+    dw = next(n for n in m.graph if n.name == "dw")
+    assert dw.input(0).producer.op_type != "DequantizeLinear"  # float compute: its input is not quantized
+    m2, rep2 = _quantize(mp, cal, float_weights_int8=False)
+    assert "weight_only_int8" not in rep2
+    assert next(n for n in m2.graph if n.name == "dw").input(1).const_value().dtype == np.float32
 
 
 def _lstm_model(seed: int = 0, opset: int = 13) -> tuple[onnx.ModelProto, list[dict]]:
