@@ -73,7 +73,7 @@ def int8_rows(name: str, n_calib: int, n_eval: int, roundings: list[str]) -> lis
     return rows
 
 
-def prune_rows(name: str, ratio: float, n_calib: int, n_eval: int, batch: int = 8) -> list[dict[str, Any]]:
+def prune_rows(name: str, ratio: float, n_calib: int, n_eval: int, batch: int = 1) -> list[dict[str, Any]]:
     from benchmarks.corpus.data import task
     from graphopt.transform import PassContext, get_pass, get_pipeline, run_passes
 
@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--prune", type=float, default=0.0)
     ap.add_argument("--prune-models", default="ppocrv3_rec")
     ap.add_argument("--no-int8", action="store_true", help="only the pruning rows")
-    ap.add_argument("--refit-batch", type=int, default=8, help="refit-blocks' layers per collection run")
+    ap.add_argument("--refit-batch", type=int, default=1, help="refit-blocks' layers per collection run")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows: list[dict[str, Any]] = []
