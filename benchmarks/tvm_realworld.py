@@ -250,7 +250,8 @@ def _fmt_ratio(t: dict[str, Any]) -> str:
 
 
 def write_markdown(res: dict[str, Any], path: Path) -> None:
-    rows = [res["models"][k] for k in res["order"] if k in res["models"]]
+    rows = [res["models"].get(k, {"model": k, "compile": "not run", "error": "(the run was stopped before it)"})
+            for k in res["order"]]
     ok = [r for r in rows if r.get("compile") == "ok"]
     ratios = [r["timing"]["ratio"] for r in ok if "timing" in r]
     geo = math.exp(sum(math.log(x) for x in ratios) / len(ratios)) if ratios else float("nan")
@@ -292,11 +293,13 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
                      f"{len(r.get('fallback_kernels', []))} | {r.get('kernels', 0)} ({rules}) | "
                      f"{r.get('compile_s', 0):.0f} | {heavy} |")
     n_ok = len(ok)
+    n_not = sum(1 for r in rows if r.get("compile") == "not run")
+    rows = [r for r in rows if r.get("compile") != "not run"]
     within = sum(1 for x in ratios if x <= 1.5)
     naive = sum(len(r.get("naive_kernels", [])) for r in ok)
     lines += [
         "",
-        (f"Compiled: {n_ok} of {len(rows)}. Equal to ORT: {sum(1 for r in ok if r.get('equal'))} of {n_ok}. "
+        (f"Compiled: {n_ok} of {len(rows)} models run ({n_not} not run). Equal to ORT: {sum(1 for r in ok if r.get('equal'))} of {n_ok}. "
          f"Untuned TVM/ORT, 2 threads: geomean {geo:.2f}x over {len(ratios)} models, {within} of {len(ratios)} at or "
          f"under 1.5x; 1 thread: geomean {geo1:.2f}x over {len(r1)} models, "
          f"{sum(1 for x in r1 if x <= 1.5)} at or under 1.5x. "

@@ -161,3 +161,14 @@ def test_odd_width_small_kernel_is_reported_naive(tmp_path: Path) -> None:
     x = np.random.default_rng(0).standard_normal((3, 257)).astype(np.float32)
     cm = _build_and_check(m, tmp_path, {"x": x})
     assert len(cm.info.naive_kernels) == 1, (cm.info.schedules, cm.info.naive_kernels)
+
+
+def test_matmul_with_odd_width_is_not_a_row_reduction(tmp_path: Path) -> None:
+    """A matmul whose output width has no vector divisor (a 6625-class CTC head in small: 25)
+    must not get the row-reduction schedule (it vectorized the reduction and gathered weights
+    with a stride: 6.6x ONNX Runtime on ppocrv5_rec)."""
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [1, 8, 64])], [vi("y", [1, 8, 25])],
+                   [("W", rng.standard_normal((64, 25)).astype(np.float32))], opset=13)
+    cm = _build_and_check(m, tmp_path, {"x": rng.standard_normal((1, 8, 64)).astype(np.float32)})
+    assert "row-reduction" not in cm.info.schedules.values(), cm.info.schedules
