@@ -1321,6 +1321,9 @@ _FLAG_WORDS: list[tuple[str, Any]] = [  # the library's argument names -> this C
     (r"give trials or minutes", "give --trials or --minutes"),
     (r"\bgive requantize=True\b", "give --requantize"), (r"\buse per_channel=False\b", "use --per-tensor"),
     (r"\(quantize-static\)$", "(without --dynamic)"),
+    (r"\(PassContext\(calibration=\.\.\.\)\)", "(--calibration)"),
+    (r"^losses= names", "--loss names"), (r"^match='auto':", "--match auto:"), (r"^match:", "--match:"),
+    (r": lower lr$", ": lower --lr"),
 ]
 
 

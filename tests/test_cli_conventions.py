@@ -417,12 +417,9 @@ def test_no_cli_flags_in_library_messages() -> None:
 
     flag = re.compile(r"(?<![\w-])--[a-z][a-z-]+")
     bad = []
-    # passes/distill (issue 16), passes/convert/float16.py and passes/compress/reconstruct.py are being
-    # written by others this session: their messages still name flags (see the session report)
-    skip = {ROOT / "graphopt" / "cli.py", ROOT / "passes" / "convert" / "float16.py",
-            ROOT / "passes" / "compress" / "reconstruct.py"}
+    skip = {ROOT / "graphopt" / "cli.py"}
     for path in sorted([*(ROOT / "graphopt").rglob("*.py"), *(ROOT / "passes").rglob("*.py")]):
-        if path in skip or "distill" in path.parts:
+        if path in skip:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.arguments):  # a default that ends up in a message (what="--inputs")

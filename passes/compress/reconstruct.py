@@ -202,7 +202,7 @@ class RefitBlocks(Pass):
         if teacher is None:
             raise GraphoptError("refit-blocks needs the original model (teacher=...)")
         if ctx.calibration is None:
-            raise GraphoptError("refit-blocks needs calibration data (PassContext(calibration=...) or --calibration)")
+            raise GraphoptError("refit-blocks needs calibration data (PassContext(calibration=...))")
         samples = load_calibration(ctx.calibration, model)[: self.options["max_samples"]]
         t_names, t_reads, t_outs = _teacher_names(teacher)
         s_outs = [o.name for o in model.graph.outputs]

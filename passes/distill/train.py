@@ -14,7 +14,8 @@ its integer weights through fake quantization) trained with Adam on:
     (scale-free); ``cosine``: 1 - cosine similarity per sample;
 
 * cross-entropy on labels when there are any (``alpha`` weighs distillation against it:
-  ``alpha * KD + (1 - alpha) * CE``; ``alpha=0`` trains on the labels alone);
+  ``alpha * KD + (1 - alpha) * CE``; ``alpha=0`` trains on the labels alone); a label of -1
+  marks an unlabeled sample (extra transfer-set inputs, e.g. augmented ones): KD only;
 * optional FitNets-style feature matching: normalized MSE between named (or automatically
   paired: same name, same shape) intermediate tensors of teacher and student.
 
@@ -43,6 +44,7 @@ from .lower import TorchGraph
 log = logging.getLogger("graphopt.distill")
 
 LOSS_KINDS = ("kl", "mse", "cosine")
+UNLABELED = -1  # the label of a sample that has none: distillation only, no cross-entropy
 
 
 @dataclass
@@ -120,7 +122,10 @@ class _Objective:
         if labels is not None and self.label_output is not None:
             s = out[self.label_output]
             lp = self._student_log_probs(out, self.label_output, 1.0).reshape(-1, s.shape[-1])
-            ce = torch.nn.functional.nll_loss(lp, labels.reshape(-1))
+            flat = labels.reshape(-1)
+            # -1 marks an unlabeled sample (a transfer-set input only the teacher labels): no CE on it
+            ce = (torch.nn.functional.nll_loss(lp, flat, ignore_index=UNLABELED) if bool((flat != UNLABELED).any())
+                  else torch.zeros(()))
             loss = cfg.alpha * kd + (1 - cfg.alpha) * ce
         for tname, sname in self.features:
             d = out[sname] - teacher[tname]
@@ -238,7 +243,8 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
         data: input feeds (every input of both models; extra names are ignored per model).
         cfg: options; steps default to :data:`DEFAULT_STEPS` unless ``minutes`` is given.
         labels: integer class per sample (aligned with ``data``) for cross-entropy on the first
-            class-like output.
+            class-like output; -1 (:data:`UNLABELED`) for a sample without one (a transfer-set
+            input: the teacher's outputs are its only target).
 
     Raises:
         UnsupportedModelError: an op of the student the torch lowering does not cover.
@@ -278,7 +284,7 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
         raise InputSpecError("no float output to distill")
     unknown = set(cfg.losses) - set(kinds) - {teacher_of.get(k) for k in kinds}
     if unknown:
-        raise InputSpecError(f"--loss names {sorted(unknown)} are not outputs of the student "
+        raise InputSpecError(f"losses= names {sorted(unknown)} are not outputs of the student "
                              f"(its outputs: {list(kinds)})")
     label_output = None
     if labels is not None:
@@ -287,23 +293,24 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
             raise InputSpecError("labels given but no class-like output (probabilities or [N, C] logits) to use them on")
         labels = np.asarray(labels).astype(np.int64).reshape(len(data), -1)
         n_cls = t_outs[0][teacher_of[label_output]].shape[-1]
-        if labels.min() < 0 or labels.max() >= n_cls:
-            raise InputSpecError(f"labels must be class indices in [0, {n_cls}) for output {label_output!r}")
+        if labels.min() < UNLABELED or labels.max() >= n_cls:
+            raise InputSpecError(f"labels must be class indices in [0, {n_cls}) (or {UNLABELED}: unlabeled) "
+                                 f"for output {label_output!r}")
     # --- feature matching
     features: list[tuple[str, str]] = []
     if cfg.match == "auto":
         features = _auto_features(teacher, tg, t_feeds[0], _torch_feed(s_feeds[0]))
         if not features:
-            log.warning("--match auto: no intermediate tensor has the same name and shape in both models")
+            log.warning("match='auto': no intermediate tensor has the same name and shape in both models")
     elif cfg.match:
         features = list(cfg.match)  # type: ignore[arg-type]
         t_names = {v.name for n in teacher.graph for v in n.outputs}
         s_names = {o for ctx, _ in tg.nodes for o in ctx.node.output}
         for a, b in features:
             if a not in t_names:
-                raise InputSpecError(f"--match: {a!r} is not a tensor of the teacher's main graph")
+                raise InputSpecError(f"match: {a!r} is not a tensor of the teacher's main graph")
             if b not in s_names:
-                raise InputSpecError(f"--match: {b!r} is not a tensor computed by the student's main graph")
+                raise InputSpecError(f"match: {b!r} is not a tensor computed by the student's main graph")
     t_feat: list[dict[str, np.ndarray]] = [{} for _ in data]
     feature_ms: dict[str, float] = {}
     if features:
@@ -375,7 +382,7 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
                     loss.backward()
                     value += float(loss.detach())
             if not math.isfinite(value):
-                raise GraphoptError(f"the loss became {value} at step {step}: lower --lr")
+                raise GraphoptError(f"the loss became {value} at step {step}: lower lr")
             opt.step()
             losses.append(value)
             step += 1
