@@ -416,11 +416,7 @@ class RowReductionRule(_Rule):
         # one reduced operand only: a matmul or conv (two operands indexed by the reduction axis)
         # is not a row reduction - vectorizing its reduction gathers the weights with a stride
         # (ppocrv5_rec's 6625-class CTC matmul took 66% of the model this way, 6.6x ORT)
-        blk = sch.get(main.block_rv)
-        r_vars = [it.var for it in main.iters if it.kind == "R"]
-        reduced = [r for r in blk.reads if not r.source.same_as(blk.writes[0].source)
-                   and any(_uses_var(r, v) for v in r_vars)]
-        if len({id(r.source) for r in reduced}) > 1 or len(reduced) > 1:
+        if not _reduces_one_operand(sch, main):
             return False
         idx = infos.index(main)
         for b in infos[:idx]:
@@ -477,7 +473,12 @@ class DLightReductionRule(_Rule):
     def apply(self, sch: Any, target: Any) -> bool:
         from tvm.s_tir.dlight.cpu import Reduction
 
+        from tvm.s_tir.dlight.analysis import normalize_prim_func
+
         self.result = None
+        infos = normalize_prim_func(sch)
+        if infos is None or not all(_reduces_one_operand(sch, b) for b in infos if b.is_reduction()):
+            return False  # a matmul is no softmax: DLight's rule unrolls its k loop, scalar
         res = Reduction().apply(sch.mod["main"], target, False)
         if res is None:
             return False
@@ -514,6 +515,16 @@ class SmallKernelRule(_Rule):
                     sch.unroll(lp)
                     done = True
         return done
+
+
+def _reduces_one_operand(sch: Any, info: Any) -> bool:
+    """Does a reduction block read only one buffer through its reduction axes (a row sum or
+    max), not two (a matmul or conv, whose schedules are the tiled ones)?"""
+    blk = sch.get(info.block_rv)
+    r_vars = [it.var for it in info.iters if it.kind == "R"]
+    reduced = [r for r in blk.reads if not r.source.same_as(blk.writes[0].source)
+               and any(_uses_var(r, v) for v in r_vars)]
+    return len(reduced) <= 1
 
 
 def _is_annotated(sch: Any, block: Any) -> bool:
