@@ -471,9 +471,8 @@ class DLightReductionRule(_Rule):
     name = "dlight-reduction"
 
     def apply(self, sch: Any, target: Any) -> bool:
-        from tvm.s_tir.dlight.cpu import Reduction
-
         from tvm.s_tir.dlight.analysis import normalize_prim_func
+        from tvm.s_tir.dlight.cpu import Reduction
 
         self.result = None
         infos = normalize_prim_func(sch)
