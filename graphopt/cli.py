@@ -913,8 +913,17 @@ def cmd_distill(args: argparse.Namespace) -> int:
     worst_cos, top1 = 1.0, []
     from graphopt.report import OutputCheck, distill_report
 
-    check = OutputCheck("data")  # the report's figures: the written model against the teacher
-    for s, t in zip(s_data[:16], t_data[:16], strict=True):
+    # the report's figures: the written model against the teacher, on held-out samples when given
+    if args.inputs:
+        s_eval = load_calibration(args.inputs, student, what="--inputs")
+        t_eval = load_calibration(args.inputs, teacher, what="--inputs (teacher)")
+        check = OutputCheck("inputs")
+    else:
+        s_eval, t_eval = s_data, t_data
+        check = OutputCheck("data")
+        log.warning("the check below ran on the training samples (--data, in-sample): a student can fit them "
+                    "and lose on others; give --inputs with held-out samples to measure it")
+    for s, t in zip(s_eval[:16], t_eval[:16], strict=True):
         ref, got = run_ort(teacher, t, session=sess_t), run_ort(None, s, session=sess_s)  # type: ignore[arg-type]
         check.add(ref, got)
         c = compare(ref, got, rtol=1e9, atol=1e9)
@@ -1167,8 +1176,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--teacher", required=True, help="the reference model (run by ONNX Runtime)")
     sp.add_argument("--data", required=True, metavar="FILE.npz|DIR",
                     help="training inputs, as --inputs takes them (unlabeled; the teacher labels them)")
-    sp.add_argument("--labels", metavar="FILE", help="a class index per --data sample (.npy, .npz or text): adds "
-                    "cross-entropy on the first class-like output")
+    sp.add_argument("--labels", metavar="FILE", help="a class index per --data sample (.npy, .npz or text; -1: unlabeled, "
+                    "teacher only): adds cross-entropy on the first class-like output")
     sp.add_argument("--temperature", type=_nonneg, default=4.0, help="softening temperature for KL (default 4)")
     sp.add_argument("--alpha", type=_nonneg, default=0.5,
                     help="with --labels: weight of distillation vs cross-entropy, 0..1 (0: labels alone; default 0.5)")
@@ -1184,6 +1193,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--threads", type=_count(1), help="PyTorch threads (default: its own; 1 is faster on a busy machine)")
     sp.add_argument("--seed", type=_count(0), default=0)
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
+    sp.add_argument("--inputs", metavar="FILE.npz|DIR", help="held-out samples (not in --data) the written model is "
+                    "checked against the teacher on (default: the training samples, with a warning)")
     sp.add_argument("--report", metavar="FILE", help="write a report (.json, .md or .html): the student before and "
                     "after against the teacher, the loss curve")
     sp.set_defaults(fn=cmd_distill)

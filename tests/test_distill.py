@@ -246,6 +246,34 @@ def test_distill_labels_alone_learn_the_labels() -> None:
     assert np.mean(np.array(pred) == labels) >= 0.9
 
 
+def test_distill_unlabeled_samples_get_no_cross_entropy() -> None:
+    """Label -1 marks a transfer-set sample without a label: the labeled ones are learned, the
+    unlabeled ones add nothing to the label loss (with alpha=0 and no label at all, nothing moves)."""
+    teacher = cnn()
+    data = _data(16)
+    labels = np.where(np.arange(16) < 8, np.arange(16) % 5, -1)
+    student = graphopt.from_proto(perturbed(teacher))
+    p = get_pass("distill", teacher=graphopt.from_proto(teacher), labels=labels, alpha=0.0, steps=150, lr=3e-2,
+                 progress=False)
+    run_passes(student, [p], PassContext(calibration=data))
+    pred = np.array([int(run_ort(student, f)["prob"].argmax()) for f in data[:8]])
+    assert np.mean(pred == labels[:8]) >= 0.9
+
+    before = perturbed(teacher)
+    student = graphopt.from_proto(before)
+    p = get_pass("distill", teacher=graphopt.from_proto(teacher), labels=np.full(16, -1), alpha=0.0, steps=5,
+                 lr=3e-2, progress=False)
+    run_passes(student, [p], PassContext(calibration=data))
+    after = {t.name: numpy_helper.to_array(t) for t in graphopt.to_proto(student).graph.initializer}
+    for t in before.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(t), after[t.name])
+
+    with pytest.raises(Exception, match=r"class indices in \[0, 5\) \(or -1: unlabeled\)"):
+        run_passes(graphopt.from_proto(perturbed(teacher)),
+                   [get_pass("distill", teacher=graphopt.from_proto(teacher), labels=np.full(16, -2), steps=1,
+                             progress=False)], PassContext(calibration=data))
+
+
 def test_qat_distill_exports_the_same_valid_qdq_model() -> None:
     teacher = graphopt.from_proto(cnn())
     student = graphopt.from_proto(perturbed(cnn(), amount=0.3))
@@ -309,3 +337,29 @@ def test_cli_distill(tmp_path, capsys) -> None:
         assert rc == 2 and msg in err and err.count("\n") == 1, err
         assert not bad.exists()
         assert not list(tmp_path.glob(".graphopt-*"))
+
+
+def test_cli_distill_checks_on_held_out_inputs(tmp_path, capsys, caplog) -> None:
+    """Without --inputs the check runs on the training data and says so; with --inputs it runs on
+    those held-out samples (the report's output check names its data)."""
+    import json
+
+    from graphopt.cli import main
+
+    teacher, student = tmp_path / "t.onnx", tmp_path / "s.onnx"
+    onnx.save(cnn(), teacher)
+    onnx.save(perturbed(cnn()), student)
+    data, held = tmp_path / "d.npz", tmp_path / "h.npz"
+    np.savez(data, x=np.concatenate([f["x"] for f in _data(8)]))
+    np.savez(held, x=np.concatenate([f["x"] for f in _data(5, 7)]))
+    base = ["distill", str(student), "--teacher", str(teacher), "--data", str(data), "--steps", "3", "--threads", "1"]
+    with caplog.at_level("WARNING", logger="graphopt"):
+        assert main([*base, "-o", str(tmp_path / "a.onnx"), "--report", str(tmp_path / "a.json")]) == 0
+    assert "in-sample" in caplog.text
+    assert json.loads((tmp_path / "a.json").read_text())["verification"]["data"] == "data"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="graphopt"):
+        assert main([*base, "-o", str(tmp_path / "b.onnx"), "--inputs", str(held), "--report", str(tmp_path / "b.json")]) == 0
+    assert "in-sample" not in caplog.text
+    v = json.loads((tmp_path / "b.json").read_text())["verification"]
+    assert v["data"] == "inputs" and v["samples"] == 5
