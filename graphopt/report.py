@@ -421,10 +421,11 @@ class OutputCheck:
         for k, a in ref.items():
             if k not in got:
                 continue
-            floating = np.asarray(a).dtype.kind == "f"
-            a64, b64 = np.asarray(a, np.float64), np.asarray(got[k], np.float64)
-            if a64.shape != b64.shape or a64.dtype.kind not in "biuf":
-                continue
+            a0, b0 = np.asarray(a), np.asarray(got[k])
+            if a0.dtype.kind not in "biuf" or b0.dtype.kind not in "biuf" or a0.shape != b0.shape:
+                continue  # sequences and maps (ZipMap's list of dicts), strings: not numbers to compare
+            floating = a0.dtype.kind == "f"
+            a64, b64 = a0.astype(np.float64), b0.astype(np.float64)
             fin = np.isfinite(b64) | ~np.isfinite(a64)
             self.nonfinite += int((~fin).sum())
             a64, b64 = np.where(fin, a64, 0.0), np.where(fin, b64, 0.0)

@@ -640,3 +640,47 @@ def test_narrow_channels_before_a_depthwise_conv_stay_float() -> None:
     assert all(v < 5.0 for v in reports[5.0]["channel_sqnr_db"].values())
     assert reports[5.0]["quantized_nodes"] == 1  # the last 1x1 conv, reading a well-spread map, stays int8
     assert set(reports[5.0]["kept_float"]) == {"pw1", "dw"}
+
+
+def test_dynamic_refuses_matmuls_whose_weights_are_loop_carried(tmp_path) -> None:
+    """A MatMul inside a Loop body whose weight enters as a Loop-carried value (paddle2onnx writes
+    such models) cannot be rewritten: quantize --dynamic refuses, naming the node and the reason,
+    instead of writing the float model with exit 0. With a constant weight it quantizes."""
+    from onnx import TensorProto, numpy_helper
+
+    from graphopt.cli import main
+
+    def model(const_weight: bool) -> onnx.ModelProto:
+        w_in = "w_const" if const_weight else "w_in"
+        body = helper.make_graph(
+            [helper.make_node("MatMul", ["h_in", w_in], ["h_out"], name="body_mm"),
+             helper.make_node("Identity", ["cond_in"], ["cond_out"], name="cond_id"),
+             helper.make_node("Identity", ["w_in"], ["w_out"], name="w_id")],
+            "body",
+            [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+             helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("h_in", TensorProto.FLOAT, [1, 16]),
+             helper.make_tensor_value_info("w_in", TensorProto.FLOAT, [16, 16])],
+            [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+             helper.make_tensor_value_info("h_out", TensorProto.FLOAT, [1, 16]),
+             helper.make_tensor_value_info("w_out", TensorProto.FLOAT, [16, 16])],
+            initializer=[numpy_helper.from_array(np.eye(16, dtype=np.float32) * 0.5, "w_const")] if const_weight else [])
+        rng = np.random.default_rng(0)
+        g = helper.make_graph(
+            [helper.make_node("Loop", ["trips", "cond", "x", "w"], ["h", "w_final"], body=body, name="loop")],
+            "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+            [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, 16])],
+            initializer=[numpy_helper.from_array(np.array(3, np.int64), "trips"),
+                         numpy_helper.from_array(np.array(True), "cond"),
+                         numpy_helper.from_array(rng.normal(size=(16, 16)).astype(np.float32) * 0.3, "w")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+    src, out = tmp_path / "loop.onnx", tmp_path / "q.onnx"
+    onnx.save(model(False), src)
+    assert main(["quantize", str(src), "-o", str(out), "--dynamic"]) == 2
+    assert not out.exists()
+    src2 = tmp_path / "loop_const.onnx"
+    onnx.save(model(True), src2)
+    assert main(["quantize", str(src2), "-o", str(out), "--dynamic"]) == 0
+    ops = {n.op_type for g in [onnx.load(str(out)).graph] for n in g.node[0].attribute[0].g.node}
+    assert "MatMulInteger" in ops

@@ -182,6 +182,12 @@ def test_output_check_numbers() -> None:
     assert v.top1_agreement == pytest.approx(2 / 3)  # float outputs only: 'i' is not a score vector
     # mean over samples x outputs of ||got - ref|| / ||ref||: y .5/|1,2,3|, 0, 3/|1,2,3|; i 0, 0, |1,-1|/|1,2|
     assert v.output_rel_error == pytest.approx((0.5 / 14**0.5 + 3 / 14**0.5 + 2**0.5 / 5**0.5) / 6)
+    # non-numeric outputs (a ZipMap's list of dicts, strings) are left out, not a crash
+    c2 = OutputCheck("inputs")
+    zipmap = [{0: 0.25, 1: 0.75}]
+    c2.add({"y": np.array([1.0, 2.0]), "probs": zipmap, "label": np.array(["a"])},
+           {"y": np.array([1.0, 2.5]), "probs": [{0: 0.5, 1: 0.5}], "label": np.array(["a"])})
+    assert c2.result().max_abs_error == pytest.approx(0.5)
 
 
 # -- every command's report -------------------------------------------------------------------------

@@ -17,14 +17,17 @@ Refuses: non-constant or non-2-D B, non-float data, Gemm with transA or alpha !=
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
 import onnx
 
-from graphopt import Graph, GraphoptError, Node, Pass, PassContext, register_pass
+from graphopt import Graph, GraphoptError, Model, Node, Pass, PassContext, register_pass
 
 from .calibrate import int8_weight
+
+log = logging.getLogger(__name__)
 
 _STD = ("", "ai.onnx")
 
@@ -34,7 +37,6 @@ class QuantizeDynamic(Pass):
     """Dynamic (or weight-only) INT8 quantization of MatMul/Gemm weights; no calibration."""
 
     name = "quantize-dynamic"
-    recursive = False
     default_options = {"mode": "dynamic", "per_channel": True, "exclude_nodes": (), "min_weight_elements": 1,
                        "requantize": False}
 
@@ -44,19 +46,27 @@ class QuantizeDynamic(Pass):
             raise GraphoptError(f"unknown mode {self.options['mode']!r}; use 'dynamic' or 'weight-only'")
         self.report: dict[str, Any] = {}
 
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
+    def apply(self, model: Model, ctx: PassContext) -> bool:
+        """Refuse what cannot be quantized (checked on the whole model first), then rewrite the
+        main graph and every If/Loop/Scan body (not local functions: they hold no initializers)."""
         from .requantize import DequantizeInteger, refuse_if_quantized
 
-        main = self.model is not None and graph is self.model.graph
-        if main and not self.options["requantize"]:  # an already-quantized model: say what it is
-            refuse_if_quantized(self.model, "dynamic quantization")
-        if main:  # what the model is (nothing to quantize) before what it lacks (the opset)
-            self._refuse_nothing_to_quantize()
-        opset = self.model.opset("") if self.model is not None else None
-        if (opset or 0) < 11:
+        self.model = model
+        if not self.options["requantize"]:  # an already-quantized model: say what it is
+            refuse_if_quantized(model, "dynamic quantization")
+        self._refuse_nothing_to_quantize()  # what the model is (nothing to quantize) before what it lacks
+        if (model.opset("") or 0) < 11:
             raise GraphoptError("quantize-dynamic needs opset >= 11 (DynamicQuantizeLinear)")
-        if main:  # undo integer ops on request (a no-op on a float model)
-            DequantizeInteger().apply(self.model, ctx)
+        DequantizeInteger().apply(model, ctx)  # undo integer ops on request (a no-op on a float model)
+        self.model = model
+        self._done = 0
+        changed = False
+        for g in reversed(list(model.graph.all_graphs())):  # bodies first, as Pass.apply does
+            changed |= self.run(g, ctx)
+        self.report = {"quantized_matmuls": self._done, "mode": self.options["mode"]}
+        return changed
+
+    def run(self, graph: Graph, ctx: PassContext) -> bool:
         excl = set(self.options["exclude_nodes"])
         done = 0
         cache: dict[int, tuple[str, Any, Any, Any]] = {}
@@ -107,7 +117,13 @@ class QuantizeDynamic(Pass):
                 graph.replace_all_uses_with(out, y.output(0))
                 graph.remove(n)
             done += 1
-        self.report = {"quantized_matmuls": done, "mode": self.options["mode"]}
+        left = [(n, self._why_not(n)) for n in graph if n.op_type in ("MatMul", "Gemm") and n.domain in _STD]
+        left = [(n, why) for n, why in left if why and why != "excluded" and "min_weight_elements" not in why]
+        if left:
+            log.warning("quantize-dynamic left %d MatMul/Gemm float in graph %r: %s", len(left), graph.name,
+                        "; ".join(f"{n.name!r} ({why})" for n, why in left[:5]) + ("; ..." if len(left) > 5 else ""))
+        self._done = getattr(self, "_done", 0) + done
+        self.report = {"quantized_matmuls": self._done, "mode": self.options["mode"]}
         return done > 0
 
     def _refuse_nothing_to_quantize(self) -> None:
@@ -116,12 +132,37 @@ class QuantizeDynamic(Pass):
         assert self.model is not None
         nodes = list(self.model.graph.all_nodes())
         wanted = {"MatMul", "Gemm"} | ({"MatMulInteger", "QLinearMatMul"} if self.options["requantize"] else set())
-        if any(n.op_type in wanted and n.domain in _STD for n in nodes):
+        mm = [n for n in nodes if n.op_type in wanted and n.domain in _STD]
+        if mm and not self.options["requantize"] and all(self._why_not(n) for n in mm):
+            # MatMuls whose weights are all computed (e.g. read from Loop-carried values): nothing
+            # this pass can rewrite, which must not pass as a silent success
+            shown = "; ".join(f"node {n.name!r}: {self._why_not(n)}" for n in mm[:3])
+            raise GraphoptError(f"nothing to quantize: none of the model's {len(mm)} MatMul/Gemm nodes has a "
+                                f"constant 2-D float32 weight ({shown}{'; ...' if len(mm) > 3 else ''})")
+        if mm:
             return
         ops = sorted({n.op_type for n in nodes})
         hint = "; Conv is quantized by static quantization (quantize-static)" if "Conv" in ops else ""
         raise GraphoptError("nothing to quantize: dynamic quantization rewrites MatMul/Gemm weights and the model "
                             f"has no MatMul/Gemm node (its ops: {', '.join(ops) or 'none'}){hint}")
+
+    def _why_not(self, n: Node) -> str | None:
+        """Why dynamic quantization leaves this MatMul/Gemm float (None: it can rewrite it)."""
+        if n.name in set(self.options["exclude_nodes"]):
+            return "excluded"
+        if n.op_type == "Gemm" and (n.attr("transA", 0) or n.attr("alpha", 1.0) != 1.0 or n.attr("beta", 1.0) != 1.0):
+            return "Gemm with transA/alpha/beta"
+        b, x = n.input(1), n.input(0)
+        w = b.const_value() if b is not None else None
+        if w is None:
+            return f"its weight {b.name if b is not None else ''!r} is computed at run time, not a constant"
+        if w.ndim != 2 or w.dtype != np.float32:
+            return f"its weight is {w.dtype} with {w.ndim} dims (2-D float32 is quantized)"
+        if x is None or x.dtype not in (None, 1):
+            return "its input is not float32"
+        if w.size < self.options["min_weight_elements"]:
+            return f"its weight has {w.size} elements (< min_weight_elements)"
+        return None
 
     @staticmethod
     def _gemm_to_matmul(graph: Graph, n: Node) -> Node | None:
