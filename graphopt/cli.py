@@ -647,6 +647,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise GraphoptError(f"-o {args.output!r}: the output must end in .so (shared library) or .tar")
     src = args.model  # main() put the bundled model here for --example
     hints = parse_input_shapes(args.input_shape)
+    if getattr(args, "example", False) and not hints and not args.inputs:
+        hints = {"input": [1, 1, 8, 8]}  # the bundled digits CNN at batch 1 (its batch dim is dynamic)
+        log.warning("--example: compiling the bundled model at input:1,1,8,8 (batch 1); give --input-shape "
+                    "input:N,1,8,8 for another batch")
     if hints and not args.no_check:  # names and ranks checked here (TVM would name a dynamic dim instead)
         _load(src, check=False, shapes=args.input_shape)
     if args.inputs:  # shapes from the user's data (--input-shape still wins where both are given)
@@ -998,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rtol", type=_nonneg, default=1e-4)
     sp.add_argument("--atol", type=_nonneg, default=1e-5)
     sp.add_argument("--scale-rtol", type=_nonneg, default=None, help=_SCALE_RTOL_HELP)
-    sp.add_argument("--report", help="write a per-pass report (.md or .json)")
+    sp.add_argument("--report", metavar="FILE", help="write a report (.html with plots, .json or .md): per-pass nodes, params, size, time and error")
     sp.add_argument("--external-data", action="store_true", help="store tensors >= 1 KiB in OUTPUT.data")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
@@ -1040,7 +1044,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-optimize", action="store_true", help="skip the lossless default pipeline first")
     sp.add_argument("--compact-names", action="store_true",
                     help="short names for internal values and nodes (inputs/outputs keep theirs): smaller files")
-    sp.add_argument("--report", help="write a report (.md or .json)")
+    sp.add_argument("--report", metavar="FILE", help="write a report (.html with plots, .json or .md): per-layer SQNR, int8/float and why, candidates tried")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; the error and latency checks run on them, and static quantization calibrates on them "
@@ -1077,7 +1081,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "outputs (residual sums, kept channels) on the compressed model's own inputs")
     sp.add_argument("--int8", action="store_true", help="static INT8 afterwards (needs --calibration)")
     sp.add_argument("--calibration", help=".npz or directory of .npz samples")
-    sp.add_argument("--report", metavar="FILE", help="write the per-pass report (markdown)")
+    sp.add_argument("--report", metavar="FILE", help="write a report (.html with plots, .json or .md): per-pass and per-layer figures")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; the per-pass checks run on them, and they serve as calibration where --calibration is "
@@ -1160,7 +1164,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--block-nodes", metavar="N1,N2", help="node names kept float32")
     sp.add_argument("--no-default-block", action="store_true",
                     help="without --inputs, convert the conservative default list too (exp, pow, reductions...)")
-    sp.add_argument("--report", help="write a report (.md or .json) naming every node kept float32 and why")
+    sp.add_argument("--report", metavar="FILE", help="write a report (.html with plots, .json or .md) naming every node kept float32 and why")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)
     inputs_arg(sp, "; values beyond the half type's range or that lose precision on them keep their nodes "
