@@ -863,7 +863,7 @@ def _console(r: Report, layer_limit: int = 8) -> str:
     if r.passes:
         h, rows = _pass_table_rows(r, changed_only=True)
         hidden = len(r.passes) - len(rows)
-        out.append(table(h, rows) + (f"\n({hidden} passes that changed nothing not shown)" if hidden else ""))
+        out.append(table(h, rows) + (f"\n({hidden} pass{'es' if hidden != 1 else ''} that changed nothing not shown)" if hidden else ""))
     if r.counters:
         out.append(table(["", "value"], [[k, _counter_value(v)] for k, v in r.counters.items()]))
     if r.candidates:
