@@ -17,12 +17,14 @@ Rows (each a separate experiment; run any subset):
   ONNX (onnx.helper), both trained with ``graphopt distill`` itself: the teacher and a student on
   the labels alone, and a student distilled from the teacher (KL at T=4, alpha 0.9).
 
-Training data for the line models: ``--train-n`` calibration lines, right-padded with zeros
-(what the recognizer's own preprocessing pads with) to a width multiple of 160 so they batch.
+Training data for the line models: ``--train-n`` calibration lines; lines of several widths
+(the recognizer's) are right-padded with zeros (what its own preprocessing pads with) to a width
+multiple of 160 so they batch. ppocr_cls's lines are all 192 wide and stay so (the rows before the
+``-fixedwidth`` ones padded them to 320: trained on inputs 40% zeros, scored on unpadded ones).
 Commands are run as the CLI (subprocess) and timed; the machine has 2 cores shared with other
 work, so the times are loaded wall-clock times, not speed claims.
 
-Run:  python -m benchmarks.distill_corpus [rec-prune cls-prune rec-qat digits] [--minutes 12]
+Run:  python -m benchmarks.distill_corpus [rec-prune cls-prune rec-qat digits digits-transfer] [--minutes 12]
 Saves benchmarks/results/distill_corpus.json / .md (a run on a subset updates those rows only).
 """
 
@@ -87,7 +89,9 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
     fetch([name])
     task = get_task(name)
     orig = Path(model_path(name))
-    train = [{k: _pad_width(v) for k, v in f.items()} for f in task.calibration(args.train_n)]
+    train = task.calibration(args.train_n)
+    if len({v.shape for f in train for v in f.values()}) > 1:  # lines of several widths: pad to a few
+        train = [{k: _pad_width(v) for k, v in f.items()} for f in train]
     data = tmp / f"{name}_train"
     _write_dir(train, data)
     cmds: list[str] = []
@@ -99,8 +103,10 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
     if kind == "prune":
         refit = tmp / f"{name}_refit"  # the refit's samples: the first --refit-n training ones
         _write_dir(train[: args.refit_n], refit)
+        refit_mode = ["--refit", args.refit] if args.refit else []
         row["compress_s"] = _run([*GRAPHOPT, "compress", str(orig), "-o", str(student), "--prune", "0.5",
-                                  "--structured", "--inputs", str(refit), "--input-shape", f"x:{shape}"], cmds)
+                                  "--structured", "--inputs", str(refit), "--input-shape", f"x:{shape}", *refit_mode],
+                                 cmds)
         row["compressed"] = _score(task, student, args.eval_n)
         lr = args.lr_prune
     else:
@@ -214,11 +220,126 @@ def digits(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     return row
 
 
+def _shifted(x: np.ndarray, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """Each image moved by one pixel in a random direction (zero fill), plus Gaussian noise."""
+    out = np.zeros_like(x)
+    moves = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx]
+    for i, k in enumerate(rng.integers(len(moves), size=len(x))):
+        dy, dx = moves[k]
+        src = x[i, 0, max(0, -dy): 8 - max(0, dy), max(0, -dx): 8 - max(0, dx)]
+        out[i, 0, max(0, dy): 8 - max(0, -dy), max(0, dx): 8 - max(0, -dx)] = src
+    return np.clip(out + rng.normal(0, noise, out.shape), 0, 1).astype(np.float32)
+
+
+def digits_transfer(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """The digits students again, with what distillation has that labels alone do not: a
+    transfer set. The teacher (trained on the 1000 labeled digits) labels extra inputs: two
+    one-pixel-shifted, noisy copies of each training digit and 1000 mixup blends of two (a blend
+    has no hard label). Per seed (student init and training order), four students of the same
+    architecture, same steps and batch:
+
+    - ``labels``: cross-entropy on the 1000 labeled digits alone (the earlier baseline);
+    - ``labels+aug``: cross-entropy on the digits and their shifted copies, labeled with the
+      original digit's class (plain data augmentation: the honest control for the extra inputs);
+    - ``kd-plain``: KD (alpha, T) with the labels on the 1000 digits alone (no transfer set);
+    - ``kd``: the digits with their labels (alpha weighs KD at temperature T against CE) plus the
+      shifted copies and the blends unlabeled (label -1: the teacher's soft targets only).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnx
+    import onnxruntime as ort
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]
+    y = d.target.astype(np.int64)
+    idx = np.random.default_rng(0).permutation(len(y))
+    tr, te = idx[: args.digits_train], idx[args.digits_train:]
+    xt, yt = x[tr], y[tr]
+    cmds: list[str] = []
+
+    def acc(path: Path) -> float:
+        s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return float(np.mean(s.run(None, {"x": x[te]})[0].argmax(-1) == y[te]))
+
+    steps = str(args.digits_steps)
+    common = ["--steps", steps, "--lr", str(args.digits_lr), "--batch", "32", "--threads", "1"]
+    np.savez(tmp / "dt_orig.npz", x=xt)
+    np.save(tmp / "dt_orig_labels.npy", yt)
+    n_lab = args.student_labels or len(xt)
+    np.savez(tmp / "dt_lab.npz", x=xt[:n_lab])
+    np.save(tmp / "dt_lab_labels.npy", yt[:n_lab])
+    teacher0, teacher = tmp / "dt_teacher_init.onnx", tmp / "dt_teacher.onnx"
+    onnx.save(digits_cnn(16, 32, 64, 0), teacher0)
+    row: dict[str, Any] = {"experiment": "digits-transfer", "train_samples": len(tr), "test_samples": len(te),
+                           "steps": args.digits_steps, "batch": 32, "temperature": args.digits_t,
+                           "alpha": args.digits_alpha, "seeds": args.seeds, "copies": args.digits_copies,
+                           "mixup": args.digits_mixup, "noise": args.digits_noise,
+                           "student_labels": args.student_labels or len(tr)}
+    row["teacher_train_s"] = _run([*GRAPHOPT, "distill", str(teacher0), "-o", str(teacher), "--teacher", str(teacher0),
+                                   "--data", str(tmp / "dt_orig.npz"), "--labels", str(tmp / "dt_orig_labels.npy"),
+                                   "--alpha", "0", *common], cmds)
+    row["acc_teacher"] = acc(teacher)
+    row["params_teacher"] = sum(int(np.prod(t.dims)) for t in onnx.load(str(teacher)).graph.initializer)
+
+    jobs = []
+    for seed in range(args.seeds):
+        rng = np.random.default_rng(100 + seed)
+        copies = [_shifted(xt, rng, args.digits_noise) for _ in range(args.digits_copies)]
+        shifted = np.concatenate([xt[:0], *copies])
+        a, b = rng.integers(len(xt), size=(2, args.digits_mixup))
+        lam = rng.beta(0.4, 0.4, size=(args.digits_mixup, 1, 1, 1)).astype(np.float32)
+        blends = lam * xt[a] + (1 - lam) * xt[b]
+        # the students' labels: the first n_lab digits (all by default); the rest are inputs only
+        aug_x = np.concatenate([xt[:n_lab], *(c[:n_lab] for c in copies)])
+        aug_y = np.concatenate([yt[:n_lab]] * (1 + args.digits_copies))
+        kd_x = np.concatenate([xt, shifted, blends])
+        kd_y = np.concatenate([yt[:n_lab], np.full(len(xt) - n_lab + len(shifted) + len(blends), -1, np.int64)])
+        for name, dx, dy in (("aug", aug_x, aug_y), ("kd", kd_x, kd_y)):
+            np.savez(tmp / f"dt_{name}_{seed}.npz", x=dx)
+            np.save(tmp / f"dt_{name}_{seed}_labels.npy", dy)
+        s0 = tmp / f"dt_student_init_{seed}.onnx"
+        onnx.save(digits_cnn(8, 16, 32, 1 + seed), s0)
+        seed_args = ["--seed", str(seed)]
+        jobs += [
+            (seed, "labels", [str(s0), "--teacher", str(teacher0), "--data", str(tmp / "dt_lab.npz"), "--labels",
+                              str(tmp / "dt_lab_labels.npy"), "--alpha", "0"]),
+            (seed, "labels+aug", [str(s0), "--teacher", str(teacher0), "--data", str(tmp / f"dt_aug_{seed}.npz"),
+                                  "--labels", str(tmp / f"dt_aug_{seed}_labels.npy"), "--alpha", "0"]),
+            (seed, "kd-plain", [str(s0), "--teacher", str(teacher), "--data", str(tmp / "dt_lab.npz"), "--labels",
+                                str(tmp / "dt_lab_labels.npy"), "--alpha", str(args.digits_alpha),
+                                "--temperature", str(args.digits_t)]),
+            (seed, "kd", [str(s0), "--teacher", str(teacher), "--data", str(tmp / f"dt_kd_{seed}.npz"), "--labels",
+                          str(tmp / f"dt_kd_{seed}_labels.npy"), "--alpha", str(args.digits_alpha),
+                          "--temperature", str(args.digits_t)]),
+        ]
+        jobs[-4:] = [(sd, kind, [*a_, *seed_args]) for sd, kind, a_ in jobs[-4:]]
+
+    def one(job: tuple[int, str, list[str]]) -> dict[str, Any]:
+        seed, kind, a_ = job
+        out = tmp / f"dt_{kind}_{seed}.onnx"
+        log: list[str] = []
+        dt = _run([*GRAPHOPT, "distill", a_[0], "-o", str(out), *a_[1:], *common], log)
+        return {"seed": seed, "student": kind, "acc": acc(out), "train_s": dt, "command": log[0]}
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as ex:
+        runs = list(ex.map(one, jobs))
+    row["runs"] = runs
+    row["params_student"] = sum(int(np.prod(t.dims)) for t in digits_cnn(8, 16, 32, 1).graph.initializer)
+    row["summary"] = {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                          "accs": v}
+                      for k in ("labels", "labels+aug", "kd-plain", "kd")
+                      for v in [[r["acc"] for r in runs if r["student"] == k]]}
+    row["commands"] = cmds + [r["command"] for r in runs if r["seed"] == 0]
+    return row
+
+
 def write_md(rows: dict[str, Any]) -> str:
     lines = ["# Distillation (graphopt distill, PyTorch CPU engine)", "",
              ("Generated by `python -m benchmarks.distill_corpus`. Times are wall-clock on a 2-core machine shared "
              "with other work (loaded): read them as orders of magnitude."), ""]
-    line_rows = [{**r, "key": k} for k, r in rows.items() if k != "digits"]
+    line_rows = [{**r, "key": k} for k, r in rows.items() if not k.startswith("digits")]
     if line_rows:
         lines += [("| model | experiment | metric | fp32 | compressed | + distill | compress / distill time | "
                   "exact lines fp32 / compressed / distilled |"), "|---|---|---|---|---|---|---|---|"]
@@ -226,8 +347,13 @@ def write_md(rows: dict[str, Any]) -> str:
             ex = [r[k].get("exact_line") for k in ("fp32", "compressed", "distilled")]
             exact = " / ".join(f"{v:.3f}" for v in ex) if all(v is not None for v in ex) else "-"
             what = "prune 0.5 structured" if r["experiment"] == "prune" else "int8 (all convs) + QAT distill"
+            if any("--refit block" in c for c in r["commands"]):
+                what += " + block refit"
             lr = next((c.split("--lr ")[1].split()[0] for c in r["commands"] if "--lr " in c), "?")
             what += f", lr {lr}"
+            t = next((c.split("--temperature ")[1].split()[0] for c in r["commands"] if "--temperature " in c), "?")
+            if t not in ("?", "1.0"):
+                what += f", T {t}"
             t_c = r.get("compress_s", r.get("quantize_s", 0.0))
             lines.append(f"| {r['model']} | {what} | {r['metric']} (n={r['eval_samples']}) | {r['fp32']['score']:.4f} | "
                          f"{r['compressed']['score']:.4f} | {r['distilled']['score']:.4f} | "
@@ -248,6 +374,33 @@ def write_md(rows: dict[str, Any]) -> str:
                   (f"| student, distilled from the teacher | {r['params_student']} | {r['acc_student_kd']:.4f} | "
                   f"{r['student_kd_s']:.0f} s |"), "",
                   f"{r['train_samples']} training / {r['test_samples']} test digits, {r['steps']} steps of 32 each.", ""]
+    for key in [k for k in rows if k.startswith("digits-transfer")]:
+        r = rows[key]
+        n_lab = r.get("student_labels", r["train_samples"])
+        unl = r["train_samples"] - n_lab
+        names = {"labels": f"student, labels alone ({n_lab} labeled digits)",
+                 "labels+aug": f"student, labels + {r['copies']} shifted/noisy labeled copies per labeled digit",
+                 "kd-plain": (f"student, distilled (T={r['temperature']:g}, alpha {r['alpha']:g}) on the {n_lab} "
+                              "labeled digits alone"),
+                 "kd": (f"student, distilled (T={r['temperature']:g}, alpha {r['alpha']:g}) on the {n_lab} labeled "
+                        + (f"+ {unl} unlabeled digits " if unl else "digits ")
+                        + f"+ {r['copies']} shifted copies of all + {r['mixup']} mixup blends, teacher-labeled")}
+        lines += [f"## Digits student with a transfer set ({r['seeds']} seeds, mean ± std, {r['steps']} steps"
+                  + (f", the students get {n_lab} of the {r['train_samples']} labels" if unl else "") + ")", "",
+                  "| model | params | test accuracy | per seed | training time (each) |", "|---|---|---|---|---|",
+                  f"| teacher (labels) | {r['params_teacher']} | {r['acc_teacher']:.4f} | - | {r['teacher_train_s']:.0f} s |"]
+        for k, label in names.items():
+            sm = r["summary"][k]
+            ts = [x["train_s"] for x in r["runs"] if x["student"] == k]
+            lines.append(f"| {label} | {r['params_student']} | {sm['mean']:.4f} ± {sm['std']:.4f} | "
+                         f"{' / '.join(f'{a:.4f}' for a in sm['accs'])} | {min(ts):.0f}-{max(ts):.0f} s |")
+        lines += ["", (f"{r['train_samples']} training / {r['test_samples']} test digits; every student "
+                       f"{r['steps']} steps of {r['batch']}, same architecture and init per seed; shifted copies: one "
+                       f"pixel in a random direction plus Gaussian noise (std {r['noise']:g}); blends: "
+                       "lambda ~ Beta(0.4, 0.4), unlabeled (label -1). Commands (seed 0; several ran in parallel, "
+                       "so times are loaded):"), ""]
+        lines += [f"- `graphopt {c.removeprefix('graphopt.cli ')}`" for c in r["commands"]]
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -262,11 +415,22 @@ def main() -> None:
     ap.add_argument("--lr-prune", type=float, default=1e-3)
     ap.add_argument("--lr-qat", type=float, default=1e-4)
     ap.add_argument("--temperature", type=float, default=1.0, help="KL temperature for the line models")
+    ap.add_argument("--refit", choices=["layer", "block"], help="compress --refit for the pruned students")
     ap.add_argument("--match", action=argparse.BooleanOptionalAction, default=True,
                     help="--match auto (feature distillation) for the pruned students")
     ap.add_argument("--digits-train", type=int, default=1000)
     ap.add_argument("--digits-steps", type=int, default=600)
     ap.add_argument("--digits-lr", type=float, default=1e-2)
+    ap.add_argument("--digits-t", type=float, default=4.0, help="digits-transfer: KD temperature")
+    ap.add_argument("--digits-alpha", type=float, default=0.7, help="digits-transfer: KD weight vs labels")
+    ap.add_argument("--digits-copies", type=int, default=2, help="digits-transfer: shifted copies per digit")
+    ap.add_argument("--digits-mixup", type=int, default=1000, help="digits-transfer: unlabeled mixup blends")
+    ap.add_argument("--digits-noise", type=float, default=0.05, help="digits-transfer: noise std on the copies")
+    ap.add_argument("--student-labels", type=int, default=0,
+                    help="digits-transfer: labeled digits the students get (default all; the teacher has all)")
+    ap.add_argument("--seeds", type=int, default=3, help="digits-transfer: seeds per student")
+    ap.add_argument("--tag", default="", help="row key suffix (keeps several configurations of an experiment)")
+    ap.add_argument("--jobs", type=int, default=4, help="digits-transfer: training runs in parallel")
     ap.add_argument("--out", default=str(RESULTS / "distill_corpus"))
     args = ap.parse_args()
     out = Path(args.out)
@@ -283,9 +447,13 @@ def main() -> None:
                 row = line_model("ppocrv3_rec", "qat", args, tmp)
             elif ex == "digits":
                 row = digits(args, tmp)
+            elif ex == "digits-transfer":
+                row = digits_transfer(args, tmp)
             else:
                 raise SystemExit(f"unknown experiment {ex!r}")
             row["total_s"] = time.time() - t0
+            if args.tag:
+                ex = f"{ex}-{args.tag}"
             rows[ex] = row
             print(json.dumps(row, indent=1), flush=True)
             # re-read: another experiment run in parallel may have written its rows meanwhile
