@@ -354,6 +354,9 @@ def write_md(rows: dict[str, Any]) -> str:
             t = next((c.split("--temperature ")[1].split()[0] for c in r["commands"] if "--temperature " in c), "?")
             if t not in ("?", "1.0"):
                 what += f", T {t}"
+            what += f", {r['train_samples']} lines"
+            if r["model"] == "ppocr_cls" and "fixedwidth" not in r["key"]:
+                what += " (192-wide lines zero-padded to 320)"
             t_c = r.get("compress_s", r.get("quantize_s", 0.0))
             lines.append(f"| {r['model']} | {what} | {r['metric']} (n={r['eval_samples']}) | {r['fp32']['score']:.4f} | "
                          f"{r['compressed']['score']:.4f} | {r['distilled']['score']:.4f} | "
