@@ -504,7 +504,7 @@ def test_cli_compile_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "onnxruntime" in text and "ratio vs ORT" in text and "(ok)" in text
     for argv, msg in (
         (["compile", "--example", "-o", str(out), "--target", "tpu"], "unknown target"),
-        (["compile", "--example", "-o", str(out)], "dynamic dim"),
+        (["compile", str(example_model_path()), "-o", str(out)], "dynamic dim"),  # --example defaults batch 1
         (["compile", "--example", "-o", str(tmp_path / "m.bin"), "--input-shape", "input:1,1,8,8"], ".so"),
         (["compile", "--example", "-o", str(out), "--input-shape", "input:1,1,8,8", "--rpc", "nohost"], "--rpc"),
     ):

@@ -39,6 +39,7 @@ from graphopt.ir import Model
 from graphopt.ir.tensor import np_dtype
 
 from .targets import TargetSpec, _first_line, _from_dict, check_toolchain, resolve_target
+from .vmvalues import flatten_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -614,7 +615,7 @@ class CompiledModel:
     def run(self, inputs: Mapping[str, np.ndarray] | Sequence[np.ndarray]) -> list[np.ndarray]:
         """Run once; outputs as numpy arrays, in the model's output order."""
         res = self.vm()["main"](*self._arguments(inputs))
-        return _flatten(res)
+        return flatten_outputs(res)
 
     def benchmark(self, inputs: Mapping[str, np.ndarray] | None = None, *, rounds: int = 30, number: int = 1
                   ) -> dict[str, float]:
@@ -678,15 +679,6 @@ class CompiledModel:
                     os.unlink(t)
         self.path = path
         return path
-
-
-def _flatten(res: Any) -> list[np.ndarray]:
-    if hasattr(res, "numpy"):
-        return [res.numpy()]
-    out: list[np.ndarray] = []
-    for r in res:
-        out.extend(_flatten(r))
-    return out
 
 
 def example_inputs(specs: Sequence[IOSpec], seed: int = 0) -> dict[str, np.ndarray]:

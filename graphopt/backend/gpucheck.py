@@ -133,11 +133,11 @@ def run_on_cpu(compiled: Any, inputs: Any) -> list[Any]:
     import tvm
     from tvm import relax
 
-    from .compiler import _flatten
+    from .vmvalues import flatten_outputs
     from .targets import resolve_target
 
     if compiled.ir_module is None:
         raise ValueError("run_on_cpu needs a model compiled in this process (its IRModule is not exported)")
     ex = relax.build(serialize_gpu_schedule(compiled.ir_module), target=resolve_target("host").tvm_target())
     vm = relax.VirtualMachine(ex, tvm.cpu())
-    return _flatten(vm["main"](*[tvm.runtime.tensor(a) for a in compiled.checked_inputs(inputs)]))
+    return flatten_outputs(vm["main"](*[tvm.runtime.tensor(a) for a in compiled.checked_inputs(inputs)]))
