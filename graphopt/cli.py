@@ -180,12 +180,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from graphopt.report import table
     from graphopt.transform import list_passes, list_pipelines
 
-    print(table(["pass", "description"], [[k, v.summary()] for k, v in list_passes().items()]))
+    import textwrap
+
+    def listing(head: str, items: dict[str, str]) -> None:
+        w = max(len(head), *(len(k) for k in items)) + 2
+        print(f"{head:<{w}}description")
+        for k, text in items.items():  # whole summaries, wrapped under their column
+            print(textwrap.fill(text, 100, initial_indent=f"{k:<{w}}", subsequent_indent=" " * w))
+
+    listing("pass", {k: v.summary() for k, v in list_passes().items()})
     print()
-    print(table(["pipeline", "description"], [[k, v] for k, v in list_pipelines().items()]))
+    listing("pipeline", dict(list_pipelines()))
     return 0
 
 

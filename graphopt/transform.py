@@ -56,8 +56,9 @@ class Pass:
 
     @classmethod
     def summary(cls) -> str:
-        """First line of the docstring."""
-        return _first_line(cls.__doc__)
+        """The docstring's first paragraph, on one line (what ``graphopt passes`` lists)."""
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        return " ".join(doc.split("\n\n")[0].split()) if doc else ""
 
     def run(self, graph: Graph, ctx: PassContext) -> bool:
         """Transform ``graph`` in place; return True if anything changed."""

@@ -46,6 +46,10 @@ def test_inspect_text_and_json(example_path: Path) -> None:
 def test_passes_lists_registry() -> None:
     r = run("passes")
     assert r.returncode == 0 and "dce" in r.stdout and "default" in r.stdout
+    # whole first paragraphs, wrapped (a docstring's first line used to be cut mid-sentence)
+    text = " ".join(r.stdout.split())
+    assert "turn a Transpose of size-1 axes next to a reshape into a Reshape" in text
+    assert max(len(line) for line in r.stdout.splitlines()) <= 100
 
 
 def test_passes_flag_and_verify_command(tmp_path: Path) -> None:
