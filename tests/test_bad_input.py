@@ -323,7 +323,15 @@ def test_quantize_writes_nothing_when_ort_refuses_the_result(tmp_path: Path, mon
             raise RuntimeBackendError("ONNX Runtime cannot load the model: (simulated)")
         return real(model, inputs, **kw)
 
+    real_session = rt.ort_session
+
+    def refuse_session(model, *a, **kw):
+        if isinstance(model, str) and model.endswith("q.onnx"):
+            raise RuntimeBackendError("ONNX Runtime cannot load the model: (simulated)")
+        return real_session(model, *a, **kw)
+
     monkeypatch.setattr(rt, "run_ort", refuse_output)
+    monkeypatch.setattr(rt, "ort_session", refuse_session)  # the output check opens sessions once
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     rc = cli.main(["quantize", str(cli.example_model_path()), "-o", str(out_dir / "q.onnx"), "--dynamic"])
