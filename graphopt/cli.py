@@ -297,9 +297,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
           + (f", verified on {len(feeds)} {kind} (max abs err {err:.2e})" if err is not None else "")
           + ("; input shapes FIXED by --input-shape: " + ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
              if shapes else ""))
-    if args.report:
-        report.write(args.report)
-        print(f"report written to {args.report}")
+    _write_report(report, args.report)
     return 0
 
 
@@ -440,10 +438,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if data == "calibration":
         report.notes.append("the output check ran on the calibration samples (in-sample); give --inputs with "
                             "held-out samples for an out-of-sample figure")
-    print(report.console())
-    if args.report:
-        report.write(args.report)
-        print(f"report written to {args.report}")
+    _show_report(report, args.report)
     return 0
 
 
@@ -583,10 +578,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                                   "clustered", "skipped", "kept_float", "channel_sqnr_db",
                                                   "kept_float_channel_spread", "partial"))
     report.seconds = time.perf_counter() - t_start
-    print(report.console())
-    if args.report:
-        report.write(args.report)
-        print(f"report written to {args.report}")
+    _show_report(report, args.report)
     return 0
 
 
@@ -705,9 +697,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                                 seconds=time.perf_counter() - t0,
                                 data=load_calibration(args.inputs, _load(args.model, check=False), what="--inputs")[:1]
                                 if args.inputs else None)
-        print(report.console())
-        report.write(args.report)
-        print(f"report written to {args.report}")
+        _show_report(report, args.report)
     return 0
 
 
@@ -835,11 +825,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
             report.notes.append(f"{check.nonfinite} non-finite output values (values beyond float16's range: pass "
                                 "--inputs so the nodes that overflow stay float32)")
     report.seconds = time.perf_counter() - t0
-    print(report.console())
-    if args.report:
-        report.write(args.report)
-        print(f"report written to {args.report}")
+    _show_report(report, args.report)
     return 0
+
+
+def _write_report(report: Any, path: str | None) -> None:
+    """Write ``--report`` (format by suffix) and say where."""
+    if path:
+        report.write(path)
+        print(f"report written to {path}")
+
+
+def _show_report(report: Any, path: str | None) -> None:
+    """The report on the console, then written to ``--report`` if given."""
+    print(report.console())
+    _write_report(report, path)
 
 
 def _labels(path: str, n: int) -> np.ndarray:
@@ -950,8 +950,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
                                 written=_target(args, out), check=check, input_shapes=_shapes_of(s_data[0]),
                                 settings={k: getattr(args, k) for k in ("steps", "minutes", "lr", "batch", "temperature",
                                                                         "alpha") if getattr(args, k) is not None})
-        report.write(args.report)
-        print(f"report written to {args.report}")
+        _write_report(report, args.report)
     return 0
 
 

@@ -455,25 +455,11 @@ class QuantizeStatic(Pass):
         together when the error grows by at most ``channel_check_tolerance`` (0.5: a half); a
         partial choice is not tried (on ppocrv3_rec, two flagged convs at 1.24x already cost 19
         points of string agreement). ``report["channel_check"]`` gives both errors."""
-        from graphopt.runtime import ort_session
 
         flagged = [n.name for n in quant_nodes if n.name in set(self.report["kept_float_channel_spread"])]
         evals = samples[: max(1, int(self.options["channel_check_samples"]))]
         saved = dict(self.report)
-        base = model.copy()
-        sess = ort_session(base)
-        out_names = [o.name for o in sess.get_outputs()]
-        ins = {i.name for i in sess.get_inputs()}
-        ref = [dict(zip(out_names, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
-               for s in evals]
-
-        def trial(subset: list[str]) -> float:
-            m = base.copy()
-            self._rewrite(m, subset, ranges)
-            ts = ort_session(m)
-            got = [dict(zip(out_names, ts.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
-                   for s in evals]
-            return self._error(ref, got)
+        trial = self._trials(model, ranges, evals)
 
         reference = trial(names)
         order = {n.name: k for k, n in enumerate(quant_nodes)}
@@ -643,27 +629,37 @@ class QuantizeStatic(Pass):
                 errs.append(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
         return float(np.mean(errs))
 
-    def _mixed_precision(self, model: Model, names: list[str], ranges: dict[str, tuple[float, float]],
-                         samples: list[dict[str, np.ndarray]], budget: float | None) -> list[str]:
-        """Quantize one layer at a time to rank sensitivity; with a budget, keep the most
-        sensitive layers in float until the output error fits."""
+    def _trials(self, model: Model, ranges: dict[str, tuple[float, float]],
+                samples: list[dict[str, np.ndarray]]) -> Any:
+        """``trial(subset)``: the output error on ``samples`` of a copy of ``model`` with the layers
+        in ``subset`` quantized (the float outputs computed once)."""
         from graphopt.runtime import ort_session
 
-        evals = samples[: self.options["eval_samples"]]
         base = model.copy()
         sess = ort_session(base)
         out_names = [o.name for o in sess.get_outputs()]
         ins = {i.name for i in sess.get_inputs()}
-        ref = [dict(zip(out_names, sess.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
-               for s in evals]
+
+        def outputs(session: Any) -> list[dict[str, np.ndarray]]:
+            return [dict(zip(out_names, session.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
+                    for s in samples]
+
+        ref = outputs(sess)
 
         def trial(subset: list[str]) -> float:
             m = base.copy()
             self._rewrite(m, subset, ranges)
-            ts = ort_session(m)
-            got = [dict(zip(out_names, ts.run(None, {k: v for k, v in s.items() if k in ins}), strict=True))
-                   for s in evals]
-            return self._error(ref, got)
+            return self._error(ref, outputs(ort_session(m)))
+
+        return trial
+
+    def _mixed_precision(self, model: Model, names: list[str], ranges: dict[str, tuple[float, float]],
+                         samples: list[dict[str, np.ndarray]], budget: float | None) -> list[str]:
+        """Quantize one layer at a time to rank sensitivity; with a budget, keep the most
+        sensitive layers in float until the output error fits."""
+
+        evals = samples[: self.options["eval_samples"]]
+        trial = self._trials(model, ranges, evals)
 
         from graphopt.progress import progress
 
