@@ -41,7 +41,7 @@ def _ops(proto):
     return [n.op_type for n in proto.graph.node]
 
 
-def _loop_model(*, trips=4, cond_in_body="passthrough"):
+def _loop_model(*, trips=4, cond_in_body="passthrough", opset=17):
     """y = x; repeat M times: y = y * W + i (W an outer initializer, i the iteration number);
     also a scan output of y at each step and of a body-local constant sum."""
     body_nodes = [
@@ -66,11 +66,12 @@ def _loop_model(*, trips=4, cond_in_body="passthrough"):
              numpy_helper.from_array(np.array(True), "c0"),
              numpy_helper.from_array((RNG.standard_normal((3, 3)) * 0.5).astype(np.float32), "W")]
     return _model([helper.make_node("Loop", ["M", "c0", "x"], ["y", "ys"], body=body, name="loop0")],
-                  [_vi("x", [1, 3])], [_vi("y", [1, 3]), _vi("ys", [trips, 1, 3])], inits)
+                  [_vi("x", [1, 3])], [_vi("y", [1, 3]), _vi("ys", [trips, 1, 3])], inits, opset=opset)
 
 
-def test_loop_with_constant_trip_count_unrolled_exactly():
-    proto = _loop_model(trips=4)
+@pytest.mark.parametrize("opset", [11, 17])  # Unsqueeze's axes: attribute before 13, input after
+def test_loop_with_constant_trip_count_unrolled_exactly(opset):
+    proto = _loop_model(trips=4, opset=opset)
     out, p = _unroll(proto)
     assert p.report["unrolled"] == {"Loop": 1} and not p.report["left"]
     assert "Loop" not in _ops(out)

@@ -63,8 +63,8 @@ def _passes_through(body: Graph, out: Value, inp: Value) -> bool:
 class _Inliner:
     """Copies a body graph's nodes into ``graph`` before ``ref``, once per call."""
 
-    def __init__(self, graph: Graph, ref: Node, body: Graph) -> None:
-        self.g, self.ref, self.body = graph, ref, body
+    def __init__(self, graph: Graph, ref: Node, body: Graph, opset: int) -> None:
+        self.g, self.ref, self.body, self.opset = graph, ref, body, opset
         self.base = ref.name or ref.op_type.lower()
         for n in body.iter_nodes():
             if n.subgraphs():
@@ -109,8 +109,11 @@ class _Inliner:
 
     def stack(self, parts: list[Value], axis: int) -> Value:
         """``parts`` (each without the axis) stacked along a new ``axis``."""
-        ax = self.const(np.array([axis], np.int64), "axes")
-        ups = [self.one("Unsqueeze", [p, ax]) for p in parts]
+        if self.opset >= 13:
+            ax = self.const(np.array([axis], np.int64), "axes")
+            ups = [self.one("Unsqueeze", [p, ax]) for p in parts]
+        else:  # Unsqueeze-1/11: axes are an attribute
+            ups = [self.one("Unsqueeze", [p], axes=[axis]) for p in parts]
         return ups[0] if len(ups) == 1 else self.one("Concat", ups, axis=axis)  # type: ignore[arg-type]
 
 
@@ -120,7 +123,7 @@ class UnrollLoops(Pass):
 
     Options: ``ops`` (which of Loop, Scan to unroll), ``max_iterations`` (refuse longer loops:
     the unrolled graph grows linearly with the count). The input shapes must be fixed first for
-    Scan (the compile path does). Needs opset 13 or later (Unsqueeze with axes as an input).
+    Scan (the compile path does).
     """
 
     name = "unroll-loops"
@@ -137,12 +140,12 @@ class UnrollLoops(Pass):
             if n.op_type not in self.options["ops"] or n.domain not in ("", "ai.onnx") or n.graph is not graph:
                 continue
             try:
-                if opset < 13:
-                    raise _Refuse(f"opset {opset} < 13 (the unrolled form uses Unsqueeze-13)")
                 if n.op_type == "Loop":
-                    self._loop(graph, n)
+                    self._loop(graph, n, opset)
                 else:
-                    self._scan(graph, n)
+                    if opset < 9:
+                        raise _Refuse(f"Scan-8 (opset {opset}) has a batch axis and sequence lengths; only Scan-9+ is unrolled")
+                    self._scan(graph, n, opset)
             except _Refuse as why:
                 self.report["left"][n.name or n.op_type] = str(why)
                 log.info("unroll-loops: node %r (%s) left as it is: %s", n.name, n.op_type, why)
@@ -169,7 +172,7 @@ class UnrollLoops(Pass):
         graph.remove(n, safe=False)
 
     # -- Loop ---------------------------------------------------------------------------------
-    def _loop(self, graph: Graph, n: Node) -> None:
+    def _loop(self, graph: Graph, n: Node, opset: int) -> None:
         body: Graph = n.attr("body")
         m = _scalar_const(n.input(0))
         if m is None:
@@ -184,7 +187,7 @@ class UnrollLoops(Pass):
         if not (_passes_through(body, cond_out, body.inputs[1]) or _scalar_const(cond_out) is True):
             raise _Refuse("its body computes the condition (it may exit early)")
         self._count_ok(int(m))
-        inl = _Inliner(graph, n, body)
+        inl = _Inliner(graph, n, body, opset)
         state: list[Value | None] = [n.input(2 + i) for i in range(nv)]
         scans: list[list[Value]] = [[] for _ in range(len(body.outputs) - 1 - nv)]
         true = inl.const(np.array(True), "cond")
@@ -202,7 +205,7 @@ class UnrollLoops(Pass):
         self._finish(graph, n, [*state, *(inl.stack(s, 0) for s in scans)])  # type: ignore[list-item]
 
     # -- Scan ---------------------------------------------------------------------------------
-    def _scan(self, graph: Graph, n: Node) -> None:
+    def _scan(self, graph: Graph, n: Node, opset: int) -> None:
         body: Graph = n.attr("body")
         ns = int(n.attr("num_scan_inputs"))
         nstate = len(n.inputs) - ns
@@ -225,7 +228,7 @@ class UnrollLoops(Pass):
             raise _Refuse(f"scan inputs have different lengths {sorted(lengths)}")
         steps = lengths.pop()
         self._count_ok(steps)
-        inl = _Inliner(graph, n, body)
+        inl = _Inliner(graph, n, body, opset)
         state: list[Value | None] = [n.input(i) for i in range(nstate)]
         per: list[list[Value]] = [[] for _ in range(nout)]
         for t in range(steps):
