@@ -350,6 +350,55 @@ def test_by_latency_keeps_everything_int8_when_it_pays_and_nothing_when_it_never
         assert sorted(q.report["latency_kept_float"]) == sorted({"conv_a", "conv_b"} - want)
 
 
+def _three_region_net() -> tuple[onnx.ModelProto, list[dict]]:
+    """conv_a -> Sigmoid -> conv_b -> Sigmoid -> conv_c: three int8 stretches."""
+    rng = np.random.default_rng(1)
+    mp = make_model(
+        [helper.make_node("Conv", ["x", "wa"], ["a"], pads=[1, 1, 1, 1], name="conv_a"),
+         helper.make_node("Sigmoid", ["a"], ["sa"]),
+         helper.make_node("Conv", ["sa", "wb"], ["b"], pads=[1, 1, 1, 1], name="conv_b"),
+         helper.make_node("Sigmoid", ["b"], ["sb"]),
+         helper.make_node("Conv", ["sb", "wc"], ["y"], pads=[1, 1, 1, 1], name="conv_c")],
+        [vi("x", [1, 4, 8, 8])], [vi("y", [1, 4, 8, 8])],
+        inits=[(k, (rng.standard_normal((4, 4, 3, 3)) * 0.3).astype(np.float32)) for k in ("wa", "wb", "wc")],
+        opset=13)
+    return mp, [{"x": rng.standard_normal((1, 4, 8, 8)).astype(np.float32)} for _ in range(8)]
+
+
+def test_by_latency_writes_the_fastest_finalist_of_one_round() -> None:
+    """Round 1 says regions a and c each pay in float; timed side by side in round 2 the mix of
+    both is slower than c alone in float (a's float form was noise): c alone is written, and the
+    report's candidates show the round-2 figures with that one chosen."""
+    from graphopt.report import quantize_candidates
+
+    mp, cal = _three_region_net()
+    calls: list[dict] = []
+    rounds = [  # int8 convs -> ms, per timing round
+        {"all": 10.0, "none": 12.0, ("conv_b", "conv_c"): 9.0, ("conv_a", "conv_c"): 11.0, ("conv_a", "conv_b"): 8.5},
+        {"all": 10.0, "none": 12.0, ("conv_b",): 9.5, ("conv_a", "conv_b"): 8.0, ("conv_b", "conv_c"): 9.8},
+    ]
+
+    def timer(models: dict, feed: dict) -> dict[str, float]:
+        calls.append(dict(models))
+        table = rounds[len(calls) - 1]
+        out = {}
+        for k, m in models.items():
+            q = tuple(sorted(_int8_convs(m)))
+            out[k] = table["all"] if len(q) == 3 else table["none"] if not q else table[q]
+        return out
+
+    m = graphopt.from_proto(mp)
+    q = graphopt.get_pass("quantize-static", by_latency=True, timer=timer, latency_regions=3)
+    graphopt.run_passes(m, [q, "dce"], graphopt.PassContext(calibration=cal))
+    assert [d["kept"] for d in q.report["latency_decisions"]] == ["float", "int8", "float"]
+    assert set(calls[1]) == {"float", "int8", "mixed", "region2", "region0"}
+    assert _int8_convs(m) == {"conv_a", "conv_b"}  # region 2 (conv_c) alone went float
+    assert q.report["latency_chosen"] == "region2" and q.report["latency_kept_float"] == ["conv_c"]
+    cands = {c.name: c for c in quantize_candidates(q.report)}
+    assert [c.name for c in cands.values() if c.chosen] == ["region 2 float"]
+    assert cands["region 2 float"].latency_ms == 8.0 and cands["mixed"].latency_ms == 9.5
+
+
 def test_by_latency_with_onnxruntime_timing_gives_a_valid_model(tmp_path: Path) -> None:
     """The default timer (ORT, interleaved): decisions are reported and the result runs."""
     mp, cal = _two_region_net()
