@@ -180,9 +180,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
-    from graphopt.transform import list_passes, list_pipelines
-
     import textwrap
+
+    from graphopt.transform import list_passes, list_pipelines
 
     def listing(head: str, items: dict[str, str]) -> None:
         w = max(len(head), *(len(k) for k in items)) + 2
@@ -614,14 +614,15 @@ def _stage(model: Any, path: Path, feeds: list[dict[str, Any]], write: bool = Tr
 def _stage_row(name: str, a: _Stage, b: _Stage, feed: dict[str, Any], seconds: float | None = None) -> Any:
     """One report row: the pass's result and what it changed against the stage before it."""
     from graphopt.report import PassRow
+    from graphopt.runtime import class_like
 
     pairs = [(list(oa.values()), list(ob.values())) for oa, ob in zip(a.outputs, b.outputs, strict=True)]
     f64 = [([np.asarray(x, np.float64) for x in oa], [np.asarray(y, np.float64) for y in ob])  # bool/int outputs too
            for oa, ob in pairs if all(np.asarray(x).dtype.kind in "biuf" for x in [*oa, *ob])]
     num = sum(float(np.sum((x - y) ** 2)) for oa, ob in f64 for x, y in zip(oa, ob, strict=True))
     den = sum(float(np.sum(x ** 2)) for oa, _ in f64 for x in oa)
-    agree = [float(np.argmax(oa[0], -1).ravel()[0] == np.argmax(ob[0], -1).ravel()[0])
-             for oa, ob in pairs if oa[0].ndim >= 1 and oa[0].size > 1]
+    agree = [float(np.mean(np.argmax(oa[0], -1) == np.argmax(ob[0], -1)))
+             for oa, ob in pairs if np.asarray(oa[0]).dtype.kind == "f" and class_like(np.asarray(oa[0]))]
     la = lb = None
     try:
         la, lb = _latency_pair(str(a.path), str(b.path), feed, rounds=15)

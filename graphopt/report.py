@@ -404,7 +404,8 @@ class OutputCheck:
 
     ``add(ref, got)`` takes two ``{output name: array}`` dicts (the input model's and the written
     model's on one sample); float outputs count, integer/bool ones are compared as float64;
-    non-finite values where the reference is finite are counted, not averaged."""
+    non-finite values where the reference is finite are counted, not averaged. Top-1 agreement
+    counts only class-like outputs (:func:`graphopt.runtime.class_like`)."""
 
     def __init__(self, data: str, *, atol: float | None = None, rtol: float | None = None) -> None:
         self.data, self.atol, self.rtol = data, atol, rtol
@@ -416,6 +417,8 @@ class OutputCheck:
 
     def add(self, ref: Mapping[str, Any], got: Mapping[str, Any], ok: bool | None = None) -> None:
         import numpy as np
+
+        from graphopt.runtime import class_like
 
         self.samples += 1
         for k, a in ref.items():
@@ -437,7 +440,7 @@ class OutputCheck:
             self.rel.append(float(np.linalg.norm(a64 - b64)) / max(na, 1e-12))
             if na > 0 and nb > 0:
                 self.cos = min(self.cos, float(np.dot(a64.ravel(), b64.ravel())) / (na * nb))
-            if floating and a64.ndim >= 1 and a64.shape[-1] > 1:
+            if floating and class_like(a64):
                 self.top1.append(float(np.mean(np.argmax(a64, -1) == np.argmax(b64, -1))))
         if ok is not None:
             self.passed = ok if self.passed is None else (self.passed and ok)

@@ -385,6 +385,18 @@ def run_ort(
     return dict(zip(names, res, strict=True))
 
 
+def class_like(a: np.ndarray) -> bool:
+    """Whether an output's last axis holds class scores, so that its arg-max is a prediction:
+    probabilities over that axis (a softmax classifier, or a recognizer's per-step softmax), or
+    ``[N, C]`` logits that are not unit-norm rows (those are embeddings). Maps (a detector's
+    ``[N, 1, H, W]`` probabilities) and embeddings have no meaningful top-1."""
+    if a.ndim == 0 or a.shape[-1] < 2 or not a.size:
+        return False
+    if np.all(a >= -1e-6) and np.allclose(a.sum(-1), 1.0, atol=1e-3):
+        return True
+    return a.ndim == 2 and not np.allclose(np.linalg.norm(a, axis=-1), 1.0, atol=1e-3)
+
+
 @dataclass
 class Comparison:
     """Agreement of two sets of outputs. ``ok`` says whether they agree within tolerance."""
@@ -488,7 +500,7 @@ def compare(
             c.problems.append(f"{kr}: max abs error {max_abs:.3g} beyond atol={atol:g}, rtol={rtol:g} "
                               f"and beyond scale_rtol={scale_rtol:g} x max|ref| {scale:.3g}")
         po = {"max_abs": max_abs, "max_rel": max_rel, "cosine": cos}
-        if a.ndim >= 1 and a.shape[-1] > 1 and a.dtype.kind == "f":
+        if a.dtype.kind == "f" and class_like(a):
             t = float(np.mean(np.argmax(a.reshape(-1, a.shape[-1]), -1) == np.argmax(b.reshape(-1, b.shape[-1]), -1)))
             po["top1"] = t
             top1s.append(t)

@@ -188,6 +188,19 @@ def test_output_check_numbers() -> None:
     c2.add({"y": np.array([1.0, 2.0]), "probs": zipmap, "label": np.array(["a"])},
            {"y": np.array([1.0, 2.5]), "probs": [{0: 0.5, 1: 0.5}], "label": np.array(["a"])})
     assert c2.result().max_abs_error == pytest.approx(0.5)
+    # top-1 only where the last axis holds class scores: not a detector's map, not unit-norm
+    # embeddings; a recognizer's per-step softmax [N, T, C] counts
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((2, 8))
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)
+    c3 = OutputCheck("inputs")
+    c3.add({"map": rng.random((1, 1, 4, 6)), "emb": emb}, {"map": rng.random((1, 1, 4, 6)), "emb": emb[::-1].copy()})
+    assert c3.result().top1_agreement is None
+    steps = np.exp(rng.standard_normal((1, 5, 7)))
+    steps /= steps.sum(-1, keepdims=True)
+    c4 = OutputCheck("inputs")
+    c4.add({"probs": steps}, {"probs": steps})
+    assert c4.result().top1_agreement == 1.0
 
 
 # -- every command's report -------------------------------------------------------------------------
