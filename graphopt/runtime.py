@@ -491,7 +491,7 @@ def compare(
             max_rel = float(rel.max()) if rel.size else 0.0
             fa, fb = af[mask & ~inf_same].ravel(), bf[mask & ~inf_same].ravel()
             na, nb = np.linalg.norm(fa), np.linalg.norm(fb)
-            cos = float(fa @ fb / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
+            cos = float(np.dot(fa, fb) / (na * nb)) if na > 0 and nb > 0 else (1.0 if na == nb else 0.0)
             bad = diff > atol + rtol * np.abs(af)
             finite = np.abs(af[mask & np.isfinite(af)])
             scale = float(finite.max()) if finite.size else 0.0
