@@ -915,9 +915,16 @@ def cmd_distill(args: argparse.Namespace) -> int:
     elif args.match:
         match = _pairs(args.match, "--match")
     losses = dict(_pairs(args.loss, "--loss"))
+    snapshot = None
+    if args.snapshot_every:
+        def snapshot(m: Any, step: int, seconds: float) -> None:  # OUT.t00600s.onnx: the weights after 600 s
+            path = out.with_name(f"{out.stem}.t{round(seconds):05d}s{out.suffix}")
+            save(m, path)
+            log.info("snapshot after %d steps (%.0f s): %s", step, seconds, path)
     p = get_pass("distill", teacher=teacher, labels=labels, temperature=args.temperature, alpha=args.alpha,
                  steps=args.steps, minutes=args.minutes, lr=args.lr, batch=args.batch, match=match,
-                 feature_weight=args.feature_weight, losses=losses, seed=args.seed)
+                 feature_weight=args.feature_weight, losses=losses, seed=args.seed,
+                 snapshot_minutes=args.snapshot_every, snapshot=snapshot)
     run_passes(student, [p], PassContext(calibration=data))
     save(student, _target(args, out))  # main() checks it and moves it into place
     # the written file against the teacher, both under ONNX Runtime
@@ -1208,6 +1215,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "checked against the teacher on (default: the training samples, with a warning)")
     sp.add_argument("--report", metavar="FILE", help="write a report (.json, .md or .html): the student before and "
                     "after against the teacher, the loss curve")
+    sp.add_argument("--snapshot-every", type=_nonneg, metavar="MINUTES", help="also save the weights so far every "
+                    "MINUTES of training, as OUT.t<seconds>s.onnx next to OUT (to score a long run over time)")
     sp.set_defaults(fn=cmd_distill)
     for sp in sub.choices.values():  # global options also after the command (graphopt inspect -q M)
         sp.add_argument("-q", "--quiet", action="store_true", dest="quiet_sub", help=_QUIET_HELP)

@@ -4,6 +4,8 @@ student comes back as the same valid QDQ model, and unsupported ops are refused 
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -363,3 +365,53 @@ def test_cli_distill_checks_on_held_out_inputs(tmp_path, capsys, caplog) -> None
     assert "in-sample" not in caplog.text
     v = json.loads((tmp_path / "b.json").read_text())["verification"]
     assert v["data"] == "inputs" and v["samples"] == 5
+
+
+def test_distill_snapshots_the_weights_along_the_way(tmp_path) -> None:
+    """snapshot= gets, every snapshot_minutes, a copy of the student with the weights trained so far
+    (the same graph; the student itself is only written at the end), and its time is not training time."""
+    import time
+
+    teacher = cnn()
+    student_proto = perturbed(teacher)
+    student = graphopt.from_proto(student_proto)
+    snaps: list[tuple[int, float, onnx.ModelProto]] = []
+
+    def snap(m: graphopt.Model, step: int, seconds: float) -> None:
+        snaps.append((step, seconds, graphopt.to_proto(m)))
+        time.sleep(0.3)  # a slow scorer: must not eat the training budget
+
+    p = get_pass("distill", teacher=graphopt.from_proto(teacher), minutes=0.02, lr=1e-2, temperature=1.0,
+                 progress=False, snapshot_minutes=0.004, snapshot=snap)
+    t0 = time.monotonic()
+    run_passes(student, [p], PassContext(calibration=_data(16)))
+    assert time.monotonic() - t0 > 1.2 + 0.3 * len(snaps) - 0.1  # 1.2 s of training, snapshots on top
+    assert 2 <= len(snaps) <= 5 and p.result.seconds >= 1.2
+    steps = [s for s, _, _ in snaps]
+    assert steps == sorted(steps) and steps[0] > 0 and steps[-1] < p.result.steps
+    assert all(0.24 * (i + 1) <= sec < 0.24 * (i + 1) + 0.2 for i, (_, sec, _) in enumerate(snaps))
+    final = graphopt.to_proto(student)
+    w = [{t.name: numpy_helper.to_array(t) for t in m.graph.initializer} for m in
+         (student_proto, *[m for _, _, m in snaps], final)]
+    for a, b in itertools.pairwise(w):
+        assert not np.array_equal(a["w1"], b["w1"])  # each snapshot has the weights of its time
+    for _, _, m in snaps:
+        onnx.checker.check_model(m, full_check=True)
+        assert [n.op_type for n in m.graph.node] == [n.op_type for n in student_proto.graph.node]
+
+
+def test_cli_distill_snapshot_every(tmp_path) -> None:
+    from graphopt.cli import main
+
+    teacher, student = tmp_path / "t.onnx", tmp_path / "s.onnx"
+    onnx.save(cnn(), teacher)
+    onnx.save(perturbed(cnn()), student)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.concatenate([f["x"] for f in _data(16)]))
+    out = tmp_path / "o.onnx"
+    assert main(["distill", str(student), "-o", str(out), "--teacher", str(teacher), "--data", str(data),
+                 "--minutes", "0.02", "--snapshot-every", "0.005", "--threads", "1", "-q"]) == 0
+    snaps = sorted(tmp_path.glob("o.t*s.onnx"))
+    assert out.exists() and 1 <= len(snaps) <= 4, snaps
+    for s in snaps:
+        onnx.checker.check_model(str(s), full_check=True)

@@ -1711,6 +1711,7 @@ class ChannelPruning(Pass):
         ins = {i.name for i in sess.get_inputs()}
         ref = [sess.run(None, {k: v for k, v in s.items() if k in ins}) for s in samples]
         target = self.options["ratio"]
+        declared_in = [v.shape for v in self.model.graph.inputs]
         sens: list[float] = []
         chans: list[int] = []
         keys: list[str] = []
@@ -1733,6 +1734,15 @@ class ChannelPruning(Pass):
                 if not v.is_graph_output() and not v.is_graph_input():
                     v.shape = None
             infer_shapes(trial, ctx.input_shapes or None)
+            # the trial runs every sample: its inputs keep the model's own (dynamic) dims, not the
+            # concrete ones the analysis used (lines of several widths)
+            for v, shape in zip(trial.graph.inputs, declared_in, strict=True):
+                v.shape = shape
+            if ctx.input_shapes:  # and no value keeps a dim of that shape (ORT would hold samples to it)
+                for n in trial.graph:
+                    for o in n.outputs:
+                        if o is not None and not o.is_graph_output():
+                            o.shape = None
             ts = ort_session(trial)
             errs = []
             for s, r in zip(samples, ref, strict=True):

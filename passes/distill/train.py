@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,10 @@ class DistillConfig:
     seed: int = 0
     progress: bool = True
     weight_decay: float = 0.0
+    # every snapshot_minutes of training, snapshot(a copy of the student with the weights so far,
+    # step, seconds): to score a long run on held-out data over time without stopping it
+    snapshot_minutes: float | None = None
+    snapshot: Callable[[Model, int, float], None] | None = None
 
 
 DEFAULT_STEPS = 300
@@ -358,11 +362,19 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
     lab = torch.from_numpy(labels) if labels is not None else None
     bar = _bar(steps, cfg)
     step = 0
+    every = cfg.snapshot_minutes * 60 if cfg.snapshot and cfg.snapshot_minutes else None
+    next_snap = every
     try:
         while True:
             elapsed = time.monotonic() - start
             if steps is not None and step >= steps or budget is not None and elapsed >= budget:
                 break
+            if next_snap is not None and elapsed >= next_snap:
+                snap = student.copy()
+                write_back(snap, tg)
+                cfg.snapshot(snap, step, elapsed)  # type: ignore[misc]
+                start += time.monotonic() - start - elapsed  # the snapshot's time is not training time
+                next_snap += every  # type: ignore[operator]
             frac = step / steps if steps else min(elapsed / budget, 1.0) if budget else 0.0
             for g, sc in zip(opt.param_groups, scales, strict=True):
                 g["lr"] = cfg.lr * sc * 0.5 * (1 + math.cos(math.pi * frac))
