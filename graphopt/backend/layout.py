@@ -64,3 +64,254 @@ def convs_to_channels_last(mod: Any) -> tuple[Any, int]:
         if isinstance(f, relax.Function):
             m.builder_.update_func(gv, m.visit_expr(f))
     return m.builder_.get(), m.changed
+
+
+# -- ConvTranspose as a convolution (sub-pixel decomposition) -----------------------------------
+
+
+def subpixel_weight(w: Any, stride: tuple[int, int]) -> Any:
+    """The convolution weight (OIHW) equivalent to a transposed-convolution weight ``w`` (IOHW,
+    one group) of ``stride``: output channel ``(a * sw + b) * O + o`` computes output phase
+    ``(a, b)`` (rows ``= a mod sh``, columns ``= b mod sw``) of channel ``o``; its ``Qh x Qw``
+    taps (``Q = ceil(k / s)``) are the transposed kernel's taps of that phase, flipped."""
+    import numpy as np
+
+    c, o, kh, kw = w.shape
+    sh, sw = stride
+    qh, qw = -(-kh // sh), -(-kw // sw)
+    out = np.zeros((sh * sw * o, c, qh, qw), w.dtype)
+    for a in range(sh):
+        for b in range(sw):
+            for i in range(qh):
+                for j in range(qw):
+                    y, x = sh * (qh - 1 - i) + a, sw * (qw - 1 - j) + b
+                    if y < kh and x < kw:
+                        out[(a * sw + b) * o:(a * sw + b + 1) * o, :, i, j] = w[:, :, y, x].T
+    return out
+
+
+def _subpixel_class() -> Any:
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _SubPixel(PyExprMutator):  # type: ignore[misc]
+        def __init__(self, mod: Any = None) -> None:
+            super().__init__(mod)
+            self.changed = 0
+            self.skipped: list[str] = []
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d_transpose":
+                return call
+            why = _subpixel_refusal(call)
+            if why:
+                self.skipped.append(why)
+                return call
+            return self._rewrite(call)
+
+        def _rewrite(self, call: Any) -> Any:
+            R = relax.op
+            a = call.attrs
+            x, wc = call.args
+            w = wc.value.numpy()
+            n, _, h, wd = (int(d) for d in x.ty.shape.values)
+            _, o, kh, kw = w.shape
+            sh, sw = (int(s) for s in a.strides)
+            pt, pl, pb, pr = (int(p) for p in a.padding)
+            oph, opw = (int(p) for p in a.output_padding)
+            qh, qw = -(-kh // sh), -(-kw // sw)
+            wn = relax.const(subpixel_weight(w, (sh, sw)), str(wc.ty.dtype))
+            # phase (a, b) of the transposed conv's full output at (m, m') is a correlation of x
+            # (padded by Q - 1) with the phase's flipped taps
+            z = R.nn.conv2d(x, wn, 1, (qh - 1, qw - 1, qh - 1, qw - 1), 1, 1, "NCHW", "OIHW", "NCHW",
+                            a.out_dtype if a.out_dtype else None)
+            hz, wz = h + qh - 1, wd + qw - 1
+            z = R.reshape(z, (n, sh, sw, o, hz, wz))
+            z = R.permute_dims(z, [0, 3, 4, 1, 5, 2])
+            y = R.reshape(z, (n, o, hz * sh, wz * sw))
+            # crop the padding; output_padding past the full output's end is zeros
+            ho, wo = (h - 1) * sh + kh - pt - pb + oph, (wd - 1) * sw + kw - pl - pr + opw
+            eh, ew = max(0, pt + ho - hz * sh), max(0, pl + wo - wz * sw)
+            if eh or ew:
+                y = R.nn.pad(y, [0, 0, 0, 0, 0, eh, 0, ew])
+            if (pt, pl, ho, wo) != (0, 0, hz * sh + eh, wz * sw + ew):
+                y = R.strided_slice(y, [2, 3], [pt, pl], [pt + ho, pl + wo])
+            self.changed += 1
+            return y
+
+    return _SubPixel
+
+
+def _subpixel_refusal(call: Any) -> str:
+    """Why a ``conv2d_transpose`` call cannot become a sub-pixel convolution ("" if it can)."""
+    import tvm
+
+    a = call.attrs
+    x, w = call.args
+    shape = getattr(x.ty, "shape", None)
+    if not isinstance(w, tvm.ir.expr.Constant):
+        return "its weight is not a constant"
+    if shape is None or not all(isinstance(getattr(d, "value", None), int) for d in shape.values):
+        return "its input shape is not static"
+    if (a.data_layout, a.kernel_layout) != ("NCHW", "IOHW") or a.out_layout not in ("NCHW", ""):
+        return f"layout {a.data_layout}/{a.kernel_layout}"
+    if int(a.groups) != 1:
+        return f"groups={int(a.groups)}"
+    if any(int(d) != 1 for d in a.dilation):
+        return "dilation"
+    return ""
+
+
+def conv_transpose_to_conv(mod: Any) -> tuple[Any, int, list[str]]:
+    """Rewrite each 2-D transposed convolution of ``mod`` (constant weight, one group, no
+    dilation, static shapes) as a convolution computing all ``sh x sw`` output phases as
+    channels, then a depth-to-space (reshape, transpose, reshape) and a crop of the padding.
+
+    Why: TOPI's ``conv2d_transpose`` is a scatter written as a gather over a zero-dilated input
+    (most multiply-adds hit inserted zeros) in NCHW only; the default schedules tile it poorly
+    (PaddleOCR's text detectors spent 23-34% of their time in one 2x2/stride-2 ConvTranspose,
+    1.8-2.3x ONNX Runtime overall). As a convolution it goes channels-last with the others and
+    takes the tiled rule; a 2x2/stride-2 one becomes a 1x1 convolution (a matmul). The sums are
+    the same products in another order: the result equals the transposed convolution's to
+    rounding. Returns the module, how many changed, and why others were left as they were.
+    """
+    from tvm import relax
+
+    m = _subpixel_class()(mod)
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            m.builder_.update_func(gv, m.visit_expr(f))
+    return m.builder_.get(), m.changed, m.skipped
+
+
+# -- whole vectors for matmuls of odd width ------------------------------------------------------
+
+
+def _const_array(expr: Any, lookup: Any) -> Any:
+    """The numpy value of ``expr`` when it is a constant or a transpose of one (a Gemm's transB
+    weight), else None."""
+    import tvm
+
+    if isinstance(expr, tvm.relax.Var):
+        expr = lookup(expr)
+    if isinstance(expr, tvm.ir.expr.Constant) and hasattr(expr.value, "numpy"):
+        return expr.value.numpy()
+    if isinstance(expr, tvm.relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == "relax.permute_dims":
+        inner = expr.args[0]
+        if isinstance(inner, tvm.relax.Var):
+            inner = lookup(inner)
+        if isinstance(inner, tvm.ir.expr.Constant) and hasattr(inner.value, "numpy"):
+            a = inner.value.numpy()
+            axes = [int(x) for x in expr.attrs.axes] if expr.attrs.axes is not None else None
+            return a.transpose(axes)
+    return None
+
+
+def _pad_matmul_class() -> Any:
+    import numpy as np
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _PadMatmul(PyExprMutator):  # type: ignore[misc]
+        def __init__(self, mod: Any = None, lanes: int = 16) -> None:
+            super().__init__(mod)
+            self.lanes = lanes
+            self.changed: list[tuple[int, int]] = []
+
+        def visit_call_(self, call: Any) -> Any:
+            call = super().visit_call_(call)
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
+                return call
+            w = _const_array(call.args[1], self.lookup_binding)
+            if w is None or w.ndim != 2:
+                return call
+            k, n = w.shape
+            if n % self.lanes == 0 or n < 2 * self.lanes:
+                return call
+            padded = -(-n // self.lanes) * self.lanes
+            wp = np.zeros((k, padded), w.dtype)
+            wp[:, :n] = w
+            out_dtype = call.attrs.out_dtype if call.attrs.out_dtype else None
+            y = relax.op.matmul(call.args[0], relax.const(wp, str(wp.dtype)), out_dtype=out_dtype)
+            ndim = getattr(call.args[0].ty, "ndim", -1)  # of the product too: the weight is 2-D
+            if ndim < 1:
+                return call
+            self.changed.append((n, padded))
+            return relax.op.strided_slice(y, [ndim - 1], [0], [n])
+
+    return _PadMatmul
+
+
+def pad_matmul_widths(mod: Any, lanes: int) -> tuple[Any, list[tuple[int, int]]]:
+    """Give matmuls by a constant ``[K, N]`` weight whose ``N`` is no multiple of the vector
+    width (``lanes``) whole vectors: the weight gets zero columns up to the next multiple and
+    the product is sliced back to ``N`` columns. Exact (the extra columns are never read).
+
+    Why: the tiled rule vectorizes the output's columns and needs a vector width that divides
+    them; PaddleOCR's CTC heads (6625 and 18385 classes) had none and fell to the fallback rule
+    (39-42% of the recognizers' time), ddddocr's 8210-class head only 2-lane tiles. Applied for
+    ``N >= 2 * lanes`` (at most 50% more columns). Returns the module and ``(N, padded N)``
+    per matmul changed.
+    """
+    from tvm import relax
+
+    m = _pad_matmul_class()(mod, lanes)
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            m.builder_.update_func(gv, m.visit_expr(f))
+    return m.builder_.get(), m.changed
+
+
+# -- one copy of each constant ------------------------------------------------------------------
+
+
+def _dedupe_class() -> Any:
+    import hashlib
+
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Dedupe(PyExprMutator):  # type: ignore[misc]
+        def __init__(self, mod: Any = None, min_bytes: int = 4096) -> None:
+            super().__init__(mod)
+            self.min_bytes = min_bytes
+            self.seen: dict[tuple[str, tuple[int, ...], str], Any] = {}
+            self.saved = 0
+
+        def visit_generic_const_(self, c: Any) -> Any:
+            if not hasattr(c.value, "numpy"):
+                return c
+            a = c.value.numpy()
+            if a.nbytes < self.min_bytes:
+                return c
+            key = (str(a.dtype), a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+            first = self.seen.setdefault(key, c)
+            if first is not c:
+                self.saved += a.nbytes
+            return first
+
+    return _Dedupe
+
+
+def dedupe_constants(mod: Any, min_bytes: int = 4096) -> tuple[Any, int]:
+    """Make equal constants (of at least ``min_bytes``) of ``mod``'s Relax functions one object,
+    so the build stores, and the kernels read, one copy. Returns the module and the bytes saved.
+
+    Why: an unrolled LSTM gives every time step its own copy of the recurrent weights
+    (ddddocr's recognizer: 20 steps x 2 directions x 4 MB = 160 MB of copies), and each step's
+    matmul streamed its own copy from memory instead of finding the shared one in cache. The
+    weight packing's constant folding makes one packed copy per call again, so this runs after
+    it too.
+    """
+    from tvm import relax
+
+    m = _dedupe_class()(mod, min_bytes)
+    for gv, f in mod.functions_items():
+        if isinstance(f, relax.Function):
+            m.builder_.update_func(gv, m.visit_expr(f))
+    return m.builder_.get(), m.saved

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +133,19 @@ def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 1 
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         outer, vi = sch.split(fused, [None, vec])
         sch.vectorize(vi)
+    elif inner > lanes:
+        # no whole vectors along the contiguous axis (214 logits, 129 STFT bins, 45-wide
+        # attention rows): the axis is partitioned into whole vectors and a short tail, so the
+        # bulk is vectorized and the tail unrolled - no guard (a guarded tail made TVM's
+        # simplifier run for minutes on magika_v1's fused one-hot)
+        v = next(v for v in (lanes, lanes // 2, lanes // 4, 4) if v >= 4 and inner >= v)
+        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else (loops[0] if len(loops) > 1 else None)
+        body, tail = sch.loop_partition(loops[-1], [inner - inner % v])  # and the rest
+        _, vi = sch.split(body, [None, v])
+        sch.vectorize(vi)
+        sch.unroll(tail)
+        if outer is None:  # a 1-D kernel: nothing to run in parallel
+            return
     elif 1 < inner <= lanes and len(loops) > 1:
         # a short contiguous axis (an NCW output of width 2 after a channels-last conv):
         # unrolled as it is, no guard; the loops around it are fused
@@ -260,7 +273,9 @@ class TiledReductionRule(_Rule):
         wb = sch.cache_write(main_rv, 0, "local")
         last_epi = epilogue[-1].block_rv if epilogue else None
         epi_inlined = False
-        if last_epi is not None:
+        # (TVM inlines an epilogue over a smaller output too - the slice that drops a matmul's
+        # padded columns - and the write-back then stores past that output's rows: not here)
+        if last_epi is not None and _same_write_shape(sch, last_epi, main_rv):
             try:
                 sch.reverse_compute_inline(last_epi)
                 epi_inlined = True
@@ -288,7 +303,11 @@ class TiledReductionRule(_Rule):
         if math.prod(int(it.dom) for it in iters) >= self.min_parallel_work:  # tiny kernels: waking a worker costs more than it saves
             sch.parallel(outer)
         sch.reverse_compute_at(wb, outer, preserve_unit_loops=True)
-        if last_epi is not None and not epi_inlined:
+        # an epilogue of another shape (the slice that drops a matmul's padded columns) runs
+        # after the whole product: at the tile loop its region, bounded across the fused loop,
+        # would read columns of tiles not computed yet
+        epi_at_tile = last_epi is not None and not epi_inlined and _same_write_shape(sch, last_epi, main_rv)
+        if epi_at_tile:
             sch.reverse_compute_at(last_epi, outer, preserve_unit_loops=True)
         if p_i is not None and xi > 1:
             sch.unroll(p_i)
@@ -296,7 +315,7 @@ class TiledReductionRule(_Rule):
             sch.unroll(f_m)
         sch.vectorize(f_i)
         init = sch.decompose_reduction(main_rv, red_loops[0])
-        for b in [wb, init] + ([last_epi] if last_epi is not None and not epi_inlined else []):
+        for b in [wb, init] + ([last_epi] if epi_at_tile else []):
             inner = sch.get_loops(b)[-1]
             ext = _extent(sch.get(inner).extent)
             if ext is not None and ext % vw == 0:
@@ -311,6 +330,12 @@ class TiledReductionRule(_Rule):
                 except Exception:  # noqa: BLE001
                     pass
         return True
+
+
+def _same_write_shape(sch: Any, a: Any, b: Any) -> bool:
+    """Do blocks ``a`` and ``b`` write buffers of one shape?"""
+    sa, sb = sch.get(a).writes[0].source.shape, sch.get(b).writes[0].source.shape
+    return len(sa) == len(sb) and all(_extent(x) == _extent(y) for x, y in zip(sa, sb, strict=True))
 
 
 def _uses_var(region: Any, var: Any) -> bool:
@@ -580,8 +605,10 @@ class FallbackRule(_Rule):
         return done
 
 
-DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), TiledReductionRule(), RowReductionRule(),
-                                     DLightReductionRule(), FallbackRule())
+from .int8 import Int8DotRule  # noqa: E402 - integer conv/matmul on VNNI, tried before the float tiled rule
+
+DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule()), TiledReductionRule(),
+                                     RowReductionRule(), DLightReductionRule(), FallbackRule())
 
 
 def default_schedule(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
