@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, cast
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -605,10 +605,8 @@ class FallbackRule(_Rule):
         return done
 
 
-from .int8 import Int8DotRule  # noqa: E402 - integer conv/matmul on VNNI, tried before the float tiled rule
-
-DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule()), TiledReductionRule(),
-                                     RowReductionRule(), DLightReductionRule(), FallbackRule())
+DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), TiledReductionRule(), RowReductionRule(),
+                                     DLightReductionRule(), FallbackRule())
 
 
 def default_schedule(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:
