@@ -297,3 +297,22 @@ def test_unrolled_lstm_keeps_one_copy_of_its_weights(tmp_path: Path) -> None:
     copies = {k[:8]: sum(1 for i, c in enumerate(g) if not any(c.same_as(o) for o in g[:i]))
               for k, g in groups.items()}
     assert set(copies.values()) == {1}, copies
+
+
+def test_attention_matmuls_of_odd_width_take_the_tiled_rule(tmp_path: Path) -> None:
+    """SVTR's attention (PaddleOCR v4 recognizer: 8 heads, 45 positions, head width 15): both
+    batched matmuls multiply activations and their widths (45, 15) have no vector divisor; the
+    keys and values are padded at run time (48, 16 columns) and the products sliced, so neither
+    falls to the fallback rule (ppocrv4_rec's two fallback kernels)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["y"])]
+    shape = [1, 8, 45, 15]
+    m = make_model(nodes, [vi("q", shape), vi("k", shape), vi("v", shape)], [vi("y", shape)], opset=13)
+    feed = {n: rng.standard_normal(shape).astype(np.float32) for n in ("q", "k", "v")}
+    cm = _build_and_check(m, tmp_path, feed)
+    mm = {f: r for f, r in cm.info.schedules.items() if "matmul" in f}
+    assert len(mm) == 2 and set(mm.values()) == {"tiled-reduction"}, cm.info.schedules
+    assert "fallback" not in cm.info.schedules.values() and cm.info.naive_kernels == [], cm.info.schedules

@@ -210,6 +210,19 @@ def _const_array(expr: Any, lookup: Any) -> Any:
     return None
 
 
+def padded_width(n: int, lanes: int, max_growth: float = 1.25) -> int:
+    """The width a matmul's ``n`` output columns get: ``n`` when quarter vectors (4 lanes)
+    already divide it, else the next multiple of a full, half or 4-lane vector within
+    ``max_growth`` (the smallest that is), else ``n``."""
+    if n % 4 == 0:
+        return n
+    for v in (lanes, lanes // 2, 4):
+        p = -(-n // v) * v
+        if v >= 4 and p <= max_growth * n:
+            return p
+    return n
+
+
 def _pad_matmul_class() -> Any:
     import numpy as np
     import tvm
@@ -227,36 +240,46 @@ def _pad_matmul_class() -> Any:
             call = super().visit_call_(call)
             if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.matmul":
                 return call
-            w = _const_array(call.args[1], self.lookup_binding)
-            if w is None or w.ndim != 2:
+            x, w = call.args
+            shape = getattr(w.ty, "shape", None)
+            xdim = getattr(x.ty, "ndim", -1)
+            if shape is None or xdim < 1 or not all(isinstance(getattr(d, "value", None), int) for d in shape.values):
                 return call
-            k, n = w.shape
-            if n % self.lanes == 0 or n < 2 * self.lanes:
+            wshape = [int(d) for d in shape.values]
+            if len(wshape) < 2:
                 return call
-            padded = -(-n // self.lanes) * self.lanes
-            wp = np.zeros((k, padded), w.dtype)
-            wp[:, :n] = w
+            n = wshape[-1]
+            padded = padded_width(n, self.lanes)
+            if padded == n:
+                return call
+            const = _const_array(w, self.lookup_binding)
+            if const is not None:
+                wp = np.zeros((*const.shape[:-1], padded), const.dtype)
+                wp[..., :n] = const
+                w_new = relax.const(wp, str(wp.dtype))
+            else:  # an activation (attention's keys): padded at run time, a small copy
+                w_new = relax.op.nn.pad(w, [0, 0] * (len(wshape) - 1) + [0, padded - n])
             out_dtype = call.attrs.out_dtype if call.attrs.out_dtype else None
-            y = relax.op.matmul(call.args[0], relax.const(wp, str(wp.dtype)), out_dtype=out_dtype)
-            ndim = getattr(call.args[0].ty, "ndim", -1)  # of the product too: the weight is 2-D
-            if ndim < 1:
-                return call
+            y = relax.op.matmul(x, w_new, out_dtype=out_dtype)
+            out_ndim = len(wshape) - 1 if xdim == 1 else max(xdim, len(wshape))
             self.changed.append((n, padded))
-            return relax.op.strided_slice(y, [ndim - 1], [0], [n])
+            return relax.op.strided_slice(y, [out_ndim - 1], [0], [n])
 
     return _PadMatmul
 
 
 def pad_matmul_widths(mod: Any, lanes: int) -> tuple[Any, list[tuple[int, int]]]:
-    """Give matmuls by a constant ``[K, N]`` weight whose ``N`` is no multiple of the vector
-    width (``lanes``) whole vectors: the weight gets zero columns up to the next multiple and
-    the product is sliced back to ``N`` columns. Exact (the extra columns are never read).
+    """Give matmuls whose ``N`` output columns no 4-lane vector divides whole vectors: the right
+    operand gets zero columns up to :func:`padded_width` (at compile time for a constant weight,
+    a Gemm's transposed one included; a small run-time pad for an activation such as
+    attention's keys) and the product is sliced back to ``N`` columns. Exact (the extra columns
+    are never read).
 
     Why: the tiled rule vectorizes the output's columns and needs a vector width that divides
     them; PaddleOCR's CTC heads (6625 and 18385 classes) had none and fell to the fallback rule
-    (39-42% of the recognizers' time), ddddocr's 8210-class head only 2-lane tiles. Applied for
-    ``N >= 2 * lanes`` (at most 50% more columns). Returns the module and ``(N, padded N)``
-    per matmul changed.
+    (39-42% of the recognizers' time), ddddocr's 8210-class head got 2-lane tiles, and SVTR's
+    attention matmuls (45 and 15 wide) fell to the fallback rule. Returns the module and
+    ``(N, padded N)`` per matmul changed.
     """
     from tvm import relax
 
