@@ -351,10 +351,13 @@ CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv1d": ["NWC", "
                "relax.nn.conv2d_transpose": ["NCHW", "IOHW"]}
 
 
-def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, str]:
+def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapping[str, Any] | None = None,
+          int8_counts: dict[str, int] | None = None) -> tuple[Any, str]:
     """Relax-level lowering up to fused, legalized (still unscheduled) TIR functions.
 
     Returns the module and the activation layout used ("NHWC" where the conversion applied).
+    ``int8_table`` (:func:`graphopt.backend.int8.weight_table`): QDQ convolutions and matmuls
+    with these weights become integer kernels (counts into ``int8_counts``).
     """
     import tvm
     from tvm import relax
@@ -367,6 +370,13 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, st
     used = "NCHW"
     with tgt:
         mod = tvm.transform.Sequential(head)(mod)
+        if int8_table:  # per-tensor quantize/dequantize as elementwise ops (layout conversion takes them),
+            from .int8 import elementwise_qdq, rewrite_qdq  # integer matmuls before their widths are padded
+
+            mod = elementwise_qdq(mod)
+            mod, counts = rewrite_qdq(mod, int8_table, ("matmul",))
+            if int8_counts is not None:
+                int8_counts.update(counts)
         if target.device == "cpu":  # ConvTranspose as a sub-pixel convolution (then channels-last too)
             from .layout import conv_transpose_to_conv, dedupe_constants, pad_matmul_widths
             from .schedules import vector_lanes
@@ -390,6 +400,11 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True) -> tuple[Any, st
                 used = "NHWC (per conv)" if n else "NCHW"
                 logger.info("graph-wide layout conversion failed (%s); %d convolutions made channels-last one by one",
                             _first_line(exc), n)
+        if int8_table:  # integer convolutions, in the layout the convs now have
+            mod, counts = rewrite_qdq(mod, int8_table, ("conv2d",))
+            if int8_counts is not None:
+                for k, v in counts.items():
+                    int8_counts[k] = int8_counts.get(k, 0) + v
         mod = tvm.transform.Sequential(tail)(mod)
     _check_legalized(mod)
     return mod, used
@@ -755,6 +770,7 @@ def compile(
     progress: bool = True,
     build_cache: bool = True,
     const_inputs: Mapping[str, Any] | None = None,
+    int8_kernels: bool = True,
 ) -> CompiledModel:
     """Compile an ONNX model (path or :class:`graphopt.Model`) for ``target`` with TVM.
 
@@ -772,6 +788,10 @@ def compile(
 
     ``const_inputs`` (name -> value): inputs compiled as constants (see :func:`pin_inputs`); the
     build no longer takes them.
+
+    ``int8_kernels`` (CPU targets): a QDQ model's convolutions and matmuls run as int8 x int8 ->
+    int32 kernels with requantization (:mod:`graphopt.backend.int8`) instead of dequantize,
+    float kernel, quantize; False keeps them float.
     """
     from graphopt.errors import require_extra
 
@@ -796,14 +816,24 @@ def compile(
         from .schedules import vector_lanes
 
         lanes = vector_lanes(spec.tvm_target())
+    int8_table = {}
+    if int8_kernels and spec.device == "cpu":  # the int8 weights, before the pipeline folds their DequantizeLinear
+        from .int8 import weight_table
+
+        if not isinstance(model, Model):
+            model = _load_model(model)  # loaded once (prepare copies it)
+        int8_table = weight_table(model)
     prepared, inputs = prepare(model, input_shapes, optimize=optimize, const_inputs=const_inputs)
     pinned = {k: np.asarray(v).tolist() for k, v in (const_inputs or {}).items()}  # recorded in the sidecar
-    padded = pad_group_widths(prepared, lanes) if lanes > 1 else 0  # whole vectors of output channels
+    # whole vectors of output channels (not for the int8 kernels: they pad their channels to 16 themselves,
+    # and a padded weight would no longer be found among the model's int8 weights)
+    padded = pad_group_widths(prepared, lanes) if lanes > 1 and not int8_table else 0
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
         and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")
     key = _build_key(prepared, inputs, spec, {"default_schedules": default_schedules, "layout": layout,
-                                               "trials": trials, "minutes": minutes}) if cacheable else ""
+                                               "trials": trials, "minutes": minutes,
+                                               "int8_kernels": bool(int8_table)}) if cacheable else ""
     if cacheable:
         hit = _cached_build(spec, cache_dir, key)
         if hit is not None:
@@ -817,13 +847,15 @@ def compile(
     bar.set_postfix("import into Relax, lower")
     mod = import_relax(prepared)
     outputs = _output_specs(mod, prepared)
-    mod, used_layout = lower(mod, spec, layout=layout)
+    int8_counts: dict[str, int] = {}
+    mod, used_layout = lower(mod, spec, layout=layout, int8_table=int8_table, int8_counts=int8_counts)
     t2 = time.perf_counter()
     bar.update()
     bar.set_postfix("tune" if trials or minutes else "tuning records")
     info = CompileInfo(target=spec.name, target_config=spec.config, layout=used_layout, const_inputs=pinned)
     if padded:
         info.rewrites["padded_convs"] = padded
+    info.rewrites.update({k: v for k, v in int8_counts.items() if v})
     database = None
     if trials or minutes:
         from .tuning import tune

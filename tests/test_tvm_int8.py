@@ -1,0 +1,170 @@
+"""TVM integer INT8 kernels for QDQ models (graphopt.backend.int8).
+
+A QDQ model from graphopt's static quantizer must compile into int8 x int8 -> int32 conv2d and
+matmul kernels (int32 accumulation in the built TIR; AVX-512 VNNI ``vpdpbusd`` in the machine
+code where the CPU has it) and match ONNX Runtime's integer result.
+
+The bound asserted against ORT: every output element within ONE quantization step, and at most
+1% of them one step away. Why not bit-exact: both sides accumulate in int32 exactly, but ORT
+requantizes ``(acc + bias_q) * (sx*sw/sy)`` while TVM computes ``(acc - zx*sum(w)) * (sx*sw) +
+bias`` and divides by ``sy`` - the same real number through different float32 roundings, so an
+output within a rounding error of a .5 tie can round the other way (and the depthwise conv,
+which stays float under TVM, sums dequantized products in float). A wrong zero point, scale,
+padding value or weight layout moves most elements by many steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_model, vi
+
+import graphopt
+from graphopt.runtime import ort_session
+
+tvm = pytest.importorskip("tvm", reason="the tvm extra is not installed")
+
+from graphopt.backend import compile as tvm_compile  # noqa: E402
+from graphopt.backend.int8 import has_vnni, weight_table  # noqa: E402
+
+
+def _conv_net(rng: np.random.Generator) -> onnx.ModelProto:
+    """3 input channels (padded to 4 for vpdpbusd), 20 and 24 output channels (padded to 32),
+    stride 2, zero padding (the zero point pads), a depthwise conv (kept float), a 1x1 conv."""
+    from onnx import helper
+
+    w = {
+        "W1": rng.standard_normal((20, 3, 3, 3)).astype(np.float32) * 0.3,
+        "B1": rng.standard_normal(20).astype(np.float32) * 0.1,
+        "W2": rng.standard_normal((32, 20, 3, 3)).astype(np.float32) * 0.1,
+        "B2": rng.standard_normal(32).astype(np.float32) * 0.1,
+        "W3": rng.standard_normal((32, 1, 3, 3)).astype(np.float32) * 0.3,
+        "W4": rng.standard_normal((24, 32, 1, 1)).astype(np.float32) * 0.2,
+        "B4": rng.standard_normal(24).astype(np.float32) * 0.1,
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("Conv", ["r2", "W3"], ["c3"], pads=[1, 1, 1, 1], group=32),
+        helper.make_node("Conv", ["c3", "W4", "B4"], ["y"]),
+    ]
+    return make_model(nodes, [vi("x", [1, 3, 20, 20])], [vi("y", [1, 24, 10, 10])], list(w.items()), opset=13)
+
+
+def _mlp(rng: np.random.Generator) -> onnx.ModelProto:
+    """MatMul + bias + Relu, MatMul: K 60 and 40, N 40 and 33 (padded to 48), rows 2x8 (3-d)."""
+    from onnx import helper
+
+    w = {"W1": rng.standard_normal((60, 40)).astype(np.float32) * 0.2,
+         "B1": rng.standard_normal(40).astype(np.float32) * 0.1,
+         "W2": rng.standard_normal((40, 33)).astype(np.float32) * 0.2}
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Add", ["h", "B1"], ["hb"]),
+             helper.make_node("Relu", ["hb"], ["r"]), helper.make_node("MatMul", ["r", "W2"], ["y"])]
+    return make_model(nodes, [vi("x", [2, 8, 60])], [vi("y", [2, 8, 33])], list(w.items()), opset=13)
+
+
+def _quantized(model: onnx.ModelProto, tmp_path: Path, rng: np.random.Generator, **options) -> tuple[Path, list]:
+    src = tmp_path / "fp32.onnx"
+    onnx.save(model, src)
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    feeds = [{"x": rng.standard_normal(shape).astype(np.float32)} for _ in range(10)]
+    m = graphopt.load(src)
+    graphopt.run_passes(m, [graphopt.get_pass("quantize-static", **options), "dce"],
+                        graphopt.PassContext(calibration=feeds[:8]))
+    dst = tmp_path / "int8.onnx"
+    graphopt.save(m, dst)
+    onnx.checker.check_model(onnx.load(dst), full_check=True)
+    return dst, feeds[8:]
+
+
+def _output_step(path: Path) -> float:
+    """The quantization step of the model's output (it comes from a DequantizeLinear)."""
+    m = onnx.load(path)
+    out = m.graph.output[0].name
+    dq = next(n for n in m.graph.node if n.output[0] == out)
+    assert dq.op_type == "DequantizeLinear"
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in m.graph.initializer}
+    return float(init[dq.input[1]])
+
+
+def _check_against_ort(cm, path: Path, feeds: list) -> None:
+    step = _output_step(path)
+    sess = ort_session(str(path))
+    for f in feeds:
+        ref = sess.run(None, f)[0]
+        got = cm.run(f)[0]
+        steps = np.abs(got.astype(np.float64) - ref) / step
+        assert steps.max() <= 1.0 + 1e-3, f"{steps.max():.2f} quantization steps from ORT's integer result"
+        assert np.mean(steps > 0.5) <= 0.01, f"{np.mean(steps > 0.5):.1%} of the outputs differ from ORT by a step"
+
+
+def _int8_kernels(cm) -> list[str]:
+    """The integer kernels of a build: PrimFuncs whose reduction accumulates int32 from uint8
+    and int8 operands (read from the built TIR, not from the rule names)."""
+    from tvm import tirx
+
+    out = []
+    for gv, f in cm.ir_module.functions_items():
+        if not isinstance(f, tirx.PrimFunc):
+            continue
+        text = f.script()
+        if '"int32"' in text and '"uint8"' in text and '"int8"' in text and "T.Cast(\"float32\"" in text \
+                and ("vpdpbusd" in text or 'T.Cast("int32", param' in text):
+            out.append(gv.name_hint)
+    return out
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["u8s8", "s8s8"])
+def test_qdq_conv_net_runs_integer_kernels_and_matches_ort(tmp_path: Path, symmetric: bool) -> None:
+    rng = np.random.default_rng(0)
+    path, feeds = _quantized(_conv_net(rng), tmp_path, rng, symmetric_activations=symmetric)
+    cm = tvm_compile(str(path), build_cache=False, progress=False)
+    # the three dense convs are integer; the depthwise one stays float
+    assert cm.info.rewrites.get("int8_conv2d") == 3, cm.info.rewrites
+    assert cm.info.rewrites.get("float_kept") == 1, cm.info.rewrites
+    assert len(_int8_kernels(cm)) == 3, sorted(cm.info.schedules)
+    if has_vnni(cm.target.tvm_target()):
+        assert sum(v == "int8-vnni" for v in cm.info.schedules.values()) == 3, cm.info.schedules
+        asm = cm.module.mod.imports[0].inspect_source("asm")
+        assert "vpdpbusd" in asm
+    assert not cm.info.naive_kernels
+    _check_against_ort(cm, path, feeds)
+
+
+def test_qdq_matmul_runs_integer_kernels_and_matches_ort(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    path, feeds = _quantized(_mlp(rng), tmp_path, rng)
+    cm = tvm_compile(str(path), build_cache=False, progress=False)
+    assert cm.info.rewrites.get("int8_matmul") == 2, cm.info.rewrites
+    assert len(_int8_kernels(cm)) == 2, sorted(cm.info.schedules)
+    if has_vnni(cm.target.tvm_target()):
+        assert sum(v == "int8-vnni" for v in cm.info.schedules.values()) == 2, cm.info.schedules
+    _check_against_ort(cm, path, feeds)
+
+
+def test_integer_kernels_can_be_turned_off(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    path, feeds = _quantized(_mlp(rng), tmp_path, rng)
+    cm = tvm_compile(str(path), build_cache=False, progress=False, int8_kernels=False)
+    assert not any(k.startswith("int8") for k in cm.info.rewrites)
+    assert not _int8_kernels(cm)
+    ref = ort_session(str(path)).run(None, feeds[0])[0]
+    step = _output_step(path)
+    assert np.abs(cm.run(feeds[0])[0] - ref).max() <= step * 1.001  # the float path: also within a step
+
+
+def test_weight_table_keys_weights_by_their_dequantized_bytes(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    path, _ = _quantized(_mlp(rng), tmp_path, rng)
+    m = graphopt.load(path)
+    table = weight_table(m)
+    assert len(table) == 2
+    for iw in table.values():
+        assert iw.q.dtype == np.int8 and iw.scale.dtype == np.float32
+    # a float model has none (nothing is rewritten)
+    assert weight_table(graphopt.load(tmp_path / "fp32.onnx")) == {}
