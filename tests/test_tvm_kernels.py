@@ -316,3 +316,17 @@ def test_attention_matmuls_of_odd_width_take_the_tiled_rule(tmp_path: Path) -> N
     mm = {f: r for f, r in cm.info.schedules.items() if "matmul" in f}
     assert len(mm) == 2 and set(mm.values()) == {"tiled-reduction"}, cm.info.schedules
     assert "fallback" not in cm.info.schedules.values() and cm.info.naive_kernels == [], cm.info.schedules
+
+
+def test_weight_packing_stays_a_plain_loop_nest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block that packs a constant weight panel-major is split out and folded by Relax,
+    which needs it to be a plain loop nest at the root: the odd-width partition of the injective
+    schedule must leave it alone (silero's builds failed in SplitLayoutRewritePreproc)."""
+    import graphopt.backend.layout as layout
+
+    monkeypatch.setattr(layout, "padded_width", lambda n, lanes, max_growth=1.25: n)  # keep 38 columns
+    rng = np.random.default_rng(0)
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [20, 64])], [vi("y", [20, 38])],
+                   [("W", rng.standard_normal((64, 38)).astype(np.float32))], opset=13)
+    cm = _build_and_check(m, tmp_path, {"x": rng.standard_normal((20, 64)).astype(np.float32)})
+    assert set(cm.info.schedules.values()) == {"tiled-reduction"}, cm.info.schedules

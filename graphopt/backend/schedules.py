@@ -322,9 +322,11 @@ class TiledReductionRule(_Rule):
                 if ext > vw:
                     _, inner = sch.split(inner, [None, vw])
                 sch.vectorize(inner)
-        # 4. remaining root stages (pads): parallel + vectorized copies
+        # 4. remaining root stages (pads): parallel + vectorized copies; not the weight packing,
+        #    which Relax splits out and folds (it must stay a plain loop nest at the root)
         for b in _root_blocks(sch):
-            if _is_spatial_block(sch, b) and not sch.get(b).same_as(sch.get(main_rv)):
+            if _is_spatial_block(sch, b) and not sch.get(b).same_as(sch.get(main_rv)) \
+                    and "meta_schedule.layout_rewrite_preproc" not in sch.get(b).annotations:
                 try:
                     _schedule_injective(sch, b, lanes)
                 except Exception:  # noqa: BLE001
