@@ -408,12 +408,13 @@ def test_const_input_folds_data_dependent_if(tvm_compile, tmp_path):
 
 def test_unlegalized_relax_op_is_named(tvm_compile, monkeypatch):
     """Without the NCHW pin, TOPI cannot legalize conv2d_transpose after NHWC convs: the error
-    names the operator and its layouts in one line (was: "CodeGenVM cannot emit this Relax operator")."""
+    names the operator and its layouts in one line (was: "CodeGenVM cannot emit this Relax operator").
+    A grouped one: the CPU build turns ungrouped ConvTransposes into convolutions first."""
     from graphopt.backend import compiler
     from graphopt.errors import CompileError
 
     monkeypatch.setattr(compiler, "CPU_LAYOUTS", {"relax.nn.conv2d": ["NHWC", "HWIO"]})
-    proto, _ = _conv_transpose_model({"strides": [2, 2]})
+    proto, _ = _conv_transpose_model({"strides": [2, 2], "group": 2}, group=2)
     with pytest.raises(CompileError, match=r"cannot lower relax.nn.conv2d_transpose \(data_layout=NHWC"):
         tvm_compile(graphopt.from_proto(proto))
 
