@@ -330,3 +330,25 @@ def test_weight_packing_stays_a_plain_loop_nest(tmp_path: Path, monkeypatch: pyt
                    [("W", rng.standard_normal((64, 38)).astype(np.float32))], opset=13)
     cm = _build_and_check(m, tmp_path, {"x": rng.standard_normal((20, 64)).astype(np.float32)})
     assert set(cm.info.schedules.values()) == {"tiled-reduction"}, cm.info.schedules
+
+
+def test_narrow_matmul_and_conv_are_row_reductions(tmp_path: Path) -> None:
+    """A matmul to 2 classes (PaddleOCR's orientation classifiers) and a conv to one channel
+    (silero's and the YOLO-style detectors' last convs) have no vector of output columns for
+    the tiled rule; they take the row-reduction rule (vectorized along the reduction), not the
+    fallback one."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "Wc", "Bc"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["yc"]),
+             helper.make_node("Flatten", ["x"], ["f"]),
+             helper.make_node("MatMul", ["f", "Wm"], ["m"]),
+             helper.make_node("Add", ["m", "Bm"], ["ym"])]
+    model = make_model(nodes, [vi("x", [1, 32, 8, 8])], [vi("yc", [1, 1, 8, 8]), vi("ym", [1, 2])],
+                       [("Wc", (rng.standard_normal((1, 32, 3, 3)) * 0.1).astype(np.float32)),
+                        ("Bc", rng.standard_normal(1).astype(np.float32)),
+                        ("Wm", (rng.standard_normal((2048, 2)) * 0.05).astype(np.float32)),
+                        ("Bm", rng.standard_normal(2).astype(np.float32))], opset=13)
+    cm = _build_and_check(model, tmp_path, {"x": rng.standard_normal((1, 32, 8, 8)).astype(np.float32)})
+    narrow = {f: r for f, r in cm.info.schedules.items() if "conv2d" in f or "matmul" in f}
+    assert len(narrow) == 2 and set(narrow.values()) == {"row-reduction"}, cm.info.schedules
+    assert cm.info.naive_kernels == []

@@ -442,8 +442,10 @@ class RowReductionRule(_Rule):
             return False
         # one reduced operand only: a matmul or conv (two operands indexed by the reduction axis)
         # is not a row reduction - vectorizing its reduction gathers the weights with a stride
-        # (ppocrv5_rec's 6625-class CTC matmul took 66% of the model this way, 6.6x ORT)
-        if not _reduces_one_operand(sch, main):
+        # (ppocrv5_rec's 6625-class CTC matmul took 66% of the model this way, 6.6x ORT) -
+        # unless its output is too narrow for the tiled rule's vectors (a 2-class head, a conv to
+        # one channel): then the weight stride is at most 3 and the reduction is the long axis
+        if not _reduces_one_operand(sch, main) and not _narrow_output(sch, main.block_rv):
             return False
         idx = infos.index(main)
         for b in infos[:idx]:
@@ -551,6 +553,13 @@ def _reduces_one_operand(sch: Any, info: Any) -> bool:
     reduced = [r for r in blk.reads if not r.source.same_as(blk.writes[0].source)
                and any(_uses_var(r, v) for v in r_vars)]
     return len(reduced) <= 1
+
+
+def _narrow_output(sch: Any, block: Any, below: int = 4) -> bool:
+    """Is the innermost dimension of the block's output shorter than ``below`` (no vector of
+    output columns for the tiled rule)?"""
+    shape = sch.get(block).writes[0].source.shape
+    return bool(shape) and (_extent(shape[-1]) or below) < below
 
 
 def _is_annotated(sch: Any, block: Any) -> bool:
