@@ -322,7 +322,7 @@ def test_weight_packing_stays_a_plain_loop_nest(tmp_path: Path, monkeypatch: pyt
     """The block that packs a constant weight panel-major is split out and folded by Relax,
     which needs it to be a plain loop nest at the root: the odd-width partition of the injective
     schedule must leave it alone (silero's builds failed in SplitLayoutRewritePreproc)."""
-    import graphopt.backend.layout as layout
+    from graphopt.backend import layout
 
     monkeypatch.setattr(layout, "padded_width", lambda n, lanes, max_growth=1.25: n)  # keep 38 columns
     rng = np.random.default_rng(0)
