@@ -148,54 +148,75 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         fn, targs = cm.vm()["main"], cm._arguments(feed)
         fns[k] = lambda fn=fn, targs=targs: fn(*targs)
     res["timing"] = [interleaved(fns, args.rounds, args.settle, "ort_int8") for _ in range(args.repeats)]
+    if args.one_thread:
+        # one thread each: on a loaded 2-core machine a parallel kernel waits for its slowest
+        # worker (TVM splits parallel loops statically), so this shows the kernels themselves
+        import tvm
+
+        pool = tvm.get_global_func("runtime.config_threadpool")
+        pool(1, 1)
+        try:
+            one = {k: ort_session(str(src if k == "ort_fp32" else q), optimize=True, threads=1) for k in ort}
+            fns1 = dict(fns)
+            fns1.update({k: (lambda s=s: s.run(None, feed)) for k, s in one.items()})
+            res["timing_1t"] = [interleaved(fns1, args.rounds, args.settle, "ort_int8") for _ in range(args.repeats)]
+        finally:
+            pool(1, 2)
     res["load"] = os.getloadavg()
     del builds, ort
     gc.collect()
     return res
 
 
-def _cell(t: dict[str, Any], k: str) -> str:
-    return f"{t[k]['ms']:.2f} ({t[k]['ratio']:.2f}x ±{t[k]['spread']:.2f})"
+def _cell(ts: list[dict[str, Any]], k: str) -> str:
+    """Median ms of the first run, then each run's ratio to ORT int8 (±half-IQR)."""
+    return f"{ts[0][k]['ms']:.2f} (" + " / ".join(f"{t[k]['ratio']:.2f}x ±{t[k]['spread']:.2f}" for t in ts) + ")"
 
 
 def write_markdown(res: dict[str, Any], path: Path) -> None:
     lines = [
         "# TVM integer INT8 kernels vs ONNX Runtime (corpus conv nets)",
         "",
-        f"Machine: {res.get('machine', '?')} (AVX-512 VNNI), shared with other jobs while measured: load average "
+        (f"Machine: {res.get('machine', '?')} (AVX-512 VNNI), shared with other jobs while measured: load average "
         f"{res.get('load_before', [0])[0]:.1f} before, {res.get('load_after', [0])[0]:.1f} after the run (2 cores). "
-        "Ratios are per-round paired ratios to ORT int8 (median ±half-IQR); ms are medians. ORT 1.32 and TVM both "
-        "2 threads; TVM untuned (graphopt's default schedules). int8 = graphopt's QDQ (U8S8, per-channel) of the "
-        "corpus model; both runtimes run the same file. Rerun: `python -m benchmarks.tvm_int8 " +
-        res.get("command", "") + "`.",
+        "Ratios are per-round paired ratios to ORT int8 (median ±half-IQR); ms are medians. ORT 1.32 and TVM with "
+        "the same thread count (2, then 1); TVM untuned (graphopt's default schedules). int8 = graphopt's QDQ (U8S8, per-channel) of the "
+        "corpus model; both runtimes run the same file. Several timing runs: one ratio each, in order. "
+        f"Rerun: `python -m benchmarks.tvm_int8 {res.get('command', '')}`."),
         "",
-        "| model | input | ORT fp32 | ORT int8 | TVM fp32 | **TVM int8** | int8 convs / matmuls (kept float) | "
-        "TVM int8 vs ORT int8: max diff, differing |",
-        "|---|---|---|---|---|---|---|---|",
+        ("| model | input | threads | ORT fp32 ms (vs ORT int8) | ORT int8 ms | TVM fp32 | **TVM int8** | "
+         "int8 convs / matmuls (kept float) | TVM int8 vs ORT int8: max diff, differing |"),
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in res.get("order", []):
         r = res["models"].get(name)
         if r is None:
             continue
         if "error" in r:
-            lines.append(f"| {name} | | | | | failed: {r['error'][:120]} | | |")
+            lines.append(f"| {name} | | | | | | failed: {r['error'][:120]} | | |")
             continue
-        ts = r["timing"]
-        t = min(ts, key=lambda x: x["tvm_int8"]["spread"]) if len(ts) > 1 else ts[0]
         rw = r["int8_rewrites"]
         ex = r["exact"]
         md = f"{ex['max_steps']:.0f} step" if ex.get("max_steps") is not None else f"{ex['max_rel_of_range']:.1e} of range"
         inp = "x".join(str(d) for d in next(iter(r["inputs"].values())))
-        lines.append(
-            f"| {name} | {inp} | {_cell(t, 'ort_fp32')} | {t['ort_int8']['ms']:.2f} (1x) | {_cell(t, 'tvm_fp32')} | "
-            f"**{_cell(t, 'tvm_int8')}** | {rw.get('int8_conv2d', 0)} / {rw.get('int8_matmul', 0)} "
-            f"({rw.get('float_kept', 0)}) | {md}, {ex['differing']}/{ex['elements']} ({ex['samples']} samples) |")
+        for threads, key in ((2, "timing"), (1, "timing_1t")):
+            ts = r.get(key)
+            if not ts:
+                continue
+            first = threads == 2
+            lines.append(
+                f"| {name if first else ''} | {inp if first else ''} | {threads} | {_cell(ts, 'ort_fp32')} | "
+                f"{ts[0]['ort_int8']['ms']:.2f} | {_cell(ts, 'tvm_fp32')} | **{_cell(ts, 'tvm_int8')}** | "
+                + (f"{rw.get('int8_conv2d', 0)}+{rw.get('int8_grouped_conv2d', 0)} grouped / "
+                   f"{rw.get('int8_matmul', 0)} ({rw.get('float_kept', 0)}) | "
+                   f"{md}, {ex['differing']}/{ex['elements']} ({ex['samples']} samples) |" if first else "| |"))
     lines += [
         "",
-        "*kept float*: convolutions on quantized activations that stay dequantize-float-quantize (depthwise "
-        "and grouped convs: `vpdpbusd` sums 4 input channels of one output channel, a depthwise conv has one).",
-        "Where more than one timing run was made, the row shows the run with the smallest TVM int8 spread; "
-        "all runs are in the JSON.",
+        ("*int8 convs*: dense ones on `vpdpbusd`, plus grouped/depthwise ones (integer, no dot product: "
+         "`vpdpbusd` sums 4 input channels of one output channel, a depthwise conv has one); *kept float*: "
+         "convs/matmuls on quantized activations left dequantize-float-quantize."),
+        ("*max diff*: in quantization steps where the output comes from a DequantizeLinear, else relative to "
+         "the output's range (after softmax/sigmoid heads a one-step difference inside the net shows up there)."),
     ]
     for n in res.get("notes", []):
         lines.append(f"- {n}")
@@ -210,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.15)
     ap.add_argument("--samples", type=int, default=3, help="eval inputs checked TVM int8 vs ORT int8")
     ap.add_argument("--calibration", type=int, default=16)
+    ap.add_argument("--one-thread", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time all four with one thread each")
     ap.add_argument("--out", default="tvm_int8")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)

@@ -674,7 +674,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = tvm_compile(src, args.target, input_shapes=hints, trials=args.trials or 0,
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
                      default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache,
-                     const_inputs=consts or None)
+                     const_inputs=consts or None, int8_kernels=not args.no_int8_kernels)
     cm.export(_target(args, out))
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
@@ -1116,6 +1116,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", metavar="DIR", help="tuning database root (default: ~/.cache/graphopt/tvm)")
     sp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on devices registered with a TVM RPC tracker")
     sp.add_argument("--naive", action="store_true", help="no default schedules (TVM's plain loops; for comparison)")
+    sp.add_argument("--no-int8-kernels", action="store_true", help="run a QDQ model's convs and matmuls in float "
+                    "(dequantize, float kernel, quantize) instead of int8 x int8 -> int32 kernels (VNNI where the CPU "
+                    "has it)")
     sp.add_argument("--no-build-cache", action="store_true",
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")

@@ -27,13 +27,17 @@ from graphopt.runtime import ort_session
 
 tvm = pytest.importorskip("tvm", reason="the tvm extra is not installed")
 
-from graphopt.backend import compile as tvm_compile  # noqa: E402
-from graphopt.backend.int8 import has_vnni, weight_table  # noqa: E402
+from graphopt.backend import compile as tvm_compile
+from graphopt.backend.int8 import has_vnni, weight_table
+from graphopt.backend.targets import resolve_target
+
+needs_vnni = pytest.mark.skipif(not has_vnni(resolve_target("host").tvm_target()),
+                                reason="integer kernels are built for CPUs with AVX-512 VNNI only")
 
 
 def _conv_net(rng: np.random.Generator) -> onnx.ModelProto:
     """3 input channels (padded to 4 for vpdpbusd), 20 and 24 output channels (padded to 32),
-    stride 2, zero padding (the zero point pads), a depthwise conv (kept float), a 1x1 conv."""
+    stride 2, zero padding (the zero point pads), a depthwise conv, a 1x1 conv."""
     from onnx import helper
 
     w = {
@@ -119,31 +123,32 @@ def _int8_kernels(cm) -> list[str]:
     return out
 
 
+@needs_vnni
 @pytest.mark.parametrize("symmetric", [False, True], ids=["u8s8", "s8s8"])
 def test_qdq_conv_net_runs_integer_kernels_and_matches_ort(tmp_path: Path, symmetric: bool) -> None:
     rng = np.random.default_rng(0)
     path, feeds = _quantized(_conv_net(rng), tmp_path, rng, symmetric_activations=symmetric)
     cm = tvm_compile(str(path), build_cache=False, progress=False)
-    # the three dense convs are integer; the depthwise one stays float
+    # the three dense convs run on vpdpbusd; the depthwise one is integer too (no dot product)
     assert cm.info.rewrites.get("int8_conv2d") == 3, cm.info.rewrites
-    assert cm.info.rewrites.get("float_kept") == 1, cm.info.rewrites
-    assert len(_int8_kernels(cm)) == 3, sorted(cm.info.schedules)
-    if has_vnni(cm.target.tvm_target()):
-        assert sum(v == "int8-vnni" for v in cm.info.schedules.values()) == 3, cm.info.schedules
-        asm = cm.module.mod.imports[0].inspect_source("asm")
-        assert "vpdpbusd" in asm
+    assert cm.info.rewrites.get("int8_grouped_conv2d") == 1, cm.info.rewrites
+    assert "float_kept" not in cm.info.rewrites
+    assert len(_int8_kernels(cm)) == 4, sorted(cm.info.schedules)
+    assert sum(v == "int8-vnni" for v in cm.info.schedules.values()) == 3, cm.info.schedules
+    asm = cm.module.mod.imports[0].inspect_source("asm")
+    assert "vpdpbusd" in asm
     assert not cm.info.naive_kernels
     _check_against_ort(cm, path, feeds)
 
 
+@needs_vnni
 def test_qdq_matmul_runs_integer_kernels_and_matches_ort(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     path, feeds = _quantized(_mlp(rng), tmp_path, rng)
     cm = tvm_compile(str(path), build_cache=False, progress=False)
     assert cm.info.rewrites.get("int8_matmul") == 2, cm.info.rewrites
     assert len(_int8_kernels(cm)) == 2, sorted(cm.info.schedules)
-    if has_vnni(cm.target.tvm_target()):
-        assert sum(v == "int8-vnni" for v in cm.info.schedules.values()) == 2, cm.info.schedules
+    assert sum(v == "int8-vnni" for v in cm.info.schedules.values()) == 2, cm.info.schedules
     _check_against_ort(cm, path, feeds)
 
 
@@ -168,3 +173,26 @@ def test_weight_table_keys_weights_by_their_dequantized_bytes(tmp_path: Path) ->
         assert iw.q.dtype == np.int8 and iw.scale.dtype == np.float32
     # a float model has none (nothing is rewritten)
     assert weight_table(graphopt.load(tmp_path / "fp32.onnx")) == {}
+
+
+@needs_vnni
+def test_silu_epilogue_is_vectorized_and_matches_ort(tmp_path: Path) -> None:
+    """YOLO-style conv + x*sigmoid(x): the sigmoid runs on TOPI's fast_exp in the int8 kernel's
+    epilogue (LLVM made one scalar expf call per lane of TVM's exp: the epilogue cost more than
+    the convolution), and the requantized result stays within one step of ORT's."""
+    from onnx import helper
+
+    rng = np.random.default_rng(4)
+    w = {"W1": rng.standard_normal((32, 16, 3, 3)).astype(np.float32) * 0.1,
+         "B1": rng.standard_normal(32).astype(np.float32) * 0.1,
+         "W2": rng.standard_normal((16, 32, 1, 1)).astype(np.float32) * 0.2}
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["s"]), helper.make_node("Mul", ["c", "s"], ["m"]),
+             helper.make_node("Conv", ["m", "W2"], ["y"])]
+    model = make_model(nodes, [vi("x", [1, 16, 12, 12])], [vi("y", [1, 16, 12, 12])], list(w.items()), opset=13)
+    path, feeds = _quantized(model, tmp_path, rng)
+    cm = tvm_compile(str(path), build_cache=False, progress=False)
+    assert cm.info.rewrites.get("int8_conv2d") == 2, cm.info.rewrites
+    asm = cm.module.mod.imports[0].inspect_source("asm")
+    assert "vpdpbusd" in asm and "expf" not in asm
+    _check_against_ort(cm, path, feeds)

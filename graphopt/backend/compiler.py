@@ -400,8 +400,11 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
                 used = "NHWC (per conv)" if n else "NCHW"
                 logger.info("graph-wide layout conversion failed (%s); %d convolutions made channels-last one by one",
                             _first_line(exc), n)
-        if int8_table:  # integer convolutions, in the layout the convs now have
+        if int8_table:  # integer convolutions, in the layout the convs now have; SiLU epilogues vectorized
+            from .int8 import fast_sigmoid
+
             mod, counts = rewrite_qdq(mod, int8_table, ("conv2d",))
+            mod = fast_sigmoid(mod)
             if int8_counts is not None:
                 for k, v in counts.items():
                     int8_counts[k] = int8_counts.get(k, 0) + v
@@ -789,9 +792,9 @@ def compile(
     ``const_inputs`` (name -> value): inputs compiled as constants (see :func:`pin_inputs`); the
     build no longer takes them.
 
-    ``int8_kernels`` (CPU targets): a QDQ model's convolutions and matmuls run as int8 x int8 ->
-    int32 kernels with requantization (:mod:`graphopt.backend.int8`) instead of dequantize,
-    float kernel, quantize; False keeps them float.
+    ``int8_kernels`` (CPU targets with AVX-512 VNNI): a QDQ model's convolutions and matmuls run as
+    int8 x int8 -> int32 kernels with requantization (:mod:`graphopt.backend.int8`) instead of
+    dequantize, float kernel, quantize; False keeps them float.
     """
     from graphopt.errors import require_extra
 
@@ -817,9 +820,11 @@ def compile(
 
         lanes = vector_lanes(spec.tvm_target())
     int8_table = {}
-    if int8_kernels and spec.device == "cpu":  # the int8 weights, before the pipeline folds their DequantizeLinear
-        from .int8 import weight_table
+    from .int8 import has_vnni, weight_table
 
+    # the int8 weights, read before the pipeline folds their DequantizeLinear; only where the CPU has
+    # integer dot products (VNNI): without them int32 multiply-adds are no faster than float ones
+    if int8_kernels and spec.device == "cpu" and has_vnni(spec.tvm_target()):
         if not isinstance(model, Model):
             model = _load_model(model)  # loaded once (prepare copies it)
         int8_table = weight_table(model)

@@ -4,37 +4,51 @@ requantization, and a default CPU schedule that uses the dot-product instruction
 
 TVM's ONNX frontend imports a QDQ model (``graphopt quantize``: uint8 or int8 activations,
 per-channel int8 weights) as ``dequantize -> float conv2d/matmul -> quantize``: it runs in float.
-This module rewrites it, in Relax, before lowering:
+:func:`graphopt.backend.compiler.lower` rewrites it in Relax, in three steps:
 
-``conv2d(dequantize(xq, sx, zx), W)`` (``W`` the float constant that the weight's
-DequantizeLinear folded into, ``W = wq * sw``) becomes
+1. :func:`elementwise_qdq`: per-tensor ``quantize``/``dequantize`` become the elementwise ops TVM
+   legalizes them to (same arithmetic). Relax's layout conversion has no rule for the two ops, so
+   in a channels-last build each one sat between two transposes; as elementwise ops they convert.
+2. :func:`rewrite_qdq` (matmuls before the compiler pads matmul widths, convolutions after the
+   layout conversion, in whatever layout they then have):
+   ``conv2d(dequantize(xq, sx, zx), W)`` (``W`` the float constant the weight's
+   DequantizeLinear folded into, ``W = wq * sw``) becomes
 
-    acc = conv2d(pad(u8(xq), value=zx), wq, out_dtype=int32)       # integer, exact
-    y   = float(acc - zx * sum(wq)) * (sx * sw)                     # requantization scale
+       acc = conv2d(pad(u8(xq), value=zx), wq, out_dtype=int32)       # integer, exact
+       y   = float(acc - zx * sum(wq)) * (sx * sw)                     # requantization scale
 
-and the same for ``matmul`` (weights ``[K, N]``). ``u8`` shifts int8 activations by 128 (and
-their zero point with them) so every kernel is unsigned x signed, the operand order of
-``vpdpbusd``. The spatial padding is explicit, with the zero point as the pad value, so padded
-pixels are real zeros and the zero-point correction is one constant per output channel. Bias,
-activation and the following ``quantize`` stay as they are and fuse into the kernel's epilogue:
-the kernel writes uint8 after one pass in registers. Input channels are padded to a multiple of 4
-and output channels to a multiple of 16 (zero weights; the extra outputs are sliced off) so the
-inner reduction is whole ``vpdpbusd`` steps.
+   and the same for ``matmul`` (weights ``[K, N]``). ``u8`` shifts int8 activations by 128 (and
+   their zero point with them) so every kernel is unsigned x signed, the operand order of
+   ``vpdpbusd``. The spatial padding is explicit, with the zero point as the pad value, so padded
+   pixels are real zeros and the zero-point correction is one constant per output channel.
+   Input channels (K) are padded to a multiple of 4 and output channels (N) to a multiple of 16
+   (zero weights; the extra outputs are sliced off) so the reduction is whole ``vpdpbusd``
+   steps. Bias, activation and the next ``quantize`` stay as they are and Relax fuses them into
+   the kernel's epilogue: one kernel reads uint8 and writes uint8.
+3. :class:`Int8DotRule`, the first tiled rule of :data:`graphopt.backend.schedules.DEFAULT_RULES`,
+   schedules those kernels: weights packed ``[N/16, ..., K/4, 16, 4]`` at compile time, a register
+   tile of accumulators, the inner 16x4 block tensorized as one ``vpdpbusd``
+   (:data:`VNNI_LOCAL_INTRIN`), the epilogue on write-back. Without VNNI (another CPU, an
+   aarch64 cross build) the integer kernels go to the float tiled rule: still integer, no dot
+   product instructions.
 
 How the int8 weights are found: graphopt's lossless pipeline folds each weight's
 DequantizeLinear into a float constant before import. :func:`weight_table` reads the model before
 that, computes each constant DequantizeLinear exactly as ONNX Runtime does (``float(wq - z) *
 s``, one float32 rounding), and keys the integer weights by the bytes of that float result; the
 rewrite looks every conv2d/matmul weight up by its bytes. A weight that is not found (changed by
-a fusion, or not from a DequantizeLinear) keeps its float kernel.
+a fusion, or not from a DequantizeLinear) keeps its float kernel (counted as ``float_kept``).
 
-Exactness: the integer accumulation is exact; the float rescale and TVM's ``quantize`` round
-once, as ONNX Runtime's QLinearConv does, but the float products are formed in a different
-order, so an output exactly on a rounding tie can land one quantization step away.
+Exactness: the integer accumulation is exact on both sides; ORT requantizes ``(acc + bias_q) *
+(sx*sw/sy)``, TVM ``((acc - zx*sum(w)) * (sx*sw) + bias) / sy``: the same real number through
+different float32 roundings, so an output within a rounding error of a .5 tie can land one
+quantization step away (tests/test_tvm_int8.py asserts at most one step, on at most 1% of the
+outputs; on its nets none differ).
 
-Grouped and depthwise convolutions keep the float kernel (``vpdpbusd`` reduces 4 input
-channels of one output channel; a depthwise conv has one), and so do convs and matmuls whose
-activation is not a per-tensor dequantize.
+Grouped and depthwise convolutions become integer kernels too (``int8_grouped_conv2d``; exact like
+ORT's integer ones), without ``vpdpbusd``, which sums 4 input channels of one output channel where
+a depthwise conv has one: the float tiled rule schedules them (int32 lanes). Convs and matmuls
+whose activation is not a per-tensor dequantize keep their float kernel (``float_kept``).
 """
 
 from __future__ import annotations
@@ -119,8 +133,8 @@ def _scalar(e: Any) -> float | int | None:
     return a.reshape(()).item()
 
 
-def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...] = ("conv2d", "matmul")
-                ) -> tuple[Any, dict[str, int]]:
+def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...] = ("conv2d", "matmul"),
+                *, grouped: bool = True) -> tuple[Any, dict[str, int]]:
     """Rewrite ``dequantize -> conv2d/matmul`` with known int8 weights into integer kernels (see
     the module docstring). Returns the module and counts (``int8_conv2d``, ``int8_matmul``,
     ``float_kept``: conv2d/matmul on dequantized activations left float).
@@ -135,7 +149,7 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
     import tvm
     from tvm import relax
 
-    counts = {"int8_conv2d": 0, "int8_matmul": 0, "float_kept": 0}
+    counts = {"int8_conv2d": 0, "int8_grouped_conv2d": 0, "int8_matmul": 0, "float_kept": 0}
     if not table:
         return mod, counts
     ops = {k: tvm.ir.Op.get("relax." + k) for k in ("nn.conv2d", "matmul", "multiply", "astype", "subtract",
@@ -203,7 +217,7 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
             x16 = self.builder_.emit(relax.op.add(x16, relax.const(128, "int16")))
             return self.builder_.emit(relax.op.astype(x16, "uint8")), z + 128
 
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
+        def visit_call_(self, call: Any) -> Any:
             if ("conv2d" in kinds and is_call(call, "nn.conv2d")) or ("matmul" in kinds and is_call(call, "matmul")):
                 new = self._try(call)
                 if new is not None:
@@ -226,14 +240,18 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
         def _conv(self, call: Any, xq: Any, sx: float, zx: int, dt: str, iw: IntWeight, perm: list[int]) -> Any:
             a = call.attrs
             dl, kl = str(a.data_layout), str(a.kernel_layout)
-            if (int(a.groups) != 1 or dl not in ("NCHW", "NHWC") or iw.q.ndim != 4 or iw.axis != 0
-                    or len(xq.ty.shape) != 4 or str(a.out_layout) not in ("", dl)
+            groups = int(a.groups)
+            if (dl not in ("NCHW", "NHWC") or iw.q.ndim != 4 or iw.axis != 0 or len(xq.ty.shape) != 4
+                    or str(a.out_layout) not in ("", dl) or (groups > 1 and not grouped)
                     or "".join("OIHW"[p] for p in perm) != kl):  # the permutation made the kernel layout
                 counts["float_kept"] += 1
                 return None
             q = iw.q
             oc, ic = q.shape[:2]
-            ocp, icp = -(-oc // OC_BLOCK) * OC_BLOCK, -(-ic // K_BLOCK) * K_BLOCK
+            if groups == 1:
+                ocp, icp = -(-oc // OC_BLOCK) * OC_BLOCK, -(-ic // K_BLOCK) * K_BLOCK
+            else:  # grouped/depthwise: integer too (exact like ORT's), no vpdpbusd, no channel padding
+                ocp, icp = oc, ic
             qp = np.zeros((ocp, icp) + q.shape[2:], np.int8)
             qp[:oc, :ic] = q
             xu, zu = self._unsigned(xq, zx, dt)
@@ -247,8 +265,8 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
                 xu = self.builder_.emit(relax.op.nn.pad(xu, widths, pad_value=float(zu)))
             acc = self.builder_.emit(relax.op.nn.conv2d(
                 xu, relax.const(np.ascontiguousarray(qp.transpose(perm))), strides=[int(s) for s in a.strides],
-                padding=[0, 0, 0, 0], dilation=[int(d) for d in a.dilation], data_layout=dl, kernel_layout=kl,
-                out_layout=dl, out_dtype="int32"))
+                padding=[0, 0, 0, 0], dilation=[int(d) for d in a.dilation], groups=groups, data_layout=dl,
+                kernel_layout=kl, out_layout=dl, out_dtype="int32"))
             cshape = [1, 1, 1, 1]
             cshape[c_axis] = ocp
             corr = (zu * qp.astype(np.int64).sum(axis=(1, 2, 3))).astype(np.int32).reshape(cshape)
@@ -260,7 +278,7 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
                 scale = np.repeat(scale, oc)
             cshape[c_axis] = oc
             f = self.builder_.emit(relax.op.astype(acc, "float32"))
-            counts["int8_conv2d"] += 1
+            counts["int8_conv2d" if groups == 1 else "int8_grouped_conv2d"] += 1
             return relax.op.multiply(f, relax.const(scale.reshape(cshape)))
 
         def _matmul(self, call: Any, xq: Any, sx: float, zx: int, dt: str, iw: IntWeight, perm: list[int]) -> Any:
@@ -292,10 +310,10 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
             mod[gv] = rw.visit_expr(func)
-    if counts["int8_conv2d"] or counts["int8_matmul"]:
+    if counts["int8_conv2d"] or counts["int8_grouped_conv2d"] or counts["int8_matmul"]:
         mod = relax.transform.DeadCodeElimination()(mod)
-    logger.info("int8 kernels: %d conv2d, %d matmul (%d kept float)", counts["int8_conv2d"], counts["int8_matmul"],
-                counts["float_kept"])
+    logger.info("int8 kernels: %d conv2d, %d grouped conv2d, %d matmul (%d kept float)", counts["int8_conv2d"],
+                counts["int8_grouped_conv2d"], counts["int8_matmul"], counts["float_kept"])
     return mod, counts
 
 
@@ -317,7 +335,7 @@ def elementwise_qdq(mod: Any) -> Any:
 
     @relax.expr_functor.mutator
     class _Elementwise(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
+        def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             if not isinstance(call, relax.Call) or not (call.op.same_as(op_q) or call.op.same_as(op_dq)):
                 return call
@@ -412,8 +430,14 @@ class Int8DotRule:
 
         from tvm.s_tir.dlight.analysis import normalize_prim_func
 
-        from .schedules import (_has_if_then_else, _is_spatial_block, _root_blocks, _schedule_injective, _uses_var,
-                                vector_lanes)
+        from .schedules import (
+            _has_if_then_else,
+            _is_spatial_block,
+            _root_blocks,
+            _schedule_injective,
+            _uses_var,
+            vector_lanes,
+        )
 
         if not has_vnni(target):
             return False
@@ -537,9 +561,12 @@ class Int8DotRule:
                 ext = int(ext)
             except TypeError:
                 continue
-            if ext % OC_BLOCK == 0:
-                if ext > OC_BLOCK:
-                    _, inner = sch.split(inner, [None, OC_BLOCK])
+            # the widest vector dividing the row (a sliced epilogue of 24 channels: 8 lanes; left
+            # scalar, its requantize and fast_exp per element cost more than the convolution)
+            vw = next((v for v in (OC_BLOCK, OC_BLOCK // 2, OC_BLOCK // 4) if ext % v == 0), 0)
+            if vw:
+                if ext > vw:
+                    _, inner = sch.split(inner, [None, vw])
                 sch.vectorize(inner)
         main_loop = sch.get(fused)
         for bl in _root_blocks(sch):  # stages left at the root (a real pad): parallel, vectorized copies
@@ -628,3 +655,35 @@ def _domain(sch: Any, block: Any) -> list[int]:
         if e > 1:
             out.append(e)
     return sorted(out)
+
+
+def fast_sigmoid(mod: Any) -> Any:
+    """``sigmoid(x)`` as ``1 / (1 + fast_exp(-x))`` (TOPI's polynomial ``fast_exp``, about 1e-6
+    relative error, vectorizable), for QDQ models whose activations are requantized anyway.
+
+    Why: LLVM turns TVM's ``exp`` on a vector into one ``expf`` call per lane, so a SiLU epilogue
+    (YOLO-style detectors: every conv is followed by ``x * sigmoid(x)``) cost more than the int8
+    convolution it follows; ONNX Runtime's own logistic is a vectorized approximation too. Runs
+    after the layout conversion (the ``fast_exp`` call is a TIR function, which has no layout rule).
+    """
+    import tvm
+    from tvm import relax, topi
+
+    op_sig = tvm.ir.Op.get("relax.sigmoid")
+
+    @relax.expr_functor.mutator
+    class _Sigmoid(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
+            call = super().visit_call_(call)
+            if not isinstance(call, relax.Call) or not call.op.same_as(op_sig) or str(call.ty.dtype) != "float32":
+                return call
+            e = self.builder_.call_te(topi.fast_exp, self.builder_.emit(relax.op.negative(call.args[0])),
+                                      primfunc_name_hint="fast_exp")
+            d = self.builder_.emit(relax.op.add(relax.const(np.float32(1)), e))
+            return relax.op.divide(relax.const(np.float32(1)), d)
+
+    rw = _Sigmoid(mod)  # the builder holds the module: fast_exp's PrimFuncs are added to it
+    for gv, func in list(mod.functions_items()):
+        if isinstance(func, relax.Function):
+            rw.builder_.update_func(gv, rw.visit_expr(func))
+    return rw.builder_.get()

@@ -616,7 +616,8 @@ class FallbackRule(_Rule):
         return done
 
 
-from .int8 import Int8DotRule  # noqa: E402 - integer conv/matmul on VNNI, tried before the float tiled rule
+# integer conv/matmul on VNNI, tried before the float tiled rule (imported here: int8 reads this module lazily)
+from .int8 import Int8DotRule
 
 DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule()), TiledReductionRule(),
                                      RowReductionRule(), DLightReductionRule(), FallbackRule())
