@@ -135,7 +135,7 @@ def kernel_profile(cm: Any, feed: dict[str, np.ndarray], runs: int = 3, top: int
             for k, v in rows]
 
 
-def run_one(name: str, rounds: int, settle_s: float, n_eval: int) -> dict[str, Any]:
+def run_one(name: str, rounds: int, settle_s: float, n_eval: int, fast_math: bool = False) -> dict[str, Any]:
     import graphopt
     from benchmarks.corpus import fetch, model_path
     from graphopt.backend import compile as tvm_compile
@@ -159,7 +159,7 @@ def run_one(name: str, rounds: int, settle_s: float, n_eval: int) -> dict[str, A
     t0 = time.perf_counter()
     try:
         cm = tvm_compile(str(path), input_shapes=shapes, const_inputs=const or None, build_cache=False,
-                         progress=False)
+                         progress=False, fast_math=fast_math)
     except GraphoptError as exc:
         res.update(compile="refused", error=str(exc).splitlines()[0], compile_s=time.perf_counter() - t0)
         return res
@@ -219,7 +219,8 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="graphopt-tvmrw-") as d:
         out = Path(d) / "r.json"
         cmd = [sys.executable, "-m", "benchmarks.tvm_realworld", "--one", name, "--json-out", str(out),
-               "--rounds", str(args.rounds), "--settle", str(args.settle), "--samples", str(args.samples)]
+               "--rounds", str(args.rounds), "--settle", str(args.settle), "--samples", str(args.samples)] + \
+            (["--fast-math"] if args.fast_math else [])
         t0 = time.perf_counter()
         limit = int(args.cpu_limit)
 
@@ -322,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.15)
     ap.add_argument("--samples", type=int, default=3, help="eval samples checked against ORT")
     ap.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
+    ap.add_argument("--fast-math", action="store_true", help="compile with fast_math=True (vectorizable exp/erf/"
+                    "tanh/softmax/sigmoid approximations; write to another --out)")
     ap.add_argument("--out", default="tvm_realworld")
     ap.add_argument("--merge", metavar="NAME", help="merge results/NAME.json (a run with another --out) into the "
                     "results and rewrite the markdown; runs nothing")
@@ -332,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
-        r = run_one(args.one, args.rounds, args.settle, args.samples)
+        r = run_one(args.one, args.rounds, args.settle, args.samples, fast_math=args.fast_math)
         Path(args.json_out).write_text(json.dumps(r, indent=1, default=str))
         return 0
     from benchmarks.corpus import ENTRIES
@@ -372,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     res["machine"] = f"{platform.machine()}, {os.cpu_count()} cores"
     res["settle_s"] = args.settle
     res["command"] = " ".join(["--models " + args.models] if args.models else []) + \
-        f" --cpu-limit {args.cpu_limit:g} --jobs {args.jobs} --rounds {args.rounds} --samples {args.samples}"
+        f" --cpu-limit {args.cpu_limit:g} --jobs {args.jobs} --rounds {args.rounds} --samples {args.samples}" + \
+        (" --fast-math" if args.fast_math else "")
     res["load_before"] = os.getloadavg()
     from concurrent.futures import ThreadPoolExecutor, as_completed
 

@@ -352,3 +352,24 @@ def test_narrow_matmul_and_conv_are_row_reductions(tmp_path: Path) -> None:
     narrow = {f: r for f, r in cm.info.schedules.items() if "conv2d" in f or "matmul" in f}
     assert len(narrow) == 2 and set(narrow.values()) == {"row-reduction"}, cm.info.schedules
     assert cm.info.naive_kernels == []
+
+
+def test_fast_math_opt_in_vectorizes_silu_and_softmax(tmp_path: Path) -> None:
+    """``fast_math=True`` (opt-in): sigmoid (a conv's SiLU epilogue) and softmax run as TOPI's
+    vectorizable approximations - no ``sigmoid``/``exp`` left in the kernels - and the outputs
+    still equal ORT's within the lossless tolerance; the default build keeps them exact."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c"], ["s"]),
+             helper.make_node("Mul", ["c", "s"], ["y"]),
+             helper.make_node("Flatten", ["y"], ["f"]),
+             helper.make_node("Softmax", ["f"], ["p"], axis=-1)]
+    model = make_model(nodes, [vi("x", [1, 16, 8, 8])], [vi("y", [1, 16, 8, 8]), vi("p", [1, 1024])],
+                       [("W", (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32))], opset=13)
+    feed = {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}
+    fast = _build_and_check(model, tmp_path, feed, fast_math=True)
+    exact = _build_and_check(model, tmp_path, feed)
+    assert not [n for n in fast.info.schedules if "sigmoid" in n or "softmax1" == n], fast.info.schedules
+    assert any("fast_exp" in n for n in fast.info.schedules) and any("fast_softmax" in n for n in fast.info.schedules)
+    assert any("sigmoid" in n for n in exact.info.schedules) and "softmax1" in str(exact.info.schedules)
+    assert fast.info.naive_kernels == [] and exact.info.naive_kernels == []
