@@ -124,72 +124,6 @@ def supported_ops() -> set[str]:
     return set(onnx_frontend._get_convert_map())
 
 
-def _const_weight_convs(graph: Any) -> Iterator[tuple[Any, int, np.ndarray | None]]:
-    """(node, group, constant weight or None) for every standard Conv of ``graph`` (a snapshot:
-    the caller may rewrite them)."""
-    for n in list(graph):
-        if n.op_type == "Conv" and n.domain in ("", "ai.onnx"):
-            yield n, int(n.attr("group", 1) or 1), (n.input(1).const_value() if n.input(1) is not None else None)
-
-
-def pad_group_widths(model: Model, lanes: int, max_growth: float = 1.5, min_gain: float = 1.2) -> int:
-    """Give convolutions whole vectors of output channels, per group: zero filters pad each
-    group's outputs to a multiple of ``lanes``, and a Split (plus a Concat for several groups)
-    drops the padding again. Exact. Applied where the vectors gained outweigh the padded work by
-    ``min_gain``, with at most ``max_growth`` more work. Returns how many convs changed.
-
-    Why: the default schedules vectorize output channels and a vector must stay inside one
-    group (its lanes share one input channel), so ShuffleNet's 34-wide groups got 2-lane tiles
-    (16-lane once padded to 48: ShuffleNet's untuned build went from 4.1x to 2.0x of ORT), and
-    SqueezeNet's 1000-class conv got 8-lane ones (1008 channels: 16 lanes).
-    """
-    from .schedules import vector_width
-
-    graph = model.graph
-    changed = 0
-    for n, groups, w in _const_weight_convs(graph):
-        if w is None or w.ndim != 4 or w.shape[0] % groups or (groups > 1 and w.shape[1] == 1):
-            continue  # depthwise (one input channel per group) is channel-wise: nothing to pad
-        width = w.shape[0] // groups
-        padded = -(-width // lanes) * lanes
-        if width % lanes == 0 or padded > max_growth * width:
-            continue
-        if (width / max(vector_width(width, lanes), 1)) / (padded / lanes) < min_gain:  # vectors per group
-            continue
-        bias = n.input(2).const_value() if len(n.inputs) > 2 and n.input(2) is not None else None
-        if len(n.inputs) > 2 and n.input(2) is not None and bias is None:
-            continue
-        wp = np.zeros((groups * padded,) + w.shape[1:], w.dtype)
-        bp = np.zeros(groups * padded, w.dtype)
-        for k in range(groups):
-            wp[k * padded:k * padded + width] = w[k * width:(k + 1) * width]
-            if bias is not None:
-                bp[k * padded:k * padded + width] = bias[k * width:(k + 1) * width]
-        base = n.name or "conv"
-        ins = [n.input(0), graph.add_initializer(base + "_wpad", wp)]
-        if bias is not None:
-            ins.append(graph.add_initializer(base + "_bpad", bp))
-        conv = graph.make_node("Conv", ins, {k: n.attr(k) for k in n.attrs}, before=n,
-                               name=graph.fresh_name(base + "_padded"))
-        # one Split into [width, padding] per group keeps every opset (and TVM's converter) happy
-        sizes = [width, padded - width] * groups
-        if (model.opset("") or 1) < 13:  # Split-2/11: sizes are an attribute
-            split = graph.make_node("Split", [conv.output(0)], {"axis": 1, "split": sizes}, num_outputs=len(sizes),
-                                    before=n, name=graph.fresh_name(base + "_unpad"))
-        else:
-            sv = graph.add_initializer(graph.fresh_name(base + "_sizes"), np.array(sizes, np.int64))
-            split = graph.make_node("Split", [conv.output(0), sv], {"axis": 1}, num_outputs=len(sizes), before=n,
-                                    name=graph.fresh_name(base + "_unpad"))
-        parts = [split.output(2 * k) for k in range(groups)]
-        out = parts[0] if groups == 1 else graph.make_node("Concat", parts, {"axis": 1}, before=n,
-                                                          name=graph.fresh_name(base + "_groups")).output(0)
-        out.dtype, out.shape = n.output(0).dtype, n.output(0).shape
-        graph.replace_all_uses_with(n.output(0), out)
-        graph.remove(n)
-        changed += 1
-    return changed
-
-
 def pin_inputs(model: Model, values: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """Make the named inputs constants of the given values, in place (they leave the signature);
     returns the pinned arrays (the input's dtype and, when static, shape).
@@ -843,7 +777,13 @@ def compile(
     pinned = {k: np.asarray(v).tolist() for k, v in (const_inputs or {}).items()}  # recorded in the sidecar
     # whole vectors of output channels (not for the int8 kernels: they pad their channels to 16 themselves,
     # and a padded weight would no longer be found among the model's int8 weights)
-    padded = pad_group_widths(prepared, lanes) if lanes > 1 and not int8_table else 0
+    padded = 0
+    if lanes > 1 and not int8_table:  # the pass (passes/lower) through the registry: graphopt/ never imports passes/
+        import graphopt
+
+        pad = graphopt.get_pass("pad-group-widths", lanes=lanes)
+        graphopt.run_passes(prepared, [pad])
+        padded = int(pad.report["padded_convs"])
     t1 = time.perf_counter()
     cacheable = build_cache and spec.device == "cpu" and not spec.is_cross \
         and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")

@@ -6,6 +6,8 @@
   DynamicQuantizeLSTM, ...) as standard float / QDQ ONNX.
 * ``unroll-loops`` - Loop with a constant trip count and Scan over a static length, the body
   copied once per iteration.
+* ``pad-group-widths`` - conv groups padded to whole vectors of output channels (run by the CPU
+  compile with the target's vector width; in no pipeline).
 * ``lower-one-hot`` - OneHot with a constant depth as Equal + Where (TVM's converter refuses
   tf2onnx's ``int32[1]`` depth and makes float64 outputs).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 from graphopt import Pipeline, register_pipeline
 
 from .conv_transpose import ExplicitConvTranspose
+from .group_widths import PadGroupWidths
 from .integer import LowerInteger
 from .loops import UnrollLoops
 from .one_hot import LowerOneHot
@@ -34,4 +37,5 @@ def lower_for_tvm_pipeline() -> Pipeline:
 
 register_pipeline("lower-for-tvm", lower_for_tvm_pipeline)
 
-__all__ = ["ExplicitConvTranspose", "LowerInteger", "LowerOneHot", "LowerRecurrent", "UnrollLoops", "lower_for_tvm_pipeline"]
+__all__ = ["ExplicitConvTranspose", "LowerInteger", "LowerOneHot", "LowerRecurrent", "PadGroupWidths", "UnrollLoops",
+           "lower_for_tvm_pipeline"]
