@@ -100,6 +100,22 @@ def _params(path: Path) -> int:
                    for a in nd.attribute if a.name == "value")
 
 
+def _both_orientations(task: Any, n: int) -> list[dict[str, np.ndarray]]:
+    """ppocr_cls's first ``n`` calibration lines, each rendered upright and turned over (the
+    task's own rendering: the line is turned before it is fitted and padded, as the task does
+    for its 180-degree lines): 2n unlabeled inputs, a transfer set that shows the student every
+    text in both orientations (the teacher labels them)."""
+    from benchmarks.corpus.data import _line_input, _render_line, _rng, _text_line
+
+    out = []
+    for i in range(n):
+        rng = _rng(task.name, "calib", i)
+        img = _render_line(rng, _text_line(rng, 3))
+        for im in (img, img[::-1, ::-1].copy()):
+            out.append({"x": _line_input(im, 48, 192, max_width=192)})
+    return out
+
+
 def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Prune (or quantize) a line model, then distill it from the original; score each."""
     from benchmarks.corpus import fetch, model_path
@@ -109,13 +125,15 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
     task = get_task(name)
     orig = Path(model_path(name))
     train = task.calibration(args.train_n)
+    if args.both_orientations and name == "ppocr_cls":
+        train = _both_orientations(task, args.train_n)
     if len({v.shape for f in train for v in f.values()}) > 1:  # lines of several widths: pad to a few
         train = [{k: _pad_width(v) for k, v in f.items()} for f in train]
     data = tmp / f"{name}_train"
     _write_dir(train, data)
     cmds: list[str] = []
     row: dict[str, Any] = {"model": name, "experiment": kind, "train_samples": len(train), "eval_samples": args.eval_n,
-                           "metric": task.metric}
+                           "metric": task.metric, "both_orientations": bool(args.both_orientations and name == "ppocr_cls")}
     row["fp32"] = _score(task, orig, args.eval_n)
     shape = ",".join(str(d) for d in task.calibration(1)[0]["x"].shape)
     student = tmp / f"{name}_{kind}.onnx"
@@ -147,6 +165,9 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
         lr = args.lr_qat
     out = tmp / f"{name}_{kind}_distilled.onnx"
     extra = ["--match", "auto"] if kind == "prune" and args.match else []
+    if args.labels and row["both_orientations"]:  # the rendered lines' truth: upright 0, turned over 1
+        np.save(tmp / "labels.npy", np.tile(np.array([0, 1], np.int64), len(train) // 2))
+        extra += ["--labels", str(tmp / "labels.npy"), "--alpha", str(args.alpha)]
     snap = ["--snapshot-every", str(args.snapshot_every)] if args.snapshot_every else []
     row["distill_s"] = _run([*GRAPHOPT, "distill", str(student), "-o", str(out), "--teacher", str(orig),
                              "--data", str(data), "--minutes", str(args.minutes), "--lr", str(lr),
@@ -156,7 +177,7 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
     if snap:  # the held-out score of the weights saved along the way: would more minutes help?
         row["curve"] = [{"seconds": int(f.name.split(".t")[-1].split("s.")[0]), **_score(task, f, args.eval_n)}
                         for f in sorted(tmp.glob(f"{out.stem}.t*s.onnx"))]
-        row["curve"].append({"seconds": round(row["distill_s"]), **row["distilled"]})
+        row["curve"].append({"seconds": round(row["distill_s"]), "written": True, **row["distilled"]})
     row["commands"] = cmds
     if kind == "qat":
         import onnx
@@ -390,7 +411,12 @@ def write_md(rows: dict[str, Any]) -> str:
             if t not in ("?", "1.0"):
                 what += f", T {t}"
             what += f", {r['train_samples']} lines"
-            if r["model"] == "ppocr_cls" and "fixedwidth" not in r["key"]:
+            if r.get("both_orientations"):
+                what += f" ({r['train_samples'] // 2} texts, each upright and turned over)"
+            a = next((c.split("--alpha ")[1].split()[0] for c in r["commands"] if "--labels " in c), None)
+            if a is not None:
+                what += f", + true labels (alpha {a})"
+            if r["model"] == "ppocr_cls" and "fixedwidth" not in r["key"] and "params" not in r:
                 what += " (192-wide lines zero-padded to 320)"
             t_c = r.get("compress_s", r.get("quantize_s", 0.0))
             lines.append(f"| {r['model']} | {what} | {r['metric']} (n={r['eval_samples']}) | {r['fp32']['score']:.4f} | "
@@ -400,8 +426,10 @@ def write_md(rows: dict[str, Any]) -> str:
         for r in line_rows:
             if r.get("curve"):
                 lines.append(f"- {r['model']} {r['experiment']} ({r['key']}), held-out {r['metric']} during "
-                             "distillation (minutes of training: score, exact lines; the last is the written model): "
-                             + ", ".join(f"{c['seconds'] / 60:.0f} min: {c['score']:.3f}"
+                             "distillation (minutes of training: score"
+                             + (" / exact lines" if "exact_line" in r["curve"][0] else "") + "): "
+                             + ", ".join(("written model" if c.get("written") or c is r["curve"][-1] else
+                                          f"{c['seconds'] / 60:.0f} min") + f": {c['score']:.3f}"
                                          + (f" / {c['exact_line']:.3f}" if "exact_line" in c else "")
                                          for c in r["curve"]))
         for r in line_rows:
@@ -463,6 +491,11 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=0.5,
                     help="compress --prune R --structured: fraction of channels removed (0.32 leaves ppocr_cls "
                     "0.5x its parameters, 0.37 ppocrv3_rec)")
+    ap.add_argument("--both-orientations", action="store_true",
+                    help="cls-prune: train on every line upright and turned over (2x --train-n inputs)")
+    ap.add_argument("--labels", action="store_true", help="with --both-orientations: the lines' true orientation "
+                    "as --labels (cross-entropy, weighed by --alpha against distillation)")
+    ap.add_argument("--alpha", type=float, default=0.5, help="with --labels: distillation vs cross-entropy")
     ap.add_argument("--snapshot-every", type=float, default=0.0,
                     help="distill --snapshot-every MIN: score the weights every MIN minutes (held-out curve)")
     ap.add_argument("--sensitivity", action="store_true", help="compress --sensitivity: per-layer ratios")
