@@ -431,11 +431,12 @@ class Int8DotRule:
         from tvm.s_tir.dlight.analysis import normalize_prim_func
 
         from .schedules import (
-            _has_if_then_else,
+            _inline_around,
             _is_spatial_block,
             _root_blocks,
             _schedule_injective,
             _uses_var,
+            _write_back,
             vector_lanes,
         )
 
@@ -489,20 +490,7 @@ class Int8DotRule:
         xi, fm = choose_int8_tile(int(block_it.dom) if block_it else 1, f // OC_BLOCK)
 
         # 1. producers inlined (copies; a pad with a real border stays a stage), epilogue chain folded
-        idx = infos.index(main)
-        for bi in infos[:idx]:
-            if _has_if_then_else(sch, bi.block_rv):
-                continue
-            try:
-                sch.compute_inline(bi.block_rv)
-            except Exception:  # noqa: BLE001
-                pass
-        epilogue = infos[idx + 1:]
-        for bi in epilogue[:-1]:
-            try:
-                sch.compute_inline(bi.block_rv)
-            except Exception:  # noqa: BLE001
-                pass
+        epilogue = _inline_around(sch, infos, infos.index(main))
         rv = main.block_rv
         # 2. the weight packed [F/16, <its other dims, K/4 in place of K>, 16, 4]
         b_idx = next(i for i, r in enumerate(sch.get(rv).reads) if r.source.same_as(b.source))
@@ -516,17 +504,10 @@ class Int8DotRule:
 
         sch.transform_layout(rv, ("read", b_idx), pack)
         # 3. register tile accumulators, epilogue on write-back
-        wb = sch.cache_write(rv, 0, "local")
-        last_epi = epilogue[-1].block_rv if epilogue else None
-        epi_inlined = False
         # (only onto the same iteration space: a sliced epilogue - output channels padded to 16 -
         # inlined into the full-width write-back would write past its output)
-        if last_epi is not None and _domain(sch, last_epi) == _domain(sch, wb):
-            try:
-                sch.reverse_compute_inline(last_epi)
-                epi_inlined = True
-            except Exception:  # noqa: BLE001
-                epi_inlined = False
+        wb, last_epi, epi_inlined = _write_back(sch, rv, epilogue,
+                                                lambda epi, w: _domain(sch, epi) == _domain(sch, w))
         loops = sch.get_loops(rv)
         by_it = {id(it): lp for it, lp in zip(iters, loops, strict=True)}
         f_o, f_m, f_i = sch.split(by_it[id(vec_it)], [None, fm, OC_BLOCK])

@@ -250,19 +250,7 @@ class TiledReductionRule(_Rule):
 
         # 1. inline producers that are pure copies (a pad with a real border stays a stage),
         #    and fold the elementwise epilogue chain into its last block.
-        for b in infos[:idx]:
-            if _has_if_then_else(sch, b.block_rv):
-                continue
-            try:
-                sch.compute_inline(b.block_rv)
-            except Exception:  # noqa: BLE001
-                pass
-        epilogue = infos[idx + 1:]
-        for b in epilogue[:-1]:
-            try:
-                sch.compute_inline(b.block_rv)
-            except Exception:  # noqa: BLE001
-                pass
+        epilogue = _inline_around(sch, infos, idx)
         main_rv = main.block_rv
         # 1b. pack a constant weight panel-major ([f // tile, ..., f % tile]) so each tile
         #     streams contiguous memory; power-of-two row strides otherwise alias in the caches.
@@ -270,17 +258,10 @@ class TiledReductionRule(_Rule):
         if self.pack_weights:
             _pack_weight(sch, main_rv, vec_it.var, vw * fm)
         # 2. accumulate in a register tile; write back with the epilogue applied.
-        wb = sch.cache_write(main_rv, 0, "local")
-        last_epi = epilogue[-1].block_rv if epilogue else None
-        epi_inlined = False
         # (TVM inlines an epilogue over a smaller output too - the slice that drops a matmul's
         # padded columns - and the write-back then stores past that output's rows: not here)
-        if last_epi is not None and _same_write_shape(sch, last_epi, main_rv):
-            try:
-                sch.reverse_compute_inline(last_epi)
-                epi_inlined = True
-            except Exception:  # noqa: BLE001
-                epi_inlined = False
+        wb, last_epi, epi_inlined = _write_back(sch, main_rv, epilogue,
+                                                lambda epi, _wb: _same_write_shape(sch, epi, main_rv))
         # 3. tile: [F_o, P_o] (parallel) / reductions / [P_i (unrolled), F_i (vectorized)]
         loops = sch.get_loops(main_rv)
         by_var = {id(it): lp for it, lp in zip(iters, loops, strict=True)}
@@ -399,6 +380,42 @@ def _group_divisors(block: Any, var: Any) -> list[int]:
         for rg in r.region:
             tvm_ffi.structural_walk(rg.min, (tirx.FloorDiv, visit), order="post")
     return [g for g in found if g > 1]
+
+
+def _inline_around(sch: Any, infos: list[Any], idx: int) -> list[Any]:
+    """Inline the producers of block ``infos[idx]`` that are pure copies (a pad with a real
+    border stays a stage) and fold its elementwise epilogue chain into the chain's last block;
+    returns the epilogue blocks (the last one still stands)."""
+    for b in infos[:idx]:
+        if _has_if_then_else(sch, b.block_rv):
+            continue
+        try:
+            sch.compute_inline(b.block_rv)
+        except Exception:  # noqa: BLE001 - a producer TVM cannot inline stays a stage
+            pass
+    epilogue = infos[idx + 1:]
+    for b in epilogue[:-1]:
+        try:
+            sch.compute_inline(b.block_rv)
+        except Exception:  # noqa: BLE001
+            pass
+    return epilogue
+
+
+def _write_back(sch: Any, main_rv: Any, epilogue: list[Any], same_space: Any) -> tuple[Any, Any, bool]:
+    """A local accumulator for ``main_rv`` and its write-back, with the last epilogue block
+    inlined into the write-back where ``same_space(epilogue_block, write_back)`` says they share
+    one iteration space. Returns (write-back block, last epilogue block or None, inlined)."""
+    wb = sch.cache_write(main_rv, 0, "local")
+    last_epi = epilogue[-1].block_rv if epilogue else None
+    inlined = False
+    if last_epi is not None and same_space(last_epi, wb):
+        try:
+            sch.reverse_compute_inline(last_epi)
+            inlined = True
+        except Exception:  # noqa: BLE001 - it stays a block after the write-back
+            inlined = False
+    return wb, last_epi, inlined
 
 
 def _has_if_then_else(sch: Any, block: Any) -> bool:
