@@ -168,6 +168,8 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
     if args.labels and row["both_orientations"]:  # the rendered lines' truth: upright 0, turned over 1
         np.save(tmp / "labels.npy", np.tile(np.array([0, 1], np.int64), len(train) // 2))
         extra += ["--labels", str(tmp / "labels.npy"), "--alpha", str(args.alpha)]
+    if args.loss:  # e.g. softmax_5.tmp_0=ctc: the recognizer's sequence-level (CTC) distillation
+        extra += ["--loss", args.loss]
     snap = ["--snapshot-every", str(args.snapshot_every)] if args.snapshot_every else []
     row["distill_s"] = _run([*GRAPHOPT, "distill", str(student), "-o", str(out), "--teacher", str(orig),
                              "--data", str(data), "--minutes", str(args.minutes), "--lr", str(lr),
@@ -413,6 +415,10 @@ def write_md(rows: dict[str, Any]) -> str:
             what += f", {r['train_samples']} lines"
             if r.get("both_orientations"):
                 what += f" ({r['train_samples'] // 2} texts, each upright and turned over)"
+            loss = next((c.split("--loss ")[1].split()[0] for c in r["commands"] if "--loss " in c), None)
+            if loss is not None:
+                what += f", loss {loss.split('=')[-1]}" + (" (greedy-transcript CTC + per-frame KL, 0.5/0.5)"
+                                                            if loss.split("=")[-1].startswith("ctc") else "")
             a = next((c.split("--alpha ")[1].split()[0] for c in r["commands"] if "--labels " in c), None)
             if a is not None:
                 what += f", + true labels (alpha {a})"
@@ -498,6 +504,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=0.5, help="with --labels: distillation vs cross-entropy")
     ap.add_argument("--snapshot-every", type=float, default=0.0,
                     help="distill --snapshot-every MIN: score the weights every MIN minutes (held-out curve)")
+    ap.add_argument("--loss", help="distill --loss OUTPUT=KIND for the line models (rec-prune: "
+                    "softmax_5.tmp_0=ctc trains on the teacher's greedy transcripts, CTC + per-frame KL)")
     ap.add_argument("--sensitivity", action="store_true", help="compress --sensitivity: per-layer ratios")
     ap.add_argument("--refit", choices=["layer", "block"], help="compress --refit for the pruned students")
     ap.add_argument("--match", action=argparse.BooleanOptionalAction, default=True,

@@ -5,6 +5,7 @@ student comes back as the same valid QDQ model, and unsupported ops are refused 
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import numpy as np
 import onnx
@@ -415,3 +416,148 @@ def test_cli_distill_snapshot_every(tmp_path) -> None:
     assert out.exists() and 1 <= len(snaps) <= 4, snaps
     for s in snaps:
         onnx.checker.check_model(str(s), full_check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# sequence-level (CTC) distillation of a per-frame [N, T, C] recognizer output
+# ---------------------------------------------------------------------------------------------
+def frame_model(seed: int = 0, blank_bias: float = 1.0, frames: int = 16, feats: int = 6,
+                classes: int = 6) -> onnx.ModelProto:
+    """A tiny CTC 'recognizer': x [N, T, F] -> MatMul-Add-Relu-MatMul-Add -> Softmax over C per
+    frame ([N, T, C] probabilities, blank 0 raised by ``blank_bias``)."""
+    rng = np.random.default_rng(seed)
+    b3 = _rand(rng, classes)
+    b3[0] += blank_bias
+    inits = {"w1": _rand(rng, feats, 12, scale=0.8), "b1": _rand(rng, 12, scale=0.2),
+             "w3": _rand(rng, 12, classes, scale=0.8), "b3": b3}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h"]), helper.make_node("MatMul", ["h", "w3"], ["z0"]),
+             helper.make_node("Add", ["z0", "b3"], ["logits"]),
+             helper.make_node("Softmax", ["logits"], ["prob"], axis=-1)]
+    return _model(nodes, [_vi("x", ["N", frames, feats])], [_vi("prob", ["N", frames, classes])], inits)
+
+
+def _frame_data(n: int, seed: int, frames: int = 16, feats: int = 6) -> list[dict[str, np.ndarray]]:
+    """Inputs in runs of 1-3 equal frames (a glyph spans several frames, as in a text line)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        runs = np.repeat(rng.standard_normal((frames, feats)), rng.integers(1, 4, frames), axis=0)[:frames]
+        out.append({"x": (runs + 0.1 * rng.standard_normal(runs.shape))[None].astype(np.float32)})
+    return out
+
+
+def _decode(p: np.ndarray, blank: int = 0) -> list[list[int]]:
+    """Greedy CTC decode per sample, written independently of the library's."""
+    return [[k for k, _ in itertools.groupby(row.argmax(-1).tolist()) if k != blank] for row in p]
+
+
+def _ctc_and_match(teacher: onnx.ModelProto, student: Any, data: list[dict[str, np.ndarray]]) -> tuple[float, float]:
+    """(mean CTC loss of the student on the teacher's greedy transcripts, share of samples whose
+    greedy transcripts are equal)."""
+    losses, same = [], []
+    for f in data:
+        p, q = run_ort(teacher, f)["prob"], run_ort(student, f)["prob"]
+        tgt = _decode(p)[0]
+        lp = torch.log(torch.from_numpy(q).clamp_min(1e-12)).transpose(0, 1)
+        losses.append(float(torch.nn.functional.ctc_loss(lp, torch.tensor([tgt], dtype=torch.long).reshape(1, -1),
+                                                         torch.tensor([q.shape[1]]), torch.tensor([len(tgt)]))))
+        same.append(_decode(q) == _decode(p))
+    return float(np.mean(losses)), float(np.mean(same))
+
+
+def test_greedy_ctc_targets_collapse_repeats_and_drop_blanks() -> None:
+    from graphopt.passes.distill.train import greedy_ctc_targets
+
+    def onehot(seqs: list[list[int]], c: int = 4) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor(seqs), c).float() * 0.9 + 0.025
+
+    # "a a _ a b b" -> a a b; no blank at all -> collapse only; all blank -> empty
+    tg, lens = greedy_ctc_targets(onehot([[1, 1, 0, 1, 2, 2], [3, 1, 1, 2, 3, 3], [0, 0, 0, 0, 0, 0]]))
+    assert lens.tolist() == [3, 4, 0]
+    assert tg.tolist() == [1, 1, 2, 3, 1, 2, 3]
+    tg, lens = greedy_ctc_targets(onehot([[1, 1, 0, 3, 3, 3]]), blank=3)
+    assert lens.tolist() == [2] and tg.tolist() == [1, 0]
+
+
+def test_ctc_distill_lowers_the_ctc_loss_and_matches_the_teachers_transcripts() -> None:
+    teacher = frame_model()
+    student_proto = perturbed(teacher, amount=0.4)
+    data, held_out = _frame_data(64, seed=0), _frame_data(24, seed=5)
+    ctc_before, _ = _ctc_and_match(teacher, student_proto, held_out)
+    _, same_before = _ctc_and_match(teacher, student_proto, data)
+    student = graphopt.from_proto(student_proto)
+    p = get_pass("distill", teacher=graphopt.from_proto(teacher), losses={"prob": "ctc"}, steps=200, lr=1e-2,
+                 temperature=1.0, progress=False)
+    run_passes(student, [p], PassContext(calibration=data))
+    rep = p.result
+    assert rep.losses == {"prob": "ctc"} and rep.loss_last < 0.5 * rep.loss_first
+    out = graphopt.to_proto(student)
+    onnx.checker.check_model(out, full_check=True)
+    # the CTC loss on the teacher's transcripts falls on held-out inputs too; the transcripts of
+    # the training inputs (16 frames each: 4-10 labels) are read exactly far more often
+    ctc_after, _ = _ctc_and_match(teacher, out, held_out)
+    assert ctc_after < 0.5 * ctc_before
+    _, same_after = _ctc_and_match(teacher, out, data)
+    assert same_after > same_before + 0.2
+    assert [(n.op_type, list(n.input), list(n.output)) for n in out.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in student_proto.graph.node]
+
+
+@pytest.mark.parametrize("blank_bias", [60.0, -60.0])
+def test_ctc_distill_with_all_blank_or_blank_free_teacher_transcripts(blank_bias: float) -> None:
+    """A teacher that reads nothing (every frame blank: empty targets) or never emits a blank
+    (targets as long as the collapsed frames): the loss stays finite and falls; a student of
+    the all-blank teacher learns to read nothing."""
+    teacher = frame_model(blank_bias=blank_bias)
+    data = _frame_data(24, seed=0)
+    t_best = np.concatenate([run_ort(teacher, f)["prob"].argmax(-1) for f in data])
+    assert (t_best == 0).all() if blank_bias > 0 else (t_best != 0).all()
+    student_proto = perturbed(frame_model(seed=3), amount=0.0)  # another tiny model: a real gap
+    student = graphopt.from_proto(student_proto)
+    p = get_pass("distill", teacher=graphopt.from_proto(teacher), losses={"prob": "ctc"}, steps=120, lr=3e-2,
+                 temperature=1.0, progress=False)
+    run_passes(student, [p], PassContext(calibration=data))
+    rep = p.result
+    assert np.isfinite(rep.curve).all() and rep.loss_last < 0.5 * rep.loss_first
+    ctc_before, same_before = _ctc_and_match(teacher, student_proto, data)
+    ctc_after, same_after = _ctc_and_match(teacher, student, data)
+    assert ctc_after < ctc_before and same_after >= same_before
+    if blank_bias > 0:
+        assert same_after == 1.0
+
+
+def test_ctc_loss_needs_per_frame_scores_and_a_valid_blank() -> None:
+    teacher = frame_model()
+    data = _frame_data(4, seed=0)
+    for spec, msg in [("ctc:6", r"blank index below C"), ("ctc:x", r"integer >= 0"), ("kl:1", r"unknown loss")]:
+        with pytest.raises(Exception, match=msg):
+            run_passes(graphopt.from_proto(perturbed(teacher)),
+                       [get_pass("distill", teacher=graphopt.from_proto(teacher), losses={"prob": spec}, steps=1,
+                                 progress=False)], PassContext(calibration=data))
+    with pytest.raises(Exception, match=r"needs \[N, T, C\] per-frame scores"):
+        run_passes(graphopt.from_proto(perturbed(cnn())),
+                   [get_pass("distill", teacher=graphopt.from_proto(cnn()), losses={"prob": "ctc"}, steps=1,
+                             progress=False)], PassContext(calibration=_data(4)))
+
+
+def test_cli_distill_loss_ctc(tmp_path, capsys) -> None:
+    from graphopt.cli import main
+
+    teacher, student = tmp_path / "t.onnx", tmp_path / "s.onnx"
+    onnx.save(frame_model(), teacher)
+    onnx.save(perturbed(frame_model(), amount=0.4), student)
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.concatenate([f["x"] for f in _frame_data(16, seed=0)]))
+    out = tmp_path / "o.onnx"
+    rc = main(["distill", str(student), "-o", str(out), "--teacher", str(teacher), "--data", str(data),
+               "--steps", "20", "--lr", "1e-2", "--threads", "1", "--loss", "prob=ctc"])
+    assert rc == 0 and out.exists()
+    assert "prob: ctc" in capsys.readouterr().out
+    bad = tmp_path / "bad.onnx"
+    for spec, msg in [("prob=ctc:6", "blank index below C"), ("prob=ctc:-1", "integer >= 0")]:
+        rc = main(["distill", str(student), "-o", str(bad), "--teacher", str(teacher), "--data", str(data),
+                   "--steps", "2", "--loss", spec])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and err.count("\n") == 1, err
+        assert not bad.exists()

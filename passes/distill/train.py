@@ -12,6 +12,13 @@ its integer weights through fake quantization) trained with Adam on:
     KL divergence at temperature ``T``, scaled by ``T**2``;
   - ``mse``: maps and embeddings: mean squared error divided by the teacher's mean square
     (scale-free); ``cosine``: 1 - cosine similarity per sample;
+  - ``ctc`` (on request only; ``ctc:B`` for blank index ``B``, default 0): sequence-level
+    distillation of a CTC recognizer's ``[N, T, C]`` per-frame output: the teacher's output is
+    decoded greedily per sample (argmax per frame, repeats collapsed, blanks dropped) and the
+    student is trained with CTC on those label sequences, mixed with the per-frame ``kl`` term:
+    ``(1 - ctc_weight) * KL + ctc_weight * CTC`` (``ctc_weight`` 0.5 by default). The CTC term
+    only asks the student to *read the same text*, whatever frames it puts it on; the per-frame
+    KL alone lets a student drift to all-blank frames while its loss falls;
 
 * cross-entropy on labels when there are any (``alpha`` weighs distillation against it:
   ``alpha * KD + (1 - alpha) * CE``; ``alpha=0`` trains on the labels alone); a label of -1
@@ -43,7 +50,7 @@ from .lower import TorchGraph
 
 log = logging.getLogger("graphopt.distill")
 
-LOSS_KINDS = ("kl", "mse", "cosine")
+LOSS_KINDS = ("kl", "mse", "cosine", "ctc")
 UNLABELED = -1  # the label of a sample that has none: distillation only, no cross-entropy
 
 
@@ -60,7 +67,8 @@ class DistillConfig:
     batch: int = 8
     match: str | Sequence[tuple[str, str]] | None = None  # None, "auto", or [(teacher name, student name)]
     feature_weight: float = 1.0
-    losses: Mapping[str, str] = field(default_factory=dict)  # output name -> kl|mse|cosine
+    losses: Mapping[str, str] = field(default_factory=dict)  # output name -> kl|mse|cosine|ctc[:BLANK]
+    ctc_weight: float = 0.5  # a ``ctc`` output's loss: (1 - ctc_weight) * per-frame KL + ctc_weight * CTC
     seed: int = 0
     progress: bool = True
     weight_decay: float = 0.0
@@ -86,6 +94,39 @@ def output_kind(values: Sequence[np.ndarray]) -> str:
     return "kl" if arrs[0].ndim == 2 else "mse"
 
 
+def parse_kind(spec: str) -> tuple[str, int]:
+    """``"ctc:3"`` -> ``("ctc", 3)``; any other kind -> ``(kind, 0)``.
+
+    Raises:
+        InputSpecError: an unknown kind, or a blank index that is not an integer >= 0.
+    """
+    kind, sep, arg = spec.partition(":")
+    if kind not in LOSS_KINDS or sep and kind != "ctc":
+        raise InputSpecError(f"unknown loss {spec!r}: use one of {', '.join(LOSS_KINDS)} (ctc:BLANK for a blank "
+                             f"index other than 0)")
+    if not sep:
+        return kind, 0
+    if not arg.strip().isdigit():
+        raise InputSpecError(f"loss {spec!r}: the blank index after 'ctc:' must be an integer >= 0")
+    return kind, int(arg)
+
+
+def greedy_ctc_targets(probs: torch.Tensor, blank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy CTC decode of ``[N, T, C]`` per-frame scores (probabilities or logits): per sample,
+    the argmax per frame with repeats collapsed and ``blank`` dropped.
+
+    Returns:
+        (labels of all samples concatenated, 1-D int64; length of each sample's labels, ``[N]``):
+        the ``targets`` / ``target_lengths`` of :func:`torch.nn.functional.ctc_loss`. A sample
+        whose frames are all blank gets an empty sequence (length 0).
+    """
+    best = probs.argmax(-1)  # [N, T]
+    keep = torch.ones_like(best, dtype=torch.bool)
+    keep[:, 1:] = best[:, 1:] != best[:, :-1]  # the first frame of each run
+    keep &= best != blank
+    return best[keep], keep.sum(1)
+
+
 def _is_prob(values: Sequence[np.ndarray]) -> bool:
     return all(np.all(v >= -1e-6) and np.allclose(np.sum(v, -1), 1.0, atol=1e-3) for v in values)
 
@@ -105,6 +146,7 @@ class _Objective:
         self.logits = dict(logits or {})
         self.label_output, self.mean_sq = label_output, mean_sq
         self.features, self.feature_ms = features, feature_ms
+        self.blanks: dict[str, int] = {}  # a ctc output's blank index
 
     def __call__(self, out: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
                  labels: torch.Tensor | None) -> torch.Tensor:
@@ -113,10 +155,15 @@ class _Objective:
         kd = torch.zeros(())
         for name, kind in self.kinds.items():
             s, y = out[name], teacher[name]
-            if kind == "kl":
+            if kind in ("kl", "ctc"):
                 lp_s = self._student_log_probs(out, name, t).reshape(-1, s.shape[-1])
                 lp_t = _log_probs(y, self.probs[name], t).reshape(-1, y.shape[-1])
-                kd = kd + t * t * torch.sum(lp_t.exp() * (lp_t - lp_s)) / lp_s.shape[0]
+                kl = t * t * torch.sum(lp_t.exp() * (lp_t - lp_s)) / lp_s.shape[0]
+                if kind == "kl":
+                    kd = kd + kl
+                else:
+                    w = cfg.ctc_weight
+                    kd = kd + (1 - w) * kl + w * self._ctc(out, name, y)
             elif kind == "mse":
                 kd = kd + torch.mean((s - y) ** 2) / self.mean_sq[name]
             else:
@@ -136,6 +183,20 @@ class _Objective:
             loss = loss + cfg.feature_weight * torch.mean(d * d) / self.feature_ms[tname] / len(self.features)
         return loss
 
+    def _ctc(self, out: Mapping[str, torch.Tensor], name: str, y: torch.Tensor) -> torch.Tensor:
+        """CTC loss of the student's ``[N, T, C]`` output on the teacher's greedy transcripts (per
+        target label, mean over the batch; a teacher transcript the student's frames cannot fit
+        gives 0, not inf)."""
+        s = out[name]
+        if s.dim() != 3:
+            raise InputSpecError(f"loss ctc for output {name!r}: needs [N, T, C] per-frame scores, got shape "
+                                 f"{list(s.shape)}")
+        targets, lengths = greedy_ctc_targets(y, self.blanks.get(name, 0))
+        lp = self._student_log_probs(out, name, 1.0).float().transpose(0, 1)  # [T, N, C]
+        frames = torch.full((s.shape[0],), s.shape[1], dtype=torch.long)
+        return torch.nn.functional.ctc_loss(lp, targets, frames, lengths, blank=self.blanks.get(name, 0),
+                                            reduction="mean", zero_infinity=True)
+
     def _student_log_probs(self, out: Mapping[str, torch.Tensor], name: str, t: float) -> torch.Tensor:
         """log-softmax of the student's logits where its output is a last-axis Softmax of them
         (log of a saturated softmax has no gradient), else of the log of its probabilities."""
@@ -149,7 +210,7 @@ def _softmax_logits(tg: TorchGraph, kinds: Mapping[str, str], ranks: Mapping[str
     found = {}
     for ctx, _ in tg.nodes:
         out = ctx.node.output[0]
-        if ctx.op != "Softmax" or kinds.get(out) != "kl":
+        if ctx.op != "Softmax" or kinds.get(out) not in ("kl", "ctc"):
             continue
         rank = ranks[out]
         axis = ctx.a("axis", -1 if ctx.opset >= 13 else 1)
@@ -271,6 +332,7 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
     t_outs = [run_ort(teacher, f, session=sess) for f in _progress(t_feeds, "teacher", cfg)]
     kinds: dict[str, str] = {}
     probs: dict[str, bool] = {}
+    blanks: dict[str, int] = {}
     mean_sq: dict[str, float] = {}
     teacher_of = {s: t for t, s in pairs}
     for t_name, s_name in pairs:
@@ -278,9 +340,17 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
         if np.asarray(vals[0]).dtype.kind != "f":
             log.info("output %r is not float: not distilled", s_name)
             continue
-        kind = cfg.losses.get(s_name) or cfg.losses.get(t_name) or output_kind(vals)
-        if kind not in LOSS_KINDS:
-            raise InputSpecError(f"loss {kind!r} for output {s_name!r}: use one of {', '.join(LOSS_KINDS)}")
+        spec = cfg.losses.get(s_name) or cfg.losses.get(t_name) or output_kind(vals)
+        try:
+            kind, blank = parse_kind(spec)
+        except InputSpecError as e:
+            raise InputSpecError(f"output {s_name!r}: {e}") from None
+        if kind == "ctc":
+            shape = np.shape(vals[0])
+            if len(shape) != 3 or shape[-1] < 2 or blank >= shape[-1]:
+                raise InputSpecError(f"loss {spec!r} for output {s_name!r}: needs [N, T, C] per-frame scores with "
+                                     f"the blank index below C; the teacher's output has shape {list(shape)}")
+            blanks[s_name] = blank
         kinds[s_name] = kind
         probs[s_name] = _is_prob(vals)
         mean_sq[s_name] = max(float(np.mean([np.mean(np.square(v, dtype=np.float64)) for v in vals])), 1e-12)
@@ -326,6 +396,7 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
                       for k in names}
     logits = _softmax_logits(tg, kinds, {s: np.ndim(t_outs[0][teacher_of[s]]) for s in kinds})
     objective = _Objective(kinds, probs, cfg, label_output, mean_sq, features, feature_ms, logits)
+    objective.blanks = blanks
     capture = [b for _, b in features] + list(logits.values())
 
     def targets(idx: Sequence[int]) -> dict[str, torch.Tensor]:
@@ -458,7 +529,7 @@ def _agreement(tg: TorchGraph, feeds: Sequence[Mapping[str, np.ndarray]], t_outs
                     continue
                 num += float(np.sum((a - b) ** 2))
                 den += float(np.sum(b ** 2))
-                if kinds[sn] == "kl":
+                if kinds[sn] in ("kl", "ctc"):
                     agree.append(float(np.mean(a.argmax(-1) == b.argmax(-1))))
     return (math.sqrt(num / den) if den else None), (float(np.mean(agree)) if agree else None)
 
