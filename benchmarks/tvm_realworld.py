@@ -135,7 +135,7 @@ def kernel_profile(cm: Any, feed: dict[str, np.ndarray], runs: int = 3, top: int
             for k, v in rows]
 
 
-def run_one(name: str, rounds: int, settle_s: float, n_eval: int, fast_math: bool = False) -> dict[str, Any]:
+def run_one(name: str, rounds: int, settle_s: float, n_eval: int, fast_math: bool = True) -> dict[str, Any]:
     import graphopt
     from benchmarks.corpus import fetch, model_path
     from graphopt.backend import compile as tvm_compile
@@ -211,6 +211,64 @@ def run_one(name: str, rounds: int, settle_s: float, n_eval: int, fast_math: boo
     return res
 
 
+def ab_one(name: str, rounds: int, settle_s: float, n_eval: int) -> dict[str, Any]:
+    """The fast-math build against the exact one (``fast_math=False``) of the same model, both
+    TVM, 1 thread, timed interleaved and settled like :func:`paired_timing` (ratio fast/exact),
+    each build's outputs checked against ONNX Runtime's. A run of a single sitting: the two
+    builds see the same machine load, which comparing two table runs taken at different times
+    does not give."""
+    import tvm
+
+    from benchmarks.corpus import fetch, model_path
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.errors import GraphoptError
+    from graphopt.runtime import compare, ort_session
+
+    fetch([name])
+    path = model_path(name)
+    feeds = _feeds(name, 4 * n_eval)
+    ins = _model_inputs(path)
+    feeds = [{k: v for k, v in f.items() if k in ins} for f in feeds]
+    const = {k: v for k, v in feeds[0].items() if np.ndim(v) == 0}
+    feeds = [f for f in feeds if all(np.array_equal(f[k], v) for k, v in const.items())][:n_eval]
+    feeds = [_conform(f, feeds[0]) for f in feeds]
+    shapes = {k: list(v.shape) for k, v in feeds[0].items() if k not in const}
+    res: dict[str, Any] = {"model": name}
+    builds = {}
+    try:
+        for label, fm in (("exact", False), ("fast", True)):
+            builds[label] = tvm_compile(str(path), input_shapes=shapes, const_inputs=const or None, build_cache=False,
+                                        progress=False, fast_math=fm)
+    except GraphoptError as exc:
+        res.update(compile="refused", error=str(exc).splitlines()[0])
+        return res
+    res["compile"] = "ok"
+    sess = ort_session(str(path), optimize=True, threads=1)
+    out_names = [o.name for o in sess.get_outputs()]
+    for label, cm in builds.items():
+        worst, ok = 0.0, True
+        for f in feeds:
+            ref = dict(zip(out_names, sess.run(None, f), strict=True))
+            got = dict(zip(out_names, cm.run(f), strict=True))
+            ok &= compare(ref, got).ok
+            for k in out_names:
+                a, b = np.asarray(ref[k], np.float64), np.asarray(got[k], np.float64)
+                if a.shape == b.shape and a.size:
+                    worst = max(worst, float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12)))
+        res[f"equal_{label}"], res[f"err_{label}"] = bool(ok), worst
+    res["fast_kernels"] = sorted(k for k in builds["fast"].info.schedules if "fast_" in k)
+    tvm.get_global_func("runtime.config_threadpool")(1, 1)
+    feed = {k: v for k, v in feeds[0].items() if k not in const}
+    calls = {}
+    for label, cm in builds.items():
+        a, vm = cm._arguments(feed), cm.vm()["main"]
+        calls[label] = lambda vm=vm, a=a: vm(*a)
+    t = paired_timing({"ort": calls["exact"], "tvm": calls["fast"]}, rounds, settle_s)
+    res["ab_1t"] = {"exact_ms": t["ort_ms"], "fast_ms": t["tvm_ms"], "ratio": t["ratio"], "spread": t["spread"],
+                    "rounds": rounds}
+    return res
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +278,7 @@ def _run_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out = Path(d) / "r.json"
         cmd = [sys.executable, "-m", "benchmarks.tvm_realworld", "--one", name, "--json-out", str(out),
                "--rounds", str(args.rounds), "--settle", str(args.settle), "--samples", str(args.samples)] + \
-            (["--fast-math"] if args.fast_math else [])
+            ([] if args.fast_math else ["--no-fast-math"]) + (["--ab"] if args.ab else [])
         t0 = time.perf_counter()
         limit = int(args.cpu_limit)
 
@@ -312,6 +370,36 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def write_ab_markdown(res: dict[str, Any], path: Path) -> None:
+    """The ``--ab`` table: fast-math build / exact build per model (1 thread, one sitting)."""
+    rows = [res["models"][k] for k in res["order"] if k in res["models"]]
+    lines = [
+        "# graphopt's TVM builds: fast_math (the default) against the exact build (fast_math=False)",
+        "",
+        (f"Generated {res['generated']}, `python -m benchmarks.tvm_realworld --ab` ({res.get('command', '')}). "
+         f"Machine: {res.get('machine', '')}, shared with other work while this ran (load average "
+         f"{res.get('load_before', [0])[0]:.0f} before, {res.get('load_after', [0])[0]:.0f} after). Both builds "
+         "of a model are compiled in one process and timed interleaved with 1 thread (alternating order, each "
+         "settled first); ratio = median of the per-round ratios fast/exact, ± half their IQR. equal = every eval "
+         "sample within graphopt's lossless check of ONNX Runtime's outputs; err = worst |TVM - ORT| / max|ORT|."),
+        "",
+        "| model | equal exact (err) | equal fast (err) | exact ms | fast ms | fast/exact 1 thread | fast-math kernels |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("compile") != "ok":
+            lines.append(f"| {r['model']} | {r.get('compile')}: {r.get('error', '')[:120]} | | | | | |")
+            continue
+        t = r["ab_1t"]
+        lines.append(f"| {r['model']} | {'yes' if r['equal_exact'] else 'NO'} ({r['err_exact']:.1e}) | "
+                     f"{'yes' if r['equal_fast'] else 'NO'} ({r['err_fast']:.1e}) | {t['exact_ms']:.3f} | "
+                     f"{t['fast_ms']:.3f} | {_fmt_ratio(t)} | {len(r.get('fast_kernels', []))} |")
+    notes = res.get("notes") or []
+    if notes:
+        lines += ["", *[f"- {n}" for n in notes]]
+    path.write_text("\n".join(lines) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", help="comma list (default: the whole corpus)")
@@ -323,8 +411,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--settle", type=float, default=0.15)
     ap.add_argument("--samples", type=int, default=3, help="eval samples checked against ORT")
     ap.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
-    ap.add_argument("--fast-math", action="store_true", help="compile with fast_math=True (vectorizable exp/erf/"
-                    "tanh/softmax/sigmoid approximations; write to another --out)")
+    ap.add_argument("--fast-math", action=argparse.BooleanOptionalAction, default=True,
+                    help="build with fast_math (graphopt's default: vectorized exp/erf/tanh/softmax/sigmoid "
+                    "polynomials); --no-fast-math builds the exact calls (write to another --out)")
+    ap.add_argument("--ab", action="store_true", help="per model, the fast-math build against the exact one "
+                    "(both TVM, 1 thread, interleaved in one sitting: ratio fast/exact) instead of the ORT table; "
+                    "writes results/OUT.json/.md (give --out)")
     ap.add_argument("--out", default="tvm_realworld")
     ap.add_argument("--merge", metavar="NAME", help="merge results/NAME.json (a run with another --out) into the "
                     "results and rewrite the markdown; runs nothing")
@@ -335,7 +427,8 @@ def main(argv: list[str] | None = None) -> int:
         import logging
 
         logging.basicConfig(level=logging.WARNING)
-        r = run_one(args.one, args.rounds, args.settle, args.samples, fast_math=args.fast_math)
+        r = ab_one(args.one, args.rounds, args.settle, args.samples) if args.ab else \
+            run_one(args.one, args.rounds, args.settle, args.samples, fast_math=args.fast_math)
         Path(args.json_out).write_text(json.dumps(r, indent=1, default=str))
         return 0
     from benchmarks.corpus import ENTRIES
@@ -376,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     res["settle_s"] = args.settle
     res["command"] = " ".join(["--models " + args.models] if args.models else []) + \
         f" --cpu-limit {args.cpu_limit:g} --jobs {args.jobs} --rounds {args.rounds} --samples {args.samples}" + \
-        (" --fast-math" if args.fast_math else "")
+        ("" if args.fast_math else " --no-fast-math") + (" --ab" if args.ab else "")
     res["load_before"] = os.getloadavg()
     from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -389,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             r["ran"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
             res["models"][name] = r
             jpath.write_text(json.dumps(res, indent=1, default=str))
-            t = r.get("timing", {})
+            t = r.get("timing", r.get("ab_1t", {}))
             bar.update()
             tqdm.write(f"{name}: {r.get('compile')} {r.get('error', '')[:100]} "
                        f"{_fmt_ratio(t) if t else ''} naive {len(r.get('naive_kernels', []))} "
@@ -398,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     res["generated"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     res["load_after"] = os.getloadavg()
     jpath.write_text(json.dumps(res, indent=1, default=str))
-    write_markdown(res, RESULTS / f"{args.out}.md")
+    (write_ab_markdown if args.ab else write_markdown)(res, RESULTS / f"{args.out}.md")
     return 0
 
 

@@ -674,7 +674,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = tvm_compile(src, args.target, input_shapes=hints, trials=args.trials or 0,
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
                      default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache,
-                     const_inputs=consts or None, int8_kernels=not args.no_int8_kernels)
+                     const_inputs=consts or None, int8_kernels=not args.no_int8_kernels,
+                     fast_math=not args.no_fast_math)
     cm.export(_target(args, out))
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
@@ -1119,6 +1120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-int8-kernels", action="store_true", help="run a QDQ model's convs and matmuls in float "
                     "(dequantize, float kernel, quantize) instead of int8 x int8 -> int32 kernels (VNNI where the CPU "
                     "has it)")
+    sp.add_argument("--no-fast-math", action="store_true", help="exact exp/erf/tanh/softmax/sigmoid (TVM's scalar "
+                    "calls) instead of the default vectorized polynomials (float32 error <= 1e-5 relative, like ONNX "
+                    "Runtime's own kernels)")
     sp.add_argument("--no-build-cache", action="store_true",
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")

@@ -354,10 +354,10 @@ def test_narrow_matmul_and_conv_are_row_reductions(tmp_path: Path) -> None:
     assert cm.info.naive_kernels == []
 
 
-def test_fast_math_opt_in_vectorizes_silu_and_softmax(tmp_path: Path) -> None:
-    """``fast_math=True`` (opt-in): sigmoid (a conv's SiLU epilogue) and softmax run as TOPI's
+def test_fast_math_by_default_vectorizes_silu_and_softmax(tmp_path: Path) -> None:
+    """By default (``fast_math=True``) sigmoid (a conv's SiLU epilogue) and softmax run as TOPI's
     vectorizable approximations - no ``sigmoid``/``exp`` left in the kernels - and the outputs
-    still equal ORT's within the lossless tolerance; the default build keeps them exact."""
+    still equal ORT's within the lossless tolerance; ``fast_math=False`` keeps them exact."""
     rng = np.random.default_rng(0)
     nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Sigmoid", ["c"], ["s"]),
@@ -367,9 +367,132 @@ def test_fast_math_opt_in_vectorizes_silu_and_softmax(tmp_path: Path) -> None:
     model = make_model(nodes, [vi("x", [1, 16, 8, 8])], [vi("y", [1, 16, 8, 8]), vi("p", [1, 1024])],
                        [("W", (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32))], opset=13)
     feed = {"x": rng.standard_normal((1, 16, 8, 8)).astype(np.float32)}
-    fast = _build_and_check(model, tmp_path, feed, fast_math=True)
-    exact = _build_and_check(model, tmp_path, feed)
+    fast = _build_and_check(model, tmp_path, feed)
+    exact = _build_and_check(model, tmp_path, feed, fast_math=False)
     assert not [n for n in fast.info.schedules if "sigmoid" in n or "softmax1" == n], fast.info.schedules
     assert any("fast_exp" in n for n in fast.info.schedules) and any("fast_softmax" in n for n in fast.info.schedules)
     assert any("sigmoid" in n for n in exact.info.schedules) and "softmax1" in str(exact.info.schedules)
     assert fast.info.naive_kernels == [] and exact.info.naive_kernels == []
+
+
+# -- fast math (the default): accuracy against float64 and ORT, NaN/inf, opt-out -------------------
+
+_F32 = np.float32
+#: special inputs and what every build must give for them (exact limits; NaN stays NaN)
+_SPECIAL = np.array([np.nan, np.inf, -np.inf, 0.0, np.finfo(_F32).max, -np.finfo(_F32).max], _F32)
+
+
+def _transcendental_model(n: int, rows: int) -> onnx.ModelProto:
+    nodes = [helper.make_node(op, ["x"], [op.lower()]) for op in ("Exp", "Sigmoid", "Tanh", "Erf")]
+    nodes.append(helper.make_node("Softmax", ["s"], ["softmax"], axis=-1))
+    outs = [vi(op.lower(), [n]) for op in ("Exp", "Sigmoid", "Tanh", "Erf")] + [vi("softmax", [rows, 64])]
+    return make_model(nodes, [vi("x", [n]), vi("s", [rows, 64])], outs, [], opset=13)
+
+
+def test_fast_math_accuracy_against_float64_and_ort(tmp_path: Path) -> None:
+    """The default build (fast_math=True) runs exp/sigmoid/tanh/erf/softmax as TOPI's polynomials.
+    Measured over float32 inputs in [-100, 100] and magnitudes 1e-38..1 against float64: relative
+    error exp <= 3e-7 (TVM's exact exp: 6e-8), sigmoid <= 5e-7, tanh <= 1e-5 (bit-equal to ORT's
+    own tanh), erf <= 4e-6; softmax as exact. Outputs equal ORT's under graphopt's lossless check.
+    Edges stated: NaN stays NaN, +-inf give the limits; fast exp overflows to inf from 88.376
+    (exact: 88.72) and returns 0 below -87.34 where exact exp has subnormals. fast_math=False keeps
+    TVM's exact calls, and the build cache tells the two builds apart."""
+    from scipy.special import erf as erf64
+
+    from graphopt.runtime import compare
+
+    grid = np.linspace(-100, 100, 40001).astype(_F32)
+    tiny = np.logspace(-38, 0, 400).astype(_F32)
+    x = np.concatenate([grid, tiny, -tiny, _SPECIAL])
+    rng = np.random.default_rng(0)
+    s = (rng.standard_normal((6, 64)) * 8).astype(_F32)
+    s[1, ::3] = -np.inf  # masked entries (attention masks): exp(-inf) = 0
+    s[2, 5] = np.nan  # a NaN spreads over its row, as in ORT
+    model = _transcendental_model(x.size, s.shape[0])
+    onnx.checker.check_model(model, full_check=True)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    feed = {"x": x, "s": s}
+    cache = tmp_path / "cache"
+    fast = tvm_compile(str(path), progress=False, cache_dir=str(cache))
+    exact = tvm_compile(str(path), progress=False, cache_dir=str(cache), fast_math=False)
+    assert not exact.info.from_build_cache  # fast_math is part of the build cache key
+    assert tvm_compile(str(path), progress=False, cache_dir=str(cache)).info.from_build_cache
+    kernels = " ".join(fast.info.schedules)
+    assert all(f"fast_{k}" in kernels for k in ("exp", "tanh", "erf", "softmax")), fast.info.schedules
+    assert not [n for n in fast.info.schedules if n.startswith(("tir_", "softmax", "erf")) or "sigmoid" in n], \
+        fast.info.schedules
+    assert "fast_" not in " ".join(exact.info.schedules), exact.info.schedules
+
+    xd = x.astype(np.float64)
+    with np.errstate(all="ignore"):
+        ref64 = {"exp": np.exp(xd), "sigmoid": 1 / (1 + np.exp(-xd)), "tanh": np.tanh(xd), "erf": erf64(xd)}
+    bound = {"exp": 3e-7, "sigmoid": 5e-7, "tanh": 1e-5, "erf": 4e-6}
+    ort_out = ort_session(str(path)).run(None, feed)
+    got, got_exact = fast.run(feed), exact.run(feed)
+    tiny_f = np.finfo(_F32).tiny
+    for i, name in enumerate(("exp", "sigmoid", "tanh", "erf")):
+        r = ref64[name]
+        normal = np.isfinite(x) & np.isfinite(r) & (np.abs(r) >= tiny_f) & (np.abs(x) >= tiny_f)
+        if name == "exp":
+            normal &= x < 88.37  # fast_exp's overflow edge (below)
+        rel = np.abs(got[i][normal] - r[normal]) / np.abs(r[normal])
+        assert rel.max() <= bound[name], (name, rel.max(), x[normal][np.argmax(rel)])
+        n = len(_SPECIAL)
+        limits = {"exp": [np.nan, np.inf, 0, 1, np.inf, 0], "sigmoid": [np.nan, 1, 0, 0.5, 1, 0],
+                  "tanh": [np.nan, 1, -1, 0, 1, -1], "erf": [np.nan, 1, -1, 0, 1, -1]}[name]
+        np.testing.assert_array_equal(got[i][-n:], np.array(limits, _F32), err_msg=name)
+        np.testing.assert_array_equal(got_exact[i][-n:], np.array(limits, _F32), err_msg=name)
+        # equal to ORT under the lossless check, on everything but fast exp's overflow band
+        keep = ~((x > 88.37) & (x < 88.73)) if name == "exp" else np.ones(x.size, bool)
+        for out in (got, got_exact):
+            c = compare({name: ort_out[i][keep]}, {name: out[i][keep]})
+            assert c.ok, (name, c.problems)
+    np.testing.assert_array_equal(got[2], ort_out[2])  # ORT's tanh is the same rational polynomial
+    c = compare({"softmax": ort_out[4]}, {"softmax": got[4]})
+    assert c.ok, c.problems
+    assert np.isnan(got[4][2]).all() and (got[4][1, ::3] == 0).all()
+    # the stated edges of fast_exp (exact exp: finite up to 88.72, subnormal down to -103)
+    e_fast = got[0][np.isin(x, np.array([88.5, -88.0], _F32))]
+    e_exact = got_exact[0][np.isin(x, np.array([88.5, -88.0], _F32))]
+    assert np.isinf(e_fast).any() and (e_fast == 0).any()
+    assert np.isfinite(e_exact).all() and (e_exact > 0).all()
+
+
+def test_fast_math_leaves_float16_erf_exact() -> None:
+    """TOPI's fast_erf evaluates its polynomial in the input's type (coefficients of 1e-10 vanish
+    in float16): only float32 calls are rewritten."""
+    from tvm import relax
+
+    from graphopt.backend.layout import fast_math
+
+    bb = relax.BlockBuilder()
+    for dt in ("float16", "float32"):
+        x = relax.Var("x", relax.TensorType((8,), dt))
+        with bb.function(f"f_{dt}", [x]):
+            with bb.dataflow():
+                y = bb.emit_output(relax.op.erf(x))
+            bb.emit_func_output(y)
+    mod = fast_math(bb.get())
+    text = mod.script()
+    assert text.count("fast_erf") >= 1 and "R.erf(" in text
+    assert "R.erf(x)" in str(mod["f_float16"].script()) and "fast_erf" not in str(mod["f_float16"].script())
+
+
+def test_cli_compile_no_fast_math_builds_the_exact_calls(tmp_path: Path) -> None:
+    """``graphopt compile`` builds fast math by default; ``--no-fast-math`` keeps TVM's exact calls
+    (the sidecar lists the kernels)."""
+    import json
+
+    from graphopt.cli import main
+
+    nodes = [helper.make_node("Sigmoid", ["x"], ["s"]), helper.make_node("Tanh", ["s"], ["y"])]
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(nodes, [vi("x", [4, 64])], [vi("y", [4, 64])], [], opset=13), path)
+    kernels = {}
+    for flag in ([], ["--no-fast-math"]):
+        out = tmp_path / f"m{len(flag)}.so"
+        assert main(["compile", str(path), "-o", str(out), "-q", "--no-build-cache", *flag]) == 0
+        kernels[bool(flag)] = " ".join(json.loads(Path(f"{out}.json").read_text())["info"]["schedules"])
+    assert "fast_exp" in kernels[False] and "fast_tanh" in kernels[False], kernels
+    assert "fast_" not in kernels[True] and "sigmoid" in kernels[True], kernels
