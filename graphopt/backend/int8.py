@@ -432,9 +432,7 @@ class Int8DotRule:
 
         from .schedules import (
             _inline_around,
-            _is_spatial_block,
-            _root_blocks,
-            _schedule_injective,
+            _schedule_root_copies,
             _uses_var,
             _write_back,
             vector_lanes,
@@ -550,15 +548,12 @@ class Int8DotRule:
                     _, inner = sch.split(inner, [None, vw])
                 sch.vectorize(inner)
         main_loop = sch.get(fused)
-        for bl in _root_blocks(sch):  # stages left at the root (a real pad): parallel, vectorized copies
+
+        def in_main_nest(bl: Any) -> bool:  # the kernel and the stages computed at its loops
             bl_loops = sch.get_loops(bl)
-            # (not the weight packing: Relax splits it out and folds it only as a plain loop nest)
-            if bl_loops and not sch.get(bl_loops[0]).same_as(main_loop) and _is_spatial_block(sch, bl) \
-                    and "meta_schedule.layout_rewrite_preproc" not in sch.get(bl).annotations:
-                try:
-                    _schedule_injective(sch, bl, lanes)
-                except Exception:  # noqa: BLE001
-                    pass
+            return not bl_loops or sch.get(bl_loops[0]).same_as(main_loop)
+
+        _schedule_root_copies(sch, lanes, in_main_nest)  # stages left at the root (a real pad)
         return True
 
 

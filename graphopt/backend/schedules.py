@@ -303,15 +303,8 @@ class TiledReductionRule(_Rule):
                 if ext > vw:
                     _, inner = sch.split(inner, [None, vw])
                 sch.vectorize(inner)
-        # 4. remaining root stages (pads): parallel + vectorized copies; not the weight packing,
-        #    which Relax splits out and folds (it must stay a plain loop nest at the root)
-        for b in _root_blocks(sch):
-            if _is_spatial_block(sch, b) and not sch.get(b).same_as(sch.get(main_rv)) \
-                    and "meta_schedule.layout_rewrite_preproc" not in sch.get(b).annotations:
-                try:
-                    _schedule_injective(sch, b, lanes)
-                except Exception:  # noqa: BLE001
-                    pass
+        # 4. remaining root stages (pads): parallel + vectorized copies
+        _schedule_root_copies(sch, lanes, lambda b: sch.get(b).same_as(sch.get(main_rv)))
         return True
 
 
@@ -380,6 +373,19 @@ def _group_divisors(block: Any, var: Any) -> list[int]:
         for rg in r.region:
             tvm_ffi.structural_walk(rg.min, (tirx.FloorDiv, visit), order="post")
     return [g for g in found if g > 1]
+
+
+def _schedule_root_copies(sch: Any, lanes: int, is_main: Any) -> None:
+    """Schedule the spatial stages a tiled kernel left at the root (a pad with a real border) as
+    parallel, vectorized copies; not the block ``is_main(block)`` names, and not the weight
+    packing, which Relax splits out and folds only as a plain loop nest."""
+    for b in _root_blocks(sch):
+        if _is_spatial_block(sch, b) and not is_main(b) \
+                and "meta_schedule.layout_rewrite_preproc" not in sch.get(b).annotations:
+            try:
+                _schedule_injective(sch, b, lanes)
+            except Exception:  # noqa: BLE001 - the stage keeps its plain loops
+                pass
 
 
 def _inline_around(sch: Any, infos: list[Any], idx: int) -> list[Any]:

@@ -23,18 +23,14 @@ reason).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
+from graphopt import Graph, Node, Value, register_pass
 
-log = logging.getLogger(__name__)
-
-
-class _Refuse(Exception):
-    """This node cannot be unrolled; the message says why."""
+from .base import NodeLowering
+from .base import Refuse as _Refuse
 
 
 def _scalar_const(v: Value | None) -> Any:
@@ -118,7 +114,7 @@ class _Inliner:
 
 
 @register_pass
-class UnrollLoops(Pass):
+class UnrollLoops(NodeLowering):
     """``Loop`` with a constant trip count and ``Scan`` over a static length, unrolled.
 
     Options: ``ops`` (which of Loop, Scan to unroll), ``max_iterations`` (refuse longer loops:
@@ -127,32 +123,16 @@ class UnrollLoops(Pass):
     """
 
     name = "unroll-loops"
+    done_key = "unrolled"
     default_options: ClassVar[dict[str, Any]] = {"ops": ("Loop", "Scan"), "max_iterations": 1024}
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.report: dict[str, Any] = {"unrolled": {}, "left": {}}
-
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
-        changed = False
-        opset = (self.model.opset("") if self.model is not None else None) or 13
-        for n in list(graph):
-            if n.op_type not in self.options["ops"] or n.domain not in ("", "ai.onnx") or n.graph is not graph:
-                continue
-            try:
-                if n.op_type == "Loop":
-                    self._loop(graph, n, opset)
-                else:
-                    if opset < 9:
-                        raise _Refuse(f"Scan-8 (opset {opset}) has a batch axis and sequence lengths; only Scan-9+ is unrolled")
-                    self._scan(graph, n, opset)
-            except _Refuse as why:
-                self.report["left"][n.name or n.op_type] = str(why)
-                log.info("unroll-loops: node %r (%s) left as it is: %s", n.name, n.op_type, why)
-                continue
-            self.report["unrolled"][n.op_type] = self.report["unrolled"].get(n.op_type, 0) + 1
-            changed = True
-        return changed
+    def lower_node(self, graph: Graph, n: Node, opset: int) -> None:
+        if n.op_type == "Loop":
+            self._loop(graph, n, opset)
+        elif opset < 9:
+            raise _Refuse(f"Scan-8 (opset {opset}) has a batch axis and sequence lengths; only Scan-9+ is unrolled")
+        else:
+            self._scan(graph, n, opset)
 
     def _count_ok(self, count: int) -> None:
         if count < 1:

@@ -22,15 +22,15 @@ pass's ``report['left']`` (node name -> reason).
 
 from __future__ import annotations
 
-import logging
 from typing import Any, ClassVar
 
 import numpy as np
 
-from graphopt import Graph, Node, Pass, PassContext, Value, register_pass
+from graphopt import Graph, Node, Value, register_pass
 from graphopt.ir import np_dtype
 
-log = logging.getLogger(__name__)
+from .base import NodeLowering
+from .base import Refuse as _Refuse
 
 #: gates per op, in the order ONNX stacks them in W, R and B
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
@@ -42,10 +42,6 @@ _PARAMS: dict[str, tuple[float | None, float | None]] = {
     "hardsigmoid": (0.2, 0.5), "elu": (1.0, None),
 }
 _SIMPLE = {"relu": "Relu", "tanh": "Tanh", "sigmoid": "Sigmoid", "softsign": "Softsign", "softplus": "Softplus"}
-
-
-class _Refuse(Exception):
-    """This node cannot be lowered; the message says why."""
 
 
 class _Builder:
@@ -183,7 +179,7 @@ def _const(n: Node, i: int, what: str) -> np.ndarray | None:
 
 
 @register_pass
-class LowerRecurrent(Pass):
+class LowerRecurrent(NodeLowering):
     """LSTM/GRU/RNN unrolled over their (static) sequence length into standard ops.
 
     Options: ``ops`` (which of LSTM, GRU, RNN to lower), ``max_steps`` (refuse longer sequences:
@@ -197,28 +193,8 @@ class LowerRecurrent(Pass):
     default_options: ClassVar[dict[str, Any]] = {"ops": ("LSTM", "GRU", "RNN"), "max_steps": 4096,
                                                   "quantize_inputs": ()}
 
-    def __init__(self, **options: Any) -> None:
-        super().__init__(**options)
-        self.report: dict[str, Any] = {"lowered": {}, "left": {}}
-
-    def run(self, graph: Graph, ctx: PassContext) -> bool:
-        changed = False
-        opset = (self.model.opset("") if self.model is not None else None) or 13
-        for n in list(graph):
-            if n.op_type not in self.options["ops"] or n.domain not in ("", "ai.onnx") or n.graph is not graph:
-                continue
-            try:
-                self._lower(graph, n, opset)
-            except _Refuse as why:
-                self.report["left"][n.name or n.op_type] = str(why)
-                log.info("lower-recurrent: node %r (%s) left as it is: %s", n.name, n.op_type, why)
-                continue
-            self.report["lowered"][n.op_type] = self.report["lowered"].get(n.op_type, 0) + 1
-            changed = True
-        return changed
-
     # -- one node ---------------------------------------------------------------------------
-    def _lower(self, graph: Graph, n: Node, opset: int) -> None:
+    def lower_node(self, graph: Graph, n: Node, opset: int) -> None:
         op = n.op_type
         G = GATES[op]
         H = int(n.attr("hidden_size") or 0)
