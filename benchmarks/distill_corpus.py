@@ -124,9 +124,10 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
     fetch([name])
     task = get_task(name)
     orig = Path(model_path(name))
-    train = task.calibration(args.train_n)
     if args.both_orientations and name == "ppocr_cls":
         train = _both_orientations(task, args.train_n)
+    else:
+        train = task.calibration(args.train_n)
     if len({v.shape for f in train for v in f.values()}) > 1:  # lines of several widths: pad to a few
         train = [{k: _pad_width(v) for k, v in f.items()} for f in train]
     data = tmp / f"{name}_train"
@@ -142,10 +143,19 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
         _write_dir(train[: args.refit_n], refit)
         refit_mode = ["--refit", args.refit] if args.refit else []
         sens = ["--sensitivity", "--calibration", str(refit)] if args.sensitivity else []
-        row["compress_s"] = _run([*GRAPHOPT, "compress", str(orig), "-o", str(student), "--prune", str(args.ratio),
-                                  "--structured", "--inputs", str(refit), "--input-shape", f"x:{shape}", *refit_mode,
-                                  *sens], cmds)
-        row["channel_ratio"] = args.ratio
+        if args.student:  # the pruned student of an earlier run (--keep): the same start, without its minutes
+            import shutil
+
+            shutil.copy2(args.student, student)
+            made = json.loads(Path(args.student).with_suffix(".json").read_text())
+            cmds.append(made["command"])
+            row["compress_s"], row["student_reused"] = made["compress_s"], str(args.student)
+            row["channel_ratio"] = made["channel_ratio"]
+        else:
+            row["compress_s"] = _run([*GRAPHOPT, "compress", str(orig), "-o", str(student), "--prune", str(args.ratio),
+                                      "--structured", "--inputs", str(refit), "--input-shape", f"x:{shape}",
+                                      *refit_mode, *sens], cmds)
+            row["channel_ratio"] = args.ratio
         row["params"] = [_params(orig), _params(student)]
         row["compressed"] = _score(task, student, args.eval_n)
         lr = args.lr_prune
@@ -181,6 +191,17 @@ def line_model(name: str, kind: str, args: argparse.Namespace, tmp: Path) -> dic
                         for f in sorted(tmp.glob(f"{out.stem}.t*s.onnx"))]
         row["curve"].append({"seconds": round(row["distill_s"]), "written": True, **row["distilled"]})
     row["commands"] = cmds
+    if args.keep:  # the models themselves, to score them again later (e.g. on more held-out lines)
+        import shutil
+
+        keep = Path(args.keep)
+        keep.mkdir(parents=True, exist_ok=True)
+        for f in [student, out, *sorted(tmp.glob(f"{out.stem}.t*s.onnx"))]:
+            shutil.copy2(f, keep / f.name)
+        if kind == "prune":  # how the student was made, for --student
+            (keep / student.name).with_suffix(".json").write_text(json.dumps(
+                {"command": cmds[0], "compress_s": row["compress_s"], "channel_ratio": row["channel_ratio"]}))
+        row["kept"] = str(keep)
     if kind == "qat":
         import onnx
 
@@ -417,14 +438,18 @@ def write_md(rows: dict[str, Any]) -> str:
                 what += f" ({r['train_samples'] // 2} texts, each upright and turned over)"
             loss = next((c.split("--loss ")[1].split()[0] for c in r["commands"] if "--loss " in c), None)
             if loss is not None:
-                what += f", loss {loss.split('=')[-1]}" + (" (greedy-transcript CTC + per-frame KL, 0.5/0.5)"
-                                                            if loss.split("=")[-1].startswith("ctc") else "")
+                kind = loss.split("=")[-1]
+                what += f", loss {kind}" + (" (greedy-transcript CTC + per-frame KL, 0.5/0.5)" if kind.startswith("ctc")
+                                            else " (per-frame KL weighted by the teacher's non-blank probability)"
+                                            if kind.startswith("framekl") else "")
             a = next((c.split("--alpha ")[1].split()[0] for c in r["commands"] if "--labels " in c), None)
             if a is not None:
                 what += f", + true labels (alpha {a})"
             if r["model"] == "ppocr_cls" and "fixedwidth" not in r["key"] and "params" not in r:
                 what += " (192-wide lines zero-padded to 320)"
             t_c = r.get("compress_s", r.get("quantize_s", 0.0))
+            if r.get("student_reused"):
+                what += " (the pruned student of an earlier run of this command)"
             lines.append(f"| {r['model']} | {what} | {r['metric']} (n={r['eval_samples']}) | {r['fp32']['score']:.4f} | "
                          f"{r['compressed']['score']:.4f} | {r['distilled']['score']:.4f} | "
                          f"{t_c:.0f} s / {r['distill_s']:.0f} s | {exact} |")
@@ -523,6 +548,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3, help="digits-transfer: seeds per student")
     ap.add_argument("--tag", default="", help="row key suffix (keeps several configurations of an experiment)")
     ap.add_argument("--jobs", type=int, default=4, help="digits-transfer: training runs in parallel")
+    ap.add_argument("--student", help="prune rows: start from this pruned student (saved by --keep, with its "
+                    ".json) instead of pruning again")
+    ap.add_argument("--keep", help="line models: copy the compressed, distilled and snapshot models to this folder")
     ap.add_argument("--out", default=str(RESULTS / "distill_corpus"))
     args = ap.parse_args()
     out = Path(args.out)

@@ -1214,9 +1214,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--match", metavar="auto|T=S,...",
                     help="also match intermediate tensors (teacher name = student name), or auto: same name and shape")
     sp.add_argument("--feature-weight", type=_nonneg, default=1.0, help="weight of --match's feature loss")
-    sp.add_argument("--loss", metavar="OUTPUT=kl|mse|cosine|ctc[:BLANK],...",
+    sp.add_argument("--loss", metavar="OUTPUT=kl|mse|cosine|ctc[:BLANK]|framekl[:BLANK],...",
                     help="loss per output instead of the automatic one; ctc: a CTC recognizer's [N, T, C] output "
-                    "trained on the teacher's greedy transcripts (CTC, blank 0 unless ctc:BLANK) + per-frame KL, 0.5/0.5")
+                    "trained on the teacher's greedy transcripts (CTC, blank 0 unless ctc:BLANK) + per-frame KL, 0.5/0.5; "
+                    "framekl: per-frame KL with each frame weighted by the teacher's non-blank probability")
     sp.add_argument("--threads", type=_count(1), help="PyTorch threads (default: its own; 1 is faster on a busy machine)")
     sp.add_argument("--seed", type=_count(0), default=0)
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)

@@ -561,3 +561,99 @@ def test_cli_distill_loss_ctc(tmp_path, capsys) -> None:
         err = capsys.readouterr().err
         assert rc == 2 and msg in err and err.count("\n") == 1, err
         assert not bad.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# framekl: per-frame KL of a CTC output, frames weighted by the teacher's non-blank probability
+# ---------------------------------------------------------------------------------------------
+def _objective_loss(kind: str, student: torch.Tensor, teacher: torch.Tensor, blank: int = 0,
+                    floor: float = 0.1) -> float:
+    from graphopt.passes.distill.train import DistillConfig, _Objective
+
+    obj = _Objective({"prob": kind}, {"prob": True}, DistillConfig(temperature=1.0, blank_floor=floor), None,
+                     {"prob": 1.0}, [], {})
+    obj.blanks = {"prob": blank}
+    return float(obj({"prob": student}, {"prob": teacher}, None))
+
+
+def test_framekl_weights_frames_by_the_teachers_non_blank_probability() -> None:
+    from graphopt.passes.distill.train import blank_frame_weights
+
+    sure_blank, sure_a = [0.98, 0.01, 0.01], [0.02, 0.96, 0.02]
+    teacher = torch.tensor([[sure_blank, sure_blank, sure_a, sure_blank]])
+    w = blank_frame_weights(teacher, blank=0, floor=0.1, probs=True)
+    assert torch.allclose(w, torch.tensor([[0.118, 0.118, 0.982, 0.118]]))
+    # logits give the same weights as their softmax; another blank index, other weights
+    assert torch.allclose(blank_frame_weights(torch.log(teacher), 0, 0.1, probs=False), w, atol=1e-6)
+    assert torch.allclose(blank_frame_weights(teacher, 2, 0.1, probs=True), torch.tensor([[0.991, 0.991, 0.982, 0.991]]))
+    assert torch.allclose(blank_frame_weights(teacher, 0, 1.0, probs=True), torch.ones(1, 4))  # floor 1: plain KL
+
+    def kl_frames(s: torch.Tensor) -> np.ndarray:  # per-frame KL(teacher || student), independently
+        p, q = teacher.double().numpy()[0], s.double().numpy()[0]
+        return np.sum(p * (np.log(p) - np.log(q)), -1)
+
+    wrong_on_blank = teacher.clone()
+    wrong_on_blank[0, 0] = torch.tensor([0.3, 0.4, 0.3])
+    wrong_on_char = teacher.clone()
+    wrong_on_char[0, 2] = torch.tensor([0.5, 0.3, 0.2])
+    wn = w.double().numpy()[0]
+    for s in (wrong_on_blank, wrong_on_char):
+        k = kl_frames(s)
+        assert _objective_loss("framekl", s, teacher) == pytest.approx(np.sum(wn * k) / np.sum(wn), rel=1e-4)
+        assert _objective_loss("kl", s, teacher) == pytest.approx(np.mean(k), rel=1e-4)
+        assert _objective_loss("framekl", s, teacher, floor=1.0) == pytest.approx(np.mean(k), rel=1e-4)
+    # an error on a sure-blank frame weighs less than under the plain per-frame mean, one on the
+    # character's frame more
+    assert _objective_loss("framekl", wrong_on_blank, teacher) < 0.5 * _objective_loss("kl", wrong_on_blank, teacher)
+    assert _objective_loss("framekl", wrong_on_char, teacher) > 2 * _objective_loss("kl", wrong_on_char, teacher)
+    assert _objective_loss("framekl", teacher, teacher) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_framekl_distill_lowers_the_loss_and_matches_the_teachers_transcripts() -> None:
+    teacher = frame_model(blank_bias=2.0)  # mostly blank frames, as a text line's
+    student_proto = perturbed(teacher, amount=0.4)
+    data, held_out = _frame_data(64, seed=0), _frame_data(24, seed=5)
+    ctc_before, _ = _ctc_and_match(teacher, student_proto, held_out)
+    _, same_before = _ctc_and_match(teacher, student_proto, data)
+    student = graphopt.from_proto(student_proto)
+    p = get_pass("distill", teacher=graphopt.from_proto(teacher), losses={"prob": "framekl"}, steps=200, lr=1e-2,
+                 temperature=1.0, progress=False)
+    run_passes(student, [p], PassContext(calibration=data))
+    rep = p.result
+    assert rep.losses == {"prob": "framekl"} and rep.loss_last < 0.5 * rep.loss_first
+    out = graphopt.to_proto(student)
+    onnx.checker.check_model(out, full_check=True)
+    ctc_after, _ = _ctc_and_match(teacher, out, held_out)  # 2.37 -> 1.33 when written
+    assert ctc_after < 0.7 * ctc_before
+    _, same_after = _ctc_and_match(teacher, out, data)
+    assert same_after > same_before + 0.2
+    assert [(n.op_type, list(n.input), list(n.output)) for n in out.graph.node] == \
+        [(n.op_type, list(n.input), list(n.output)) for n in student_proto.graph.node]
+
+
+def test_framekl_needs_a_valid_blank_and_floor(tmp_path, capsys) -> None:
+    from graphopt.cli import main
+
+    teacher = frame_model()
+    data = _frame_data(4, seed=0)
+    for spec, floor, msg in [("framekl:6", 0.1, r"blank index below C"), ("framekl:x", 0.1, r"integer >= 0"),
+                             ("framekl", 1.5, r"blank_floor must be in \[0, 1\]")]:
+        with pytest.raises(Exception, match=msg):
+            run_passes(graphopt.from_proto(perturbed(teacher)),
+                       [get_pass("distill", teacher=graphopt.from_proto(teacher), losses={"prob": spec}, steps=1,
+                                 blank_floor=floor, progress=False)], PassContext(calibration=data))
+    t, s = tmp_path / "t.onnx", tmp_path / "s.onnx"
+    onnx.save(teacher, t)
+    onnx.save(perturbed(teacher, amount=0.4), s)
+    d = tmp_path / "d.npz"
+    np.savez(d, x=np.concatenate([f["x"] for f in _frame_data(16, seed=0)]))
+    out = tmp_path / "o.onnx"
+    assert main(["distill", str(s), "-o", str(out), "--teacher", str(t), "--data", str(d), "--steps", "10",
+                 "--lr", "1e-2", "--threads", "1", "--loss", "prob=framekl:0"]) == 0
+    assert "prob: framekl" in capsys.readouterr().out
+    bad = tmp_path / "bad.onnx"
+    rc = main(["distill", str(s), "-o", str(bad), "--teacher", str(t), "--data", str(d), "--steps", "2",
+               "--loss", "prob=framekl:6"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "blank index below C" in err and err.count("\n") == 1, err
+    assert not bad.exists()

@@ -36,7 +36,8 @@ class Distill(Pass):
     Options: ``teacher`` (a Model or a path), ``labels`` (class per calibration sample, or None),
     ``temperature``, ``alpha`` (distillation vs label cross-entropy), ``steps`` / ``minutes``,
     ``lr``, ``batch``, ``match`` (None, ``"auto"`` or [(teacher tensor, student tensor)]),
-    ``feature_weight``, ``losses`` ({output: kl|mse|cosine}), ``seed``, ``progress``, ``snapshot`` (a
+    ``feature_weight``, ``losses`` ({output: kl|mse|cosine|ctc[:B]|framekl[:B]}), ``blank_floor`` (framekl's
+    weight of a sure-blank frame), ``seed``, ``progress``, ``snapshot`` (a
     callable given a copy of the model with the weights so far, the step and the seconds trained) every
     ``snapshot_minutes``.
     The report (``self.report``) holds the run's figures.
@@ -47,7 +48,7 @@ class Distill(Pass):
     default_options: ClassVar[dict[str, Any]] = {
         "teacher": None, "labels": None, "temperature": 4.0, "alpha": 0.5, "steps": None, "minutes": None,
         "lr": 1e-3, "relative_lr": True, "batch": 8, "match": None, "feature_weight": 1.0, "losses": None, "seed": 0, "progress": True,
-        "weight_decay": 0.0, "snapshot_minutes": None, "snapshot": None,
+        "weight_decay": 0.0, "snapshot_minutes": None, "snapshot": None, "blank_floor": 0.1,
     }
 
     def apply(self, model: Model, ctx: PassContext) -> bool:
@@ -66,7 +67,7 @@ class Distill(Pass):
                             lr=o["lr"], relative_lr=o["relative_lr"], batch=o["batch"], match=o["match"], feature_weight=o["feature_weight"],
                             losses=dict(o["losses"] or {}), seed=o["seed"], progress=o["progress"],
                             weight_decay=o["weight_decay"], snapshot_minutes=o["snapshot_minutes"],
-                            snapshot=o["snapshot"])
+                            snapshot=o["snapshot"], blank_floor=o["blank_floor"])
         rep = distill(model, teacher, list(ctx.calibration), cfg, labels=o["labels"])
         self.result = rep
         self.report = {"rows": rep.rows(), "steps": rep.steps, "seconds": rep.seconds, "loss_first": rep.loss_first,

@@ -19,6 +19,13 @@ its integer weights through fake quantization) trained with Adam on:
     ``(1 - ctc_weight) * KL + ctc_weight * CTC`` (``ctc_weight`` 0.5 by default). The CTC term
     only asks the student to *read the same text*, whatever frames it puts it on; the per-frame
     KL alone lets a student drift to all-blank frames while its loss falls;
+  - ``framekl`` (on request only; ``framekl:B`` for blank index ``B``, default 0): the per-frame
+    KL of a CTC recognizer's output with each frame weighted by the teacher's non-blank
+    probability there, ``w = floor + (1 - floor) * (1 - p_blank)`` (``blank_floor``, 0.1 by
+    default), as a weighted mean over frames. Most frames of a text line are blank and the
+    teacher is sure of them, so the plain per-frame mean is dominated by frames that an all-blank
+    student already gets right; this weighting puts the loss on the frames that carry the
+    characters while still asking for the blanks between them;
 
 * cross-entropy on labels when there are any (``alpha`` weighs distillation against it:
   ``alpha * KD + (1 - alpha) * CE``; ``alpha=0`` trains on the labels alone); a label of -1
@@ -50,7 +57,9 @@ from .lower import TorchGraph
 
 log = logging.getLogger("graphopt.distill")
 
-LOSS_KINDS = ("kl", "mse", "cosine", "ctc")
+LOSS_KINDS = ("kl", "mse", "cosine", "ctc", "framekl")
+BLANK_KINDS = ("ctc", "framekl")  # kinds of a CTC output: ``kind:BLANK`` names its blank index
+FRAME_KINDS = ("kl", "ctc", "framekl")  # KL over the last axis (class-like / per-frame outputs)
 UNLABELED = -1  # the label of a sample that has none: distillation only, no cross-entropy
 
 
@@ -67,8 +76,9 @@ class DistillConfig:
     batch: int = 8
     match: str | Sequence[tuple[str, str]] | None = None  # None, "auto", or [(teacher name, student name)]
     feature_weight: float = 1.0
-    losses: Mapping[str, str] = field(default_factory=dict)  # output name -> kl|mse|cosine|ctc[:BLANK]
+    losses: Mapping[str, str] = field(default_factory=dict)  # output name -> kl|mse|cosine|ctc[:B]|framekl[:B]
     ctc_weight: float = 0.5  # a ``ctc`` output's loss: (1 - ctc_weight) * per-frame KL + ctc_weight * CTC
+    blank_floor: float = 0.1  # a ``framekl`` frame's weight where the teacher is sure of blank
     seed: int = 0
     progress: bool = True
     weight_decay: float = 0.0
@@ -95,20 +105,28 @@ def output_kind(values: Sequence[np.ndarray]) -> str:
 
 
 def parse_kind(spec: str) -> tuple[str, int]:
-    """``"ctc:3"`` -> ``("ctc", 3)``; any other kind -> ``(kind, 0)``.
+    """``"ctc:3"`` -> ``("ctc", 3)`` (also ``framekl:B``); any other kind -> ``(kind, 0)``.
 
     Raises:
         InputSpecError: an unknown kind, or a blank index that is not an integer >= 0.
     """
     kind, sep, arg = spec.partition(":")
-    if kind not in LOSS_KINDS or sep and kind != "ctc":
-        raise InputSpecError(f"unknown loss {spec!r}: use one of {', '.join(LOSS_KINDS)} (ctc:BLANK for a blank "
-                             f"index other than 0)")
+    if kind not in LOSS_KINDS or sep and kind not in BLANK_KINDS:
+        raise InputSpecError(f"unknown loss {spec!r}: use one of {', '.join(LOSS_KINDS)} (ctc:BLANK or "
+                             f"framekl:BLANK for a blank index other than 0)")
     if not sep:
         return kind, 0
     if not arg.strip().isdigit():
-        raise InputSpecError(f"loss {spec!r}: the blank index after 'ctc:' must be an integer >= 0")
+        raise InputSpecError(f"loss {spec!r}: the blank index after '{kind}:' must be an integer >= 0")
     return kind, int(arg)
+
+
+def blank_frame_weights(teacher: torch.Tensor, blank: int, floor: float, probs: bool) -> torch.Tensor:
+    """Per-frame weights of a ``framekl`` loss from the teacher's ``[..., C]`` output
+    (probabilities if ``probs``, else logits): ``floor + (1 - floor) * (1 - p_blank)``, shape
+    ``[...]``: ``floor`` on a frame the teacher is sure is blank, 1 on one it is sure is not."""
+    p = teacher if probs else torch.softmax(teacher.float(), dim=-1)
+    return floor + (1.0 - floor) * (1.0 - p[..., blank].clamp(0.0, 1.0))
 
 
 def greedy_ctc_targets(probs: torch.Tensor, blank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,10 +173,15 @@ class _Objective:
         kd = torch.zeros(())
         for name, kind in self.kinds.items():
             s, y = out[name], teacher[name]
-            if kind in ("kl", "ctc"):
+            if kind in FRAME_KINDS:
                 lp_s = self._student_log_probs(out, name, t).reshape(-1, s.shape[-1])
                 lp_t = _log_probs(y, self.probs[name], t).reshape(-1, y.shape[-1])
-                kl = t * t * torch.sum(lp_t.exp() * (lp_t - lp_s)) / lp_s.shape[0]
+                per_frame = torch.sum(lp_t.exp() * (lp_t - lp_s), dim=-1)
+                if kind == "framekl":  # frames weighted by the teacher's non-blank probability
+                    w = blank_frame_weights(y, self.blanks.get(name, 0), cfg.blank_floor, self.probs[name]).reshape(-1)
+                    kd = kd + t * t * torch.sum(w * per_frame) / torch.sum(w).clamp_min(1e-12)
+                    continue
+                kl = t * t * torch.sum(per_frame) / lp_s.shape[0]
                 if kind == "kl":
                     kd = kd + kl
                 else:
@@ -210,7 +233,7 @@ def _softmax_logits(tg: TorchGraph, kinds: Mapping[str, str], ranks: Mapping[str
     found = {}
     for ctx, _ in tg.nodes:
         out = ctx.node.output[0]
-        if ctx.op != "Softmax" or kinds.get(out) not in ("kl", "ctc"):
+        if ctx.op != "Softmax" or kinds.get(out) not in FRAME_KINDS:
             continue
         rank = ranks[out]
         axis = ctx.a("axis", -1 if ctx.opset >= 13 else 1)
@@ -320,6 +343,8 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
     rng = np.random.default_rng(cfg.seed)
     if not data:
         raise InputSpecError("distillation needs data: no samples given")
+    if not 0.0 <= cfg.blank_floor <= 1.0:
+        raise InputSpecError(f"blank_floor must be in [0, 1], got {cfg.blank_floor}")
     tg = TorchGraph(to_proto(student))
     if not tg.param_names:
         raise GraphoptError("the student has no float (or QDQ) weights to train")
@@ -345,6 +370,12 @@ def distill(student: Model, teacher: Model, data: Sequence[Mapping[str, np.ndarr
             kind, blank = parse_kind(spec)
         except InputSpecError as e:
             raise InputSpecError(f"output {s_name!r}: {e}") from None
+        if kind == "framekl":
+            shape = np.shape(vals[0])
+            if len(shape) < 2 or shape[-1] < 2 or blank >= shape[-1]:
+                raise InputSpecError(f"loss {spec!r} for output {s_name!r}: needs per-frame class scores [..., C] "
+                                     f"with the blank index below C; the teacher's output has shape {list(shape)}")
+            blanks[s_name] = blank
         if kind == "ctc":
             shape = np.shape(vals[0])
             if len(shape) != 3 or shape[-1] < 2 or blank >= shape[-1]:
@@ -529,7 +560,7 @@ def _agreement(tg: TorchGraph, feeds: Sequence[Mapping[str, np.ndarray]], t_outs
                     continue
                 num += float(np.sum((a - b) ** 2))
                 den += float(np.sum(b ** 2))
-                if kinds[sn] in ("kl", "ctc"):
+                if kinds[sn] in FRAME_KINDS:
                     agree.append(float(np.mean(a.argmax(-1) == b.argmax(-1))))
     return (math.sqrt(num / den) if den else None), (float(np.mean(agree)) if agree else None)
 
