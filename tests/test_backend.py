@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import FIXTURES, light_models, make_model, vi
+from onnx import TensorProto, helper
 
 import graphopt
 from graphopt.errors import CompileError, InputSpecError
@@ -86,6 +87,53 @@ def test_digits_cnn_matches_ort_and_keeps_accuracy(digits) -> None:
     assert digits.info.layout == "NHWC"
     bench = digits.benchmark(rounds=5)
     assert bench["median_ms"] > 0
+
+
+def test_run_reuses_its_input_buffers_safely(digits) -> None:
+    """run() copies inputs into tensors kept between calls and hands back copies: earlier
+    outputs never change, mutating an output changes nothing, and threads take turns."""
+    import threading
+
+    from graphopt.cli import example_model_path
+
+    x = np.load(FIXTURES / "digits_test.npz")["x"].astype(np.float32)[:8]
+    refs = [_ort(str(example_model_path()), {"input": x[i:i + 1]})[0] for i in range(len(x))]
+    first = digits.run({"input": x[0:1]})[0]
+    second = digits.run({"input": x[1:2]})[0]
+    np.testing.assert_allclose(first, refs[0], rtol=1e-4, atol=1e-4)  # not overwritten by the second call
+    second[:] = 1e9
+    np.testing.assert_allclose(digits.run([x[1:2]])[0], refs[1], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(refs[0], refs[1], rtol=1e-3)  # the samples differ, so a stale buffer would show
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        for r in range(10):
+            i = (k + r) % len(x)
+            got = digits.run({"input": x[i:i + 1]})[0]
+            if not np.allclose(got, refs[i], rtol=1e-4, atol=1e-4):
+                errors.append(f"thread {k} sample {i}")
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_run_output_that_is_an_input_is_a_copy() -> None:
+    """A model whose output is its input: the VM returns the input tensor itself, which run()
+    refills on the next call, so the returned array must be a copy."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])
+    m = helper.make_model(helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "id", [x], [y]),
+                          opset_imports=[helper.make_opsetid("", 17)])
+    cm = tvm_compile(graphopt.from_proto(m), "host", progress=False)
+    a, b = np.arange(6, dtype=np.float32).reshape(2, 3), -np.ones((2, 3), np.float32)
+    out_a = cm.run({"x": a})[0]
+    out_b = cm.run({"x": b})[0]
+    np.testing.assert_array_equal(out_a, a)
+    np.testing.assert_array_equal(out_b, b)
 
 
 def test_export_and_reload_in_a_fresh_process(digits, tmp_path: Path) -> None:
