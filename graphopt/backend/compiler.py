@@ -308,9 +308,11 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
         mod = tvm.transform.Sequential(head)(mod)
         if int8_table:  # per-tensor quantize/dequantize as elementwise ops (layout conversion takes them),
             from .int8 import elementwise_qdq, rewrite_qdq  # integer matmuls before their widths are padded
+            from .int8_arm import int8_activation_dtype
 
+            acts = int8_activation_dtype(tgt) or "uint8"  # what the dot product reads (Arm sdot: int8)
             mod = elementwise_qdq(mod)
-            mod, counts = rewrite_qdq(mod, int8_table, ("matmul",))
+            mod, counts = rewrite_qdq(mod, int8_table, ("matmul",), activations=acts)
             if int8_counts is not None:
                 int8_counts.update(counts)
         if target.device == "cpu":  # ConvTranspose as a sub-pixel convolution (then channels-last too)
@@ -339,7 +341,7 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
         if int8_table:  # integer convolutions, in the layout the convs now have; SiLU epilogues vectorized
             from .int8 import fast_sigmoid
 
-            mod, counts = rewrite_qdq(mod, int8_table, ("conv2d",))
+            mod, counts = rewrite_qdq(mod, int8_table, ("conv2d",), activations=acts)
             mod = fast_sigmoid(mod)
             if int8_counts is not None:
                 for k, v in counts.items():
@@ -772,8 +774,9 @@ def compile(
     ``const_inputs`` (name -> value): inputs compiled as constants (see :func:`pin_inputs`); the
     build no longer takes them.
 
-    ``int8_kernels`` (CPU targets with AVX-512 VNNI): a QDQ model's convolutions and matmuls run as
-    int8 x int8 -> int32 kernels with requantization (:mod:`graphopt.backend.int8`) instead of
+    ``int8_kernels`` (CPU targets with AVX-512 VNNI or Arm dotprod): a QDQ model's convolutions and
+    matmuls run as int8 x int8 -> int32 kernels with requantization (:mod:`graphopt.backend.int8`,
+    :mod:`graphopt.backend.int8_arm`) instead of
     dequantize, float kernel, quantize; False keeps them float.
 
     ``fast_math`` (CPU targets, float32): ``exp``, ``erf``, ``tanh``, softmax and ``sigmoid`` as
@@ -807,11 +810,12 @@ def compile(
 
         lanes = vector_lanes(spec.tvm_target())
     int8_table = {}
-    from .int8 import has_vnni, weight_table
+    from .int8 import weight_table
+    from .int8_arm import int8_activation_dtype
 
     # the int8 weights, read before the pipeline folds their DequantizeLinear; only where the CPU has
-    # integer dot products (VNNI): without them int32 multiply-adds are no faster than float ones
-    if int8_kernels and spec.device == "cpu" and has_vnni(spec.tvm_target()):
+    # integer dot products (VNNI, Arm dotprod): without them int32 multiply-adds are no faster than float ones
+    if int8_kernels and spec.device == "cpu" and int8_activation_dtype(spec.tvm_target()) is not None:
         if not isinstance(model, Model):
             model = _load_model(model)  # loaded once (prepare copies it)
         int8_table = weight_table(model)

@@ -28,9 +28,10 @@ per-channel int8 weights) as ``dequantize -> float conv2d/matmul -> quantize``: 
 3. :class:`Int8DotRule`, the first tiled rule of :data:`graphopt.backend.schedules.DEFAULT_RULES`,
    schedules those kernels: weights packed ``[N/16, ..., K/4, 16, 4]`` at compile time, a register
    tile of accumulators, the inner 16x4 block tensorized as one ``vpdpbusd``
-   (:data:`VNNI_LOCAL_INTRIN`), the epilogue on write-back. Without VNNI (another CPU, an
-   aarch64 cross build) the integer kernels go to the float tiled rule: still integer, no dot
-   product instructions.
+   (:data:`VNNI_LOCAL_INTRIN`), the epilogue on write-back. On an aarch64 target with
+   ``+dotprod`` the rewrite reads int8 activations (uint8 ones shifted by -128) and
+   :class:`graphopt.backend.int8_arm.ArmDotRule` tensorizes the same block onto Arm ``sdot``;
+   without either instruction the model keeps its float kernels.
 
 How the int8 weights are found: graphopt's lossless pipeline folds each weight's
 DequantizeLinear into a float constant before import. :func:`weight_table` reads the model before
@@ -134,10 +135,12 @@ def _scalar(e: Any) -> float | int | None:
 
 
 def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...] = ("conv2d", "matmul"),
-                *, grouped: bool = True) -> tuple[Any, dict[str, int]]:
+                *, grouped: bool = True, activations: str = "uint8") -> tuple[Any, dict[str, int]]:
     """Rewrite ``dequantize -> conv2d/matmul`` with known int8 weights into integer kernels (see
     the module docstring). Returns the module and counts (``int8_conv2d``, ``int8_matmul``,
-    ``float_kept``: conv2d/matmul on dequantized activations left float).
+    ``float_kept``: conv2d/matmul on dequantized activations left float). ``activations``: the
+    dtype the kernels read, activations of the other one shifted by 128 (``uint8`` for x86
+    ``vpdpbusd``; ``int8`` for Arm ``sdot``, :mod:`graphopt.backend.int8_arm`).
 
     Runs after :func:`elementwise_qdq` and Relax's layout conversion (so the dequantize is the
     elementwise chain ``float(int32(xq) - z) * s``, and a conv2d may be NHWC/HWIO with its weight
@@ -211,11 +214,12 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
             return a, (axes if axes is not None else list(range(a.ndim)))
 
         def _unsigned(self, xq: Any, z: int, dt: str) -> tuple[Any, int]:
-            if dt == "uint8":
+            if dt == activations:
                 return xq, z
+            shift = 128 if activations == "uint8" else -128  # int8 -> uint8 (x86), uint8 -> int8 (Arm)
             x16 = self.builder_.emit(relax.op.astype(xq, "int16"))
-            x16 = self.builder_.emit(relax.op.add(x16, relax.const(128, "int16")))
-            return self.builder_.emit(relax.op.astype(x16, "uint8")), z + 128
+            x16 = self.builder_.emit(relax.op.add(x16, relax.const(shift, "int16")))
+            return self.builder_.emit(relax.op.astype(x16, activations)), z + shift
 
         def visit_call_(self, call: Any) -> Any:
             if ("conv2d" in kinds and is_call(call, "nn.conv2d")) or ("matmul" in kinds and is_call(call, "matmul")):

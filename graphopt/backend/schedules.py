@@ -639,10 +639,13 @@ class FallbackRule(_Rule):
         return done
 
 
-# integer conv/matmul on VNNI, tried before the float tiled rule (imported here: int8 reads this module lazily)
+# integer conv/matmul on VNNI or Arm sdot, tried before the float tiled rule (imported here: they read this
+# module lazily)
 from .int8 import Int8DotRule
+from .int8_arm import ArmDotRule
 
-DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule()), TiledReductionRule(),
+DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule()),
+                                     cast(_Rule, ArmDotRule()), TiledReductionRule(),
                                      RowReductionRule(), DLightReductionRule(), FallbackRule())
 
 

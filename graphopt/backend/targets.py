@@ -76,6 +76,8 @@ def resolve_target(spec: str | dict[str, Any] | TargetSpec = "host") -> TargetSp
 
     Presets: ``host`` (this CPU, detected), ``x86-64``, ``x86-64-v2``, ``x86-64-v3``,
     ``x86-64-v4`` (portable x86 levels), ``aarch64`` (64-bit Arm Linux, cross-compiled),
+    ``aarch64-dotprod`` (the same with the Armv8.2 dot-product instructions that QDQ models'
+    integer kernels use: Cortex-A55/A76 and later, Neoverse, Graviton2+, Raspberry Pi 5),
     ``cuda`` / ``cuda:sm_80`` / ``cuda:sm_90`` (NVIDIA GPU of that architecture; default sm_80).
     """
     if isinstance(spec, TargetSpec):
@@ -105,6 +107,9 @@ def resolve_target(spec: str | dict[str, Any] | TargetSpec = "host") -> TargetSp
     if low in ("aarch64", "arm64"):
         cfg = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 4}
         return TargetSpec("aarch64", cfg, cross_compiler=AARCH64_CC)
+    if low in ("aarch64-dotprod", "arm64-dotprod"):
+        cfg = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"], "num-cores": 4}
+        return TargetSpec("aarch64-dotprod", cfg, cross_compiler=AARCH64_CC)
     if low == "cuda" or low.startswith("cuda:"):
         arch = low.split(":", 1)[1] if ":" in low else "sm_80"
         if not arch.startswith("sm_") or not arch[3:].isdigit():
@@ -114,7 +119,7 @@ def resolve_target(spec: str | dict[str, Any] | TargetSpec = "host") -> TargetSp
         return _from_dict({"kind": "cuda", "arch": arch, "max_shared_memory_per_block": 49152,
                            "max_threads_per_block": 1024, "thread_warp_size": 32}, name=f"cuda:{arch}")
     raise CompileError(
-        f"unknown target {spec!r}; use host, {', '.join(X86_LEVELS)}, aarch64, cuda[:sm_XX] "
+        f"unknown target {spec!r}; use host, {', '.join(X86_LEVELS)}, aarch64, aarch64-dotprod, cuda[:sm_XX] "
         "or a TVM target dict/JSON such as '{\"kind\": \"llvm\", \"mcpu\": \"znver4\"}'",
         field="target",
     )
