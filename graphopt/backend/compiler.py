@@ -323,6 +323,11 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
             if n_ct or why_not:
                 logger.info("%d transposed convolutions rewritten as convolutions%s", n_ct,
                             f"; left as they were: {', '.join(sorted(set(why_not)))}" if why_not else "")
+            from .intmatmul import native_integer_matmuls
+
+            mod, n_int = native_integer_matmuls(mod)  # MatMulInteger: uint8 x int8, not int32 x int32
+            if n_int and int8_counts is not None:
+                int8_counts["integer_matmul"] = int8_counts.get("integer_matmul", 0) + n_int
             mod, _ = dedupe_constants(mod)  # one copy of an unrolled LSTM's weights (before padding)
             mod, padded = pad_matmul_widths(mod, vector_lanes(tgt))
             if padded:
@@ -339,9 +344,12 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
                 logger.info("graph-wide layout conversion failed (%s); %d convolutions made channels-last one by one",
                             _first_line(exc), n)
         if int8_table:  # integer convolutions, in the layout the convs now have; SiLU epilogues vectorized
-            from .int8 import fast_sigmoid
+            from .int8 import fast_sigmoid, lookup_tables, mark_lookups_elementwise
 
             mod, counts = rewrite_qdq(mod, int8_table, ("conv2d",), activations=acts)
+            mod, counts["lookup_tables"] = lookup_tables(mod)  # quantized SiLU/sigmoid chains: table[xq]
+            if counts["lookup_tables"]:  # elementwise for fusion: the lookup joins the conv's epilogue
+                tail.insert(2, mark_lookups_elementwise())  # right after AnnotateTIROpPattern
             mod = fast_sigmoid(mod)
             if int8_counts is not None:
                 for k, v in counts.items():

@@ -51,6 +51,20 @@ class _Builder:
         self.g, self.ref, self.opset, self.dtype = graph, ref, opset, dtype
         self.base = ref.name or ref.op_type.lower()
         self.quantize = False
+        #: this direction's recurrent weight as (q [K, N], scale, zero point) when the products are integer
+        self.int_r: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.int_cache: dict[tuple[int, int], tuple[Value, ...]] = {}
+
+    def int_product(self, dql: Node, w: tuple[np.ndarray, np.ndarray, np.ndarray]) -> Value:
+        """``float(sum (xq - zx)(q - z)) * (x_scale * scale)`` of a ``DynamicQuantizeLinear``'s outputs
+        and an integer weight ``(q [K, N], scale, zero point)``, as ORT's quantized LSTM computes it."""
+        from .integer import integer_matmul
+
+        q, scale, z = w
+        acc = integer_matmul(self.g, self.ref, dql.output(0), dql.output(2), q, z, self.opset, self.int_cache)
+        assert acc is not None  # checked by _integer_weights
+        s = self.one("Mul", dql.output(1), self.const(np.asarray(scale, np.float32), "wscale"))
+        return self.one("Mul", acc, s)
 
     def qdq(self, x: Value) -> Value:
         """``x`` through uint8 dynamic quantization (when this node's products are quantized)."""
@@ -166,6 +180,32 @@ def _dequantized_constant(v: Value) -> np.ndarray | None:
     return w.astype(np.asarray(s).dtype)
 
 
+def _integer_weights(w: dict[str, Any] | None, dirs: int, gh: int) -> dict[str, list[tuple]] | None:
+    """Per direction ``(q [K, 4H], scale, zero point)`` of ``DynamicQuantizeLSTM`` weights, scales
+    and zero points per direction or per channel; None when they do not fit (the float products
+    of dequantized weights are used then)."""
+    if not w:
+        return None
+    out: dict[str, list[tuple]] = {}
+    for key in ("W", "R"):
+        q, s, z = (np.asarray(a) for a in w[key])
+        if q.ndim != 3 or q.shape[0] != dirs or q.shape[2] != gh or q.dtype not in (np.int8, np.uint8):
+            return None
+        per = []
+        for d in range(dirs):
+            sd = s.reshape(dirs, -1)[d] if s.size in (dirs, dirs * gh) else None
+            zd = z.reshape(dirs, -1)[d] if z.size in (dirs, dirs * gh) else None
+            if sd is None or zd is None:
+                return None
+            qz = q[d].astype(np.int64) - zd.astype(np.int64).reshape(1, -1)
+            if np.any(qz.max(axis=0) - qz.min(axis=0) > 255):
+                return None
+            per.append((q[d], sd.reshape(-1) if sd.size > 1 else sd.reshape(()), zd.reshape(-1) if zd.size > 1
+                        else zd.reshape(())))
+        out[key] = per
+    return out
+
+
 def _const(n: Node, i: int, what: str) -> np.ndarray | None:
     v = n.input(i) if i < len(n.inputs) else None
     if v is None:
@@ -186,12 +226,17 @@ class LowerRecurrent(NodeLowering):
     the unrolled graph grows linearly with the length), ``quantize_inputs`` (names of nodes whose
     input sequence and recurrent state are quantized to uint8 before each product with
     ``DynamicQuantizeLinear -> DequantizeLinear``, as ONNX Runtime's ``DynamicQuantizeLSTM`` does
-    with its integer weights; set by ``lower-integer``).
+    with its integer weights; set by ``lower-integer``), ``integer_weights`` (node name ->
+    ``{"W": (q, scale, zero point), "R": ...}`` with ``q`` as ``DynamicQuantizeLSTM`` stores it,
+    ``[dirs, K, 4H]``, and scales per direction: for those quantized nodes each product is the
+    integer one ORT computes - ``MatMulInteger`` of the uint8 input or state with the int8
+    weight, scaled once by ``x_scale * w_scale`` - rather than a float product of dequantized
+    values, which rounds differently).
     """
 
     name = "lower-recurrent"
     default_options: ClassVar[dict[str, Any]] = {"ops": ("LSTM", "GRU", "RNN"), "max_steps": 4096,
-                                                  "quantize_inputs": ()}
+                                                  "quantize_inputs": (), "integer_weights": {}}
 
     # -- one node ---------------------------------------------------------------------------
     def lower_node(self, graph: Graph, n: Node, opset: int) -> None:
@@ -238,10 +283,12 @@ class LowerRecurrent(NodeLowering):
             dtype = np.dtype(np_dtype(x.dtype))
         b = _Builder(graph, n, opset, dtype)
         b.quantize = bool(n.name) and n.name in self.options["quantize_inputs"]
+        ints = _integer_weights(self.options["integer_weights"].get(n.name), dirs, G * H) if b.quantize else None
 
         # time-major input [seq, batch, in]
         xt = b.one("Transpose", x, perm=[1, 0, 2]) if layout else x
-        xt = b.qdq(xt)  # the whole sequence in one product: one scale (ORT's quantized LSTM)
+        xq = b.op("DynamicQuantizeLinear", [xt], num_outputs=3) if ints is not None else None
+        xt = b.qdq(xt) if ints is None else xt  # the whole sequence in one product: one scale (ORT's quantized LSTM)
         if h0 is not None and layout:
             h0 = b.one("Transpose", h0, perm=[1, 0, 2])
         if c0 is not None and layout:
@@ -259,7 +306,11 @@ class LowerRecurrent(NodeLowering):
             bias = wb + rb
             if op == "GRU" and lbr:
                 bias = np.concatenate([(wb + rb)[:2 * H], wb[2 * H:]])
-            proj = b.one("MatMul", xt, b.const(np.ascontiguousarray(W[d].T).astype(dtype), "W"))
+            if ints is not None:
+                b.int_r = ints["R"][d]
+                proj = b.int_product(xq, ints["W"][d])
+            else:
+                proj = b.one("MatMul", xt, b.const(np.ascontiguousarray(W[d].T).astype(dtype), "W"))
             if B is not None:
                 proj = b.one("Add", proj, b.const(bias.astype(dtype), "B"))
             steps = b.split(proj, [1] * seq, 0)
@@ -307,6 +358,8 @@ class LowerRecurrent(NodeLowering):
     def _recurrent(b: _Builder, x: Value, h: Value | None, R: np.ndarray, tag: str) -> Value:
         if h is None:  # zero state: no recurrent term
             return x
+        if b.int_r is not None:
+            return b.one("Add", x, b.int_product(b.op("DynamicQuantizeLinear", [h], num_outputs=3), b.int_r))
         return b.one("Add", x, b.one("MatMul", b.qdq(h), b.const(np.ascontiguousarray(R.T), tag)))
 
     def _lstm_step(self, b: _Builder, xw: Value, h: Value | None, c: Value | None, R: np.ndarray,
