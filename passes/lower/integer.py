@@ -248,10 +248,13 @@ class LowerInteger(Pass):
         bz = _c(bzp) if bzp is not None else None
         if bzp is not None and bz is None:
             return "B's zero point is computed at run time"
-        if azp is not None and (azp.shape is None or any(d != 1 for d in azp.shape)):
+        dql = a.producer if a is not None else None
+        dynamic = dql is not None and dql.op_type == "DynamicQuantizeLinear"  # uint8, one scalar zero point
+        if a is None or (a.dtype != 2 and not dynamic):
+            return "A is not uint8"  # (uint8: the operand of the CPU's u8 x s8 dot products)
+        if azp is not None and not (dynamic and azp is dql.output(2)) and \
+                (azp.shape is None or any(d != 1 for d in azp.shape)):
             return "A's zero point is not a scalar (per-row zero points are not lowered)"
-        if a is None or a.dtype != 2:  # uint8: the operand of the CPU's u8 x s8 dot products
-            return "A is not uint8"
         opset = (self.model.opset("") if self.model is not None else None) or 13
         acc = integer_matmul(graph, n, a, azp, bq, bz, opset)
         if acc is None:
