@@ -130,14 +130,17 @@ def _old_quantizer_conv() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
 @pytest.mark.parametrize("form", ["old-quantizer", "quantize_dynamic"])
 def test_conv_integer_has_no_int32_round_trip(form, tmp_path):
     """ConvInteger -> [Add(Cast(Floor(b / s), int32))] -> Cast(float) reads as a float Conv (+ Add):
-    no float -> int32 Cast or Round is left, and the outputs are ORT's exactly."""
+    no float -> int32 Cast is left, the conv's input is computed in float from the quantizer's
+    input (no uint8 tensor is read), and the outputs are ORT's exactly."""
     proto, feeds = _old_quantizer_conv() if form == "old-quantizer" else _small_cnn_dynamic(tmp_path)
     ref = _run(proto, feeds)[0]
     out = _lower(proto)
     ops = [nd.op_type for nd in out.graph.node]
-    assert "ConvInteger" not in ops and "Round" not in ops and "Conv" in ops
+    assert "ConvInteger" not in ops and "Conv" in ops
     for nd in out.graph.node:
         assert not (nd.op_type == "Cast" and nd.attribute[0].i == TensorProto.INT32), "a Cast to int32 is left"
+    quantized = {nd.output[0] for nd in out.graph.node if nd.op_type == "DynamicQuantizeLinear"}
+    assert quantized and not any(set(nd.input) & quantized for nd in out.graph.node)
     np.testing.assert_array_equal(_run(out, feeds)[0], ref)
 
 

@@ -203,7 +203,22 @@ class LowerInteger(Pass):
 
     # -- the ops ----------------------------------------------------------------------------
     def _integer_operand(self, graph: Graph, n: Node, v: Value, zp: Value | None) -> Value:
-        """``float(v) - float(zp)``: a run-time integer operand as exact float integers."""
+        """``float(v) - float(zp)``: a run-time integer operand as exact float integers.
+
+        When ``v`` and ``zp`` come from a ``DynamicQuantizeLinear`` of float ``x``, the same numbers
+        are computed from ``x`` in float, ``min(max(round(x / scale) + zp, 0), 255) - zp``, and the
+        uint8 tensor is not made: elementwise float ops, which a channels-last build converts
+        (TVM's ``quantize`` has no layout rule: it sat between two transposes of the activation).
+        """
+        q = v.producer
+        if (q is not None and q.op_type == "DynamicQuantizeLinear" and v is q.output(0) and zp is q.output(2)
+                and q.input(0) is not None):
+            z = self._node(graph, n, "Cast", [zp], to=1)
+            r = self._node(graph, n, "Round", [self._node(graph, n, "Div", [q.input(0), q.output(1)])])
+            lo = graph.add_initializer(graph.fresh_name("u8_min"), np.array(0, np.float32))
+            hi = graph.add_initializer(graph.fresh_name("u8_max"), np.array(255, np.float32))
+            c = self._node(graph, n, "Min", [self._node(graph, n, "Max", [self._node(graph, n, "Add", [r, z]), lo]), hi])
+            return self._node(graph, n, "Sub", [c, z])
         f = self._node(graph, n, "Cast", [v], to=1)
         return self._node(graph, n, "Sub", [f, self._node(graph, n, "Cast", [zp], to=1)]) if zp is not None else f
 
