@@ -344,9 +344,10 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
                 logger.info("graph-wide layout conversion failed (%s); %d convolutions made channels-last one by one",
                             _first_line(exc), n)
         if int8_table:  # integer convolutions, in the layout the convs now have; SiLU epilogues vectorized
-            from .int8 import fast_sigmoid, lookup_tables, mark_lookups_elementwise
+            from .int8 import fast_sigmoid, lookup_tables, mark_lookups_elementwise, sink_quantize
 
             mod, counts = rewrite_qdq(mod, int8_table, ("conv2d",), activations=acts)
+            mod, counts["quantize_sunk"] = sink_quantize(mod)  # concat/reshape/split move uint8, not float
             mod, counts["lookup_tables"] = lookup_tables(mod)  # quantized SiLU/sigmoid chains: table[xq]
             if counts["lookup_tables"]:  # elementwise for fusion: the lookup joins the conv's epilogue
                 tail.insert(2, mark_lookups_elementwise())  # right after AnnotateTIROpPattern

@@ -28,7 +28,7 @@ per-channel int8 weights) as ``dequantize -> float conv2d/matmul -> quantize``: 
 3. :class:`Int8DotRule`, the first tiled rule of :data:`graphopt.backend.schedules.DEFAULT_RULES`,
    schedules those kernels: weights packed ``[N/16, ..., K/4, 16, 4]`` at compile time, a register
    tile of accumulators, the inner 16x4 block tensorized as one ``vpdpbusd``
-   (:data:`VNNI_LOCAL_INTRIN`), the epilogue on write-back. On an aarch64 target with
+   (:data:`VNNI_TILE_INTRIN`), the epilogue on write-back. On an aarch64 target with
    ``+dotprod`` the rewrite reads int8 activations (uint8 ones shifted by -128) and
    :class:`graphopt.backend.int8_arm.ArmDotRule` tensorizes the same block onto Arm ``sdot``;
    without either instruction the model keeps its float kernels.
@@ -37,8 +37,16 @@ How the int8 weights are found: graphopt's lossless pipeline folds each weight's
 DequantizeLinear into a float constant before import. :func:`weight_table` reads the model before
 that, computes each constant DequantizeLinear exactly as ONNX Runtime does (``float(wq - z) *
 s``, one float32 rounding), and keys the integer weights by the bytes of that float result; the
-rewrite looks every conv2d/matmul weight up by its bytes. A weight that is not found (changed by
-a fusion, or not from a DequantizeLinear) keeps its float kernel (counted as ``float_kept``).
+rewrite looks every conv2d/matmul weight up by its bytes. Weights over the constant folder's size
+limit (1 MB as float) keep their DequantizeLinear through the pipeline and reach TVM as
+``dequantize(int8 constant)``: those integer weights are read from the op itself. A weight that is
+not found (changed by a fusion, or not from a DequantizeLinear) keeps its float kernel (counted as
+``float_kept``).
+
+Quantized elementwise chains (the SiLU after every conv of a YOLO-style detector: ``dequantize ->
+sigmoid -> quantize -> dequantize -> mul -> quantize``) are functions of one uint8/int8 tensor:
+:func:`lookup_tables` turns each into a 256-entry table read inside the conv's epilogue (counted
+as ``lookup_tables``), where the float chain cost 2-3x the convolution on narrow 1x1 convs.
 
 Exactness: the integer accumulation is exact on both sides; ORT requantizes ``(acc + bias_q) *
 (sx*sw/sy)``, TVM ``((acc - zx*sum(w)) * (sx*sw) + bias) / sy``: the same real number through
@@ -69,6 +77,8 @@ logger = logging.getLogger(__name__)
 #: vpdpbusd: 16 int32 lanes, each the sum of 4 uint8 x int8 products
 OC_BLOCK = 16
 K_BLOCK = 4
+#: accumulator vectors per register tile: 15 x 64 bytes stays under TVM's 1 KiB stack-allocation limit
+_TILE_ACCUMULATORS = 15
 
 
 @dataclass
@@ -134,6 +144,24 @@ def _scalar(e: Any) -> float | int | None:
     return a.reshape(()).item()
 
 
+def _dequantized_weight(call: Any) -> IntWeight | None:
+    """The integer weight of ``dequantize(int8 constant, scale constant, zero point 0)``: a
+    per-tensor scale or one per channel along the op's axis (what ``weight_table`` accepts)."""
+    q, s, z = (_const_array(a) for a in call.args[:3])
+    if q is None or s is None or q.dtype != np.int8 or q.ndim < 2 or s.dtype != np.float32:
+        return None
+    if z is not None and np.any(z != 0):
+        return None
+    axis = int(call.attrs.axis) % q.ndim
+    if s.size == 1:
+        return IntWeight(q, s.reshape([1] * q.ndim).astype(np.float32), axis)
+    if s.ndim != 1 or s.size != q.shape[axis]:
+        return None
+    shape = [1] * q.ndim
+    shape[axis] = s.size
+    return IntWeight(q, s.reshape(shape).astype(np.float32), axis)
+
+
 def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...] = ("conv2d", "matmul"),
                 *, grouped: bool = True, activations: str = "uint8") -> tuple[Any, dict[str, int]]:
     """Rewrite ``dequantize -> conv2d/matmul`` with known int8 weights into integer kernels (see
@@ -156,7 +184,7 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
     if not table:
         return mod, counts
     ops = {k: tvm.ir.Op.get("relax." + k) for k in ("nn.conv2d", "matmul", "multiply", "astype", "subtract",
-                                                      "permute_dims")}
+                                                      "permute_dims", "dequantize")}
 
     def is_call(e: Any, op: str) -> bool:
         return isinstance(e, relax.Call) and e.op.same_as(ops[op])
@@ -197,8 +225,11 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
                 return None
             return xq, float(sx), int(zx), dt
 
-        def _weight(self, w: Any) -> tuple[np.ndarray, list[int]] | None:
-            """The float constant behind a weight (and the permutation applied to it)."""
+        def _weight(self, w: Any) -> tuple[np.ndarray | IntWeight, list[int]] | None:
+            """The constant behind a weight (and the permutation applied to it): a float constant
+            (looked up in ``table``), or an int8 constant still behind a ``dequantize`` (the
+            lossless pipeline leaves large weights' DequantizeLinear unfolded rather than write a
+            float copy: there the integer weight is read directly, no lookup)."""
             axes: list[int] | None = None
             if isinstance(w, relax.Var):
                 b = self.lookup_binding(w)
@@ -208,6 +239,11 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
             elif is_call(w, "permute_dims"):
                 axes = [int(a) for a in w.attrs.axes] if w.attrs.axes is not None else None
                 w = w.args[0]
+            if isinstance(w, relax.Var) and is_call(self.lookup_binding(w), "dequantize"):
+                w = self.lookup_binding(w)
+            iw = _dequantized_weight(w) if is_call(w, "dequantize") else None
+            if iw is not None:
+                return iw, (axes if axes is not None else list(range(iw.q.ndim)))
             a = _const_array(w)
             if a is None or a.dtype != np.float32:
                 return None
@@ -230,10 +266,13 @@ def rewrite_qdq(mod: Any, table: Mapping[str, IntWeight], kinds: tuple[str, ...]
 
         def _try(self, call: Any) -> Any:
             act = self._activation(call.args[0])
-            wt = self._weight(call.args[1])
-            if act is None or wt is None:
+            if act is None:
                 return None
-            iw = table.get(_key(wt[0]))
+            wt = self._weight(call.args[1])
+            if wt is None:  # a quantized activation, a weight that is not a constant: stays float
+                counts["float_kept"] += 1
+                return None
+            iw = wt[0] if isinstance(wt[0], IntWeight) else table.get(_key(wt[0]))
             if iw is None:
                 counts["float_kept"] += 1
                 return None
@@ -489,7 +528,10 @@ class Int8DotRule:
         others = [it for it in spatial if it is not vec_it]
         free_its = [it for it in others if int(it.dom) > 1 and not _uses_var(b, it.var)]
         block_it = free_its[-1] if free_its else None
-        xi, fm = choose_int8_tile(int(block_it.dom) if block_it else 1, f // OC_BLOCK)
+        # at most 15 accumulators (960 bytes): TVM puts a tile under 1 KiB on the stack (registers, for
+        # LLVM), a larger one in a workspace allocated and freed per tile (a 40x40x64 3x3 conv: 0.34 ms
+        # with 20 accumulators, 0.32 ms with 8; a 1x1 conv over 80x80x32: 0.18 vs 0.14 ms)
+        xi, fm = choose_int8_tile(int(block_it.dom) if block_it else 1, f // OC_BLOCK, registers=_TILE_ACCUMULATORS)
 
         # 1. producers inlined (copies; a pad with a real border stays a stage), epilogue chain folded
         epilogue = _inline_around(sch, infos, infos.index(main))
@@ -510,6 +552,7 @@ class Int8DotRule:
         # inlined into the full-width write-back would write past its output)
         wb, last_epi, epi_inlined = _write_back(sch, rv, epilogue,
                                                 lambda epi, w: _domain(sch, epi) == _domain(sch, w))
+        sch.set_scope(rv, 0, "global")  # a stack tile, not a workspace allocation (see _register_intrinsic)
         loops = sch.get_loops(rv)
         by_it = {id(it): lp for it, lp in zip(iters, loops, strict=True)}
         f_o, f_m, f_i = sch.split(by_it[id(vec_it)], [None, fm, OC_BLOCK])
@@ -571,20 +614,27 @@ def _same_buffer(func: Any, param: Any, buf: Any) -> bool:
         return False
 
 
-#: the VNNI dot product with the accumulators in a ``local`` (register) tile
-VNNI_LOCAL_INTRIN = "graphopt_dot_16x4_u8i8i32_vnni_local"
+#: the VNNI dot product accumulating into a tile of the kernel's own (``global`` scope: see
+#: :func:`_register_intrinsic`)
+VNNI_TILE_INTRIN = "graphopt_dot_16x4_u8i8i32_vnni_tile"
 
 
 def _register_intrinsic() -> str:
     """Register (once) ``C[16] += sum_k A[k] * B[:, k]`` (uint8 ``A[4]``, int8 ``B[16, 4]``, int32
-    ``C`` in local scope) implemented by one ``vpdpbusd``. TVM ships this intrinsic for global
-    accumulators only; the register tile needs it for local ones."""
+    ``C``) implemented by one ``vpdpbusd``.
+
+    The accumulator tile is a ``global``-scope buffer allocated inside the kernel's parallel
+    loop: TVM (0.27) puts a small constant-size ``global`` allocation on the stack, where LLVM
+    keeps it in registers, but lowers every ``local`` one to a ``TVMBackendAllocWorkspace`` /
+    ``FreeWorkspace`` call pair per outer iteration (measured: a 1x1 conv over 52x52x96 made
+    2,700 such calls per run, a third of its time). For the same reason the four activations
+    are broadcast in one expression, not through a temporary (a 4-byte local buffer)."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
     try:
-        TensorIntrin.get(VNNI_LOCAL_INTRIN)
-        return VNNI_LOCAL_INTRIN
+        TensorIntrin.get(VNNI_TILE_INTRIN)
+        return VNNI_TILE_INTRIN
     except Exception:  # noqa: BLE001 - not registered yet
         pass
 
@@ -592,7 +642,7 @@ def _register_intrinsic() -> str:
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
@@ -605,23 +655,23 @@ def _register_intrinsic() -> str:
     def impl(a: T.handle, b: T.handle, c: T.handle) -> None:
         A = T.match_buffer(a, (4,), "uint8", offset_factor=1)
         B = T.match_buffer(b, (16, 4), "int8", offset_factor=1)
-        C = T.match_buffer(c, (16,), "int32", offset_factor=1, scope="local")
+        C = T.match_buffer(c, (16,), "int32", offset_factor=1)
         with T.sblock("root"):
             T.reads(C[0:16], A[0:4], B[0:16, 0:4])
             T.writes(C[0:16])
-            four = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")  # 4 activations, one lane
             # (LLVM 20 declares the byte operands as <64 x i8>; TVM's own intrinsic passes
             # <16 x i32> and fails LLVM's verifier with this wheel)
             C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
                 C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.broadcast(four, 16), dtype="int8x64"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16),
+                              dtype="int8x64"),
                 B.vload([0, 0], dtype="int8x64"),
                 dtype="int32x16",
             )
 
-    TensorIntrin.register(VNNI_LOCAL_INTRIN, desc, impl)
-    return VNNI_LOCAL_INTRIN
+    TensorIntrin.register(VNNI_TILE_INTRIN, desc, impl)
+    return VNNI_TILE_INTRIN
 
 
 def _domain(sch: Any, block: Any) -> list[int]:
@@ -667,3 +717,404 @@ def fast_sigmoid(mod: Any) -> Any:
         if isinstance(func, relax.Function):
             rw.builder_.update_func(gv, rw.visit_expr(func))
     return rw.builder_.get()
+
+
+# -- quantized elementwise chains as 256-entry lookup tables ---------------------------------------
+
+#: elementwise Relax ops a lookup table can evaluate (numpy, float32 arithmetic like TVM's)
+_LUT_UNARY: dict[str, Any] = {
+    "relax.sigmoid": lambda x: np.float32(1) / (np.float32(1) + np.exp(-x)),
+    "relax.exp": np.exp, "relax.tanh": np.tanh, "relax.negative": np.negative, "relax.sqrt": np.sqrt,
+    "relax.log": np.log, "relax.abs": np.abs, "relax.floor": np.floor, "relax.ceil": np.ceil,
+    "relax.round": np.round,  # half to even, as TVM's nearbyint and ONNX's QuantizeLinear
+    "relax.nn.relu": lambda x: np.maximum(x, x.dtype.type(0)),
+}
+_LUT_BINARY: dict[str, Any] = {
+    "relax.add": np.add, "relax.subtract": np.subtract, "relax.multiply": np.multiply,
+    "relax.divide": np.divide, "relax.maximum": np.maximum, "relax.minimum": np.minimum,
+}
+#: what makes a table worth it (a chain of requantizing affine ops stays arithmetic: it vectorizes)
+_LUT_EXPENSIVE = {"relax.sigmoid", "relax.exp", "relax.tanh", "relax.log", "relax.sqrt", "relax.nn.leakyrelu"}
+#: name of the lookup kernels (:func:`mark_lookups_elementwise` finds them by it)
+LOOKUP_PRIMFUNC = "graphopt_lookup"
+
+
+def lookup_tables(mod: Any) -> tuple[Any, int]:
+    """Quantized elementwise chains as 256-entry lookup tables: a uint8/int8 tensor computed by
+    elementwise ops from ONE other quantized tensor ``xq`` (and scalar constants) is a function
+    of ``xq``'s 256 values, evaluated here once (numpy, float32 like TVM) and read back per
+    element as ``table[xq]``.
+
+    Why: a QDQ model's SiLU (``x * sigmoid(x)``, every conv of a YOLO-style detector) is
+    ``dequantize -> sigmoid -> quantize -> dequantize -> multiply -> quantize`` after the conv's
+    own requantization, fused into the conv's epilogue: an exp, three divisions and three
+    roundings per output element, which cost 2-3x the integer convolution on the detectors'
+    narrow 1x1 convs (ONNX Runtime's QLinearSigmoid is a table too). Chains with nothing but
+    requantizing affine ops stay arithmetic (they vectorize; a table lookup does not). The
+    table is computed from the exact sigmoid, so it is at least as close to the model's QDQ
+    arithmetic as the fused float epilogue it replaces. Returns the module and the number of
+    tables. Run after the integer rewrites (the table's input is then the conv's requantized
+    output) and before :func:`fast_sigmoid`.
+    """
+    from tvm import relax, te
+
+    count = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        plans = _lookup_plans(func)
+        if not plans:
+            continue
+
+        def lookup(x: Any, table: Any, offset: int) -> Any:
+            return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + offset], name="lookup")
+
+        @relax.expr_functor.mutator
+        class _Lookup(relax.PyExprMutator):
+            def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
+                plan = next((p for p in plans if p[0].same_as(call)), None)
+                if plan is None:
+                    return super().visit_call_(call)
+                _, root, table = plan
+                offset = 128 if str(root.ty.dtype) == "int8" else 0
+                return self.builder_.call_te(lookup, self.visit_expr(root), relax.const(table), offset,
+                                             primfunc_name_hint=LOOKUP_PRIMFUNC)
+
+        rw = _Lookup(mod)
+        rw.builder_.update_func(gv, rw.visit_expr(func))
+        mod = rw.builder_.get()
+        count += len(plans)
+    if count:
+        mod = relax.transform.DeadCodeElimination()(mod)
+        logger.info("%d quantized elementwise chains as lookup tables", count)
+    return mod, count
+
+
+def _lookup_plans(func: Any) -> list[tuple[Any, Any, np.ndarray]]:
+    """(the call that writes a quantized tensor, the quantized tensor it is a function of, its
+    256-entry table) for each chain :func:`lookup_tables` replaces."""
+    from tvm import relax
+
+    bindings: dict[Any, Any] = {}
+    order: list[Any] = []
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if isinstance(b, relax.VarBinding):
+                bindings[b.var] = b.value
+                order.append(b.var)
+
+    def dtype(v: Any) -> str:
+        return str(getattr(v.ty, "dtype", ""))
+
+    def shape(v: Any) -> tuple[int, ...] | None:
+        try:
+            return tuple(int(d) for d in v.ty.shape)
+        except Exception:  # noqa: BLE001 - symbolic or unknown shape
+            return None
+
+    def op_name(val: Any) -> str | None:
+        if isinstance(val, relax.Call) and hasattr(val.op, "name"):
+            return str(val.op.name)
+        return None
+
+    def tensor_args(val: Any) -> list[Any] | None:
+        """The call's non-constant arguments, or None where one is not a plain tensor var
+        or a constant is not a scalar."""
+        name = op_name(val)
+        if name not in _LUT_UNARY and name not in _LUT_BINARY and name not in ("relax.astype", "relax.nn.leakyrelu"):
+            return None
+        args = list(val.args)[:1] if name == "relax.astype" else list(val.args)
+        out = []
+        for a in args:
+            c = _const_array(a)
+            if c is not None:
+                if c.size != 1:
+                    return None
+                continue
+            if not isinstance(a, relax.Var):
+                return None
+            out.append(a)
+        return out
+
+    memo: dict[Any, Any] = {}
+
+    def root(v: Any) -> Any:
+        """The one quantized tensor ``v`` is an elementwise function of (None: not such)."""
+        if v in memo:
+            return memo[v]
+        memo[v] = None
+        val = bindings.get(v)
+        args = tensor_args(val) if val is not None else None
+        res = None
+        if args and shape(v) is not None and all(shape(a) == shape(v) for a in args):
+            roots = set()
+            for a in args:
+                ra = root(a)
+                if ra is None and dtype(a) in ("uint8", "int8"):
+                    ra = a  # a quantized tensor computed otherwise (a conv's output): the root
+                if ra is None:
+                    roots = set()
+                    break
+                roots.add(ra)
+            if len(roots) == 1:
+                res = roots.pop()
+        memo[v] = res
+        return res
+
+    def expensive(v: Any, r: Any, seen: set) -> bool:
+        if v.same_as(r) or v in seen:
+            return False
+        seen.add(v)
+        val = bindings[v]
+        args = tensor_args(val) or []
+        if op_name(val) in _LUT_EXPENSIVE or len(args) > 1:
+            return True
+        return any(expensive(a, r, seen) for a in args)
+
+    def evaluate(v: Any, r: Any, x: np.ndarray, cache: dict) -> np.ndarray:
+        if v.same_as(r):
+            return x
+        if v in cache:
+            return cache[v]
+        val = bindings[v]
+        name = op_name(val)
+        vals = []
+        for a in (list(val.args)[:1] if name == "relax.astype" else list(val.args)):
+            c = _const_array(a)
+            vals.append(c.reshape(()) if c is not None else evaluate(a, r, x, cache))
+        with np.errstate(all="ignore"):
+            if name == "relax.astype":
+                to = np.dtype(str(val.attrs.dtype))
+                y = vals[0]
+                if to.kind in "iu" and y.dtype.kind == "f":
+                    info = np.iinfo(to)
+                    if not np.all(np.isfinite(y)) or y.min() < info.min or y.max() > info.max:
+                        raise ValueError("out-of-range float to integer cast")
+                    y = np.trunc(y)
+                out = y.astype(to)
+            elif name == "relax.nn.leakyrelu":
+                y = vals[0]
+                out = np.where(y >= 0, y, y * y.dtype.type(float(val.attrs.alpha)))
+            elif name in _LUT_UNARY:
+                out = _LUT_UNARY[name](vals[0])
+            else:
+                if name == "relax.divide" and vals[0].dtype.kind != "f":
+                    raise ValueError("integer division")
+                out = _LUT_BINARY[name](vals[0], vals[1])
+        out = np.asarray(out).astype(dtype(v))  # the dtype Relax gives the op's result
+        cache[v] = out
+        return out
+
+    plans = []
+    for v in order:
+        if dtype(v) not in ("uint8", "int8"):
+            continue
+        r = root(v)
+        if r is None or r.same_as(v) or dtype(r) not in ("uint8", "int8") or not expensive(v, r, set()):
+            continue
+        x = np.arange(256, dtype=np.int64) - (128 if dtype(r) == "int8" else 0)
+        try:
+            table = evaluate(v, r, x.astype(dtype(r)), {})
+        except (ValueError, KeyError, TypeError):
+            continue
+        plans.append((bindings[v], r, np.ascontiguousarray(table.reshape(256))))
+    return plans
+
+
+def mark_lookups_elementwise() -> Any:
+    """A module pass, run between ``AnnotateTIROpPattern`` and ``FuseOps``: the lookup kernels of
+    :func:`lookup_tables` are elementwise in their index (``out[i] = table[x[i]]``), but TVM's
+    pattern analysis calls any indirect read injective, and an injective op does not fuse into a
+    convolution's epilogue (it would be a separate kernel: one more pass over memory)."""
+    import tvm
+    from tvm import tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="graphopt.MarkLookupsElementwise")
+    def _mark(mod: Any, _ctx: Any) -> Any:
+        for gv, f in list(mod.functions_items()):
+            if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith(LOOKUP_PRIMFUNC):
+                mod[gv] = f.with_attr("op_pattern", 0)  # kElemWise
+        return mod
+
+    return _mark
+
+
+# -- quantize sunk through data movement ------------------------------------------------------------
+
+#: ops that only move elements (a quantize, elementwise, commutes with them)
+_MOVES = ("relax.permute_dims", "relax.reshape", "relax.concat", "relax.split", "relax.strided_slice",
+          "relax.squeeze", "relax.expand_dims", "relax.flatten")
+
+
+def sink_quantize(mod: Any) -> tuple[Any, int]:
+    """``quantize(move(dequantize(a)))`` as ``move(a)`` where the two share their quantization
+    parameters (else as ``move(requantize(a))``), for ``move`` any chain of concat, split,
+    reshape, transpose and slice: the data moves as uint8/int8, not float.
+
+    Exact: quantize is elementwise, so it commutes with ops that only move elements
+    (``quantize(concat(x, y)) == concat(quantize(x), quantize(y))``), and ``quantize(dequantize(a))``
+    is ``a`` itself when the parameters match (checked on all 256 values).
+
+    Why: in a QDQ model every concat/reshape/transpose sits between a dequantize and a quantize;
+    TVM fused the dequantize into the producer (which then wrote float32, 4 bytes an element) and
+    computed the concat in float with a requantization per element: a detector's head (concat of
+    three scales, reshape, transpose, split) cost 1.3 ms where ONNX Runtime's QLinearConcat and
+    uint8 copies cost 0.5. Returns the module and the number of quantizes sunk.
+    """
+    from tvm import relax
+
+    count = 0
+    for gv, func in list(mod.functions_items()):
+        if not isinstance(func, relax.Function):
+            continue
+        bindings: dict[Any, Any] = {}
+        for block in func.body.blocks:
+            for b in block.bindings:
+                if isinstance(b, relax.VarBinding):
+                    bindings[b.var] = b.value
+        matcher = _QDQMatcher(bindings)
+        done = [0]
+
+        @relax.expr_functor.mutator
+        class _Sink(relax.PyExprMutator):
+            def __init__(self, mod: Any) -> None:
+                super().__init__(mod)
+                self.memo: dict[tuple, Any] = {}
+
+            def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
+                q = matcher.quantize(call)
+                if q is None:
+                    return super().visit_call_(call)
+                v, params = q
+                if not matcher.reaches_dequantize(v):
+                    return super().visit_call_(call)
+                done[0] += 1
+                return self.sink(v, params)
+
+            def requantize(self, x: Any, params: tuple) -> Any:
+                s, z, dt = params
+                lo, hi = (0, 255) if dt == "uint8" else (-128, 127)
+                y = self.builder_.emit(relax.op.divide(x, relax.const(np.float32(s))))
+                y = self.builder_.emit(relax.op.round(y))
+                y = self.builder_.emit(relax.op.add(y, relax.const(np.float32(z))))
+                y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(lo))))
+                y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
+                return self.builder_.emit(relax.op.astype(y, dt))
+
+            def sink(self, v: Any, params: tuple) -> Any:
+                """An expression equal to ``quantize(v)`` with ``params``, moved below the data
+                movement that produced ``v``."""
+                key = (v, params)
+                if key in self.memo:
+                    return self.memo[key]
+                val = bindings.get(v) if isinstance(v, relax.Var) else v
+                dq = matcher.dequantize(v) if isinstance(v, relax.Var) else None
+                name = str(val.op.name) if isinstance(val, relax.Call) and hasattr(val.op, "name") else None
+                if dq is not None:
+                    a, sa, za = dq
+                    a_new = self.visit_expr(a)
+                    if _roundtrip_identity(str(a.ty.dtype), sa, za, params):
+                        out = a_new
+                    else:
+                        out = self.requantize(self.visit_expr(v), params)
+                elif isinstance(val, relax.TupleGetItem) and isinstance(val.tuple_value, relax.Var) \
+                        and _op_name(bindings.get(val.tuple_value)) == "relax.split":
+                    out = self.builder_.emit(relax.TupleGetItem(self.sink(val.tuple_value, params), val.index))
+                elif name == "relax.concat" and isinstance(val.args[0], relax.Tuple):
+                    parts = [self.sink(x, params) for x in val.args[0].fields]
+                    out = self.builder_.emit(relax.Call(val.op, [relax.Tuple(parts)], val.attrs))
+                elif name in _MOVES and name != "relax.concat":
+                    out = self.builder_.emit(relax.Call(val.op, [self.sink(val.args[0], params), *val.args[1:]],
+                                                        val.attrs, val.ty_args))
+                else:
+                    out = self.requantize(self.visit_expr(v), params)
+                self.memo[key] = out
+                return out
+
+        rw = _Sink(mod)
+        rw.builder_.update_func(gv, rw.visit_expr(func))
+        mod = rw.builder_.get()
+        count += done[0]
+    if count:
+        mod = relax.transform.DeadCodeElimination()(mod)
+        logger.info("%d quantizes sunk through data movement (uint8 concat/reshape/transpose/split)", count)
+    return mod, count
+
+
+def _op_name(val: Any) -> str | None:
+    return str(val.op.name) if val is not None and hasattr(val, "op") and hasattr(val.op, "name") else None
+
+
+def _roundtrip_identity(dtype: str, sa: float, za: int, params: tuple) -> bool:
+    """Is ``quantize(dequantize(a))`` (float32, as TVM computes it) ``a`` for every value?"""
+    s, z, dt = params
+    if dt != dtype:
+        return False
+    x = np.arange(256) - (128 if dtype == "int8" else 0)
+    y = (x - za).astype(np.float32) * np.float32(sa)
+    lo, hi = (0, 255) if dt == "uint8" else (-128, 127)
+    q = np.clip(np.round(y / np.float32(s)) + np.float32(z), lo, hi)
+    return bool(np.array_equal(q, x))
+
+
+class _QDQMatcher:
+    """Reads the elementwise quantize/dequantize chains :func:`elementwise_qdq` writes, through a
+    function's bindings."""
+
+    def __init__(self, bindings: Mapping[Any, Any]) -> None:
+        self.b = bindings
+
+    def _call(self, v: Any, name: str) -> Any:
+        val = self.b.get(v) if not hasattr(v, "op") else v
+        return val if _op_name(val) == name else None
+
+    def quantize(self, call: Any) -> tuple[Any, tuple] | None:
+        """``astype(minimum(maximum(round(v / s) + z, lo), hi), u8/i8)`` -> (v, (s, z, dtype))."""
+        if _op_name(call) != "relax.astype" or str(call.attrs.dtype) not in ("uint8", "int8"):
+            return None
+        dt = str(call.attrs.dtype)
+        mn = self._call(call.args[0], "relax.minimum")
+        mx = self._call(mn.args[0], "relax.maximum") if mn is not None else None
+        ad = self._call(mx.args[0], "relax.add") if mx is not None else None
+        rd = self._call(ad.args[0], "relax.round") if ad is not None else None
+        dv = self._call(rd.args[0], "relax.divide") if rd is not None else None
+        if dv is None:
+            return None
+        lo, hi = (0, 255) if dt == "uint8" else (-128, 127)
+        s, z = _scalar(dv.args[1]), _scalar(ad.args[1])
+        if s is None or z is None or _scalar(mx.args[1]) != lo or _scalar(mn.args[1]) != hi:
+            return None
+        if str(getattr(dv.args[0].ty, "dtype", "")) != "float32":
+            return None
+        return dv.args[0], (float(s), int(z), dt)
+
+    def dequantize(self, v: Any) -> tuple[Any, float, int] | None:
+        """``multiply(astype(subtract(astype(a, int32), z), float32), s)`` -> (a, s, z)."""
+        mul = self._call(v, "relax.multiply")
+        c2 = self._call(mul.args[0], "relax.astype") if mul is not None else None
+        sub = self._call(c2.args[0], "relax.subtract") if c2 is not None else None
+        c1 = self._call(sub.args[0], "relax.astype") if sub is not None else None
+        if c1 is None or str(c1.attrs.dtype) != "int32" or str(c2.attrs.dtype) != "float32":
+            return None
+        s, z = _scalar(mul.args[1]), _scalar(sub.args[1])
+        a = c1.args[0]
+        if s is None or z is None or str(getattr(a.ty, "dtype", "")) not in ("uint8", "int8"):
+            return None
+        return a, float(s), int(z)
+
+    def reaches_dequantize(self, v: Any, depth: int = 0) -> bool:
+        """Is ``v`` a data movement (at least one op) of dequantized tensors?"""
+        from tvm import relax
+
+        val = self.b.get(v)
+        if isinstance(val, relax.TupleGetItem):
+            return depth < 16 and _op_name(self.b.get(val.tuple_value)) == "relax.split" \
+                and self.reaches_dequantize(val.tuple_value, depth + 1)
+        name = _op_name(val)
+        if name not in _MOVES or depth >= 16:
+            return depth > 0 and self.dequantize(v) is not None
+        if name == "relax.concat":
+            fields = getattr(val.args[0], "fields", None)
+            return fields is not None and all(self.reaches_dequantize(x, depth + 1) for x in fields)
+        return self.reaches_dequantize(val.args[0], depth + 1)
+
