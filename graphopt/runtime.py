@@ -918,7 +918,8 @@ def ort_bound_call(sess: Any, feed: Mapping[str, np.ndarray]) -> Callable[[], An
         binding.bind_ortvalue_input(k, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)))
     for o in sess.get_outputs():
         binding.bind_output(o.name)
-    try:
+    try:  # (twice: the second run is the first that checks the outputs bound by the first)
+        sess.run_with_iobinding(binding)
         sess.run_with_iobinding(binding)
     except Exception:  # noqa: BLE001 - e.g. an output whose declared rank is wrong ("Invalid rank for
         # output": ddddocr_ocr_int8 declares [1, N], makes [T, 1, N]); sess.run only warns about it

@@ -1,31 +1,35 @@
 """ONNX Runtime's integer ops rewritten into standard ONNX (float ops, QuantizeLinear /
 DequantizeLinear), so backends without them (TVM's ONNX frontend) can import the model.
 
-* ``ConvInteger(x_q, w_q, x_zp, w_zp)`` -> ``Cast(Conv(float(x_q) - x_zp, w_q - w_zp), int32)`` and
-  ``MatMulInteger`` -> the same with ``MatMul``: the same integer products, summed in float32
-  (exact while partial sums stay below 2^24 in magnitude; beyond that a rounding of the last bit
-  is possible; the sum is an integer either way, so no ``Round`` is needed).
-  ORT's dynamic quantizer follows each with ``Add(acc, Cast(Floor(b / scale), int32))`` and
-  ``Cast(float)``; those int32 round trips are taken out (the accumulator and the bias stay
-  float, the same integers). Why: TVM's ONNX frontend converts a float -> int32 ``Cast`` into
-  ONNX's wrap-around emulation (int64 modulo, NaN/inf selects) over the whole activation; on
-  ddddocr_ocr_int8 the 21 conv epilogues made of it took about 165 s each to build and were the
-  slowest elementwise kernels of the run. (TVM converted ``MatMulInteger`` itself as an int32
-  matmul with a widened int32 weight.)
+* ``ConvInteger(x_q, w_q, x_zp, w_zp)`` -> ``Cast(Conv(float(x_q) - x_zp, w_q - w_zp), int32)``: the
+  same integer products, summed in float32 (exact while partial sums stay below 2^24 in
+  magnitude; beyond that a rounding of the last bit is possible; the sum is an integer either
+  way, so no ``Round`` is needed).
+  ORT's dynamic quantizer follows each with ``Add(acc, Cast(Floor(b / scale), int32))`` (older
+  versions) and ``Cast(float)``; those int32 round trips are taken out (the accumulator and the
+  bias stay float, the same integers). Why: TVM's ONNX frontend converts a float -> int32
+  ``Cast`` into ONNX's wrap-around emulation (int64 modulo, NaN/inf selects) over the whole
+  activation; on ddddocr_ocr_int8 each of the conv epilogues made of it took about 165 s to build
+  (841 s in all) and they were the slowest elementwise kernels of the run.
+* ``MatMulInteger`` with a uint8 ``A`` and a constant ``B`` -> :func:`integer_matmul`:
+  ``MatMulInteger(A, B8)`` with ``B`` shifted into int8 per column and no zero points (uint8 x
+  int8, the operands of the CPU's dot products, which the TVM backend compiles as an integer
+  kernel: :mod:`graphopt.backend.intmatmul`; its frontend made an int32 x int32 matmul of
+  ``MatMulInteger`` with a four-times-larger weight), plus int32 corrections for the zero points
+  and the shift: the same int32 sums as ORT's, bit for bit.
 * ``QLinearConv`` / ``QLinearMatMul`` and the contrib ``QLinearAdd``, ``QLinearMul``,
   ``QLinearSigmoid``, ``QLinearLeakyRelu``, ``QLinearGlobalAveragePool``, ``QLinearConcat`` ->
   ``DequantizeLinear`` of each input, the float op, ``QuantizeLinear`` of the result (the QDQ
   form; constant weights are dequantized at compile time). The float op differs from ORT's
   integer kernel by float rounding, which can move a requantized value by one step.
 * ``DynamicQuantizeLSTM`` -> a float ``LSTM`` with the dequantized weights (reusing
-  ``dequantize-integer``), unrolled at once by ``lower-recurrent`` with the input sequence and
-  each step's state quantized as ORT quantizes them (``DynamicQuantizeLinear -> DequantizeLinear``
-  before each product). Where the sequence length is not static the float LSTM stays (outputs
-  then differ from ORT's by that quantization noise). Not bit-exact even then: ORT sums the
-  integer products exactly and scales once, the float products here round in another order, so
-  a state sitting at a rounding boundary of the next step's quantization moves by one step
-  (ddddocr_ocr_int8: 128 of 29696 quantized LSTM outputs one step off, 7.6e-3 on logits of
-  range 33, under ORT alone; DynamicQuantizeLinear itself rounds half to even in TVM as in ORT).
+  ``dequantize-integer``), unrolled at once by ``lower-recurrent`` with ORT's integer products:
+  the input sequence (once) and each step's state go through ``DynamicQuantizeLinear`` and
+  :func:`integer_matmul` with the int8 weights, scaled once by ``x_scale * w_scale`` as ORT
+  scales its int32 sums (ddddocr_ocr_int8: equal to ORT's outputs bit for bit under ORT; the
+  earlier float products of dequantized values put 128 of 29696 quantized LSTM outputs one step
+  off). Where the sequence length is not static the float LSTM stays (outputs then differ from
+  ORT's by the quantization noise).
 
 ``DynamicQuantizeLinear`` is standard ONNX that TVM converts: unchanged.
 Anything else integer is left unchanged and listed in ``report['left']``.
@@ -105,6 +109,12 @@ def integer_matmul(graph: Graph, ref: Node, xq: Value, zx: Value | None, w: np.n
     return op("Cast", [acc], to=1)
 
 
+def _native_matmul_integer(n: Node) -> bool:
+    """Is ``n`` already the form :func:`integer_matmul` writes (no zero points, constant int8 B)?"""
+    b = _c(n.input(1)) if len(n.inputs) > 1 else None
+    return all(i is None for i in n.inputs[2:]) and b is not None and b.dtype == np.int8
+
+
 def _lstm_integer_weights(n: Node) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None:
     """``{"W": (q, scale, zero point), "R": ...}`` of a ``DynamicQuantizeLSTM`` (``q`` as ORT stores
     it, ``[dirs, K, 4H]``; scale and zero point ``[dirs]`` or ``[dirs, 4H]``), or None when any is
@@ -157,7 +167,7 @@ class LowerInteger(Pass):
                   "QLinearMatMul": self._qlinear_matmul, "QLinearConcat": self._qlinear_concat}.get(n.op_type)
             if fn is None and n.op_type in _ELEMENTWISE:
                 fn = self._qlinear_elementwise
-            if fn is None:
+            if fn is None or (n.op_type == "MatMulInteger" and _native_matmul_integer(n)):
                 continue
             why = fn(graph, n)
             if why:
@@ -205,20 +215,11 @@ class LowerInteger(Pass):
     def _integer_operand(self, graph: Graph, n: Node, v: Value, zp: Value | None) -> Value:
         """``float(v) - float(zp)``: a run-time integer operand as exact float integers.
 
-        When ``v`` and ``zp`` come from a ``DynamicQuantizeLinear`` of float ``x``, the same numbers
-        are computed from ``x`` in float, ``min(max(round(x / scale) + zp, 0), 255) - zp``, and the
-        uint8 tensor is not made: elementwise float ops, which a channels-last build converts
-        (TVM's ``quantize`` has no layout rule: it sat between two transposes of the activation).
+        (Computing it in float from a ``DynamicQuantizeLinear``'s input instead, ``min(max(round(x /
+        scale) + zp, 0), 255) - zp``, made ddddocr_ocr_int8 slower under TVM, 1.30x -> 1.72x of ORT:
+        the frontend converts ONNX ``Max``/``Min`` as stacked reductions, and the conv epilogues
+        stopped fusing.)
         """
-        q = v.producer
-        if (q is not None and q.op_type == "DynamicQuantizeLinear" and v is q.output(0) and zp is q.output(2)
-                and q.input(0) is not None):
-            z = self._node(graph, n, "Cast", [zp], to=1)
-            r = self._node(graph, n, "Round", [self._node(graph, n, "Div", [q.input(0), q.output(1)])])
-            lo = graph.add_initializer(graph.fresh_name("u8_min"), np.array(0, np.float32))
-            hi = graph.add_initializer(graph.fresh_name("u8_max"), np.array(255, np.float32))
-            c = self._node(graph, n, "Min", [self._node(graph, n, "Max", [self._node(graph, n, "Add", [r, z]), lo]), hi])
-            return self._node(graph, n, "Sub", [c, z])
         f = self._node(graph, n, "Cast", [v], to=1)
         return self._node(graph, n, "Sub", [f, self._node(graph, n, "Cast", [zp], to=1)]) if zp is not None else f
 
