@@ -188,6 +188,9 @@ def test_dynamic_quantize_lstm_products_are_integer(tmp_path):
     # input projection once per direction, recurrent product per step after the first: 2 + 2 * 4
     assert ops.count("MatMulInteger") == 10 and "MatMul" not in ops and "DequantizeLinear" not in ops
     assert not _float_to_int_casts(out)
+    # tanh as 2 * sigmoid(2x) - 1: the state is quantized again every step, and TVM's fast_tanh
+    # (1e-5 off) moved it across rounding steps (ddddocr_ocr_int8: 3.4e-4 of the range off ORT)
+    assert "Tanh" not in ops
     for r, g in zip(ref, _run(out, feeds), strict=True):
         np.testing.assert_allclose(g, r, rtol=0, atol=1e-6)
 

@@ -107,6 +107,13 @@ class _Builder:
 
     def activation(self, x: Value, act: tuple[str, float | None, float | None]) -> Value:
         name, alpha, beta = act
+        if name == "tanh" and self.quantize:
+            # the state is quantized again every step, so an error of 1e-5 (TVM's fast_tanh, which
+            # fast-math builds use) moves it across rounding steps of the next quantization; as
+            # 2 * sigmoid(2x) - 1 the error stays ~1e-7 absolute with fast math too (ddddocr_ocr_int8:
+            # 3.4e-4 of the range off ORT with Tanh, 2.3e-4 as without fast math)
+            two = self.scalar(2.0)
+            return self.one("Sub", self.one("Mul", self.one("Sigmoid", self.one("Mul", x, two)), two), self.scalar(1.0))
         if name in _SIMPLE:
             return self.one(_SIMPLE[name], x)
         if name == "affine":
