@@ -448,8 +448,10 @@ def write_md(rows: dict[str, Any]) -> str:
             if r["model"] == "ppocr_cls" and "fixedwidth" not in r["key"] and "params" not in r:
                 what += " (192-wide lines zero-padded to 320)"
             t_c = r.get("compress_s", r.get("quantize_s", 0.0))
+            if r.get("note"):  # a row recorded by hand (e.g. a control run stopped early)
+                what += f"; {r['note']}"
             if r.get("student_reused"):
-                what += " (the pruned student of an earlier run of this command)"
+                what += " (pruned student reused from an earlier run of the same compress command)"
             lines.append(f"| {r['model']} | {what} | {r['metric']} (n={r['eval_samples']}) | {r['fp32']['score']:.4f} | "
                          f"{r['compressed']['score']:.4f} | {r['distilled']['score']:.4f} | "
                          f"{t_c:.0f} s / {r['distill_s']:.0f} s | {exact} |")
