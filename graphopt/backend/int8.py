@@ -27,11 +27,11 @@ per-channel int8 weights) as ``dequantize -> float conv2d/matmul -> quantize``: 
    the kernel's epilogue: one kernel reads uint8 and writes uint8.
 3. :class:`Int8DotRule`, the first tiled rule of :data:`graphopt.backend.schedules.DEFAULT_RULES`,
    schedules those kernels: weights packed ``[N/16, ..., K/4, 16, 4]`` at compile time, a register
-   tile of accumulators, the inner 16x4 block tensorized as one ``vpdpbusd``
-   (:data:`VNNI_TILE_INTRIN`), the epilogue on write-back. On an aarch64 target with
-   ``+dotprod`` the rewrite reads int8 activations (uint8 ones shifted by -128) and
-   :class:`graphopt.backend.int8_arm.ArmDotRule` tensorizes the same block onto Arm ``sdot``;
-   without either instruction the model keeps its float kernels.
+   tile of accumulators, the inner 16x4 block tensorized as one ``vpdpbusd`` (:data:`VNNI_DOT`:
+   :data:`VNNI_TILE_INTRIN`), the epilogue on write-back. On an aarch64 target with ``+dotprod``
+   the rewrite reads int8 activations (uint8 ones shifted by -128) and the same rule with
+   :data:`graphopt.backend.int8_arm.ARM_SDOT` tensorizes the block onto Arm ``sdot``; without
+   either instruction the model keeps its float kernels.
 
 How the int8 weights are found: graphopt's lossless pipeline folds each weight's
 DequantizeLinear into a float constant before import. :func:`weight_table` reads the model before
@@ -64,7 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -449,23 +449,50 @@ def _plain_var_dim(region: Any, var: Any) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
+@dataclass(frozen=True)
+class DotInstruction:
+    """What :class:`Int8DotRule` needs to know of one CPU's int8 dot-product instruction: the
+    rule is the same on every ISA (weight packing, register tile, epilogue, parallel loop), only
+    these differ.
+
+    ``activation_dtype`` is the activation operand's dtype (the weight is always int8): what
+    :func:`rewrite_qdq` was told to make for this target. ``block`` is the ``(output channels,
+    input channels)`` block one tensor intrinsic computes, the padding of :func:`rewrite_qdq`.
+    ``accumulators`` bounds the register tile (16-lane accumulator blocks). ``tile_scope`` is the
+    scope the accumulator tile is moved to (None: the intrinsic's own)."""
+
+    rule_name: str
+    activation_dtype: str
+    #: does the target have the instruction
+    applies_to: Callable[[Any], bool]
+    #: registers (once) the ``block`` tensor intrinsic and returns its name
+    register_intrinsic: Callable[[], str]
+    accumulators: int
+    tile_scope: str | None = None
+    block: tuple[int, int] = (OC_BLOCK, K_BLOCK)
+
+
 class Int8DotRule:
-    """Integer conv2d/matmul (uint8 activations x int8 constant weights -> int32, the kernels
-    :func:`rewrite_qdq` makes) with the inner reduction tensorized as AVX-512 VNNI ``vpdpbusd``
-    (TVM's ``dot_16x4_vnni`` intrinsic: 16 output channels, 4 input channels per instruction).
+    """Integer conv2d/matmul (activations x int8 constant weights -> int32, the kernels
+    :func:`rewrite_qdq` makes) with the inner reduction tensorized as one CPU's dot-product
+    instruction, described by a :class:`DotInstruction`: :data:`VNNI_DOT` (the default; AVX-512
+    VNNI ``vpdpbusd``, uint8 activations) or :data:`graphopt.backend.int8_arm.ARM_SDOT` (Arm
+    ``sdot``, int8 activations), each a block of 16 output channels x 4 input channels.
 
     The weight is packed at compile time to ``[F/16, ..., K/4, 16, 4]`` (constant-folded by
-    Relax, as the float rule packs its panels), so each instruction reads 64 contiguous bytes.
+    Relax, as the float rule packs its panels), so each block reads 64 contiguous bytes. The
+    weight is told apart from the activation as the int8 layout-free (constant) parameter.
     Accumulators form a register tile of ``xi`` output pixels (or matmul rows) times ``fm``
     16-lane vectors; the epilogue (zero-point correction, rescale, bias, activation, requantize)
     runs on the tile when it is written back, and the outer tile loops run in parallel.
     Applies to nothing else (returns False): other kernels go to the next rule. (A rule of
-    :data:`graphopt.backend.schedules.DEFAULT_RULES` by its interface, ``name`` and ``apply``.)
+    :data:`graphopt.backend.schedules.DEFAULT_RULES` by its interface, ``name`` and ``apply``;
+    ``name`` is the instruction's ``rule_name``.)
     """
 
-    name = "int8-vnni"
-
-    def __init__(self, min_parallel_work: int = 1 << 19) -> None:
+    def __init__(self, isa: DotInstruction | None = None, min_parallel_work: int = 1 << 19) -> None:
+        self.isa = isa if isa is not None else VNNI_DOT
+        self.name = self.isa.rule_name
         self.min_parallel_work = min_parallel_work
 
     def apply(self, sch: Any, target: Any) -> bool:
@@ -481,7 +508,9 @@ class Int8DotRule:
             vector_lanes,
         )
 
-        if not has_vnni(target):
+        isa = self.isa
+        oc_block, k_block = isa.block
+        if not isa.applies_to(target):
             return False
         infos = normalize_prim_func(sch)
         if infos is None:
@@ -497,41 +526,43 @@ class Int8DotRule:
             return False
         out = block.writes[0]
         operands = [r for r in block.reads if not r.source.same_as(out.source)]
-        a = [r for r in operands if str(r.source.dtype) == "uint8"]
-        b = [r for r in operands if str(r.source.dtype) == "int8"]
-        if len(operands) != 2 or len(a) != 1 or len(b) != 1:
+        if len(operands) != 2:
             return False
-        a, b = a[0], b[0]
+        # the weight: the one int8 operand that is a layout-free (constant) parameter
         func = sch.mod["main"]
         free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
         params = list(func.params)
-        b_param = next((int(i) for i in (free or []) if _same_buffer(func, params[int(i)], b.source)), None)
+        free_bufs = [params[int(i)] for i in (free or [])]
+        b_hits = [r for r in operands
+                  if str(r.source.dtype) == "int8" and any(_same_buffer(func, p, r.source) for p in free_bufs)]
+        if len(b_hits) != 1:
+            return False
+        b = b_hits[0]
+        a = next(r for r in operands if r is not b)
         iters = main.iters
-        if b_param is None or any(it.kind not in "SR" for it in iters):
+        if str(a.source.dtype) != isa.activation_dtype or any(it.kind not in "SR" for it in iters):
             return False
         spatial = [it for it in iters if it.kind == "S"]
         reduce = [it for it in iters if it.kind == "R"]
         last = out.region[-1].min
         vec_it = next((it for it in spatial if it.var.same_as(last)), None)
         k_it = next((it for it in reduce if a.region[-1].min.same_as(it.var)), None)
-        if vec_it is None or k_it is None or any(not isinstance(it.dom, int) and it.dom is None for it in iters):
+        if vec_it is None or k_it is None:
             return False
         try:
             f, k = int(vec_it.dom), int(k_it.dom)
-        except TypeError:
+            doms = [int(it.dom) for it in iters]
+        except TypeError:  # a symbolic (or unknown) extent
             return False
         f_dim, k_dim = _plain_var_dim(b.region, vec_it.var), _plain_var_dim(b.region, k_it.var)
-        if f % OC_BLOCK or k % K_BLOCK or f_dim is None or k_dim is None:
+        if f % oc_block or k % k_block or f_dim is None or k_dim is None:
             return False
-        if any(_uses_var(a, vec_it.var) for _ in [0]):  # the activation must not depend on the output channel
+        if _uses_var(a, vec_it.var):  # the activation must not depend on the output channel
             return False
         others = [it for it in spatial if it is not vec_it]
         free_its = [it for it in others if int(it.dom) > 1 and not _uses_var(b, it.var)]
         block_it = free_its[-1] if free_its else None
-        # at most 15 accumulators (960 bytes): TVM puts a tile under 1 KiB on the stack (registers, for
-        # LLVM), a larger one in a workspace allocated and freed per tile (a 40x40x64 3x3 conv: 0.34 ms
-        # with 20 accumulators, 0.32 ms with 8; a 1x1 conv over 80x80x32: 0.18 vs 0.14 ms)
-        xi, fm = choose_int8_tile(int(block_it.dom) if block_it else 1, f // OC_BLOCK, registers=_TILE_ACCUMULATORS)
+        xi, fm = choose_int8_tile(int(block_it.dom) if block_it else 1, f // oc_block, registers=isa.accumulators)
 
         # 1. producers inlined (copies; a pad with a real border stays a stage), epilogue chain folded
         epilogue = _inline_around(sch, infos, infos.index(main))
@@ -543,8 +574,8 @@ class Int8DotRule:
         sch.annotate(cache, "meta_schedule.layout_rewrite_preproc", True)
 
         def pack(*ax: Any) -> tuple[Any, ...]:
-            rest = [ax[d] // K_BLOCK if d == k_dim else ax[d] for d in range(nd) if d != f_dim]
-            return (ax[f_dim] // OC_BLOCK, *rest, ax[f_dim] % OC_BLOCK, ax[k_dim] % K_BLOCK)
+            rest = [ax[d] // k_block if d == k_dim else ax[d] for d in range(nd) if d != f_dim]
+            return (ax[f_dim] // oc_block, *rest, ax[f_dim] % oc_block, ax[k_dim] % k_block)
 
         sch.transform_layout(rv, ("read", b_idx), pack)
         # 3. register tile accumulators, epilogue on write-back
@@ -552,10 +583,11 @@ class Int8DotRule:
         # inlined into the full-width write-back would write past its output)
         wb, last_epi, epi_inlined = _write_back(sch, rv, epilogue,
                                                 lambda epi, w: _domain(sch, epi) == _domain(sch, w))
-        sch.set_scope(rv, 0, "global")  # a stack tile, not a workspace allocation (see _register_intrinsic)
+        if isa.tile_scope is not None:  # VNNI: a stack tile, not a workspace allocation (see _register_intrinsic)
+            sch.set_scope(rv, 0, isa.tile_scope)
         loops = sch.get_loops(rv)
         by_it = {id(it): lp for it, lp in zip(iters, loops, strict=True)}
-        f_o, f_m, f_i = sch.split(by_it[id(vec_it)], [None, fm, OC_BLOCK])
+        f_o, f_m, f_i = sch.split(by_it[id(vec_it)], [None, fm, oc_block])
         outer, p_i = [f_o], None
         for it in others:
             lp = by_it[id(it)]
@@ -564,11 +596,11 @@ class Int8DotRule:
                 outer.append(x_o)
             else:
                 outer.append(lp)
-        k_o, k_i = sch.split(by_it[id(k_it)], [None, K_BLOCK])
+        k_o, k_i = sch.split(by_it[id(k_it)], [None, k_block])
         red = [by_it[id(it)] if it is not k_it else k_o for it in reduce]
         sch.reorder(*outer, *red, *([p_i] if p_i is not None else []), f_m, f_i, k_i)
         fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        if math.prod(int(it.dom) for it in iters) >= self.min_parallel_work:
+        if math.prod(doms) >= self.min_parallel_work:
             sch.parallel(fused)
         sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
         if last_epi is not None and not epi_inlined:
@@ -578,18 +610,17 @@ class Int8DotRule:
             sch.unroll(p_i)
         if fm > 1:
             sch.unroll(f_m)
-        sch.tensorize(f_i, _register_intrinsic())
+        sch.tensorize(f_i, isa.register_intrinsic())
         lanes = vector_lanes(target)
         for bl in [wb, init] + ([last_epi] if last_epi is not None and not epi_inlined else []):
             inner = sch.get_loops(bl)[-1]
-            ext = sch.get(inner).extent
             try:
-                ext = int(ext)
+                ext = int(sch.get(inner).extent)
             except TypeError:
                 continue
             # the widest vector dividing the row (a sliced epilogue of 24 channels: 8 lanes; left
             # scalar, its requantize and fast_exp per element cost more than the convolution)
-            vw = next((v for v in (OC_BLOCK, OC_BLOCK // 2, OC_BLOCK // 4) if ext % v == 0), 0)
+            vw = next((v for v in (oc_block, oc_block // 2, oc_block // 4) if ext % v == 0), 0)
             if vw:
                 if ext > vw:
                     _, inner = sch.split(inner, [None, vw])
@@ -672,6 +703,14 @@ def _register_intrinsic() -> str:
 
     TensorIntrin.register(VNNI_TILE_INTRIN, desc, impl)
     return VNNI_TILE_INTRIN
+
+
+#: AVX-512 VNNI: ``vpdpbusd`` (uint8 activations x int8 weights) into a ``global``-scope tile of at
+#: most 15 accumulators (960 bytes): TVM puts a tile under 1 KiB on the stack (registers, for LLVM),
+#: a larger one in a workspace allocated and freed per tile (a 40x40x64 3x3 conv: 0.34 ms with 20
+#: accumulators, 0.32 ms with 8; a 1x1 conv over 80x80x32: 0.18 vs 0.14 ms)
+VNNI_DOT = DotInstruction("int8-vnni", "uint8", has_vnni, _register_intrinsic, _TILE_ACCUMULATORS,
+                          tile_scope="global")
 
 
 def _domain(sch: Any, block: Any) -> list[int]:

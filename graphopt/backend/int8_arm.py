@@ -16,9 +16,11 @@ that depends on the activations; ``sdot`` needs neither.
 
 The rewrite is the x86 one (channels padded to 16 output x 4 input, zero point as the pad
 value, requantization fused into the epilogue), so the weights are packed the same way,
-``[F/16, ..., K/4, 16, 4]``; :class:`ArmDotRule` tensorizes the inner 16x4 block as four
-``sdot`` (:data:`SDOT_LOCAL_INTRIN`, one per 4 output channels, the 4 activations broadcast to
-every lane) into a register tile of accumulators. On an aarch64 target without ``+dotprod`` the
+``[F/16, ..., K/4, 16, 4]``, and the same schedule rule, :class:`graphopt.backend.int8.Int8DotRule`
+with :data:`ARM_SDOT` (what differs from x86: the target test, int8 activations, the intrinsic,
+the tile size), tensorizes the inner 16x4 block as four ``sdot`` (:data:`SDOT_LOCAL_INTRIN`, one
+per 4 output channels, the 4 activations broadcast to every lane) into a register tile of
+accumulators. On an aarch64 target without ``+dotprod`` the
 QDQ model keeps its float kernels (int32 multiply-adds without a dot product are no faster).
 """
 
@@ -27,8 +29,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-from .int8 import K_BLOCK, OC_BLOCK, _domain, _plain_var_dim, _same_buffer, choose_int8_tile
-
+from .int8 import DotInstruction
 
 #: the sdot 16x4 block with the accumulators in a ``local`` (register) tile
 SDOT_LOCAL_INTRIN = "graphopt_dot_16x4_i8i8i32_sdot_local"
@@ -73,147 +74,6 @@ def int8_activation_dtype(target: Any) -> str | None:
     if has_arm_dot(target):
         return "int8"
     return None
-
-
-class ArmDotRule:
-    """Integer conv2d/matmul (int8 activations x int8 constant weights -> int32, the kernels
-    :func:`graphopt.backend.int8.rewrite_qdq` makes with ``activations="int8"``) on an aarch64
-    target with ``+dotprod``: the reduction's inner 16x4 block tensorized as four ``sdot``.
-
-    The same plan as :class:`graphopt.backend.int8.Int8DotRule` (weight packed at compile time
-    to ``[F/16, ..., K/4, 16, 4]``; a register tile of ``xi`` pixels/rows x ``fm`` 16-channel
-    blocks; epilogue on write-back; parallel outer loop), with both operands int8: the weight is
-    told apart from the activation as the layout-free (constant) parameter. Returns False for
-    anything else, so other kernels go to the next rule of
-    :data:`graphopt.backend.schedules.DEFAULT_RULES`.
-    """
-
-    name = "int8-arm-dot"
-
-    def __init__(self, min_parallel_work: int = 1 << 19) -> None:
-        self.min_parallel_work = min_parallel_work
-
-    def apply(self, sch: Any, target: Any) -> bool:
-        import math
-
-        from tvm.s_tir.dlight.analysis import normalize_prim_func
-
-        from .schedules import _inline_around, _schedule_root_copies, _uses_var, _write_back, vector_lanes
-
-        if not has_arm_dot(target):
-            return False
-        infos = normalize_prim_func(sch)
-        if infos is None:
-            return False
-        reductions = [b for b in infos if b.is_reduction()]
-        if len(reductions) != 1:
-            return False
-        main = reductions[0]
-        if not all(b.is_injective() for b in infos if b is not main):
-            return False
-        block = sch.get(main.block_rv)
-        if len(block.writes) != 1 or str(block.writes[0].source.dtype) != "int32":
-            return False
-        out = block.writes[0]
-        operands = [r for r in block.reads if not r.source.same_as(out.source)]
-        if len(operands) != 2 or any(str(r.source.dtype) != "int8" for r in operands):
-            return False
-        func = sch.mod["main"]
-        free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
-        params = list(func.params)
-        free_bufs = [params[int(i)] for i in (free or [])]
-        b_hits = [r for r in operands if any(_same_buffer(func, p, r.source) for p in free_bufs)]
-        if len(b_hits) != 1:
-            return False
-        b = b_hits[0]
-        a = next(r for r in operands if r is not b)
-        iters = main.iters
-        if any(it.kind not in "SR" for it in iters):
-            return False
-        spatial = [it for it in iters if it.kind == "S"]
-        reduce = [it for it in iters if it.kind == "R"]
-        last = out.region[-1].min
-        vec_it = next((it for it in spatial if it.var.same_as(last)), None)
-        k_it = next((it for it in reduce if a.region[-1].min.same_as(it.var)), None)
-        if vec_it is None or k_it is None:
-            return False
-        try:
-            f, k = int(vec_it.dom), int(k_it.dom)
-            doms = [int(it.dom) for it in iters]
-        except TypeError:  # a symbolic extent
-            return False
-        f_dim, k_dim = _plain_var_dim(b.region, vec_it.var), _plain_var_dim(b.region, k_it.var)
-        if f % OC_BLOCK or k % K_BLOCK or f_dim is None or k_dim is None or _uses_var(a, vec_it.var):
-            return False
-        others = [it for it in spatial if it is not vec_it]
-        free_its = [it for it in others if int(it.dom) > 1 and not _uses_var(b, it.var)]
-        block_it = free_its[-1] if free_its else None
-        xi, fm = choose_int8_tile(int(block_it.dom) if block_it else 1, f // OC_BLOCK, registers=ARM_TILE_BLOCKS)
-
-        # 1. producers inlined (a pad with a real border stays a stage), epilogue chain folded
-        epilogue = _inline_around(sch, infos, infos.index(main))
-        rv = main.block_rv
-        # 2. the weight packed [F/16, <its other dims, K/4 in place of K>, 16, 4] at compile time
-        b_idx = next(i for i, r in enumerate(sch.get(rv).reads) if r.source.same_as(b.source))
-        nd = len(b.region)
-        cache = sch.cache_read(rv, b_idx, "global")
-        sch.annotate(cache, "meta_schedule.layout_rewrite_preproc", True)
-
-        def pack(*ax: Any) -> tuple[Any, ...]:
-            rest = [ax[d] // K_BLOCK if d == k_dim else ax[d] for d in range(nd) if d != f_dim]
-            return (ax[f_dim] // OC_BLOCK, *rest, ax[f_dim] % OC_BLOCK, ax[k_dim] % K_BLOCK)
-
-        sch.transform_layout(rv, ("read", b_idx), pack)
-        # 3. register tile of accumulators, epilogue on write-back (only onto the same iteration
-        # space: a sliced epilogue inlined into the padded write-back would write past its output)
-        wb, last_epi, epi_inlined = _write_back(sch, rv, epilogue,
-                                                lambda epi, w: _domain(sch, epi) == _domain(sch, w))
-        loops = sch.get_loops(rv)
-        by_it = {id(it): lp for it, lp in zip(iters, loops, strict=True)}
-        f_o, f_m, f_i = sch.split(by_it[id(vec_it)], [None, fm, OC_BLOCK])
-        outer, p_i = [f_o], None
-        for it in others:
-            lp = by_it[id(it)]
-            if it is block_it:
-                x_o, p_i = sch.split(lp, [None, xi])
-                outer.append(x_o)
-            else:
-                outer.append(lp)
-        k_o, k_i = sch.split(by_it[id(k_it)], [None, K_BLOCK])
-        red = [by_it[id(it)] if it is not k_it else k_o for it in reduce]
-        sch.reorder(*outer, *red, *([p_i] if p_i is not None else []), f_m, f_i, k_i)
-        fused = sch.fuse(*outer) if len(outer) > 1 else outer[0]
-        if math.prod(doms) >= self.min_parallel_work:
-            sch.parallel(fused)
-        sch.reverse_compute_at(wb, fused, preserve_unit_loops=True)
-        if last_epi is not None and not epi_inlined:
-            sch.reverse_compute_at(last_epi, fused, preserve_unit_loops=True)
-        init = sch.decompose_reduction(rv, red[0])
-        if p_i is not None and xi > 1:
-            sch.unroll(p_i)
-        if fm > 1:
-            sch.unroll(f_m)
-        sch.tensorize(f_i, register_sdot_intrinsic())
-        lanes = vector_lanes(target)
-        for bl in [wb, init] + ([last_epi] if last_epi is not None and not epi_inlined else []):
-            inner = sch.get_loops(bl)[-1]
-            try:
-                ext = int(sch.get(inner).extent)
-            except TypeError:
-                continue
-            vw = next((v for v in (OC_BLOCK, OC_BLOCK // 2, OC_BLOCK // 4) if ext % v == 0), 0)
-            if vw:
-                if ext > vw:
-                    _, inner = sch.split(inner, [None, vw])
-                sch.vectorize(inner)
-        main_loop = sch.get(fused)
-
-        def in_main_nest(bl: Any) -> bool:  # the kernel and the stages computed at its loops
-            bl_loops = sch.get_loops(bl)
-            return not bl_loops or sch.get(bl_loops[0]).same_as(main_loop)
-
-        _schedule_root_copies(sch, lanes, in_main_nest)  # stages left at the root (a real pad)
-        return True
 
 
 def register_sdot_intrinsic() -> str:
@@ -262,3 +122,8 @@ def register_sdot_intrinsic() -> str:
 
     TensorIntrin.register(SDOT_LOCAL_INTRIN, desc, impl)
     return SDOT_LOCAL_INTRIN
+
+
+#: Arm ``sdot`` (int8 activations x int8 weights) for :class:`graphopt.backend.int8.Int8DotRule`:
+#: a ``local`` (register) tile of at most :data:`ARM_TILE_BLOCKS` 16-lane accumulator blocks
+ARM_SDOT = DotInstruction("int8-arm-dot", "int8", has_arm_dot, register_sdot_intrinsic, ARM_TILE_BLOCKS)
