@@ -14,6 +14,18 @@ outputs against the references and times it; it prints a table and writes ``resu
 ``check`` builds all of the onnx package's light models for CUDA here and checks each build
 without a GPU (private-memory hazards in the CUDA C; kernels run serially on the CPU vs ORT);
 it writes ``benchmarks/results/tvm_cuda_check.json``.
+
+``check --corpus [NAMES]`` does the same for the real-model corpus (``benchmarks.corpus``; all
+of it, smallest file first, or the comma-separated NAMES): each model is built for CUDA at the
+realistic input shape ``benchmarks.tvm_realworld`` uses (scalar inputs such as silero's sample
+rate pinned as ``const_inputs``), checked for private-memory hazards, and its kernels run serially
+on the CPU on one realistic sample, compared with ONNX Runtime by graphopt's lossless check
+(:func:`graphopt.runtime.compare`). Each model runs in a subprocess under ``--timeout`` seconds
+(default 600): a model over it is recorded as not run, with the reason. A model graphopt refuses
+is recorded with its one-line refusal. It writes ``benchmarks/results/tvm_cuda_check_corpus.json``
+and ``.md`` (merged by model unless ``--fresh``). No GPU is used, so no GPU latency is measured.
+
+  python -m benchmarks.tvm_cuda check --corpus [NAMES] [--arch sm_90] [--timeout 600] [--fresh]
 """
 
 from __future__ import annotations
@@ -146,8 +158,151 @@ def check(arch: str) -> None:
     out.write_text(json.dumps({"arch": arch, "rows": rows}, indent=1) + "\n")
 
 
+def check_corpus_one(name: str, arch: str) -> dict:
+    """The CUDA build of corpus model ``name`` checked without a GPU (see the module docstring)."""
+    from benchmarks.corpus import fetch, model_path
+    from benchmarks.tvm_realworld import _conform, _feeds, _model_inputs
+    from graphopt.backend import compile as tvm_compile
+    from graphopt.backend.gpucheck import cuda_sources, private_memory_hazards, run_on_cpu
+    from graphopt.errors import GraphoptError
+    from graphopt.runtime import compare, ort_session
+
+    fetch([name])
+    path = model_path(name)
+    ins = _model_inputs(path)
+    feeds = [{k: v for k, v in f.items() if k in ins} for f in _feeds(name, 4)]
+    # as tvm_realworld: scalar inputs (silero's sample rate) are pinned to the first sample's value
+    const = {k: v for k, v in feeds[0].items() if np.ndim(v) == 0}
+    feed = _conform(feeds[0], feeds[0])
+    shapes = {k: list(v.shape) for k, v in feed.items() if k not in const}
+    res: dict = {"model": name, "inputs": {k: list(v.shape) for k, v in feed.items()},
+                 "const_inputs": {k: np.asarray(v).tolist() for k, v in const.items()}}
+    t = time.perf_counter()
+    try:
+        cm = tvm_compile(str(path), f"cuda:{arch}", input_shapes=shapes, const_inputs=const or None,
+                         build_cache=False, progress=False)
+    except GraphoptError as exc:
+        res.update(build="refused", error=str(exc).splitlines()[0], build_s=time.perf_counter() - t)
+        return res
+    res.update(build="ok", build_s=time.perf_counter() - t, kernels=len(cm.info.schedules),
+               rescheduled=cm.info.rewrites.get("rescheduled_gpu_kernels", 0))
+    hazards = private_memory_hazards(cuda_sources(cm.module))
+    res["hazards"] = len(hazards)
+    res["hazard_kernels"] = sorted(hazards)[:5]
+    sess = ort_session(str(path), optimize=True)
+    out_names = [o.name for o in sess.get_outputs()]
+    ref = dict(zip(out_names, sess.run(None, feed), strict=True))
+    t = time.perf_counter()
+    got = dict(zip(out_names, run_on_cpu(cm, feed), strict=True))
+    res["serial_s"] = time.perf_counter() - t
+    c = compare(ref, got)
+    worst = 0.0
+    for k in out_names:
+        a, b = np.asarray(ref[k], np.float64), np.asarray(got[k], np.float64)
+        if a.shape == b.shape and a.size:
+            worst = max(worst, float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(a))), 1e-12)))
+    res.update(equal=bool(c.ok), max_err_of_range=worst)
+    if c.problems:
+        res["problems"] = c.problems[:2]
+    return res
+
+
+def _corpus_subprocess(name: str, arch: str, timeout: float) -> dict:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="graphopt-cudacheck-") as d:
+        out = Path(d) / "r.json"
+        cmd = [sys.executable, "-m", "benchmarks.tvm_cuda", "check-one", name, str(out), "--arch", arch]
+        t = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True,
+                               timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"model": name, "build": "not run", "wall_s": time.perf_counter() - t,
+                    "error": f"over the {timeout:.0f} s wall-clock limit per model (CUDA build, CPU build of "
+                             "the serialized kernels and their serial run together)"}
+        if p.returncode != 0 or not out.exists():
+            tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["(no output)"]
+            return {"model": name, "build": "failure", "error": tail[0][:300], "wall_s": time.perf_counter() - t}
+        r = json.loads(out.read_text())
+        r["wall_s"] = time.perf_counter() - t
+        return r
+
+
+def _corpus_markdown(res: dict) -> str:
+    lines = [
+        "# CUDA builds of the real-model corpus, checked without a GPU",
+        "",
+        (f"Generated {res['generated']}: `{res['command']}` (target cuda:{res['arch']}). No GPU was used: no "
+        "GPU latency here. Each build's CUDA C is scanned for private-memory hazards (a thread-private "
+        "array indexed by a thread- or block-dependent subscript), and its kernels run serially on the CPU "
+        "(`graphopt.backend.gpucheck.run_on_cpu`) on one realistic sample (`benchmarks/corpus/data.py`, "
+        "shapes as `benchmarks.tvm_realworld`), compared with ONNX Runtime (CPU, ENABLE_ALL) by "
+        "`graphopt.runtime.compare` (rtol 1e-4 elementwise, or 3e-4 of the output's range). err = worst "
+        "|serial CUDA kernels - ORT| / max|ORT| over the outputs. The machine was shared and loaded while "
+         "this ran: build and serial-run seconds are indicative only (serial run s includes the "
+         "LLVM build of the serialized kernels)."),
+        "",
+        "| model | inputs | build | equal (err of range) | kernels | rescheduled | hazards | build s | serial run s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name in res["order"]:
+        r = res["models"].get(name, {"model": name, "build": "not run", "error": "(the run was stopped before it)"})
+        shp = "; ".join(f"{k} {'x'.join(map(str, v)) or 'scalar'}" for k, v in r.get("inputs", {}).items())
+        if r.get("build") != "ok":
+            err = str(r.get("error", "")).replace("|", "\\|")
+            secs = f"{r['build_s']:.0f}" if "build_s" in r else ""
+            lines.append(f"| {name} | {shp} | {r.get('build')}: {err} | | | | | {secs} | |")
+            continue
+        eq = "equal" if r.get("equal") else "DIFFERS"
+        lines.append(f"| {name} | {shp} | ok | {eq} ({r['max_err_of_range']:.1e}) | {r['kernels']} | "
+                     f"{r['rescheduled']} | {r['hazards']} | {r['build_s']:.0f} | {r['serial_s']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def check_corpus(names: list[str] | None, arch: str, timeout: float, fresh: bool) -> None:
+    """Run :func:`check_corpus_one` for each corpus model (smallest file first) in a subprocess
+    and merge the rows into ``results/tvm_cuda_check_corpus.{json,md}``."""
+    import datetime as _dt
+
+    from benchmarks.corpus import ENTRIES, fetch, model_path
+
+    wanted = [e.name for e in ENTRIES if not names or e.name in names]
+    unknown = sorted(set(names or ()) - set(wanted))
+    if unknown:
+        sys.exit(f"unknown corpus models: {unknown}")
+    fetch(wanted)
+    wanted.sort(key=lambda n: model_path(n).stat().st_size)
+    out = Path(__file__).resolve().parent / "results" / "tvm_cuda_check_corpus.json"
+    res = json.loads(out.read_text()) if out.exists() and not fresh else {"models": {}}
+    order = sorted(set(res.get("order", [])) | set(wanted), key=lambda n: model_path(n).stat().st_size)
+    res.update(arch=arch, order=order, command="python -m benchmarks.tvm_cuda " + " ".join(sys.argv[1:]),
+               generated=_dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC"))
+    for name in wanted:
+        r = _corpus_subprocess(name, arch, timeout)
+        res["models"][name] = r
+        if r.get("build") == "ok":
+            print(f"{name}: {'equal' if r['equal'] else 'DIFFERS'} err {r['max_err_of_range']:.1e}, "
+                  f"{r['kernels']} kernels, {r['rescheduled']} rescheduled, {r['hazards']} hazards, "
+                  f"build {r['build_s']:.0f} s, serial run {r['serial_s']:.1f} s", flush=True)
+        else:
+            print(f"{name}: {r.get('build')}: {r.get('error')}", flush=True)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        out.with_suffix(".md").write_text(_corpus_markdown(res))
+
+
 if __name__ == "__main__":
     arch = sys.argv[sys.argv.index("--arch") + 1] if "--arch" in sys.argv else "sm_90"
+    if len(sys.argv) >= 4 and sys.argv[1] == "check-one":
+        Path(sys.argv[3]).write_text(json.dumps(check_corpus_one(sys.argv[2], arch)))
+        sys.exit(0)
+    if len(sys.argv) >= 2 and sys.argv[1] == "check" and "--corpus" in sys.argv:
+        i = sys.argv.index("--corpus")
+        arg = sys.argv[i + 1] if i + 1 < len(sys.argv) and not sys.argv[i + 1].startswith("--") else ""
+        timeout = float(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 600.0
+        check_corpus([n for n in arg.split(",") if n] or None, arch, timeout, "--fresh" in sys.argv)
+        sys.exit(0)
     if len(sys.argv) >= 2 and sys.argv[1] == "check":
         check(arch)
         sys.exit(0)
