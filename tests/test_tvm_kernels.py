@@ -67,6 +67,24 @@ def test_row_reductions_softmax_layernorm_scheduled_and_equal(tmp_path: Path) ->
     assert "row-reduction" in rules or "dlight-reduction" in rules, cm.info.schedules
 
 
+@pytest.mark.parametrize("shape", [[1, 1000], [8, 1000], [1, 40, 6625], [2, 3, 45, 45], [3, 7]])
+def test_softmax_rows_once_each_vectorized(tmp_path: Path, shape: list[int]) -> None:
+    """Softmax over the last axis takes the row-softmax rule: each row's max and sum computed once
+    (the loop nests hold no more iterations than a few passes over the tensor; DLight's rule
+    recomputed them per output element at batch 1: 1000x the work, 1.3 s for 18385 classes),
+    vectorized where the row is wide, equal to ORT."""
+    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [vi("x", shape)], [vi("y", shape)], [],
+                       opset=13)
+    x = (np.random.default_rng(2).standard_normal(shape) * 4).astype(np.float32)
+    cm = _build_and_check(model, tmp_path, {"x": x})
+    assert set(cm.info.schedules.values()) == {"row-softmax"}, cm.info.schedules
+    funcs = [f for gv, f in cm.ir_module.functions_items() if gv.name_hint in cm.info.schedules]
+    kinds = [loop_kinds(f) for f in funcs]
+    assert all(k["iterations"] <= 2 * x.size for k in kinds), kinds
+    if shape[-1] >= 64:
+        assert all(k["vectorized"] for k in kinds), kinds
+
+
 def test_conv1d_goes_channels_last_and_small_kernels_stay_serial(tmp_path: Path) -> None:
     """A 1-D conv stack like silero's: the convs are NWC with WIO weights (vectorized along
     output channels), and a kernel of ~50k multiply-adds does not wake the thread pool (in
