@@ -67,13 +67,16 @@ def test_row_reductions_softmax_layernorm_scheduled_and_equal(tmp_path: Path) ->
     assert "row-reduction" in rules or "dlight-reduction" in rules, cm.info.schedules
 
 
-@pytest.mark.parametrize("shape", [[1, 1000], [8, 1000], [1, 40, 6625], [2, 3, 45, 45], [3, 7]])
-def test_softmax_rows_once_each_vectorized(tmp_path: Path, shape: list[int]) -> None:
-    """Softmax over the last axis takes the row-softmax rule: each row's max and sum computed once
-    (the loop nests hold no more iterations than a few passes over the tensor; DLight's rule
-    recomputed them per output element at batch 1: 1000x the work, 1.3 s for 18385 classes),
-    vectorized where the row is wide, equal to ORT."""
-    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=-1)], [vi("x", shape)], [vi("y", shape)], [],
+@pytest.mark.parametrize(("shape", "axis"), [([1, 1000], -1), ([8, 1000], -1), ([1, 40, 6625], -1),
+                                             ([2, 3, 45, 45], -1), ([3, 7], -1),
+                                             ([1, 4, 16, 2100], 2), ([1, 16, 50], 1), ([4, 10, 32], 0)])
+def test_softmax_rows_once_each_vectorized(tmp_path: Path, shape: list[int], axis: int) -> None:
+    """Softmax takes the row-softmax rule: each row's max and sum computed once (the loop nests
+    hold no more iterations than a few passes over the tensor; DLight's rule recomputed them per
+    output element at batch 1: 1000x the work, 1.3 s for 18385 classes), vectorized where the row
+    is wide, equal to ORT. Over an axis that is not the last (a YOLO head's 16 bins), the
+    reductions run over whole vectors of the contiguous axes."""
+    model = make_model([helper.make_node("Softmax", ["x"], ["y"], axis=axis)], [vi("x", shape)], [vi("y", shape)], [],
                        opset=13)
     x = (np.random.default_rng(2).standard_normal(shape) * 4).astype(np.float32)
     cm = _build_and_check(model, tmp_path, {"x": x})

@@ -568,8 +568,10 @@ class RowSoftmaxRule(_Rule):
         if len(out_loops) <= n_rows:
             return False
         extents = [_extent(sch.get(lp).extent) for lp in out_loops]
-        if any(e is None for e in extents) or math.prod(extents[:n_rows]) != rows:
+        if any(e is None for e in extents):
             return False
+        if math.prod(extents[:n_rows]) != rows:
+            return self._strided(sch, infos, reductions, out, extents, lanes)
         width = math.prod(extents[n_rows:])
         # elementwise producers of a reduction's input (softmax's x - max) inlined; the others
         # (the exp both the sum and the output read) stay, computed once per row
@@ -635,6 +637,67 @@ class RowSoftmaxRule(_Rule):
             else:  # the reduction of the lanes (or an unsplit reduction)
                 sch.annotate(loops[-1], "pragma_auto_unroll_max_step", 16)
                 sch.annotate(loops[-1], "pragma_unroll_explicit", 0)
+        self._vectorize(sch, out_inner, lanes)
+        return True
+
+    def _strided(self, sch: Any, infos: list[Any], reductions: list[Any], out: Any, extents: list[int],
+                 lanes: int) -> bool:
+        """Softmax over an axis that is not the last (a YOLO head's distribution over 16 bins,
+        [1, 4, 16, 8400]): the reduced axis ``p`` of the output is strided, the axes after it are
+        contiguous. Per block of leading axes (the parallel loop), each reduction runs with the
+        reduced axis outside and the contiguous axes inside, vectorized: max and sum of whole
+        vectors of columns at once."""
+        red_ext = [math.prod(_extent(iv.dom.extent) or 1 for iv in sch.get(b.block_rv).iter_vars if iv.iter_type != 0)
+                   for b in reductions]
+        if len(set(red_ext)) != 1 or any(sum(1 for iv in sch.get(b.block_rv).iter_vars if iv.iter_type != 0) != 1
+                                         for b in reductions):
+            return False
+        rext = red_ext[0]
+        rows = math.prod(_extent(iv.dom.extent) or 1 for iv in sch.get(reductions[0].block_rv).iter_vars
+                         if iv.iter_type == 0)
+        cands = [p for p in range(len(extents) - 1)
+                 if extents[p] == rext and math.prod(extents[:p]) * math.prod(extents[p + 1:]) == rows]
+        if not cands:
+            return False
+        p = cands[-1]
+        lead = math.prod(extents[:p])
+        for b in infos[:-1]:
+            if b.is_injective() and len(sch.get_consumers(b.block_rv)) == 1:
+                try:
+                    sch.compute_inline(b.block_rv)
+                except Exception:  # noqa: BLE001
+                    pass
+        out_loops = sch.get_loops(out.block_rv)
+        row = (sch.fuse(*out_loops[:p]) if p > 1 else out_loops[0]) if p else None
+        inner = sch.get_loops(out.block_rv)[1 if p else 0:]
+        out_inner = sch.fuse(*inner) if len(inner) > 1 else inner[0]
+        stages = [b for b in _root_blocks(sch) if not sch.get(b).same_as(sch.get(out.block_rv))]
+        if row is not None:
+            for b in reversed(stages):
+                sch.compute_at(b, row, preserve_unit_loops=False)
+            if lead > 1 and lead * rext * math.prod(extents[p + 1:]) >= self.min_parallel_work:
+                sch.parallel(row)
+        for b in (sch.get_child_blocks(row) if row is not None else _root_blocks(sch)):
+            if sch.get(b).same_as(sch.get(out.block_rv)):
+                continue
+            loops = sch.get_loops(b)[1 if row is not None else 0:]
+            if not loops:
+                continue
+            if _is_spatial_block(sch, b):
+                self._vectorize(sch, sch.fuse(*loops) if len(loops) > 1 else loops[0], lanes)
+                continue
+            # loops: [columns..., reduced]: the reduced axis outside, the columns vectorized
+            r, cols = loops[-1], loops[:-1]
+            if not cols:
+                continue
+            col = sch.fuse(*cols) if len(cols) > 1 else cols[0]
+            sch.reorder(r, col)
+            ext = _extent(sch.get(col).extent) or 1
+            vec = next((v for v in (lanes, lanes // 2, 4) if ext % v == 0 and ext >= v), 0)
+            if vec:  # (a partitioned tail would copy the block; odd widths stay scalar here)
+                _, vi = sch.split(col, [None, vec])
+                sch.vectorize(vi)
+            sch.decompose_reduction(b, r)
         self._vectorize(sch, out_inner, lanes)
         return True
 
