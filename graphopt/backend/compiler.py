@@ -416,7 +416,13 @@ def schedule(mod: Any, target: TargetSpec, *, database: Any = None, default_sche
                 for rule in gpu_rules():
                     if type(rule).__name__ in (avoid or {}).get(name, ()):
                         continue
-                    space = rule.apply(f, tgt, False)
+                    try:
+                        space = rule.apply(f, tgt, False)
+                    except Exception as exc:  # noqa: BLE001 - a DLight rule that fails on a kernel
+                        # (its Matmul rule on ddddocr_int8's integer matmul: "The block no longer
+                        # exists") is one that does not apply: the next rule gets the kernel
+                        logger.debug("DLight %s failed on %s: %s", type(rule).__name__, name, _first_line(exc))
+                        space = None
                     if space is not None:
                         sch = space if isinstance(space, s_tir.Schedule) else space[0]
                         mod[gv] = sch.mod["main"].with_attr("tirx.is_scheduled", True)
