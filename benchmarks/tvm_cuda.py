@@ -160,21 +160,13 @@ def check(arch: str) -> None:
 
 def check_corpus_one(name: str, arch: str) -> dict:
     """The CUDA build of corpus model ``name`` checked without a GPU (see the module docstring)."""
-    from benchmarks.corpus import fetch, model_path
-    from benchmarks.tvm_realworld import _conform, _feeds, _model_inputs
+    from benchmarks.tvm_realworld import corpus_feeds
     from graphopt.backend import compile as tvm_compile
     from graphopt.backend.gpucheck import cuda_sources, private_memory_hazards, run_on_cpu
     from graphopt.errors import GraphoptError
     from graphopt.runtime import compare, ort_session
 
-    fetch([name])
-    path = model_path(name)
-    ins = _model_inputs(path)
-    feeds = [{k: v for k, v in f.items() if k in ins} for f in _feeds(name, 4)]
-    # as tvm_realworld: scalar inputs (silero's sample rate) are pinned to the first sample's value
-    const = {k: v for k, v in feeds[0].items() if np.ndim(v) == 0}
-    feed = _conform(feeds[0], feeds[0])
-    shapes = {k: list(v.shape) for k, v in feed.items() if k not in const}
+    path, (feed,), const, shapes = corpus_feeds(name, 1)
     res: dict = {"model": name, "inputs": {k: list(v.shape) for k, v in feed.items()},
                  "const_inputs": {k: np.asarray(v).tolist() for k, v in const.items()}}
     t = time.perf_counter()

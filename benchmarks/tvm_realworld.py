@@ -82,6 +82,26 @@ def _conform(feed: dict[str, np.ndarray], like: dict[str, np.ndarray]) -> dict[s
     return out
 
 
+def corpus_feeds(name: str, n_eval: int) -> tuple[Path, list[dict[str, np.ndarray]], dict[str, np.ndarray],
+                                                  dict[str, list[int]]]:
+    """Corpus model ``name`` (fetched) with ``n_eval`` realistic feeds shaped alike, its scalar
+    inputs and the input shapes to compile for: ``(path, feeds, const, shapes)``.
+
+    A build pins scalar inputs (silero's sample rate) to the first sample's value, so only the
+    samples that feed that value are kept (silero's eval set mixes 16 kHz and 8 kHz windows)."""
+    from benchmarks.corpus import fetch, model_path
+
+    fetch([name])
+    path = model_path(name)
+    ins = _model_inputs(path)
+    feeds = [{k: v for k, v in f.items() if k in ins} for f in _feeds(name, 4 * n_eval)]
+    const = {k: v for k, v in feeds[0].items() if np.ndim(v) == 0}
+    feeds = [f for f in feeds if all(np.array_equal(f[k], v) for k, v in const.items())][:n_eval]
+    feeds = [_conform(f, feeds[0]) for f in feeds]
+    shapes = {k: list(v.shape) for k, v in feeds[0].items() if k not in const}
+    return path, feeds, const, shapes
+
+
 def paired_timing(fns: dict[str, Any], rounds: int, settle_s: float) -> dict[str, Any]:
     """Interleaved, settled timing of two callables ``{"ort": f, "tvm": g}``: per-round times
     (order alternating every round), the medians, and the median and half-IQR of the per-round
@@ -128,23 +148,12 @@ def kernel_profile(cm: Any, feed: dict[str, np.ndarray], runs: int = 3, top: int
 
 def run_one(name: str, rounds: int, settle_s: float, n_eval: int, fast_math: bool = True) -> dict[str, Any]:
     import graphopt
-    from benchmarks.corpus import fetch, model_path
     from graphopt.backend import compile as tvm_compile
     from graphopt.errors import GraphoptError
     from graphopt.runtime import compare, ort_session
 
-    fetch([name])
-    path = model_path(name)
     res: dict[str, Any] = {"model": name}
-    feeds = _feeds(name, 4 * n_eval)
-    ins = _model_inputs(path)
-    feeds = [{k: v for k, v in f.items() if k in ins} for f in feeds]
-    const = {k: v for k, v in feeds[0].items() if np.ndim(v) == 0}
-    # the build pins scalar inputs (silero's sample rate) to the first sample's value: check it on
-    # the samples that feed that value (silero's eval set mixes 16 kHz and 8 kHz windows)
-    feeds = [f for f in feeds if all(np.array_equal(f[k], v) for k, v in const.items())][:n_eval]
-    feeds = [_conform(f, feeds[0]) for f in feeds]
-    shapes = {k: list(v.shape) for k, v in feeds[0].items() if k not in const}
+    path, feeds, const, shapes = corpus_feeds(name, n_eval)
     res["inputs"] = {k: list(v.shape) for k, v in feeds[0].items()}
     res["const_inputs"] = {k: np.asarray(v).tolist() for k, v in const.items()}
     t0 = time.perf_counter()
@@ -210,20 +219,11 @@ def ab_one(name: str, rounds: int, settle_s: float, n_eval: int) -> dict[str, An
     does not give."""
     import tvm
 
-    from benchmarks.corpus import fetch, model_path
     from graphopt.backend import compile as tvm_compile
     from graphopt.errors import GraphoptError
     from graphopt.runtime import compare, ort_session
 
-    fetch([name])
-    path = model_path(name)
-    feeds = _feeds(name, 4 * n_eval)
-    ins = _model_inputs(path)
-    feeds = [{k: v for k, v in f.items() if k in ins} for f in feeds]
-    const = {k: v for k, v in feeds[0].items() if np.ndim(v) == 0}
-    feeds = [f for f in feeds if all(np.array_equal(f[k], v) for k, v in const.items())][:n_eval]
-    feeds = [_conform(f, feeds[0]) for f in feeds]
-    shapes = {k: list(v.shape) for k, v in feeds[0].items() if k not in const}
+    path, feeds, const, shapes = corpus_feeds(name, n_eval)
     res: dict[str, Any] = {"model": name}
     builds = {}
     try:

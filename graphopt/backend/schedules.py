@@ -424,6 +424,28 @@ def _write_back(sch: Any, main_rv: Any, epilogue: list[Any], same_space: Any) ->
     return wb, last_epi, inlined
 
 
+def _reduction_vector(rext: int, lanes: int) -> int:
+    """The vector width a reduction of ``rext`` elements accumulates in (rfactor), 0 for none:
+    whole vectors only, at least two of them."""
+    return next((v for v in (lanes, lanes // 2, 4) if v >= 4 and rext % v == 0 and rext >= 2 * v), 0)
+
+
+def _whole_vector(ext: int, lanes: int) -> int:
+    """The widest vector (``lanes``, half, 4) that divides ``ext``; 0 for none."""
+    return next((v for v in (lanes, lanes // 2, 4) if ext % v == 0 and ext >= v), 0)
+
+
+def _inline_single_use(sch: Any, infos: list[Any]) -> None:
+    """Inline the elementwise stages (all but the last) that feed one consumer (softmax's
+    ``x - max``); stages read twice (the exp both the sum and the output read) stay."""
+    for b in infos[:-1]:
+        if b.is_injective() and len(sch.get_consumers(b.block_rv)) == 1:
+            try:
+                sch.compute_inline(b.block_rv)
+            except Exception:  # noqa: BLE001 - left as a stage of its own
+                pass
+
+
 def _has_if_then_else(sch: Any, block: Any) -> bool:
     from tvm_ffi import get_global_func
 
@@ -487,7 +509,7 @@ class RowReductionRule(_Rule):
         r = sch.fuse(*r_loops) if len(r_loops) > 1 else r_loops[0]
         rext = _extent(sch.get(r).extent) or 1
         lanes = vector_lanes(target)
-        vec = next((v for v in (lanes, lanes // 2, 4) if v >= 4 and rext % v == 0 and rext >= 2 * v), 0)
+        vec = _reduction_vector(rext, lanes)
         spatial_total = math.prod(_extent(sch.get(lp).extent) or 1 for lp in s_loops)
         outer = None
         if s_loops:
@@ -573,16 +595,7 @@ class RowSoftmaxRule(_Rule):
         if math.prod(extents[:n_rows]) != rows:
             return self._strided(sch, infos, reductions, out, extents, lanes)
         width = math.prod(extents[n_rows:])
-        # elementwise producers of a reduction's input (softmax's x - max) inlined; the others
-        # (the exp both the sum and the output read) stay, computed once per row
-        for b in infos[:-1]:
-            if b.is_injective():
-                consumers = sch.get_consumers(b.block_rv)
-                if len(consumers) == 1:
-                    try:
-                        sch.compute_inline(b.block_rv)
-                    except Exception:  # noqa: BLE001
-                        pass
+        _inline_single_use(sch, infos)  # (the exp both the sum and the output read: once per row)
         # the reductions split by the vector width and rfactor-ed at the root, while each is the
         # only block of its loop nest (rfactor wants that): per row, ``lanes`` partial results
         # over the contiguous row, then one reduction of the lanes
@@ -594,7 +607,7 @@ class RowSoftmaxRule(_Rule):
             loops = sch.get_loops(b)[-n_red:]
             r = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             rext = _extent(sch.get(r).extent) or 1
-            vec = next((v for v in (lanes, lanes // 2, 4) if v >= 4 and rext % v == 0 and rext >= 2 * v), 0)
+            vec = _reduction_vector(rext, lanes)
             if vec:
                 _, ri = sch.split(r, [None, vec])
                 partial.append(sch.rfactor(ri, factor_axis=0))
@@ -661,12 +674,7 @@ class RowSoftmaxRule(_Rule):
             return False
         p = cands[-1]
         lead = math.prod(extents[:p])
-        for b in infos[:-1]:
-            if b.is_injective() and len(sch.get_consumers(b.block_rv)) == 1:
-                try:
-                    sch.compute_inline(b.block_rv)
-                except Exception:  # noqa: BLE001
-                    pass
+        _inline_single_use(sch, infos)
         out_loops = sch.get_loops(out.block_rv)
         row = (sch.fuse(*out_loops[:p]) if p > 1 else out_loops[0]) if p else None
         inner = sch.get_loops(out.block_rv)[1 if p else 0:]
@@ -692,8 +700,7 @@ class RowSoftmaxRule(_Rule):
                 continue
             col = sch.fuse(*cols) if len(cols) > 1 else cols[0]
             sch.reorder(r, col)
-            ext = _extent(sch.get(col).extent) or 1
-            vec = next((v for v in (lanes, lanes // 2, 4) if ext % v == 0 and ext >= v), 0)
+            vec = _whole_vector(_extent(sch.get(col).extent) or 1, lanes)
             if vec:  # (a partitioned tail would copy the block; odd widths stay scalar here)
                 _, vi = sch.split(col, [None, vec])
                 sch.vectorize(vi)
@@ -704,7 +711,7 @@ class RowSoftmaxRule(_Rule):
     @staticmethod
     def _vectorize(sch: Any, loop: Any, lanes: int) -> None:
         ext = _extent(sch.get(loop).extent) or 1
-        vec = next((v for v in (lanes, lanes // 2, 4) if ext % v == 0 and ext >= v), 0)
+        vec = _whole_vector(ext, lanes)
         if vec:
             _, vi = sch.split(loop, [None, vec])
             sch.vectorize(vi)
