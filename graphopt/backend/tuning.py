@@ -172,34 +172,69 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     return tvm_build(mod, target=target)
 
 
-def _commit_baseline(task: Any, tgt: Any, builder: Any, runner: Any, database: Any) -> float | None:
-    """Measure graphopt's default schedule of ``task`` and commit it as a tuning record, so the
-    database's best is never worse than the untuned build (as measured by the tuner).
-    Returns its latency in seconds (None if it could not be measured)."""
-    from tvm.s_tir import meta_schedule as ms
+def _default_candidates(func: Any, tgt: Any, variants: int) -> list[Any]:
+    """graphopt's default schedule of ``func`` and up to ``variants`` other settings of the rule
+    that made it (:func:`~graphopt.backend.schedules.tuner_variants`), as distinct schedules."""
+    from tvm import s_tir
 
-    from .schedules import default_schedule
+    from .schedules import default_schedule, tuner_variants
+
+    sch, name = default_schedule(func, tgt)
+    if sch is None:
+        return []
+    out, seen = [sch], {tvm_structural_hash(sch.mod)}
+    for rule in tuner_variants(name or "")[:variants]:
+        cand = s_tir.Schedule(func)
+        try:
+            if not rule.apply(cand, tgt):
+                continue
+        except Exception as exc:  # noqa: BLE001 - a variant that does not apply is skipped
+            logger.debug("variant %s of %s does not apply: %s", vars(rule), name, _first_line(exc))
+            continue
+        h = tvm_structural_hash(cand.mod)
+        if h not in seen:
+            seen.add(h)
+            out.append(cand)
+    return out
+
+
+def _measure_defaults(task: Any, tgt: Any, builder: Any, runner: Any, variants: int = 0) -> list[tuple[Any, Any, Any]]:
+    """Measure graphopt's default schedule of ``task`` and ``variants`` other settings of its rule;
+    returns ``(trace, run_secs, args_info)`` per schedule that built and ran (to be committed as
+    tuning records, so the database's best is never worse than the untuned build)."""
+    from tvm.s_tir import meta_schedule as ms
 
     mod = task.dispatched[0]
     try:
-        sch, _ = default_schedule(mod["main"], tgt)
-        if sch is None:
-            return None
-        args_info = ms.arg_info.ArgInfo.from_entry_func(sch.mod, remove_preproc=True)
-        built = builder.build([ms.builder.BuilderInput(sch.mod, tgt)])[0]
-        if built.error_msg:
-            return None
-        res = runner.run([ms.runner.RunnerInput(built.artifact_path, device_type="cuda" if tgt.kind.name == "cuda" else "cpu",
-                                                args_info=args_info)])[0].result()
-        if res.error_msg or not res.run_secs:
-            return None
-        secs = [float(x) for x in res.run_secs]
-        workload = database.commit_workload(mod)
-        database.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, res.run_secs, tgt, args_info))
-        return sum(secs) / len(secs)
+        cands = _default_candidates(mod["main"], tgt, variants)
+        if not cands:
+            return []
+        # each candidate's own arguments: a different register tile packs the weight differently
+        infos = [ms.arg_info.ArgInfo.from_entry_func(c.mod, remove_preproc=True) for c in cands]
+        built = builder.build([ms.builder.BuilderInput(c.mod, tgt) for c in cands])
+        ok = [(c, i, b) for c, i, b in zip(cands, infos, built, strict=True) if not b.error_msg]
+        device = "cuda" if tgt.kind.name == "cuda" else "cpu"
+        futures = runner.run([ms.runner.RunnerInput(b.artifact_path, device_type=device, args_info=i)
+                              for _, i, b in ok])
+        out = []
+        for (c, info, _), fut in zip(ok, futures, strict=True):
+            res = fut.result()
+            if not res.error_msg and res.run_secs:
+                out.append((c.trace, res.run_secs, info))
+        return out
     except Exception as exc:  # noqa: BLE001 - the baseline is an optimization, never a failure
         logger.debug("baseline for %s not recorded: %s", task.task_name, _first_line(exc))
-        return None
+        return []
+
+
+def _commit_records(task: Any, tgt: Any, database: Any, records: list[tuple[Any, Any, Any]]) -> None:
+    from tvm.s_tir import meta_schedule as ms
+
+    if not records:
+        return
+    workload = database.commit_workload(task.dispatched[0])
+    for trace, secs, args_info in records:
+        database.commit_tuning_record(ms.database.TuningRecord(trace, workload, secs, tgt, args_info))
 
 
 def _task_flops(task: Any) -> float:
@@ -229,8 +264,15 @@ def tune(
     min_trials: int = 8,
     progress: bool = True,
     seed: int = 0,
+    variants: int = 8,
 ) -> tuple[Any, dict[str, Any]]:
-    """Tune the TIR functions of a lowered Relax module; return (database, report)."""
+    """Tune the TIR functions of a lowered Relax module; return (database, report).
+
+    Each planned task first has graphopt's default schedule and up to ``variants`` other settings
+    of its rule measured (seconds per task); MetaSchedule's search then gets the rest of the
+    budget, and the database keeps whichever was fastest. The measured defaults are committed
+    after the task's search (the evolutionary search seeds itself from a workload's records and
+    cannot mutate traces from outside its own design space)."""
     from tvm.s_tir import meta_schedule as ms
 
     if trials < 0 or (minutes is not None and minutes <= 0):
@@ -282,6 +324,18 @@ def tune(
         cost_model = "random"
     from graphopt.progress import progress as _progress
 
+    # graphopt's own candidates first: a few builds per task, and often the best record
+    pending: dict[int, list[tuple[Any, Any, Any]]] = {}
+    bar = _progress(total=len(plan), desc="tuning (graphopt's schedules)", unit="task", disable=not progress)
+    try:
+        for task in plan:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            pending[id(task)] = _measure_defaults(task, tgt, builder, runner, variants)
+            report["variant_records"] = report.get("variant_records", 0) + len(pending[id(task)])
+            bar.update(1)
+    finally:
+        bar.close()
     bar = _progress(total=len(plan), desc="tuning (MetaSchedule)", unit="task", disable=not progress)
     spent = 0.0
     done_trials = 0
@@ -290,7 +344,12 @@ def tune(
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    report["skipped"] += [t.task_name for t in plan[i:]]
+                    for t in plan[i:]:  # no search time left: graphopt's measured candidates stand
+                        if pending.get(id(t)):
+                            _commit_records(t, tgt, database, pending.pop(id(t)))
+                            report["tuned"].append(t.task_name)
+                        else:
+                            report["skipped"].append(t.task_name)
                     break
                 if done_trials:
                     sec_per_trial = spent / done_trials
@@ -316,19 +375,20 @@ def tune(
                 )
             except Exception as exc:  # noqa: BLE001 - a failing task keeps its default schedule
                 logger.warning("tuning %s failed (%s); it keeps the default schedule", task.task_name, _first_line(exc))
+                _commit_records(task, tgt, database, pending.pop(id(task), []))
                 report["skipped"].append(task.task_name)
                 bar.update(1)
                 continue
             # after the search (the evolutionary search seeds itself from database records and
             # cannot mutate a trace from outside its design space), so the best record is the
             # faster of the tuned and the default schedule
-            _commit_baseline(task, tgt, builder, runner, database)
+            _commit_records(task, tgt, database, pending.pop(id(task), []))
             spent += time.monotonic() - t0
             done_trials += per_task
             report["tuned"].append(task.task_name)
             report["trials"] += per_task
             bar.update(1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # (the measured defaults of tasks not searched yet are measured again next time)
         logger.warning("tuning interrupted; %d finished tasks are saved in %s", len(report["tuned"]), workdir)
         compact_database(database, target, cache_dir)
         raise
