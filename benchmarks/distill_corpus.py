@@ -428,15 +428,15 @@ def write_md(rows: dict[str, Any]) -> str:
                 what = "prune 0.5 structured"
             if any("--refit block" in c for c in r["commands"]):
                 what += " + block refit"
-            lr = next((c.split("--lr ")[1].split()[0] for c in r["commands"] if "--lr " in c), "?")
+            lr = next((c.split("--lr ")[1].split()[0] for c in reversed(r["commands"]) if "--lr " in c), "?")
             what += f", lr {lr}"
-            t = next((c.split("--temperature ")[1].split()[0] for c in r["commands"] if "--temperature " in c), "?")
+            t = next((c.split("--temperature ")[1].split()[0] for c in reversed(r["commands"]) if "--temperature " in c), "?")
             if t not in ("?", "1.0"):
                 what += f", T {t}"
             what += f", {r['train_samples']} lines"
             if r.get("both_orientations"):
                 what += f" ({r['train_samples'] // 2} texts, each upright and turned over)"
-            loss = next((c.split("--loss ")[1].split()[0] for c in r["commands"] if "--loss " in c), None)
+            loss = next((c.split("--loss ")[1].split()[0] for c in reversed(r["commands"]) if "--loss " in c), None)
             if loss is not None:
                 kind = loss.split("=")[-1]
                 what += f", loss {kind}" + (" (greedy-transcript CTC + per-frame KL, 0.5/0.5)" if kind.startswith("ctc")
