@@ -294,6 +294,40 @@ def test_cuda_build_artifact(tmp_path: Path) -> None:
 # -- tuning -------------------------------------------------------------------------------------
 
 
+def test_tuning_interrupted_mid_search_keeps_the_default_schedule(tmp_path: Path) -> None:
+    # Ctrl-C after MetaSchedule committed a (slow) candidate of the task it searches: that task is
+    # cached from then on, so graphopt's measured default must be committed with it, or the
+    # cache's best stays the slow candidate
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.backend.schedules import default_schedule
+    from graphopt.backend.tuning import open_database
+    from graphopt.cli import example_model_path
+
+    real, searched = ms.tune.tune_tasks, []
+
+    def slow_record_then_interrupt(**kw):  # type: ignore[no-untyped-def]
+        mod, db, tgt = kw["tasks"][0].mod, kw["database"], kw["tasks"][0].target
+        searched.append(mod)
+        sch, _ = default_schedule(mod["main"], tgt)  # (a record with an empty trace is not a candidate)
+        db.commit_tuning_record(ms.database.TuningRecord(
+            sch.trace, db.commit_workload(mod), [10.0], tgt, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
+        raise KeyboardInterrupt
+
+    ms.tune.tune_tasks = slow_record_then_interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
+                        progress=False)
+    finally:
+        ms.tune.tune_tasks = real
+    assert len(searched) == 1
+    db = open_database(resolve_target("host"), tmp_path, create=False)
+    assert db is not None and db.has_workload(searched[0])
+    best = db.get_top_k(db.commit_workload(searched[0]), 1)[0]
+    assert max(float(s) for s in best.run_secs) < 1.0, best.run_secs  # graphopt's default, not the 10 s one
+
+
 def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
     # an interrupted run keeps what it finished: stop it (Ctrl-C) when the second task starts
     from tvm.s_tir import meta_schedule as ms

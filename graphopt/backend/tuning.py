@@ -389,6 +389,11 @@ def tune(
             report["trials"] += per_task
             bar.update(1)
     except KeyboardInterrupt:  # (the measured defaults of tasks not searched yet are measured again next time)
+        # the task being searched may have MetaSchedule's records already, and counts as cached
+        # next time: its measured defaults go in too, or its best could stay a poor early candidate
+        for t in plan:
+            if pending.get(id(t)) and _tuned(database, t):
+                _commit_records(t, tgt, database, pending.pop(id(t)))
         logger.warning("tuning interrupted; %d finished tasks are saved in %s", len(report["tuned"]), workdir)
         compact_database(database, target, cache_dir)
         raise
