@@ -290,7 +290,7 @@ def tune(
     # The plan depends on the budget and the model only, so compiling again with the same
     # budget finds every planned task in the cache and measures nothing.
     report: dict[str, Any] = {"tasks": len(ranked), "cached": 0, "tuned": [], "skipped": [],
-                              "cache_dir": str(workdir), "trials": 0}
+                              "cache_dir": str(workdir), "trials": 0, "variant_records": 0}
     if trials:
         per_task = max(min_trials, trials // max(1, len(ranked)))
         n_fit = max(1, trials // per_task)
@@ -332,7 +332,7 @@ def tune(
             if deadline is not None and time.monotonic() > deadline:
                 break
             pending[id(task)] = _measure_defaults(task, tgt, builder, runner, variants)
-            report["variant_records"] = report.get("variant_records", 0) + len(pending[id(task)])
+            report["variant_records"] += len(pending[id(task)])  # graphopt's default and variants measured
             bar.update(1)
     finally:
         bar.close()
