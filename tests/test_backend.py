@@ -294,7 +294,7 @@ def test_cuda_build_artifact(tmp_path: Path) -> None:
 # -- tuning -------------------------------------------------------------------------------------
 
 
-def test_tuning_interrupted_mid_search_keeps_the_default_schedule(tmp_path: Path) -> None:
+def test_tuning_interrupted_mid_search_keeps_the_default_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Ctrl-C after MetaSchedule committed a (slow) candidate of the task it searches: that task is
     # cached from then on, so graphopt's measured default must be committed with it, or the
     # cache's best stays the slow candidate
@@ -304,7 +304,7 @@ def test_tuning_interrupted_mid_search_keeps_the_default_schedule(tmp_path: Path
     from graphopt.backend.tuning import open_database
     from graphopt.cli import example_model_path
 
-    real, searched = ms.tune.tune_tasks, []
+    searched = []
 
     def slow_record_then_interrupt(**kw):  # type: ignore[no-untyped-def]
         mod, db, tgt = kw["tasks"][0].mod, kw["database"], kw["tasks"][0].target
@@ -314,13 +314,9 @@ def test_tuning_interrupted_mid_search_keeps_the_default_schedule(tmp_path: Path
             sch.trace, db.commit_workload(mod), [10.0], tgt, ms.arg_info.ArgInfo.from_prim_func(mod["main"])))
         raise KeyboardInterrupt
 
-    ms.tune.tune_tasks = slow_record_then_interrupt
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
-                        progress=False)
-    finally:
-        ms.tune.tune_tasks = real
+    monkeypatch.setattr(ms.tune, "tune_tasks", slow_record_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path, progress=False)
     assert len(searched) == 1
     db = open_database(resolve_target("host"), tmp_path, create=False)
     assert db is not None and db.has_workload(searched[0])
@@ -328,7 +324,7 @@ def test_tuning_interrupted_mid_search_keeps_the_default_schedule(tmp_path: Path
     assert max(float(s) for s in best.run_secs) < 1.0, best.run_secs  # graphopt's default, not the 10 s one
 
 
-def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
+def test_tuning_cache_makes_second_compile_free(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # an interrupted run keeps what it finished: stop it (Ctrl-C) when the second task starts
     from tvm.s_tir import meta_schedule as ms
 
@@ -343,13 +339,10 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path) -> None:
             raise KeyboardInterrupt
         return real(**kw)
 
-    ms.tune.tune_tasks = interrupt_second
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
-                        progress=False)
-    finally:
-        ms.tune.tune_tasks = real
+    monkeypatch.setattr(ms.tune, "tune_tasks", interrupt_second)
+    with pytest.raises(KeyboardInterrupt):
+        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path, progress=False)
+    monkeypatch.undo()  # the real search from here on
     assert len(calls) == 2
     # the heaviest task (tuned before the interruption) is in the cache: a one-task budget is free
     first = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,

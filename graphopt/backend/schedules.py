@@ -117,6 +117,19 @@ def _is_spatial_block(sch: Any, block: Any) -> bool:
     return all(iv.iter_type == tirx.IterVar.DataPar for iv in sch.get(block).iter_vars)
 
 
+def _is_select(call: Any) -> bool:
+    return str(getattr(call.op, "name", "")).endswith("if_then_else")
+
+
+def _has_select(stmt: Any) -> bool:
+    import tvm
+    import tvm_ffi
+
+    found: list[Any] = []
+    tvm_ffi.structural_walk(stmt, (tvm.ir.Call, lambda c: found.append(c) if _is_select(c) else None), order="post")
+    return bool(found)
+
+
 def _select_bounds(sch: Any, block: Any) -> tuple[int, list[int]] | None:
     """A block that picks its value by comparing one iterator with constants (a concatenation,
     or the slices that drop a grouped convolution's padded channels): ``(axis, [bounds])`` with
@@ -132,7 +145,7 @@ def _select_bounds(sch: Any, block: Any) -> tuple[int, list[int]] | None:
     ok = [True]
 
     def visit(call: Any) -> None:
-        if getattr(call.op, "name", "") not in ("prim.if_then_else", "tirx.if_then_else", "tir.if_then_else"):
+        if not _is_select(call):
             return
         c = call.args[0]
         a, b = getattr(c, "a", None), getattr(c, "b", None)
@@ -184,32 +197,27 @@ def _schedule_selects(sch: Any, block: Any, lanes: int, min_parallel: int) -> bo
     if sel is None:
         return _schedule_shuffle(sch, block, loops, cast(list[int], extents), lanes, min_parallel)
     axis, bounds = sel
-    if axis != len(loops) - 1 or not bounds or len(loops) < 2:
+    last = cast(int, extents[-1])
+    if axis != len(loops) - 1 or not bounds:
         return False
     # whole vectors that never straddle a switch point (a piece of a loop that does not start at 0
     # cannot be split, so the vectors are split off first and their outer loop is partitioned)
-    step = math.gcd(cast(int, extents[-1]), *bounds)
+    step = math.gcd(last, *bounds)
     vec = next((v for v in (lanes, lanes // 2, lanes // 4) if v >= 4 and step % v == 0), 0)
-    total = math.prod(cast(list[int], extents))
-    starts = [0, *bounds]
-    widths = [b - a for a, b in zip(starts, [*bounds, cast(int, extents[-1])], strict=True)]
-    if not vec:
-        # pieces of odd widths (ShuffleNet's 34-channel groups): each piece is one vector of its
-        # own width, which LLVM splits into whole registers and a short tail
-        if max(widths) > 8 * lanes or min(widths) < 4:
-            return False
-        outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    widths = [b - a for a, b in zip([0, *bounds], [*bounds, last], strict=True)]
+    # otherwise pieces of odd widths (ShuffleNet's 34-channel groups): each piece is one vector of
+    # its own width, which LLVM splits into whole registers and a short tail
+    if not vec and (max(widths) > 8 * lanes or min(widths) < 4):
+        return False
+    outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    if vec:
+        c_o, c_i = sch.split(loops[-1], [None, vec])
+        sch.vectorize(c_i)
+        sch.loop_partition(c_o, [w // vec for w in widths[:-1]])
+    else:
         for piece in sch.loop_partition(loops[-1], widths[:-1]):
             sch.vectorize(piece)
-        if total >= min_parallel:
-            sch.parallel(outer)
-        return True
-    outer = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
-    c_o, c_i = sch.split(loops[-1], [None, vec])
-    sch.vectorize(c_i)
-    sizes = [(b - a) // vec for a, b in zip([0, *bounds[:-1]], bounds, strict=True)]
-    sch.loop_partition(c_o, sizes)
-    if total >= min_parallel:
+    if math.prod(cast(list[int], extents)) >= min_parallel:
         sch.parallel(outer)
     return True
 
@@ -224,30 +232,13 @@ def _schedule_shuffle(sch: Any, block: Any, loops: list[Any], extents: list[int]
 
     Flattened, ShuffleNet's [1, 56, 56, 112] shuffle of unpadded groups evaluated its nested
     select lane by lane: 257 us."""
-    import tvm
-    import tvm_ffi
     from tvm import tirx
-    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
     stmt = sch.get(block)
-    var = stmt.iter_vars[-1].var
     ext = extents[-1]
-    has_select = [False]
-    divisors: set[int] = set()
-
-    def visit_call(call: Any) -> None:
-        if getattr(call.op, "name", "").endswith("if_then_else"):
-            has_select[0] = True
-
-    def visit_div(e: Any) -> None:
-        if isinstance(e.b, tirx.IntImm) and any(v.same_as(var) for v in collect_vars_used_in_prim_expr(e.a)):
-            divisors.add(int(e.b.value))
-
-    tvm_ffi.structural_walk(stmt.body, (tvm.ir.Call, visit_call), order="post")
-    for kind in (tirx.FloorMod, tirx.FloorDiv):
-        tvm_ffi.structural_walk(stmt.body, (kind, visit_div), order="post")
-    groups = [d for d in divisors if 1 < d < ext and ext % d == 0 and d <= 16 and ext // d >= 4]
-    if not has_select[0] or len(groups) != 1 or ext // groups[0] > 8 * lanes:
+    divisors = set(_const_divisors([stmt.body], stmt.iter_vars[-1].var, (tirx.FloorMod, tirx.FloorDiv)))
+    groups = [d for d in divisors if d < ext and ext % d == 0 and d <= 16 and ext // d >= 4]
+    if len(groups) != 1 or ext // groups[0] > 8 * lanes or not _has_select(stmt.body):
         return False
     g = groups[0]
     total = math.prod(extents)
@@ -525,9 +516,9 @@ def _pack_weight(sch: Any, block_rv: Any, vec_var: Any, tile: int) -> bool:
     return False
 
 
-def _group_divisors(block: Any, var: Any) -> list[int]:
-    """Constant divisors ``c`` of ``floordiv(e, c)`` terms with ``e`` using ``var``, in the
-    block's reads of other buffers (the group size of a grouped convolution)."""
+def _const_divisors(exprs: list[Any], var: Any, kinds: tuple[Any, ...] | None = None) -> list[int]:
+    """Constant divisors ``c`` of the ``floordiv(e, c)`` terms (or of ``kinds``) in ``exprs`` whose
+    ``e`` uses ``var``, greater than 1."""
     import tvm_ffi
     from tvm import tirx
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
@@ -538,12 +529,17 @@ def _group_divisors(block: Any, var: Any) -> list[int]:
         if isinstance(e.b, tirx.IntImm) and any(v.same_as(var) for v in collect_vars_used_in_prim_expr(e.a)):
             found.append(int(e.b.value))
 
-    for r in block.reads:
-        if r.source.same_as(block.writes[0].source):
-            continue
-        for rg in r.region:
-            tvm_ffi.structural_walk(rg.min, (tirx.FloorDiv, visit), order="post")
+    for kind in kinds or (tirx.FloorDiv,):
+        for x in exprs:
+            tvm_ffi.structural_walk(x, (kind, visit), order="post")
     return [g for g in found if g > 1]
+
+
+def _group_divisors(block: Any, var: Any) -> list[int]:
+    """Constant divisors ``c`` of ``floordiv(e, c)`` terms with ``e`` using ``var``, in the
+    block's reads of other buffers (the group size of a grouped convolution)."""
+    return _const_divisors([rg.min for r in block.reads if not r.source.same_as(block.writes[0].source)
+                            for rg in r.region], var)
 
 
 def _schedule_root_copies(sch: Any, lanes: int, is_main: Any) -> None:
