@@ -675,7 +675,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
                      default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache,
                      const_inputs=consts or None, int8_kernels=not args.no_int8_kernels,
-                     fast_math=not args.no_fast_math)
+                     fast_math=not args.no_fast_math, winograd=not args.no_winograd)
     cm.export(_target(args, out))
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
@@ -1125,6 +1125,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-fast-math", action="store_true", help="exact exp/erf/tanh/softmax/sigmoid (TVM's scalar "
                     "calls) instead of the default vectorized polynomials (float32 error <= 1e-5 relative, like ONNX "
                     "Runtime's own kernels)")
+    sp.add_argument("--no-winograd", action="store_true", help="3x3 stride-1 convolutions as direct "
+                    "convolutions instead of the default Winograd F(4x4, 3x3) on CPU targets")
     sp.add_argument("--no-build-cache", action="store_true",
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")

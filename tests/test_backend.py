@@ -340,12 +340,13 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path, monkeypatch: pyt
         return real(**kw)
 
     monkeypatch.setattr(ms.tune, "tune_tasks", interrupt_second)
+    # direct convs: the two heaviest tasks are convs, whose rule has variants (Winograd's transforms have none)
     with pytest.raises(KeyboardInterrupt):
-        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path, progress=False)
+        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=16, cache_dir=tmp_path, progress=False)
     monkeypatch.undo()  # the real search from here on
     assert len(calls) == 2
     # the heaviest task (tuned before the interruption) is in the cache: a one-task budget is free
-    first = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
+    first = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=8, cache_dir=tmp_path,
                         progress=False)
     rep = first.info.tuning
     assert rep["trials"] == 0 and rep["cached"] == 1, rep
@@ -353,13 +354,13 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path, monkeypatch: pyt
     db = open_database(resolve_target("host"), tmp_path, create=False)
     # records are on disk: 8 measured candidates plus graphopt's default schedule as a baseline
     assert db is not None and len(db) >= 9, len(db)
-    second = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
+    second = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=16, cache_dir=tmp_path,
                          progress=False)  # the interrupted budget: one task cached, one more to tune
     assert second.info.tuning["trials"] == 8 and second.info.tuning["cached"] == 1, second.info.tuning
-    third = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
+    third = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=16, cache_dir=tmp_path,
                         progress=False, build_cache=False)  # the tuning database alone, not the build cache
     assert third.info.tuning["trials"] == 0 and third.info.tuning["cached"] == 2, third.info.tuning
-    fourth = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=16, cache_dir=tmp_path,
+    fourth = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=16, cache_dir=tmp_path,
                          progress=False)  # nothing changed since the second compile stored its build
     assert fourth.info.from_build_cache
     feed = {"input": np.random.default_rng(4).standard_normal((1, 1, 8, 8)).astype(np.float32)}
@@ -369,7 +370,7 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path, monkeypatch: pyt
     # (register tiles, loop order): more records than tasks, all in the database
     assert second.info.tuning["variant_records"] > 1, second.info.tuning
     with pytest.raises(CompileError):
-        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=-1, cache_dir=tmp_path)
+        tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=-1, cache_dir=tmp_path)
 
 
 def _free_port() -> int:

@@ -287,7 +287,8 @@ CPU_LAYOUTS = {"relax.nn.conv2d": ["NHWC", "HWIO"], "relax.nn.conv1d": ["NWC", "
 
 
 def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapping[str, Any] | None = None,
-          int8_counts: dict[str, int] | None = None, fast_math: bool = False) -> tuple[Any, str]:
+          int8_counts: dict[str, int] | None = None, fast_math: bool = False,
+          winograd: bool = False, rewrites: dict[str, int] | None = None) -> tuple[Any, str]:
     """Relax-level lowering up to fused, legalized (still unscheduled) TIR functions.
 
     Returns the module and the activation layout used ("NHWC" where the conversion applied).
@@ -355,6 +356,16 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
             if int8_counts is not None:
                 for k, v in counts.items():
                     int8_counts[k] = int8_counts.get(k, 0) + v
+        if winograd and target.device == "cpu" and used.startswith("NHWC"):
+            from .winograd import mark_transforms, winograd_convs
+
+            mod, wino = winograd_convs(mod)
+            if wino:
+                logger.info("%d 3x3 convolutions as Winograd F(m, 3): %s", len(wino),
+                            ", ".join(f"{'x'.join(map(str, s))} m={m}" for s, m in wino))
+                tail.insert(2, mark_transforms())  # right after AnnotateTIROpPattern
+                if rewrites is not None:
+                    rewrites["winograd_convs"] = len(wino)
         if fast_math and target.device == "cpu":  # after the layout conversion: TE kernels have no layout rule
             from .layout import fast_math as _fast_math
 
@@ -771,6 +782,7 @@ def compile(
     const_inputs: Mapping[str, Any] | None = None,
     int8_kernels: bool = True,
     fast_math: bool = True,
+    winograd: bool = True,
 ) -> CompiledModel:
     """Compile an ONNX model (path or :class:`graphopt.Model`) for ``target`` with TVM.
 
@@ -800,6 +812,12 @@ def compile(
     same kind). On by default: every corpus model stays equal to ORT under the lossless check, and
     SiLU/softmax/erf-heavy ones gain most (nudenet_320n 1.56x -> 1.08x of ORT on one thread).
     ``fast_math=False`` keeps TVM's exact (scalar) calls.
+
+    ``winograd`` (CPU targets, float32): 3x3 stride-1 convolutions with a constant weight as
+    Winograd F(4x4, 3x3) (:mod:`graphopt.backend.winograd`): input transform, batched matmul,
+    output transform, with 4x fewer multiplies. SqueezeNet on one core: 1.08x -> 0.93x of ORT's
+    latency. The sums are reassociated (about 1e-6 of the output's range on SqueezeNet, inside
+    the lossless check); ``winograd=False`` keeps them direct.
     """
     from graphopt.errors import require_extra
 
@@ -850,7 +868,8 @@ def compile(
         and os.environ.get("GRAPHOPT_NO_BUILD_CACHE", "") in ("", "0")
     key = _build_key(prepared, inputs, spec, {"default_schedules": default_schedules, "layout": layout,
                                                "trials": trials, "minutes": minutes,
-                                               "int8_kernels": bool(int8_table), "fast_math": fast_math}) \
+                                               "int8_kernels": bool(int8_table), "fast_math": fast_math,
+                                               "winograd": winograd}) \
         if cacheable else ""
     if cacheable:
         hit = _cached_build(spec, cache_dir, key)
@@ -867,7 +886,7 @@ def compile(
     outputs = _output_specs(mod, prepared)
     int8_counts: dict[str, int] = {}
     mod, used_layout = lower(mod, spec, layout=layout, int8_table=int8_table, int8_counts=int8_counts,
-                             fast_math=fast_math)
+                             fast_math=fast_math, winograd=winograd, rewrites=int8_counts)
     t2 = time.perf_counter()
     bar.update()
     bar.set_postfix("tune" if trials or minutes else "tuning records")

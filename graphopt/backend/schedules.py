@@ -331,6 +331,94 @@ class InjectiveRule(_Rule):
         return True
 
 
+class WinogradRule(_Rule):
+    """The transform kernels of a Winograd convolution (:mod:`graphopt.backend.winograd`).
+
+    Their coefficients are selected by the alpha (input transform) or output-phase (output
+    transform) indices; those loops are cut into one piece per value, so each piece keeps one
+    constant combination of loads, and the channel loop inside is vectorized. Input transform ``V[ab, p, c]``: loops
+    (p, c-vectors, ab, c-lanes). Output transform (with its fused epilogue) ``Y[n, h, w, co]``:
+    h and w split by the tile m, loops (n, h-tiles, w-tiles, co-vectors, h-phase, w-phase,
+    co-lanes), so one tile's loads of the product serve all its m x m outputs."""
+
+    name = "winograd"
+
+    def apply(self, sch: Any, target: Any) -> bool:
+        from .winograd import INPUT_TRANSFORM, OUTPUT_TRANSFORM, TILE_ATTR
+
+        blocks = _root_blocks(sch)
+        if not blocks or not all(_is_spatial_block(sch, b) for b in blocks):
+            return False
+        kind = tile = None
+        for b in blocks:
+            blk = sch.get(b)
+            if TILE_ATTR in blk.annotations:
+                kind = "input" if blk.name_hint.startswith(INPUT_TRANSFORM) else \
+                    "output" if blk.name_hint.startswith(OUTPUT_TRANSFORM) else None
+                tile = int(blk.annotations[TILE_ATTR])
+        if kind is None or tile is None:
+            return False
+        lanes = vector_lanes(target)
+        last = blocks[-1]
+        for b in blocks[:-1]:  # layout copies before, bias and activation after: inlined
+            if sch.get(b).name_hint.startswith(INPUT_TRANSFORM):
+                continue  # the input's pad: a copy of its own, so the transform's loads need no bounds tests
+            sch.compute_inline(b)
+        for b in _root_blocks(sch)[:-1]:
+            _schedule_injective(sch, b, lanes)
+        loops = sch.get_loops(last)
+        extents = [_extent(sch.get(lp).extent) for lp in loops]
+        if any(e is None for e in extents):
+            return False
+        if kind == "input":
+            if len(loops) != 5:
+                return False
+            ab, n, th, tw, c = loops
+            vec = _whole_vector(extents[4], lanes)
+            if vec:
+                c_o, c_i = sch.split(c, [None, vec])
+                sch.reorder(n, th, tw, c_o, ab, c_i)
+                sch.vectorize(c_i)
+            else:
+                sch.reorder(n, th, tw, c, ab)
+            outer = sch.fuse(n, th)
+            _unroll_into_pieces(sch, ab)
+            if math.prod(extents) >= 1 << 15:
+                sch.parallel(outer)
+            return True
+        if len(loops) != 4:
+            return False
+        if len(loops) != 4:
+            return False
+        n, h, w, co = loops
+        h_o, h_i = sch.split(h, [None, tile])
+        w_o, w_i = sch.split(w, [None, tile])
+        vec = _whole_vector(extents[3], lanes)
+        if vec:
+            co_o, co_i = sch.split(co, [None, vec])
+            sch.reorder(n, h_o, w_o, co_o, h_i, w_i, co_i)
+            sch.vectorize(co_i)
+        else:
+            sch.reorder(n, h_o, w_o, co, h_i, w_i)
+        outer = sch.fuse(n, h_o)
+        if math.prod(extents) >= 1 << 15:
+            sch.parallel(outer)
+        _unroll_into_pieces(sch, w_i)  # inside each row phase, then the row phases with them
+        _unroll_into_pieces(sch, h_i)
+        return True
+
+
+def _unroll_into_pieces(sch: Any, loop: Any) -> list[Any]:
+    """Unroll ``loop`` at schedule time: one piece (a loop of one iteration, its own block) per
+    value, so each block's index is a constant that TVM's first simplification folds into the
+    block's body. An ``unroll`` annotation is applied only after vectorization, which turns a
+    scalar select on the index into a select on a broadcast condition that TVM's simplifier no
+    longer folds: every unrolled copy kept the whole chain of selects, 36 times the code, through
+    TVM's passes (F(4, 3)'s input transform built in 48 s) and LLVM."""
+    ext = _extent(sch.get(loop).extent) or 1
+    return list(sch.loop_partition(loop, [1] * (ext - 1))) if ext > 1 else [loop]
+
+
 class TiledReductionRule(_Rule):
     """Register-tiled, vectorized, parallel schedule for a function with one reduction block whose
     output's innermost axis is a spatial iterator (conv2d NHWC, matmul, pooling NHWC, mean over
@@ -1021,7 +1109,7 @@ class FallbackRule(_Rule):
 from .int8 import VNNI_DOT, Int8DotRule
 from .int8_arm import ARM_SDOT
 
-DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), InjectiveRule(), cast(_Rule, Int8DotRule(VNNI_DOT)),
+DEFAULT_RULES: tuple[_Rule, ...] = (SmallKernelRule(), WinogradRule(), InjectiveRule(), cast(_Rule, Int8DotRule(VNNI_DOT)),
                                      cast(_Rule, Int8DotRule(ARM_SDOT)), TiledReductionRule(),
                                      RowReductionRule(), RowSoftmaxRule(), DLightReductionRule(), FallbackRule())
 
