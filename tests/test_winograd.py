@@ -34,11 +34,14 @@ def test_matrices_compute_the_correlation(m: int) -> None:
 
 
 def test_tile_choice() -> None:
-    """F(4, 3) where a whole 4x4 tile fits, F(2, 3) below, direct for few channels or 1-wide outputs."""
+    """F(4, 3) where the matmul gets at least 16 tiles, F(2, 3) where only its smaller tiles make 16,
+    direct for few channels or tiny maps."""
     assert choose_tile(1, 55, 55, 16, 64) == 4
-    assert choose_tile(1, 13, 13, 64, 256) == 4
-    assert choose_tile(1, 3, 8, 32, 32) == 2
-    assert choose_tile(1, 1, 8, 32, 32) == 0
+    assert choose_tile(1, 13, 13, 64, 256) == 4  # 4 x 4 tiles of 4 x 4
+    assert choose_tile(1, 7, 7, 512, 512) == 2  # ResNet's last stage: 4 x 4 tiles of 2 x 2
+    assert choose_tile(4, 7, 7, 512, 512) == 4  # batch 4: 16 tiles of 4 x 4
+    assert choose_tile(1, 3, 8, 32, 32) == 0
+    assert choose_tile(2, 3, 8, 32, 32) == 2
     assert choose_tile(1, 55, 55, 3, 64) == 0  # an RGB stem
     assert choose_tile(1, 55, 55, 64, 8) == 0
 
@@ -50,16 +53,16 @@ from graphopt.backend import compile as tvm_compile
 
 def _model(rng: np.random.Generator) -> onnx.ModelProto:
     """Batch 2, a non-square odd-sized input: a 3x3 conv with bias and ReLU (padding 1, F(4, 3)), a
-    3x3 conv on asymmetric pads (F(4, 3), ragged last tiles), an unpadded 3x3 conv whose 3-wide
-    output takes F(2, 3); a strided and a grouped 3x3 conv stay direct."""
+    3x3 conv on asymmetric pads (F(4, 3), ragged last tiles), a 3x3 conv whose 3-wide output
+    takes F(2, 3); a strided and a grouped 3x3 conv stay direct."""
     w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "W2"], ["c2"], pads=[0, 1, 2, 0]),
              helper.make_node("Conv", ["c2", "W3"], ["c3"], strides=[2, 2], pads=[1, 1, 1, 1]),
              helper.make_node("Conv", ["c3", "W4"], ["c4"], group=2, pads=[1, 1, 1, 1]),
-             helper.make_node("Conv", ["c4", "W5", "B5"], ["y"])]
-    return make_model(nodes, [vi("x", [2, 16, 13, 11])], [vi("y", [2, 32, 5, 3])],
+             helper.make_node("Conv", ["c4", "W5", "B5"], ["y"], pads=[1, 0, 1, 0])]
+    return make_model(nodes, [vi("x", [2, 16, 13, 11])], [vi("y", [2, 32, 7, 3])],
                       [("W1", w(32, 16, 3, 3)), ("B1", w(32)), ("W2", w(32, 32, 3, 3)), ("W3", w(32, 32, 3, 3)),
                        ("W4", w(32, 16, 3, 3)), ("W5", w(32, 32, 3, 3)), ("B5", w(32))], opset=13)
 
@@ -75,7 +78,7 @@ def test_winograd_build_equals_ort_and_direct(tmp_path: Path) -> None:
     onnx.save(model, path)
     x = rng.standard_normal((2, 16, 13, 11)).astype(np.float32)
     ref = ort_session(str(path)).run(None, {"x": x})[0]
-    assert ref.shape == (2, 32, 5, 3)
+    assert ref.shape == (2, 32, 7, 3)
     wino = tvm_compile(str(path), build_cache=False, progress=False)
     direct = tvm_compile(str(path), build_cache=False, progress=False, winograd=False)
     assert wino.info.rewrites.get("winograd_convs") == 3
@@ -104,12 +107,12 @@ def test_transform_kernels_fold_their_selects_and_vectorize(tmp_path: Path) -> N
     nodes = [helper.make_node("Conv", ["x", "W0"], ["a"]),
              helper.make_node("Conv", ["a", "W", "B"], ["c"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c"], ["y"])]
-    model = make_model(nodes, [vi("x", [1, 16, 9, 9])], [vi("y", [1, 32, 9, 9])],
+    model = make_model(nodes, [vi("x", [1, 16, 17, 17])], [vi("y", [1, 32, 17, 17])],
                        [("W0", w(16, 16, 1, 1)), ("W", w(32, 16, 3, 3)), ("B", w(32))], opset=13)
     path = tmp_path / "m.onnx"
     onnx.save(model, path)
     cm = tvm_compile(str(path), build_cache=False, progress=False)
-    x = rng.standard_normal((1, 16, 9, 9)).astype(np.float32)
+    x = rng.standard_normal((1, 16, 17, 17)).astype(np.float32)
     np.testing.assert_allclose(cm.run({"x": x})[0], ort_session(str(path)).run(None, {"x": x})[0],
                                rtol=1e-4, atol=1e-4)
     funcs = {gv.name_hint: f for gv, f in cm.ir_module.functions_items()
@@ -126,3 +129,25 @@ def test_transform_kernels_fold_their_selects_and_vectorize(tmp_path: Path) -> N
             low = tvm.ir.transform.Sequential(passes)(mod)["main"].script()
         assert "T.Select" not in low, name
         assert "T.Ramp" in low, name
+
+
+def test_cli_compile_no_winograd_keeps_direct_convs(tmp_path: Path) -> None:
+    """``graphopt compile`` builds Winograd convolutions by default; ``--no-winograd`` keeps the
+    direct ones (the sidecar lists the kernels and the rewrite count)."""
+    import json
+
+    from graphopt.cli import main
+
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1])]
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(nodes, [vi("x", [1, 16, 8, 8])], [vi("y", [1, 16, 8, 8])],
+                         [("W", (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32))], opset=13), path)
+    info = {}
+    for flag in ([], ["--no-winograd"]):
+        out = tmp_path / f"m{len(flag)}.so"
+        assert main(["compile", str(path), "-o", str(out), "-q", "--no-build-cache", *flag]) == 0
+        info[bool(flag)] = json.loads(Path(f"{out}.json").read_text())["info"]
+    assert info[False]["rewrites"].get("winograd_convs") == 1, info[False]
+    assert "winograd" in " ".join(info[False]["schedules"]) and "conv2d" not in " ".join(info[False]["schedules"])
+    assert "winograd_convs" not in info[True]["rewrites"] and "conv2d" in " ".join(info[True]["schedules"])

@@ -163,7 +163,7 @@ def _eligible(call: Any) -> str:
         return "dynamic shape"
     if (a.data_layout, a.kernel_layout) != ("NHWC", "HWIO") or a.out_layout not in ("NHWC", ""):
         return "layout"
-    if str(x.ty.dtype) != "float32" or (a.out_dtype and str(a.out_dtype) not in ("float32", "")):
+    if str(x.ty.dtype) != "float32" or (a.out_dtype and str(a.out_dtype) not in ("float32", "", "void")):
         return "dtype"
     if int(a.groups) != 1 or any(int(s) != 1 for s in a.strides) or any(int(d) != 1 for d in a.dilation):
         return "groups/stride/dilation"
@@ -172,19 +172,22 @@ def _eligible(call: Any) -> str:
     return ""
 
 
-def choose_tile(n: int, oh: int, ow: int, ci: int, co: int) -> int:
+def choose_tile(n: int, oh: int, ow: int, ci: int, co: int, min_tiles: int = 16) -> int:
     """The output tile m for a 3x3 convolution (0: keep it direct).
 
-    F(4, 3) wherever the output has a whole tile: on SqueezeNet's expand convolutions (16-64
-    input channels, 13x13 to 55x55 outputs) it measured 0.47-0.78x of ONNX Runtime's direct
-    convolution on one core, F(2, 3) 0.67-1.20x, even at 13x13 where F(4, 3)'s tiles cover 51%
-    more than the output. With few channels the batched matmul is too short to pay for moving
-    the transformed tiles through memory."""
+    F(4, 3) wherever the batched matmul has at least ``min_tiles`` rows (tiles): on SqueezeNet's
+    expand convolutions (16-64 input channels, 13x13 to 55x55 outputs) it measured 0.47-0.78x of
+    ONNX Runtime's direct convolution on one core, F(2, 3) 0.67-1.20x, even at 13x13 where
+    F(4, 3)'s 16 tiles cover 51% more than the output. Its transformed weight is 4x the direct
+    one (36 / 9) and is read once per call: with fewer tiles to reuse it (a 7x7 map), F(2, 3)
+    (16 / 9), and below that the direct convolution. With few channels the batched matmul is too
+    short to pay for moving the transformed tiles through memory."""
     if ci < 8 or co < 16:
         return 0
-    if min(oh, ow) >= 4:
-        return 4
-    return 2 if min(oh, ow) >= 2 else 0
+    for m in (4, 2):
+        if min(oh, ow) >= m and n * -(-oh // m) * -(-ow // m) >= min_tiles:
+            return m
+    return 0
 
 
 def _mutator_class() -> Any:
