@@ -151,3 +151,56 @@ def test_cli_compile_no_winograd_keeps_direct_convs(tmp_path: Path) -> None:
     assert info[False]["rewrites"].get("winograd_convs") == 1, info[False]
     assert "winograd" in " ".join(info[False]["schedules"]) and "conv2d" not in " ".join(info[False]["schedules"])
     assert "winograd_convs" not in info[True]["rewrites"] and "conv2d" in " ".join(info[True]["schedules"])
+
+
+def test_tuning_keeps_graphopt_schedule_for_the_transforms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MetaSchedule's search is not run on the transforms (its candidates leave the selects
+    unfolded and took up to a minute each to build: squeezenet's input transform held a 30-minute
+    budget for 16 minutes); their measured default schedule is their record, and the matmul is
+    searched as usual."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from graphopt.backend.winograd import is_transform
+
+    searched: list[str] = []
+
+    def record(**kw):  # type: ignore[no-untyped-def]
+        searched.extend(ctx.task_name for ctx in kw["tasks"])
+        assert not any(is_transform(ctx.mod["main"]) for ctx in kw["tasks"])
+
+    monkeypatch.setattr(ms.tune, "tune_tasks", record)
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "W0"], ["a"]), helper.make_node("Conv", ["a", "W"], ["y"], pads=[1, 1, 1, 1])]
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(nodes, [vi("x", [1, 16, 16, 16])], [vi("y", [1, 16, 16, 16])],
+                         [("W0", (rng.standard_normal((16, 16, 1, 1)) * 0.2).astype(np.float32)),
+                          ("W", (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32))], opset=13), path)
+    cm = tvm_compile(str(path), trials=64, cache_dir=tmp_path / "cache", progress=False, build_cache=False)
+    rep = cm.info.tuning
+    assert len(rep["not_searched"]) == 2 and all("winograd" in n for n in rep["not_searched"]), rep
+    assert any("matmul" in n for n in searched), searched
+    assert not any("winograd" in n for n in searched), searched
+    # the transforms run the records of graphopt's schedule
+    assert all(cm.info.schedules[k] == "tuned" for k in cm.info.schedules if "winograd" in k), cm.info.schedules
+    x = rng.standard_normal((1, 16, 16, 16)).astype(np.float32)
+    np.testing.assert_allclose(cm.run({"x": x})[0], ort_session(str(path)).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+def test_integer_valued_convolution_stays_direct(tmp_path: Path) -> None:
+    """A conv whose weight is all integers is an integer conv emulated in float (ORT's ConvInteger,
+    lowered): its sums are exact in float32, and Winograd's fractional coefficients would round
+    them (ddddocr_ocr_int8 lost equality with ORT, 3.4e-2). It stays direct; the float conv after it
+    does not."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "Wi"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "Wf"], ["y"], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vi("x", [1, 16, 16, 16])], [vi("y", [1, 16, 16, 16])],
+                       [("Wi", rng.integers(-127, 128, (16, 16, 3, 3)).astype(np.float32)),
+                        ("Wf", (rng.standard_normal((16, 16, 3, 3)) * 0.2).astype(np.float32))], opset=13)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    cm = tvm_compile(str(path), build_cache=False, progress=False)
+    assert cm.info.rewrites.get("winograd_convs") == 1, cm.info.rewrites
+    x = rng.integers(0, 256, (1, 16, 16, 16)).astype(np.float32)
+    a = ort_session(str(path)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(cm.run({"x": x})[0], a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))

@@ -290,7 +290,7 @@ def tune(
     # The plan depends on the budget and the model only, so compiling again with the same
     # budget finds every planned task in the cache and measures nothing.
     report: dict[str, Any] = {"tasks": len(ranked), "cached": 0, "tuned": [], "skipped": [],
-                              "cache_dir": str(workdir), "trials": 0, "variant_records": 0}
+                              "cache_dir": str(workdir), "trials": 0, "variant_records": 0, "not_searched": []}
     if trials:
         per_task = max(min_trials, trials // max(1, len(ranked)))
         n_fit = max(1, trials // per_task)
@@ -336,6 +336,18 @@ def tune(
             bar.update(1)
     finally:
         bar.close()
+    # Winograd's transforms keep graphopt's schedule: MetaSchedule's candidates for them leave the
+    # coefficient selects unfolded, and each took up to a minute to build (squeezenet's input
+    # transform held a 30-minute budget for 16 minutes); they are memory-bound copies with
+    # arithmetic, which its search does not improve
+    from .winograd import is_transform
+
+    for task in list(plan):
+        if id(task) in pending and is_transform(task.dispatched[0]["main"]):
+            _commit_records(task, tgt, database, pending.pop(id(task)))
+            report["not_searched"].append(task.task_name)
+            report["tuned"].append(task.task_name)
+            plan.remove(task)
     bar = _progress(total=len(plan), desc="tuning (MetaSchedule)", unit="task", disable=not progress)
     spent = 0.0
     done_trials = 0
@@ -343,7 +355,10 @@ def tune(
         for i, task in enumerate(plan):
             if deadline is not None:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                # trials that fit in the time left (a task's search runs to its trial count: the
+                # deadline is kept by planning, with a margin for the estimate)
+                fit = 0.9 * left / max(spent / done_trials, 0.05) if done_trials else left
+                if left <= 0 or fit < min_trials:
                     for t in plan[i:]:  # no search time left: graphopt's measured candidates stand
                         if pending.get(id(t)):
                             _commit_records(t, tgt, database, pending.pop(id(t)))
@@ -352,9 +367,7 @@ def tune(
                             report["skipped"].append(t.task_name)
                     break
                 if done_trials:
-                    sec_per_trial = spent / done_trials
-                    remaining = len(plan) - i
-                    per_task = int(max(min_trials, min(256, left / remaining / max(sec_per_trial, 0.05))))
+                    per_task = int(max(min_trials, min(256, fit / (len(plan) - i))))
             # a search population in proportion to the trials: the default (512 candidates,
             # 4 genetic rounds) costs ~30 s per task before the first measurement here
             strategy = ms.search_strategy.EvolutionarySearch(

@@ -152,6 +152,21 @@ def output_transform(mm: Any, m: int, shape: tuple[int, int, int, int]) -> Any:
     return te.compute((n, oh, ow, co), f, name=OUTPUT_TRANSFORM, attrs={TILE_ATTR: m})
 
 
+def is_transform(func: Any) -> bool:
+    """Is the PrimFunc ``func`` (fused or not) a Winograd input or output transform?"""
+    import tvm_ffi
+    from tvm import s_tir
+
+    found: list[Any] = []
+
+    def visit(block: Any) -> None:
+        if TILE_ATTR in block.annotations:
+            found.append(block)
+
+    tvm_ffi.structural_walk(func.body, (s_tir.SBlock, visit), order="post")
+    return bool(found)
+
+
 def _eligible(call: Any) -> str:
     """Why a ``conv2d`` call is not a Winograd candidate ("" if it is)."""
     a = call.attrs
@@ -203,6 +218,7 @@ def _mutator_class() -> Any:
             super().__init__(mod)
             self.tile = tile
             self.changed: list[tuple[tuple[int, ...], int]] = []
+            self.skipped: list[str] = []
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
@@ -210,6 +226,11 @@ def _mutator_class() -> Any:
                 return call
             w = _const_array(call.args[1], self.lookup_binding)
             if w is None:
+                return call
+            if np.array_equal(w, np.round(w)):
+                # an integer convolution emulated in float (ORT's ConvInteger lowered; its sums are
+                # exact in float32): Winograd's fractional coefficients would round them
+                self.skipped.append("integer-valued weight")
                 return call
             x = call.args[0]
             n, h, wd, ci = (int(d) for d in x.ty.shape.values)
@@ -240,11 +261,12 @@ def winograd_convs(mod: Any, tile: int | None = None) -> tuple[Any, list[tuple[t
     rewritten convolution."""
     from tvm import relax
 
-    mod = relax.transform.FoldConstant()(mod)  # the weights' layout transposes: constants to read
     rw = _mutator_class()(mod, tile)
     for gv, f in list(mod.functions_items()):
         if isinstance(f, relax.Function):
             rw.builder_.update_func(gv, rw.visit_expr(f))
+    if rw.skipped:
+        logger.info("%d 3x3 convolutions left direct: %s", len(rw.skipped), ", ".join(sorted(set(rw.skipped))))
     return rw.builder_.get(), rw.changed
 
 
