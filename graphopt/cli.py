@@ -1126,7 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "calls) instead of the default vectorized polynomials (float32 error <= 1e-5 relative, like ONNX "
                     "Runtime's own kernels)")
     sp.add_argument("--no-winograd", action="store_true", help="3x3 stride-1 convolutions as direct "
-                    "convolutions instead of the default Winograd F(4x4, 3x3) on CPU targets")
+                    "convolutions instead of the default Winograd F(4x4, 3x3) (F(2x2, 3x3) on small maps) on CPU targets")
     sp.add_argument("--no-build-cache", action="store_true",
                     help="build again even if the cache holds this exact build (same model, target, options, records)")
     sp.add_argument("--example", action="store_true", help="compile the bundled example CNN")

@@ -560,7 +560,9 @@ def test_rpc_tuning_on_loopback(tmp_path: Path) -> None:
             time.sleep(1)
         cm = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path,
                          rpc=f"127.0.0.1:{port}:loopback", progress=False)
-        assert len(cm.info.tuning["tuned"]) == 1, cm.info.tuning
+        # one task searched (Winograd's transforms get graphopt's measured schedule, unsearched)
+        rep = cm.info.tuning
+        assert len(set(rep["tuned"]) - set(rep["not_searched"])) == 1, rep
         logs = "".join(p.read_text() for p in (tmp_path).rglob("*.log"))
         assert "GFLOPs" in logs  # candidates were measured (through the RPC server)
     finally:

@@ -204,3 +204,21 @@ def test_integer_valued_convolution_stays_direct(tmp_path: Path) -> None:
     x = rng.integers(0, 256, (1, 16, 16, 16)).astype(np.float32)
     a = ort_session(str(path)).run(None, {"x": x})[0]
     np.testing.assert_allclose(cm.run({"x": x})[0], a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+
+
+def test_channels_without_whole_vectors_are_vectorized(tmp_path: Path) -> None:
+    """18 output channels (no whole 4-, 8- or 16-wide vector) on a small map: the transforms'
+    channel loop is one vector of its own width, so no kernel keeps naive loops (it did: the
+    output transform was neither parallel, vectorized nor unrolled)."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["y"], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vi("x", [1, 10, 20, 20])], [vi("y", [1, 18, 20, 20])],
+                       [("W", (rng.standard_normal((18, 10, 3, 3)) * 0.2).astype(np.float32)),
+                        ("B", rng.standard_normal(18).astype(np.float32))], opset=13)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    cm = tvm_compile(str(path), build_cache=False, progress=False)
+    assert cm.info.rewrites.get("winograd_convs") == 1, cm.info.rewrites
+    assert cm.info.naive_kernels == [], cm.info.naive_kernels
+    x = rng.standard_normal((1, 10, 20, 20)).astype(np.float32)
+    np.testing.assert_allclose(cm.run({"x": x})[0], ort_session(str(path)).run(None, {"x": x})[0], rtol=1e-4, atol=1e-4)

@@ -295,6 +295,8 @@ def lower(mod: Any, target: TargetSpec, *, layout: bool = True, int8_table: Mapp
     ``int8_table`` (:func:`graphopt.backend.int8.weight_table`): QDQ convolutions and matmuls
     with these weights become integer kernels (counts into ``int8_counts``). ``fast_math`` (CPU):
     exp/erf/tanh/softmax/sigmoid as vectorizable approximations (:func:`layout.fast_math`).
+    ``winograd`` (CPU, channels-last): eligible 3x3 convolutions as Winograd transforms and a
+    batched matmul (:mod:`graphopt.backend.winograd`); their count goes into ``rewrites``.
     """
     import tvm
     from tvm import relax
@@ -814,7 +816,7 @@ def compile(
     ``fast_math=False`` keeps TVM's exact (scalar) calls.
 
     ``winograd`` (CPU targets, float32): 3x3 stride-1 convolutions with a constant weight as
-    Winograd F(4x4, 3x3) (:mod:`graphopt.backend.winograd`): input transform, batched matmul,
+    Winograd F(4x4, 3x3), or F(2x2, 3x3) on small maps (:mod:`graphopt.backend.winograd`): input transform, batched matmul,
     output transform, with 4x fewer multiplies. SqueezeNet on one core: 1.08x -> 0.93x of ORT's
     latency. The sums are reassociated (about 1e-6 of the output's range on SqueezeNet, inside
     the lossless check); ``winograd=False`` keeps them direct.

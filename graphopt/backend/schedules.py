@@ -380,14 +380,14 @@ class WinogradRule(_Rule):
                 sch.reorder(n, th, tw, c_o, ab, c_i)
                 sch.vectorize(c_i)
             else:
-                sch.reorder(n, th, tw, c, ab)
+                sch.reorder(n, th, tw, ab, c)
+                if cast(int, extents[4]) <= 8 * lanes:  # one vector of the channels' own width (LLVM
+                    sch.vectorize(c)  # splits it into whole registers and a short tail)
             outer = sch.fuse(n, th)
             _unroll_into_pieces(sch, ab)
             if math.prod(extents) >= 1 << 15:
                 sch.parallel(outer)
             return True
-        if len(loops) != 4:
-            return False
         if len(loops) != 4:
             return False
         n, h, w, co = loops
@@ -399,7 +399,9 @@ class WinogradRule(_Rule):
             sch.reorder(n, h_o, w_o, co_o, h_i, w_i, co_i)
             sch.vectorize(co_i)
         else:
-            sch.reorder(n, h_o, w_o, co, h_i, w_i)
+            sch.reorder(n, h_o, w_o, h_i, w_i, co)
+            if cast(int, extents[3]) <= 8 * lanes:
+                sch.vectorize(co)
         outer = sch.fuse(n, h_o)
         if math.prod(extents) >= 1 << 15:
             sch.parallel(outer)

@@ -287,9 +287,18 @@ def tune(
     tasks = [t for t in tasks if not t.mod.attrs.get("tirx.is_scheduled", False)]
     flops = {id(t): _task_flops(t) for t in tasks}
     ranked = sorted((t for t in tasks if flops[id(t)] > 0), key=lambda t: flops[id(t)], reverse=True)
+    # Winograd's transforms keep graphopt's schedule: MetaSchedule's candidates for them leave the
+    # coefficient selects unfolded, and each took up to a minute to build (squeezenet's input
+    # transform held a 30-minute budget for 16 minutes); they are memory-bound copies with
+    # arithmetic, which its search does not improve. Their default is measured and committed; the
+    # budget is planned over the other tasks.
+    from .winograd import is_transform
+
+    transforms = [t for t in ranked if is_transform(t.dispatched[0]["main"])]
+    ranked = [t for t in ranked if not any(t is x for x in transforms)]
     # The plan depends on the budget and the model only, so compiling again with the same
     # budget finds every planned task in the cache and measures nothing.
-    report: dict[str, Any] = {"tasks": len(ranked), "cached": 0, "tuned": [], "skipped": [],
+    report: dict[str, Any] = {"tasks": len(ranked) + len(transforms), "cached": 0, "tuned": [], "skipped": [],
                               "cache_dir": str(workdir), "trials": 0, "variant_records": 0, "not_searched": []}
     if trials:
         per_task = max(min_trials, trials // max(1, len(ranked)))
@@ -298,6 +307,7 @@ def tune(
     else:
         plan = ranked
         per_task = max(min_trials, min(64, int((minutes or 1) * 60 / max(1, len(ranked)) / 3.0)))
+    plan = plan + transforms
     in_cache = [_tuned(database, t) for t in plan]
     report["cached"] = sum(in_cache)
     plan = [t for t, hit in zip(plan, in_cache, strict=True) if not hit]
@@ -336,18 +346,14 @@ def tune(
             bar.update(1)
     finally:
         bar.close()
-    # Winograd's transforms keep graphopt's schedule: MetaSchedule's candidates for them leave the
-    # coefficient selects unfolded, and each took up to a minute to build (squeezenet's input
-    # transform held a 30-minute budget for 16 minutes); they are memory-bound copies with
-    # arithmetic, which its search does not improve
-    from .winograd import is_transform
-
-    for task in list(plan):
-        if id(task) in pending and is_transform(task.dispatched[0]["main"]):
+    for task in [t for t in plan if any(t is x for x in transforms)]:  # graphopt's schedule, not searched
+        plan.remove(task)
+        if pending.get(id(task)):
             _commit_records(task, tgt, database, pending.pop(id(task)))
             report["not_searched"].append(task.task_name)
             report["tuned"].append(task.task_name)
-            plan.remove(task)
+        else:  # not measured (the deadline, or its build failed): the default schedule at compile time
+            report["skipped"].append(task.task_name)
     bar = _progress(total=len(plan), desc="tuning (MetaSchedule)", unit="task", disable=not progress)
     spent = 0.0
     done_trials = 0
@@ -357,7 +363,7 @@ def tune(
                 left = deadline - time.monotonic()
                 # trials that fit in the time left (a task's search runs to its trial count: the
                 # deadline is kept by planning, with a margin for the estimate)
-                fit = 0.9 * left / max(spent / done_trials, 0.05) if done_trials else left
+                fit = 0.9 * left / max(spent / done_trials, 0.05) if done_trials else float(per_task)
                 if left <= 0 or fit < min_trials:
                     for t in plan[i:]:  # no search time left: graphopt's measured candidates stand
                         if pending.get(id(t)):

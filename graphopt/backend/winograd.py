@@ -24,7 +24,10 @@ unrolls those loops so the selection folds away and the channel loop is vectoriz
 
 Accuracy: the products are the same sums, reassociated through the transforms; F(2, 3)'s
 coefficients are 0, +-1 and 1/2 (exact in float), F(4, 3)'s grow to 8 and 1/24, worth a few ulps
-more. Both stay well inside graphopt's lossless check against ORT on the corpus.
+more (about 6e-6 of the output's range after 12 layers of 64 channels, against 6e-7 direct). Both
+stay well inside graphopt's lossless check against ORT on the corpus. An infinite input value
+makes its whole output tile NaN (the transforms subtract it from itself) where the direct
+convolution gives inf in the outputs it touches.
 """
 
 from __future__ import annotations
@@ -172,7 +175,7 @@ def _eligible(call: Any) -> str:
     a = call.attrs
     x, w = call.args
     xs, ws = getattr(x.ty, "shape", None), getattr(w.ty, "shape", None)
-    if xs is None or ws is None:
+    if not hasattr(xs, "values") or not hasattr(ws, "values"):  # unknown, or a shape variable
         return "dynamic shape"
     if not all(isinstance(getattr(d, "value", None), int) for d in [*xs.values, *ws.values]):
         return "dynamic shape"
@@ -222,7 +225,12 @@ def _mutator_class() -> Any:
 
         def visit_call_(self, call: Any) -> Any:
             call = super().visit_call_(call)
-            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d" or _eligible(call):
+            if not isinstance(call.op, tvm.ir.Op) or call.op.name != "relax.nn.conv2d":
+                return call
+            why = _eligible(call)
+            if why:
+                if why not in ("layout", "kernel size", "groups/stride/dilation"):  # not 3x3 stride-1 convs at all
+                    self.skipped.append(why)
                 return call
             w = _const_array(call.args[1], self.lookup_binding)
             if w is None:
