@@ -294,8 +294,9 @@ def tune(
     # budget is planned over the other tasks.
     from .winograd import is_transform
 
-    transforms = [t for t in ranked if is_transform(t.dispatched[0]["main"])]
-    ranked = [t for t in ranked if not any(t is x for x in transforms)]
+    transform_ids = {id(t) for t in ranked if is_transform(t.dispatched[0]["main"])}
+    transforms = [t for t in ranked if id(t) in transform_ids]
+    ranked = [t for t in ranked if id(t) not in transform_ids]
     # The plan depends on the budget and the model only, so compiling again with the same
     # budget finds every planned task in the cache and measures nothing.
     report: dict[str, Any] = {"tasks": len(ranked) + len(transforms), "cached": 0, "tuned": [], "skipped": [],
@@ -346,7 +347,7 @@ def tune(
             bar.update(1)
     finally:
         bar.close()
-    for task in [t for t in plan if any(t is x for x in transforms)]:  # graphopt's schedule, not searched
+    for task in [t for t in plan if id(t) in transform_ids]:  # graphopt's schedule, not searched
         plan.remove(task)
         if pending.get(id(task)):
             _commit_records(task, tgt, database, pending.pop(id(task)))
