@@ -145,6 +145,9 @@ def main() -> None:
     ap.add_argument("--cache", default=None, help="tuning cache (default: a fresh temporary one)")
     ap.add_argument("--apply-only", action="store_true", help="the tuned builds apply the records already in "
                     "--cache (an earlier --tune run) without tuning: re-timing in seconds (MINUTES only labels them)")
+    ap.add_argument("--tune-threads", type=int, default=None, metavar="N",
+                    help="tune for N threads (compile(threads=N): candidates measured with N threads, records kept "
+                    "apart); default: every core")
     ap.add_argument("--out", default="tvm", help="results/<out>.json and .md (default: tvm)")
     args = ap.parse_args()
     if args.apply_only and not args.cache:
@@ -180,7 +183,8 @@ def main() -> None:
                                           cache_dir=empty)
         if name in budgets and args.apply_only:
             t = time.perf_counter()
-            tuned = tvm_compile(m, "host", input_shapes=shapes, cache_dir=cache, build_cache=False, progress=False)
+            tuned = tvm_compile(m, "host", input_shapes=shapes, cache_dir=cache, build_cache=False, progress=False,
+                                threads=args.tune_threads)
             builds["tuned"] = tuned
             info["tune_minutes"] = budgets[name]
             info["tuned_apply_s"] = round(time.perf_counter() - t, 1)
@@ -190,7 +194,8 @@ def main() -> None:
                                    for r in sorted(set(tuned.info.schedules.values()))}
         elif name in budgets:
             t = time.perf_counter()
-            tuned = tvm_compile(m, "host", input_shapes=shapes, minutes=budgets[name], cache_dir=cache)
+            tuned = tvm_compile(m, "host", input_shapes=shapes, minutes=budgets[name], cache_dir=cache,
+                                threads=args.tune_threads)
             builds["tuned"] = tuned
             info["tune_minutes"] = budgets[name]
             info["tune_s"] = round(time.perf_counter() - t, 1)
@@ -206,7 +211,7 @@ def main() -> None:
             if not info["tuning_skipped"]:
                 t = time.perf_counter()
                 again = tvm_compile(m, "host", input_shapes=shapes, minutes=budgets[name], cache_dir=cache,
-                                    progress=False)
+                                    progress=False, threads=args.tune_threads)
                 info["tuned_recompile_s"] = round(time.perf_counter() - t, 1)
                 info["tuned_recompile_cached"] = again.info.from_build_cache
         cm = builds["graphopt"]
@@ -271,7 +276,8 @@ def main() -> None:
         for r in rows:
             tuned = cell(r, "tuned", tag)
             if tuned != "-":
-                tuned += f" ({r['tune_minutes']:g} min, {r['tuned_tasks']})"
+                tuned += (f" ({r['tune_minutes']:g} min, {r['tuned_tasks']}"
+                          f"{', tuned for %d thread(s)' % args.tune_threads if args.tune_threads else ''})")
             tvg = (f"{r['tuned_vs_graphopt_1t']:.2f}x ±{r['tuned_vs_graphopt_1t_spread']:.2f}"
                    if tag == "1t" and "tuned_vs_graphopt_1t" in r else "-")
             tg = round(r["gflop"] / (r[f"tuned_ms_{tag}"] / 1e3), 1) if f"tuned_ms_{tag}" in r else "-"

@@ -675,7 +675,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
                      minutes=args.minutes, cache_dir=args.cache, rpc=args.rpc,
                      default_schedules=not args.naive, progress=not args.quiet, build_cache=not args.no_build_cache,
                      const_inputs=consts or None, int8_kernels=not args.no_int8_kernels,
-                     fast_math=not args.no_fast_math, winograd=not args.no_winograd)
+                     fast_math=not args.no_fast_math, winograd=not args.no_winograd, threads=args.threads)
     cm.export(_target(args, out))
     counts: dict[str, int] = {}
     for v in cm.info.schedules.values():
@@ -1118,6 +1118,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--minutes", type=_nonneg, help="MetaSchedule tuning budget in minutes")
     sp.add_argument("--cache", metavar="DIR", help="tuning database root (default: ~/.cache/graphopt/tvm)")
     sp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on devices registered with a TVM RPC tracker")
+    sp.add_argument("--threads", type=_count(1), help="CPU cores the model will run on, if not all of this machine's: "
+                    "tuning measures candidates with that many threads and keeps their records apart; run the "
+                    "library with TVM_NUM_THREADS set to the same")
     sp.add_argument("--naive", action="store_true", help="no default schedules (TVM's plain loops; for comparison)")
     sp.add_argument("--no-int8-kernels", action="store_true", help="run a QDQ model's convs and matmuls in float "
                     "(dequantize, float kernel, quantize) instead of int8 x int8 -> int32 kernels (VNNI where the CPU "

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import dataclasses
 import logging
 import os
 import shutil
@@ -785,6 +786,7 @@ def compile(
     int8_kernels: bool = True,
     fast_math: bool = True,
     winograd: bool = True,
+    threads: int | None = None,
 ) -> CompiledModel:
     """Compile an ONNX model (path or :class:`graphopt.Model`) for ``target`` with TVM.
 
@@ -820,11 +822,24 @@ def compile(
     output transform, with 4x fewer multiplies. SqueezeNet on one core: 1.08x -> 0.93x of ORT's
     latency. The sums are reassociated (about 1e-6 of the output's range on SqueezeNet, inside
     the lossless check); ``winograd=False`` keeps them direct.
+
+    ``threads`` (CPU targets): the cores the model will run on, when not all of this machine's
+    (a server running one model per core, a 1-thread deployment). It becomes the target's
+    ``num-cores``, so tuning measures every candidate with that many threads (a schedule that
+    wins on two cores can lose on one) and keeps its records apart from other thread counts.
+    Run the build with as many (``TVM_NUM_THREADS``).
     """
     from graphopt.errors import require_extra
 
     require_extra("tvm", "compiling")
     spec = resolve_target(target)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise CompileError(f"threads must be a whole number >= 1, not {threads!r}", field="threads")
+        if spec.device != "cpu":
+            raise CompileError(f"threads sets the CPU cores a build runs on; target {spec.name} is not a CPU",
+                               field="threads")
+        spec = dataclasses.replace(spec, config={**spec.config, "num-cores": threads}, notes=list(spec.notes))
     if rpc is not None:
         from .tuning import parse_rpc
 

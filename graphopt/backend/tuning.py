@@ -19,6 +19,7 @@ Records are keyed by the TIR workload, so another model with the same layers reu
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -172,6 +173,21 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     return tvm_build(mod, target=target)
 
 
+def _pool_threads(n: int) -> None:
+    """Runner-worker initializer: TVM's thread pool of ``n`` workers, so candidates are timed
+    with the thread count the build is for (the target's ``num-cores``)."""
+    import tvm
+
+    tvm.get_global_func("runtime.config_threadpool")(1, n)
+
+
+def measure_threads(target: TargetSpec) -> int | None:
+    """Threads a local measurement should use for ``target``: its ``num-cores`` where that is
+    fewer than this machine's cores (None: TVM's pool as it is, every core)."""
+    n = target.config.get("num-cores") if target.device == "cpu" else None
+    return int(n) if isinstance(n, int) and 0 < n < host_cores() else None
+
+
 def _default_candidates(func: Any, tgt: Any, variants: int) -> list[Any]:
     """graphopt's default schedule of ``func`` and up to ``variants`` other settings of the rule
     that made it (:func:`~graphopt.backend.schedules.tuner_variants`), as distinct schedules."""
@@ -318,7 +334,12 @@ def tune(
     database = open_database(target, cache_dir)
     register_intrinsics(target.device)  # only now: it costs seconds
     deadline = time.monotonic() + minutes * 60 if minutes else None
-    runner: Any = ms.runner.LocalRunner(timeout_sec=60)
+    threads = measure_threads(target)
+    if threads is not None:
+        logger.info("tuning: candidates measured with %d thread(s) (the target's num-cores)", threads)
+        report["threads"] = threads
+    runner: Any = ms.runner.LocalRunner(
+        timeout_sec=60, initializer=functools.partial(_pool_threads, threads) if threads is not None else None)
     if rpc is not None:
         host, port, key = parse_rpc(rpc)
         runner = ms.runner.RPCRunner(
