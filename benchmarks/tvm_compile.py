@@ -277,7 +277,7 @@ def main() -> None:
             tuned = cell(r, "tuned", tag)
             if tuned != "-":
                 tuned += (f" ({r['tune_minutes']:g} min, {r['tuned_tasks']}"
-                          f"{', tuned for %d thread(s)' % args.tune_threads if args.tune_threads else ''})")
+                          f"{f', tuned for {args.tune_threads} thread(s)' if args.tune_threads else ''})")
             tvg = (f"{r['tuned_vs_graphopt_1t']:.2f}x ±{r['tuned_vs_graphopt_1t_spread']:.2f}"
                    if tag == "1t" and "tuned_vs_graphopt_1t" in r else "-")
             tg = round(r["gflop"] / (r[f"tuned_ms_{tag}"] / 1e3), 1) if f"tuned_ms_{tag}" in r else "-"

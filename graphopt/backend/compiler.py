@@ -20,9 +20,9 @@ The flow (``graphopt.compile``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
-import dataclasses
 import logging
 import os
 import shutil
