@@ -373,6 +373,72 @@ def test_tuning_cache_makes_second_compile_free(tmp_path: Path, monkeypatch: pyt
         tvm_compile(example_model_path(), "host", input_shapes=DIGITS, winograd=False, trials=-1, cache_dir=tmp_path)
 
 
+def test_threads_tunes_with_that_many_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``compile(threads=1)``: the target's num-cores is 1, every tuning candidate is timed on a
+    1-worker pool (a schedule that wins on two cores can lose on one), and the records are kept
+    apart from the all-core target's."""
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.support.popen_pool import PopenPoolExecutor
+
+    from graphopt.backend.targets import host_cores
+    from graphopt.backend.tuning import cache_path
+    from graphopt.cli import example_model_path
+
+    if host_cores() < 2:
+        pytest.skip("one core: every build already runs on one thread")
+    runners: list[dict] = []
+    real_runner = ms.runner.LocalRunner
+
+    def local_runner(**kw):  # type: ignore[no-untyped-def]
+        runners.append(kw)
+        return real_runner(**kw)
+
+    monkeypatch.setattr(ms.runner, "LocalRunner", local_runner)
+    monkeypatch.setattr(ms.tune, "tune_tasks", lambda **kw: None)  # graphopt's candidates only: fast
+    cm = tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path, progress=False,
+                     threads=1)
+    assert cm.info.target_config["num-cores"] == 1 and cm.info.tuning["threads"] == 1, cm.info.tuning
+    assert cm.info.tuning["variant_records"] >= 1  # candidates were measured through that runner
+    init = runners[-1]["initializer"]
+    assert init is not None
+
+    def pool_size() -> int:
+        import tvm
+
+        return int(tvm.get_global_func("runtime.NumThreads")())
+
+    for initializer, want in ((None, host_cores()), (init, 1)):  # what a runner worker's pool holds
+        pool = PopenPoolExecutor(max_workers=1, initializer=initializer)
+        assert pool.submit(pool_size).result() == want
+    one = cache_path(resolve_target(cm.info.target_config), tmp_path)
+    assert one != cache_path(resolve_target("host"), tmp_path) and (one / "database_tuning_record.json").is_file()
+    feed = {"input": np.random.default_rng(5).standard_normal((1, 1, 8, 8)).astype(np.float32)}
+    ref = _ort(onnx.load(str(example_model_path())), feed)[0]
+    np.testing.assert_allclose(cm.run(feed)[0], ref, rtol=1e-4, atol=1e-4)
+    # the all-core compile does not change its pool
+    tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path, progress=False,
+                build_cache=False)
+    assert runners[-1]["initializer"] is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(CompileError, match="threads"):
+            tvm_compile(example_model_path(), "host", input_shapes=DIGITS, threads=bad, progress=False)
+    with pytest.raises(CompileError, match="not a CPU"):
+        tvm_compile(example_model_path(), "cuda", input_shapes=DIGITS, threads=1, progress=False)
+
+
+def test_cli_compile_threads_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from graphopt.cli import example_model_path, main
+
+    out = tmp_path / "m.so"
+    with pytest.raises(SystemExit) as e:
+        main(["compile", str(example_model_path()), "-o", str(out), "--threads", "0"])
+    assert e.value.code == 2 and "below 1" in capsys.readouterr().err
+    assert main(["compile", str(example_model_path()), "-o", str(out), "--target", "cuda", "--threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "not a CPU" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -565,3 +565,32 @@ def test_channel_concat_unpad_and_shuffle_vectorize_without_selects(tmp_path: Pa
         low = _lower_to_vectors(f)
         assert "if_then_else" not in low, name
         assert "T.Ramp" in low, name
+
+
+def test_pool_and_depthwise_read_their_padding_in_place(tmp_path: Path) -> None:
+    """A padded max pool, average pool and depthwise conv read their input with the bounds test
+    in place (no pad stage: it cost a whole extra pass, 80% of ShuffleNet's first max pool) and
+    their 3x3 windows are unrolled; a padded dense conv keeps its pad stage (its test would run in
+    every step of the channel reduction)."""
+    rng = np.random.default_rng(0)
+    w = lambda *s: (rng.standard_normal(s) * 0.2).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "Wx"], ["c"]),  # (channels-last from here)
+             helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "Wd", "Bd"], ["d"], group=32, pads=[1, 1, 1, 1]),
+             helper.make_node("AveragePool", ["d"], ["a"], kernel_shape=[3, 3], pads=[1, 1, 1, 1], count_include_pad=0),
+             helper.make_node("Conv", ["a", "Wc"], ["y"], pads=[1, 1, 1, 1])]
+    model = make_model(nodes, [vi("x", [1, 32, 19, 19])], [vi("y", [1, 16, 10, 10])],
+                       [("Wx", w(32, 32, 1, 1)), ("Wd", w(32, 1, 3, 3)), ("Bd", w(32)), ("Wc", w(16, 32, 3, 3))], opset=13)
+    x = rng.standard_normal((1, 32, 19, 19)).astype(np.float32)
+    cm = _build_and_check(model, tmp_path, {"x": x}, winograd=False)
+    assert cm.info.naive_kernels == []
+    kernels = {gv.name_hint: f for gv, f in cm.ir_module.functions_items() if isinstance(f, tvm.tirx.PrimFunc)}
+    window = {k: f for k, f in kernels.items() if "if_then_else" in f.script()}  # the padded ones (not the 1x1 conv)
+    assert len(window) == 4, sorted(kernels)
+    for name, f in window.items():
+        text = f.script()
+        dense = "conv2d" in name and "group" not in text
+        assert ("pad_temp" in text) == dense, name  # the dense conv (TOPI's conv2d_nhwc) keeps its pad stage
+        assert cm.info.schedules[name.removesuffix("_prepacked")] == "tiled-reduction", (name, cm.info.schedules)
+        if not dense:  # the 3x3 window unrolled (loop_kinds counts unrolled loops)
+            assert loop_kinds(f)["unrolled"] >= 2, (name, loop_kinds(f))
