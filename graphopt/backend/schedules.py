@@ -439,7 +439,6 @@ class TiledReductionRule(_Rule):
         self.channels_inner = channels_inner
 
     def apply(self, sch: Any, target: Any) -> bool:
-        from tvm import tirx
         from tvm.s_tir.dlight.analysis import normalize_prim_func
 
         infos = normalize_prim_func(sch)
@@ -498,8 +497,7 @@ class TiledReductionRule(_Rule):
         #    and fold the elementwise epilogue chain into its last block.
         epilogue = _inline_around(sch, infos, idx, vec_it.var)
         # pooling, depthwise convolution: every operand read at the output's own channel
-        window = all(r.region and isinstance(r.region[-1].min, tirx.Var) and r.region[-1].min.same_as(vec_it.var)
-                     for r in block.reads if not r.source.same_as(block.writes[0].source))
+        window = all(_at_channel(r, vec_it.var) for r in block.reads if not r.source.same_as(block.writes[0].source))
         main_rv = main.block_rv
         # 1b. pack a constant weight panel-major ([f // tile, ..., f % tile]) so each tile
         #     streams contiguous memory; power-of-two row strides otherwise alias in the caches.
@@ -718,13 +716,17 @@ def _inline_single_use(sch: Any, infos: list[Any]) -> None:
                 pass
 
 
-def _read_at_channel(main: Any, producer: Any, var: Any) -> bool:
-    """Does block ``main`` read what ``producer`` writes only at innermost index ``var``?"""
+def _at_channel(region: Any, var: Any) -> bool:
+    """Is a buffer access region's innermost index the iterator ``var`` itself?"""
     from tvm import tirx
 
+    return bool(region.region) and isinstance(region.region[-1].min, tirx.Var) and region.region[-1].min.same_as(var)
+
+
+def _read_at_channel(main: Any, producer: Any, var: Any) -> bool:
+    """Does block ``main`` read what ``producer`` writes only at innermost index ``var``?"""
     regions = [r for r in main.reads if any(r.source.same_as(w.source) for w in producer.writes)]
-    return bool(regions) and all(
-        r.region and isinstance(r.region[-1].min, tirx.Var) and r.region[-1].min.same_as(var) for r in regions)
+    return bool(regions) and all(_at_channel(r, var) for r in regions)
 
 
 def _has_if_then_else(sch: Any, block: Any) -> bool:
