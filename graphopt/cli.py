@@ -690,7 +690,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
             extra += f", {len(tuning['skipped'])} kept default schedules"
     if cm.info.from_build_cache:
         extra += "; the same build was in the cache (--no-build-cache rebuilds)"
-    print(f"wrote {out} (+ {out.name}.json) for {cm.target.name} in {time.perf_counter() - t0:.1f} s: "
+    for_threads = f" ({args.threads} thread(s): run with TVM_NUM_THREADS={args.threads})" if args.threads else ""
+    print(f"wrote {out} (+ {out.name}.json) for {cm.target.name}{for_threads} in {time.perf_counter() - t0:.1f} s: "
           f"kernels: {sched}{extra}")
     if args.report:  # also measures the build against ONNX Runtime where it runs here
         from graphopt.report import compile_report
@@ -1119,8 +1120,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache", metavar="DIR", help="tuning database root (default: ~/.cache/graphopt/tvm)")
     sp.add_argument("--rpc", metavar="HOST:PORT:KEY", help="measure on devices registered with a TVM RPC tracker")
     sp.add_argument("--threads", type=_count(1), help="CPU cores the model will run on, if not all of this machine's: "
-                    "tuning measures candidates with that many threads and keeps their records apart; run the "
-                    "library with TVM_NUM_THREADS set to the same")
+                    "tuning (--minutes/--trials) measures candidates with that many threads and keeps their records "
+                    "apart (without tuning the build is the same); run the library with TVM_NUM_THREADS set to the "
+                    "same")
     sp.add_argument("--naive", action="store_true", help="no default schedules (TVM's plain loops; for comparison)")
     sp.add_argument("--no-int8-kernels", action="store_true", help="run a QDQ model's convs and matmuls in float "
                     "(dequantize, float kernel, quantize) instead of int8 x int8 -> int32 kernels (VNNI where the CPU "

@@ -419,7 +419,9 @@ def test_threads_tunes_with_that_many_threads(tmp_path: Path, monkeypatch: pytes
     tvm_compile(example_model_path(), "host", input_shapes=DIGITS, trials=8, cache_dir=tmp_path, progress=False,
                 build_cache=False)
     assert runners[-1]["initializer"] is None
-    for bad in (0, -1, 1.5, True):
+    assert tvm_compile(example_model_path(), "host", input_shapes=DIGITS, threads=np.int64(1), progress=False,
+                       cache_dir=tmp_path).info.target_config["num-cores"] == 1  # numpy integers are integers
+    for bad in (0, -1, 1.5, True, "1"):
         with pytest.raises(CompileError, match="threads"):
             tvm_compile(example_model_path(), "host", input_shapes=DIGITS, threads=bad, progress=False)
     with pytest.raises(CompileError, match="not a CPU"):

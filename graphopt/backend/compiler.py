@@ -24,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import operator
 import os
 import shutil
 import tempfile
@@ -40,7 +41,7 @@ from graphopt.errors import CompileError, GraphoptError, InputSpecError, Runtime
 from graphopt.ir import Model
 from graphopt.ir.tensor import np_dtype
 
-from .targets import TargetSpec, _first_line, _from_dict, check_toolchain, resolve_target
+from .targets import TargetSpec, _first_line, _from_dict, check_toolchain, host_cores, resolve_target
 from .vmvalues import flatten_outputs
 
 logger = logging.getLogger(__name__)
@@ -827,19 +828,27 @@ def compile(
     (a server running one model per core, a 1-thread deployment). It becomes the target's
     ``num-cores``, so tuning measures every candidate with that many threads (a schedule that
     wins on two cores can lose on one) and keeps its records apart from other thread counts.
-    Run the build with as many (``TVM_NUM_THREADS``).
+    Without a tuning budget it changes only the cache key (the default schedules do not depend
+    on it). Run the build with as many threads (``TVM_NUM_THREADS``): the library does not set
+    its runtime's pool itself.
     """
     from graphopt.errors import require_extra
 
     require_extra("tvm", "compiling")
     spec = resolve_target(target)
     if threads is not None:
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise CompileError(f"threads must be a whole number >= 1, not {threads!r}", field="threads")
+        try:
+            n_threads = operator.index(threads) if not isinstance(threads, bool) else 0
+        except TypeError:
+            n_threads = 0
+        if n_threads < 1:
+            raise CompileError(f"must be a whole number >= 1, not {threads!r}", field="threads")
         if spec.device != "cpu":
-            raise CompileError(f"threads sets the CPU cores a build runs on; target {spec.name} is not a CPU",
-                               field="threads")
-        spec = dataclasses.replace(spec, config={**spec.config, "num-cores": threads}, notes=list(spec.notes))
+            raise CompileError(f"sets the CPU cores a build runs on; target {spec.name} is not a CPU", field="threads")
+        if n_threads > host_cores() and not spec.is_cross and rpc is None and (trials or minutes):
+            logger.warning("threads=%d is more than this machine's %d cores: tuning measures candidates on %d",
+                           n_threads, host_cores(), host_cores())
+        spec = dataclasses.replace(spec, config={**spec.config, "num-cores": n_threads}, notes=list(spec.notes))
     if rpc is not None:
         from .tuning import parse_rpc
 

@@ -334,7 +334,7 @@ def tune(
     database = open_database(target, cache_dir)
     register_intrinsics(target.device)  # only now: it costs seconds
     deadline = time.monotonic() + minutes * 60 if minutes else None
-    threads = measure_threads(target)
+    threads = measure_threads(target) if rpc is None else None  # (a remote device runs its own pool)
     if threads is not None:
         logger.info("tuning: candidates measured with %d thread(s) (the target's num-cores)", threads)
         report["threads"] = threads
