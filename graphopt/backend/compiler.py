@@ -24,7 +24,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-import operator
+import numbers
 import os
 import shutil
 import tempfile
@@ -837,12 +837,9 @@ def compile(
     require_extra("tvm", "compiling")
     spec = resolve_target(target)
     if threads is not None:
-        try:
-            n_threads = operator.index(threads) if not isinstance(threads, bool) else 0
-        except TypeError:
-            n_threads = 0
-        if n_threads < 1:
+        if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
             raise CompileError(f"must be a whole number >= 1, not {threads!r}", field="threads")
+        n_threads = int(threads)
         if spec.device != "cpu":
             raise CompileError(f"sets the CPU cores a build runs on; target {spec.name} is not a CPU", field="threads")
         if n_threads > host_cores() and not spec.is_cross and rpc is None and (trials or minutes):

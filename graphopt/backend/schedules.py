@@ -495,9 +495,9 @@ class TiledReductionRule(_Rule):
 
         # 1. inline producers that are pure copies (a pad with a real border stays a stage),
         #    and fold the elementwise epilogue chain into its last block.
-        epilogue = _inline_around(sch, infos, idx, vec_it.var)
         # pooling, depthwise convolution: every operand read at the output's own channel
         window = all(_at_channel(r, vec_it.var) for r in block.reads if not r.source.same_as(block.writes[0].source))
+        epilogue = _inline_around(sch, infos, idx, inline_pads=window)
         main_rv = main.block_rv
         # 1b. pack a constant weight panel-major ([f // tile, ..., f % tile]) so each tile
         #     streams contiguous memory; power-of-two row strides otherwise alias in the caches.
@@ -580,8 +580,6 @@ def _uses_var(region: Any, var: Any) -> bool:
 
 def _pack_weight(sch: Any, block_rv: Any, vec_var: Any, tile: int) -> bool:
     """Re-layout the layout-free (constant) operand whose innermost index is ``vec_var``."""
-    from tvm import tirx
-
     func = sch.mod["main"]
     free = func.attrs.get("layout_free_buffers") if func.attrs is not None else None
     if not free:
@@ -589,10 +587,7 @@ def _pack_weight(sch: Any, block_rv: Any, vec_var: Any, tile: int) -> bool:
     block = sch.get(block_rv)
     params = list(func.params)
     for idx, r in enumerate(block.reads):
-        if r.source.same_as(block.writes[0].source) or not r.region:
-            continue
-        last = r.region[-1].min
-        if not (isinstance(last, tirx.Var) and last.same_as(vec_var)):
+        if r.source.same_as(block.writes[0].source) or not _at_channel(r, vec_var):
             continue
         # is it a layout-free parameter buffer?
         name = getattr(r.source, "name", None)
@@ -650,20 +645,18 @@ def _schedule_root_copies(sch: Any, lanes: int, is_main: Any) -> None:
                 pass
 
 
-def _inline_around(sch: Any, infos: list[Any], idx: int, channel_var: Any = None) -> list[Any]:
+def _inline_around(sch: Any, infos: list[Any], idx: int, inline_pads: bool = False) -> list[Any]:
     """Inline the producers of block ``infos[idx]`` that are pure copies and fold its elementwise
     epilogue chain into the chain's last block; returns the epilogue blocks (the last one still
     stands).
 
     A pad with a real border stays a stage (its bounds test would run in every step of a
-    channel reduction), except where the main block reads it at its own output channel
-    ``channel_var`` (pooling, depthwise convolutions): there the reduction is the window alone,
-    the test is the same for every lane of a channel vector, and a separate pad costs a whole
-    extra pass over the input (ShuffleNet's first max pool spent 80% of its time in its pad)."""
-    main = sch.get(infos[idx].block_rv)
+    channel reduction) unless ``inline_pads``: for a block that reads every operand at its own
+    output channel (pooling, depthwise convolutions) the reduction is the window alone, the test
+    is the same for every lane of a channel vector, and a separate pad costs a whole extra pass
+    over the input (ShuffleNet's first max pool spent 80% of its time in its pad)."""
     for b in infos[:idx]:
-        if _has_if_then_else(sch, b.block_rv) and not (
-                channel_var is not None and _read_at_channel(main, sch.get(b.block_rv), channel_var)):
+        if not inline_pads and _has_if_then_else(sch, b.block_rv):
             continue
         try:
             sch.compute_inline(b.block_rv)
@@ -721,12 +714,6 @@ def _at_channel(region: Any, var: Any) -> bool:
     from tvm import tirx
 
     return bool(region.region) and isinstance(region.region[-1].min, tirx.Var) and region.region[-1].min.same_as(var)
-
-
-def _read_at_channel(main: Any, producer: Any, var: Any) -> bool:
-    """Does block ``main`` read what ``producer`` writes only at innermost index ``var``?"""
-    regions = [r for r in main.reads if any(r.source.same_as(w.source) for w in producer.writes)]
-    return bool(regions) and all(_at_channel(r, var) for r in regions)
 
 
 def _has_if_then_else(sch: Any, block: Any) -> bool:
