@@ -29,6 +29,7 @@ tvm = pytest.importorskip("tvm", reason="the tvm extra is not installed")
 
 from graphopt.backend import compile as tvm_compile
 from graphopt.backend.int8 import has_vnni, weight_table
+from graphopt.backend.lut import has_vbmi
 from graphopt.backend.targets import resolve_target
 
 needs_vnni = pytest.mark.skipif(not has_vnni(resolve_target("host").tvm_target()),
@@ -195,6 +196,8 @@ def test_silu_epilogue_is_vectorized_and_matches_ort(tmp_path: Path) -> None:
     assert cm.info.rewrites.get("int8_conv2d") == 2, cm.info.rewrites
     asm = cm.module.mod.imports[0].inspect_source("asm")
     assert "vpdpbusd" in asm and "expf" not in asm
+    if has_vbmi(resolve_target("host").tvm_target()):  # the table read as byte permutes, not a gather
+        assert "vpermt2b" in asm or "vpermi2b" in asm
     _check_against_ort(cm, path, feeds)
 
 
@@ -248,6 +251,8 @@ def test_quantized_silu_becomes_a_lookup_fused_into_the_conv(tmp_path: Path, sym
     assert not any(n.startswith("graphopt_lookup") for n in names), names  # no kernel of its own
     asm = cm.module.mod.imports[0].inspect_source("asm")
     assert "vpdpbusd" in asm and "expf" not in asm
+    if has_vbmi(resolve_target("host").tvm_target()):  # the table read as byte permutes, not a gather
+        assert "vpermt2b" in asm or "vpermi2b" in asm
     _check_against_ort(cm, path, feeds)
 
 
@@ -327,3 +332,45 @@ def test_quantized_concat_reshape_split_move_uint8(tmp_path: Path) -> None:
             step = steps.get(name, float(np.abs(ref).max()) / 255)
             d = np.abs(got.astype(np.float64) - ref) / step
             assert d.max() <= 1.0 + 1e-3 and np.mean(d > 0.5) <= 0.01, (name, d.max())
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8"])
+@pytest.mark.parametrize("lanes", [16, 32, 64])
+def test_byte_table_reads_become_permutes_and_read_every_entry(dtype: str, lanes: int) -> None:
+    """A vectorized read of a 256-entry byte table (the quantized SiLU/sigmoid/HardSwish in a conv
+    epilogue) is rewritten into two ``vpermi2b`` and a blend on AVX-512 VBMI: the machine code
+    has the permutes and no byte gathers, and on a VBMI host every one of the 256 entries reads
+    back as numpy's ``table[idx]``, for each vector width. Without VBMI the read is left alone."""
+    from tvm import te
+    from tvm.s_tir import Schedule
+
+    from graphopt.backend.lut import register_pipeline, vector_nearbyint
+
+    n = 512
+    idx = te.placeholder((n,), "uint8", name="idx")
+    table = te.placeholder((256,), dtype, name="table")
+    out = te.compute((n,), lambda i: table[idx[i].astype("int32")], name="out")
+    sch = Schedule(te.create_prim_func([idx, table, out]))
+    _, inner = sch.split(sch.get_loops(sch.get_sblock("out"))[0], [None, lanes])
+    sch.vectorize(inner)
+    mod = sch.mod.with_attr("global_symbol", "main") if hasattr(sch.mod, "with_attr") else sch.mod
+    znver4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+    skylake = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    assert has_vbmi(znver4) and not has_vbmi(skylake)
+    with vector_nearbyint():
+        asm = tvm.tirx.build(mod, target=znver4, pipeline=register_pipeline()).inspect_source("asm")
+        plain = tvm.tirx.build(mod, target=skylake, pipeline=register_pipeline()).inspect_source("asm")
+    assert "vpermt2b" in asm or "vpermi2b" in asm
+    assert "vpinsrb" not in asm and "movzbl" not in asm  # no lane-by-lane byte loads
+    assert "vpermt2b" not in plain and "vpermi2b" not in plain
+    host = resolve_target("host").tvm_target()
+    if not has_vbmi(host):
+        pytest.skip("the host has no AVX-512 VBMI: the permutes are not run")
+    rng = np.random.default_rng(lanes)
+    t = rng.integers(-128 if dtype == "int8" else 0, 128 if dtype == "int8" else 256, 256).astype(dtype)
+    i = np.concatenate([np.arange(256), rng.integers(0, 256, n - 256)]).astype(np.uint8)
+    rng.shuffle(i)
+    lib = tvm.tirx.build(mod, target=host, pipeline=register_pipeline())
+    got = tvm.runtime.tensor(np.zeros(n, dtype))
+    lib(tvm.runtime.tensor(i), tvm.runtime.tensor(t), got)
+    np.testing.assert_array_equal(got.numpy(), t[i])
