@@ -108,6 +108,20 @@ def _check_against_ort(cm, path: Path, feeds: list) -> None:
         assert np.mean(steps > 0.5) <= 0.01, f"{np.mean(steps > 0.5):.1%} of the outputs differ from ORT by a step"
 
 
+def _vector_extents(func) -> list[int]:  # type: ignore[no-untyped-def]
+    """Extents of the loops of ``func`` marked vectorized."""
+    import tvm_ffi
+
+    out: list[int] = []
+
+    def visit(loop) -> None:  # type: ignore[no-untyped-def]
+        if int(loop.kind) == int(tvm.tirx.ForKind.VECTORIZED):
+            out.append(int(loop.extent))
+
+    tvm_ffi.structural_walk(func.body, (tvm.tirx.For, visit), order="pre")
+    return out
+
+
 def _int8_kernels(cm) -> list[str]:
     """The integer kernels of a build: PrimFuncs whose reduction accumulates int32 from uint8
     and int8 operands (read from the built TIR, not from the rule names)."""
@@ -198,6 +212,10 @@ def test_silu_epilogue_is_vectorized_and_matches_ort(tmp_path: Path) -> None:
     assert "vpdpbusd" in asm and "expf" not in asm
     if has_vbmi(resolve_target("host").tvm_target()):  # the table read as byte permutes, not a gather
         assert "vpermt2b" in asm or "vpermi2b" in asm
+    # the write-back reading the table is vectorized across the conv's 32 channels (one permute
+    # reads 64 lanes), not in 16-lane pieces
+    fused = [f for gv, f in cm.ir_module.functions_items() if "graphopt_lookup" in gv.name_hint]
+    assert fused and all(32 in _vector_extents(f) for f in fused), [_vector_extents(f) for f in fused]
     _check_against_ort(cm, path, feeds)
 
 
@@ -253,6 +271,10 @@ def test_quantized_silu_becomes_a_lookup_fused_into_the_conv(tmp_path: Path, sym
     assert "vpdpbusd" in asm and "expf" not in asm
     if has_vbmi(resolve_target("host").tvm_target()):  # the table read as byte permutes, not a gather
         assert "vpermt2b" in asm or "vpermi2b" in asm
+    # the write-back reading the table is vectorized across the conv's 32 channels (one permute
+    # reads 64 lanes), not in 16-lane pieces
+    fused = [f for gv, f in cm.ir_module.functions_items() if "graphopt_lookup" in gv.name_hint]
+    assert fused and all(32 in _vector_extents(f) for f in fused), [_vector_extents(f) for f in fused]
     _check_against_ort(cm, path, feeds)
 
 
@@ -344,7 +366,7 @@ def test_byte_table_reads_become_permutes_and_read_every_entry(dtype: str, lanes
     from tvm import te
     from tvm.s_tir import Schedule
 
-    from graphopt.backend.lut import register_pipeline, vector_nearbyint
+    from graphopt.backend.lut import register_pipeline
 
     n = 512
     idx = te.placeholder((n,), "uint8", name="idx")
@@ -357,9 +379,8 @@ def test_byte_table_reads_become_permutes_and_read_every_entry(dtype: str, lanes
     znver4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
     skylake = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
     assert has_vbmi(znver4) and not has_vbmi(skylake)
-    with vector_nearbyint():
-        asm = tvm.tirx.build(mod, target=znver4, pipeline=register_pipeline()).inspect_source("asm")
-        plain = tvm.tirx.build(mod, target=skylake, pipeline=register_pipeline()).inspect_source("asm")
+    asm = tvm.tirx.build(mod, target=znver4, pipeline=register_pipeline()).inspect_source("asm")
+    plain = tvm.tirx.build(mod, target=skylake, pipeline=register_pipeline()).inspect_source("asm")
     assert "vpermt2b" in asm or "vpermi2b" in asm
     assert "vpinsrb" not in asm and "movzbl" not in asm  # no lane-by-lane byte loads
     assert "vpermt2b" not in plain and "vpermi2b" not in plain
@@ -374,3 +395,32 @@ def test_byte_table_reads_become_permutes_and_read_every_entry(dtype: str, lanes
     got = tvm.runtime.tensor(np.zeros(n, dtype))
     lib(tvm.runtime.tensor(i), tvm.runtime.tensor(t), got)
     np.testing.assert_array_equal(got.numpy(), t[i])
+
+
+def test_rounding_vectorizable_only_in_kernels_reading_a_table() -> None:
+    """``nearbyint`` (round half to even, every requantization) becomes LLVM's vectorizable
+    intrinsic in a kernel that reads a byte table, so TVM vectorizes the epilogue and its table
+    read becomes permutes; a kernel without a table keeps TVM's op (LLVM vectorizes that loop
+    itself). Both round halves to even."""
+    from tvm import te
+
+    from graphopt.backend.lut import vectorizable_rounding
+
+    x = te.placeholder((64,), "float32", name="x")
+    table = te.placeholder((256,), "uint8", name="table")
+    q = lambda i: te.min(te.max(tvm.tirx.nearbyint(x[i] * 10.0) + 128.0, 0.0), 255.0).astype("uint8")
+    with_table = te.create_prim_func([x, table, te.compute((64,), lambda i: table[q(i).astype("int32")], name="y")])
+    plain = te.create_prim_func([x, te.compute((64,), q, name="y")])
+    mod = tvm.IRModule({"with_table": with_table, "plain": plain})
+    mod, changed = vectorizable_rounding(mod)
+    assert changed == 1
+    assert "llvm.nearbyint" in mod["with_table"].script() and "T.nearbyint" not in mod["with_table"].script()
+    assert "T.nearbyint" in mod["plain"].script()
+    lib = tvm.tirx.build(tvm.IRModule({"main": mod["with_table"].with_attr("global_symbol", "main")}),
+                         target=resolve_target("host").tvm_target())
+    xs = np.array([0.05, 0.15, 0.25, -0.05, -0.15, 0.26] * 10 + [0.0] * 4, np.float32)
+    t = np.arange(256, dtype=np.uint8)[::-1].copy()
+    got = tvm.runtime.tensor(np.zeros(64, np.uint8))
+    lib(tvm.runtime.tensor(xs), tvm.runtime.tensor(t), got)
+    want = t[np.clip(np.round(xs * np.float32(10.0)) + 128, 0, 255).astype(np.int64)]
+    np.testing.assert_array_equal(got.numpy(), want)

@@ -507,18 +507,17 @@ def build(mod: Any, target: TargetSpec) -> Any:
     CUDA kernels stay CUDA C inside the module (TVM 0.27's wheel compiles them when the library
     is loaded; see :mod:`graphopt.backend.cuda`).
     """
-    import contextlib
-
     from tvm import relax
 
-    from .lut import has_vbmi, register_pipeline, vector_nearbyint
+    from .lut import has_vbmi, register_pipeline, vectorizable_rounding
 
     tgt = target.tvm_target()
     # x86 with AVX-512 VBMI: byte-table reads (quantized SiLU/sigmoid/HardSwish) as permutes
     permute = tgt.kind.name == "llvm" and has_vbmi(tgt)
     try:
-        with vector_nearbyint() if permute else contextlib.nullcontext():
-            return relax.build(mod, target=tgt, tir_pipeline=register_pipeline() if permute else "default")
+        if permute:
+            mod, _ = vectorizable_rounding(mod)
+        return relax.build(mod, target=tgt, tir_pipeline=register_pipeline() if permute else "default")
     except GraphoptError:
         raise
     except Exception as exc:  # noqa: BLE001

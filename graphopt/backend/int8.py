@@ -505,6 +505,7 @@ class Int8DotRule:
             _schedule_root_copies,
             _uses_var,
             _write_back,
+            table_write_width,
             vector_lanes,
         )
 
@@ -620,7 +621,8 @@ class Int8DotRule:
                 continue
             # the widest vector dividing the row (a sliced epilogue of 24 channels: 8 lanes; left
             # scalar, its requantize and fast_exp per element cost more than the convolution)
-            vw = next((v for v in (oc_block, oc_block // 2, oc_block // 4) if ext % v == 0), 0)
+            vw = table_write_width(sch, bl, ext) or next(
+                (v for v in (oc_block, oc_block // 2, oc_block // 4) if ext % v == 0), 0)
             if vw:
                 if ext > vw:
                     _, inner = sch.split(inner, [None, vw])
