@@ -100,9 +100,11 @@ def _make(nodes: list, x_shape: list[int], y_shape: list[int], weights: dict[str
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
 
 
-def conv_net(seed: int = 0) -> onnx.ModelProto:
+def conv_net(seed: int = 0, silu: bool = False) -> onnx.ModelProto:
     """3 -> 20 channels (3x3, zero padding: the zero point pads; input channels padded to 4,
-    outputs to 32), 20 -> 32 with stride 2, a depthwise conv, a 1x1 conv to 24 channels."""
+    outputs to 32), 20 -> 32 with stride 2, a depthwise conv, a 1x1 conv to 24 channels.
+    ``silu``: the second conv's Relu is a SiLU (``x * sigmoid(x)``: 256-entry tables in the
+    conv's epilogue, read with NEON ``tbl``/``tbx`` on aarch64)."""
     from onnx import helper
 
     rng = np.random.default_rng(seed)
@@ -116,7 +118,8 @@ def conv_net(seed: int = 0) -> onnx.ModelProto:
     nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c1"], pads=[1, 1, 1, 1]),
              helper.make_node("Relu", ["c1"], ["r1"]),
              helper.make_node("Conv", ["r1", "W2", "B2"], ["c2"], pads=[1, 1, 1, 1], strides=[2, 2]),
-             helper.make_node("Relu", ["c2"], ["r2"]),
+             *([helper.make_node("Sigmoid", ["c2"], ["s2"]), helper.make_node("Mul", ["c2", "s2"], ["r2"])]
+               if silu else [helper.make_node("Relu", ["c2"], ["r2"])]),
              helper.make_node("Conv", ["r2", "W3"], ["c3"], pads=[1, 1, 1, 1], group=32),
              helper.make_node("Conv", ["c3", "W4", "B4"], ["y"])]
     return _make(nodes, [1, 3, 20, 20], [1, 24, 10, 10], w)
@@ -141,6 +144,7 @@ def cases() -> list[Case]:
     conv_expect = {"int8_conv2d": 3, "int8_grouped_conv2d": 1, "int8-arm-dot": 3}
     return [Case("conv_u8s8", conv_net(), {}, conv_expect),
             Case("conv_s8s8", conv_net(), {"symmetric_activations": True}, conv_expect),
+            Case("conv_silu_u8s8", conv_net(silu=True), {}, {**conv_expect, "lookup_tables": 3}),
             Case("mlp_u8s8", mlp(), {}, {"int8_matmul": 2, "int8-arm-dot": 2})]
 
 
@@ -182,7 +186,8 @@ def build(case: Case, qdq: Path, work: Path) -> tuple[Path, dict[str, Any]]:
     got = dict(cm.info.rewrites)
     got["int8-arm-dot"] = sum(v == "int8-arm-dot" for v in cm.info.schedules.values())
     facts = {"rewrites": dict(cm.info.rewrites), "arm_dot_kernels": got["int8-arm-dot"],
-             "sdot_in_asm": asm.count("sdot\t"), "naive_kernels": list(cm.info.naive_kernels)}
+             "sdot_in_asm": asm.count("sdot\t"), "tbx_in_asm": asm.count("tbx\t"),
+             "naive_kernels": list(cm.info.naive_kernels)}
     missing = {k: (v, got.get(k, 0)) for k, v in case.expect.items() if got.get(k, 0) != v}
     if missing or not facts["sdot_in_asm"]:
         raise RuntimeError(f"{case.name}: build lacks its integer sdot kernels (expected, got): {missing}; "

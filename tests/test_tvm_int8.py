@@ -404,20 +404,23 @@ def test_rounding_vectorizable_only_in_kernels_reading_a_table() -> None:
     itself). Both round halves to even."""
     from tvm import te
 
-    from graphopt.backend.lut import vectorizable_rounding
+    from graphopt.backend.lut import register_pipeline, rounding_pass
 
     x = te.placeholder((64,), "float32", name="x")
     table = te.placeholder((256,), "uint8", name="table")
     q = lambda i: te.min(te.max(tvm.tirx.nearbyint(x[i] * 10.0) + 128.0, 0.0), 255.0).astype("uint8")
     with_table = te.create_prim_func([x, table, te.compute((64,), lambda i: table[q(i).astype("int32")], name="y")])
     plain = te.create_prim_func([x, te.compute((64,), q, name="y")])
-    mod = tvm.IRModule({"with_table": with_table, "plain": plain})
-    mod, changed = vectorizable_rounding(mod)
-    assert changed == 1
+    znver4 = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver4"})
+    mod = tvm.tirx.transform.BindTarget(znver4)(tvm.IRModule({"with_table": with_table, "plain": plain}))
+    mod = rounding_pass()(mod)
     assert "llvm.nearbyint" in mod["with_table"].script() and "T.nearbyint" not in mod["with_table"].script()
     assert "T.nearbyint" in mod["plain"].script()
-    lib = tvm.tirx.build(tvm.IRModule({"main": mod["with_table"].with_attr("global_symbol", "main")}),
-                         target=resolve_target("host").tvm_target())
+    skylake = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"})
+    unchanged = rounding_pass()(tvm.tirx.transform.BindTarget(skylake)(tvm.IRModule({"with_table": with_table})))
+    assert "T.nearbyint" in unchanged["with_table"].script()  # no byte permute there: left alone
+    lib = tvm.tirx.build(tvm.IRModule({"main": with_table.with_attr("global_symbol", "main")}),
+                         target=resolve_target("host").tvm_target(), pipeline=register_pipeline())
     xs = np.array([0.05, 0.15, 0.25, -0.05, -0.15, 0.26] * 10 + [0.0] * 4, np.float32)
     t = np.arange(256, dtype=np.uint8)[::-1].copy()
     got = tvm.runtime.tensor(np.zeros(64, np.uint8))

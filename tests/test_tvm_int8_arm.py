@@ -74,7 +74,7 @@ def test_aarch64_dotprod_target() -> None:
 
 
 @needs_aarch64_llvm
-@pytest.mark.parametrize("name", ["conv_u8s8", "mlp_u8s8"])
+@pytest.mark.parametrize("name", ["conv_u8s8", "conv_silu_u8s8", "mlp_u8s8"])
 def test_cross_build_runs_integer_kernels_on_sdot(tmp_path: Path, name: str) -> None:
     case = _case(name)
     qdq, _ = arm.quantize(case, tmp_path)
@@ -97,6 +97,12 @@ def test_cross_build_runs_integer_kernels_on_sdot(tmp_path: Path, name: str) -> 
         sdot[:3]
     assert "udot" not in asm
     assert not cm.info.naive_kernels
+    # a quantized SiLU's table is read 16 lanes at a time with tbl + 3 tbx (64 table bytes each;
+    # LLVM also uses tbl for its own byte shuffles, so the tbx count tells)
+    tables = case.expect.get("lookup_tables", 0)
+    assert cm.info.rewrites.get("lookup_tables", 0) == tables, cm.info.rewrites
+    tbl, tbx = asm.count("tbl\t"), asm.count("tbx\t")
+    assert (tbx > 0 and tbx % 3 == 0 and tbl >= tbx // 3) if tables else tbx == 0, (tbl, tbx)
 
 
 @needs_aarch64_llvm
@@ -107,7 +113,7 @@ def test_aarch64_without_dotprod_keeps_float_kernels(tmp_path: Path) -> None:
     assert "sdot" not in cm.module.mod.imports[0].inspect_source("asm")
 
 
-@pytest.mark.parametrize("name", ["conv_u8s8", "conv_s8s8", "mlp_u8s8"])
+@pytest.mark.parametrize("name", ["conv_u8s8", "conv_s8s8", "conv_silu_u8s8", "mlp_u8s8"])
 def test_signed_activation_rewrite_matches_ort_natively(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         name: str) -> None:
     """The Arm kernels' arithmetic, run on this machine: the host build made with int8
@@ -138,10 +144,12 @@ _missing = arm.arm_python_missing()
 @pytest.mark.skipif(_missing is not None, reason=f"the emulated aarch64 run needs: {_missing}")
 def test_sdot_kernels_run_on_aarch64_and_match_ort(tmp_path: Path) -> None:
     """The exported aarch64 libraries, run under QEMU (about a minute: one emulated Python for
-    all three cases), within one quantization step of ORT's integer result."""
+    all four cases), within one quantization step of ORT's integer result; the SiLU case reads
+    its table with ``tbl``/``tbx``."""
     results = arm.check(tmp_path)
     assert set(results) == {c.name for c in arm.cases()}
     for name, r in results.items():
         assert r["sdot_in_asm"] > 0 and r["arm_dot_kernels"] > 0, (name, r)
+        assert (r["tbx_in_asm"] > 0) == ("silu" in name), (name, r)
         assert r["ok"], (name, r)
         assert np.isfinite(r["max_steps"])

@@ -509,15 +509,12 @@ def build(mod: Any, target: TargetSpec) -> Any:
     """
     from tvm import relax
 
-    from .lut import has_vbmi, register_pipeline, vectorizable_rounding
+    from .lut import tir_pipeline
 
-    tgt = target.tvm_target()
-    # x86 with AVX-512 VBMI: byte-table reads (quantized SiLU/sigmoid/HardSwish) as permutes
-    permute = tgt.kind.name == "llvm" and has_vbmi(tgt)
     try:
-        if permute:
-            mod, _ = vectorizable_rounding(mod)
-        return relax.build(mod, target=tgt, tir_pipeline=register_pipeline() if permute else "default")
+        tgt = target.tvm_target()
+        # x86 with AVX-512 VBMI, AArch64: byte-table reads (quantized SiLU/HardSwish) as permutes
+        return relax.build(mod, target=tgt, tir_pipeline=tir_pipeline(tgt))
     except GraphoptError:
         raise
     except Exception as exc:  # noqa: BLE001

@@ -621,7 +621,7 @@ class Int8DotRule:
                 continue
             # the widest vector dividing the row (a sliced epilogue of 24 channels: 8 lanes; left
             # scalar, its requantize and fast_exp per element cost more than the convolution)
-            vw = table_write_width(sch, bl, ext) or next(
+            vw = table_write_width(sch, bl, ext, target) or next(
                 (v for v in (oc_block, oc_block // 2, oc_block // 4) if ext % v == 0), 0)
             if vw:
                 if ext > vw:

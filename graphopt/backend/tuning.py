@@ -169,8 +169,12 @@ def build_candidate(mod: Any, target: Any, _params: Any) -> Any:
     from tvm.driver import build as tvm_build
     from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
 
+    from .lut import tir_pipeline
+
     mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
-    return tvm_build(mod, target=target)
+    # the pipeline the final build uses (byte-table reads as permutes), so candidates are timed
+    # as they will run
+    return tvm_build(mod, target=target, pipeline=tir_pipeline(target))
 
 
 def _pool_threads(n: int) -> None:
