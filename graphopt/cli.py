@@ -712,7 +712,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from graphopt.runtime import (
         compare,
         input_feeds,
-        interleaved_timings,
+        interleaved_round_times,
         load_calibration,
         model_inputs,
         ort_bound_call,
@@ -741,13 +741,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
     names = [o.name for o in sess.get_outputs()]
     c = compare(dict(zip(names, ref, strict=True)), dict(zip(names, got, strict=False)), rtol=1e-3, atol=1e-4)
     fn, args_tvm = cm.vm()["main"], cm._arguments(feed)
-    # like for like: ORT on inputs bound once, TVM on tensors converted once (no numpy conversions timed)
-    lat = interleaved_timings({"ort": ort_bound_call(sess, feed), "tvm": lambda: fn(*args_tvm)}, args.rounds)
-    mo, mt = lat["ort"], lat["tvm"]
-    print(table(["runtime", "median ms", "ratio vs ORT"],
-                [["onnxruntime (ENABLE_ALL, %d threads)" % args.threads, f"{mo:.3f}", "1.00"],
-                 [f"TVM {cm.target.name}" + (f" ({args.compiled})" if args.compiled else " (untuned)"),
-                  f"{mt:.3f}", f"{mt / mo:.2f}"]]))
+    threads = f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    pool = None
+    if cm.target.device == "cpu":  # TVM's pool with as many threads as ORT's (it is process-wide)
+        import tvm
+
+        pool = tvm.get_global_func("runtime.config_threadpool")
+        pool(1, args.threads)
+    try:
+        # like for like: ORT on inputs bound once, TVM on tensors converted once (no numpy conversions timed)
+        times = interleaved_round_times({"ort": ort_bound_call(sess, feed), "tvm": lambda: fn(*args_tvm)}, args.rounds)
+    finally:
+        if pool is not None:
+            pool(1, 0)  # back to TVM's default (every core, or TVM_NUM_THREADS)
+    mo, mt = (float(np.median(times[k])) * 1e3 for k in ("ort", "tvm"))
+    ratios = np.asarray(times["tvm"]) / np.asarray(times["ort"])
+    q1, q3 = np.percentile(ratios, [25, 75])
+    print(table(["runtime", "median ms", "ratio vs ORT (median of rounds, ± half IQR)"],
+                [[f"onnxruntime (ENABLE_ALL, {threads})", f"{mo:.3f}", "1.00"],
+                 [f"TVM {cm.target.name}, {threads}" + (f" ({args.compiled})" if args.compiled else " (untuned)"),
+                  f"{mt:.3f}", f"{np.median(ratios):.2f} ±{(q3 - q1) / 2:.2f}"]]))
     print(f"outputs: max abs diff {c.max_abs:.2e}, cosine {c.cosine:.6f} ({'ok' if c.ok else 'MISMATCH'})")
     return 0 if c.ok else 1
 
@@ -1150,7 +1163,8 @@ def build_parser() -> argparse.ArgumentParser:
     example_arg(sp)
     sp.add_argument("--compiled", metavar="OUT.so", help="a library from `graphopt compile` (default: compile now)")
     sp.add_argument("--rounds", type=_count(1), default=30)
-    sp.add_argument("--threads", type=_count(1), default=2, help="ONNX Runtime intra-op threads")
+    sp.add_argument("--threads", type=_count(1), default=2,
+                    help="threads of both runtimes: ONNX Runtime's intra-op threads and TVM's thread pool")
     sp.add_argument("--seed", type=_count(0), default=0, help="seed of the random inputs")
     sp.add_argument("--no-check", action="store_true", help=_NO_CHECK_HELP)
     shape_arg(sp)

@@ -8,6 +8,7 @@ about two minutes, most of it in the two tuning runs.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -654,6 +655,47 @@ def test_cli_compile_and_bench(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert main(["bench", str(example_model_path()), "--compiled", str(out), "--rounds", "5"]) == 0
     text = capsys.readouterr().out
     assert "onnxruntime" in text and "ratio vs ORT" in text and "(ok)" in text
+    assert "TVM host, 2 threads" in text and "±" in text  # both runtimes' thread count, the ratio's spread
+
+
+def test_cli_bench_runs_tvm_on_the_threads_given(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bench --threads 1`` times TVM on a pool of 1 thread, like ORT (TVM's pool is its own
+    setting: before, a 1-thread library ran on every core next to a 1-thread ORT), and puts the
+    pool back to TVM's default afterwards."""
+    from graphopt.cli import example_model_path, main
+
+    out = tmp_path / "m.so"
+    assert main(["compile", "--example", "-o", str(out), "--input-shape", "input:1,1,8,8", "-q", "--threads", "1"]) == 0
+    capsys.readouterr()
+    calls: list[tuple[int, int]] = []
+    real = tvm.get_global_func
+
+    def get_global_func(name: str, *a, **k):  # type: ignore[no-untyped-def]
+        f = real(name, *a, **k)
+        if name != "runtime.config_threadpool":
+            return f
+        return lambda mode, n: (calls.append((mode, n)), f(mode, n))[1]
+
+    monkeypatch.setattr(tvm, "get_global_func", get_global_func)
+    assert main(["bench", str(example_model_path()), "--compiled", str(out), "--rounds", "3", "--threads", "1"]) == 0
+    assert calls == [(1, 1), (1, 0)], calls
+    assert "TVM host, 1 thread (" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None, reason="no aarch64 cross compiler")
+def test_cli_bench_of_a_cross_build_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Loading an aarch64 library on x86 fails in the dynamic loader with "no such file", which
+    misleads: the error names the cross build's target instead."""
+    from graphopt.cli import example_model_path, main
+
+    out = tmp_path / "arm.so"
+    assert main(["compile", "--example", "-o", str(out), "--input-shape", "input:1,1,8,8", "-q",
+                 "--target", "aarch64"]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(example_model_path()), "--compiled", str(out), "--rounds", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cross build for aarch64" in err[0] and "No such file" not in err[0], err
     for argv, msg in (
         (["compile", "--example", "-o", str(out), "--target", "tpu"], "unknown target"),
         (["compile", str(example_model_path()), "-o", str(out)], "dynamic dim"),  # --example defaults batch 1

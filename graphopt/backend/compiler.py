@@ -765,6 +765,9 @@ def load_compiled(path: str | os.PathLike[str]) -> CompiledModel:
     try:
         module = tvm.runtime.load_module(str(path))
     except Exception as exc:  # noqa: BLE001
+        if meta.get("cross"):  # the loader's own message ("no such file") misleads here
+            raise CompileError(f"cannot load {str(path)!r} here: it is a cross build for {meta['target']} "
+                               f"({target.config.get('mtriple', '?')}); load it on that machine") from None
         raise CompileError(f"cannot load {str(path)!r}: {_first_line(exc)}") from None
     info = CompileInfo(**meta.get("info", {"target": meta["target"], "target_config": meta["target_config"]}))
     return CompiledModel(module, target, inputs, outputs, info, path=path)
